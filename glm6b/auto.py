@@ -1,0 +1,105 @@
+"""Model names: `glm_6b` / `glm_6b_chat` or a folder path -> a local checkpoint folder, and loading from it.
+
+Nothing is ever downloaded. A name is looked up as `$GLM6B_HOME/<name>` (default
+`~/.cache/glm6b/<name>`); put the files of the HF repo THUDM/chatglm-6b there. `glm_6b_chat` names
+the KV-cache inference use of the same weights (our generation always uses the cache), so it falls
+back to the `glm_6b` folder when it has no folder of its own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+MODEL_NAMES = ("glm_6b", "glm_6b_chat")
+# A name whose own folder is missing is looked up under these names next.
+_FALLBACKS = {"glm_6b": ("glm_6b",), "glm_6b_chat": ("glm_6b_chat", "glm_6b")}
+_HF_FILES = "config.json, pytorch_model-*.bin (+ pytorch_model.bin.index.json), ice_text.model, tokenizer_config.json"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No local checkpoint for a model name or path; the message says where to put the files."""
+
+
+def models_home() -> Path:
+    """The folder holding named models: $GLM6B_HOME, or ~/.cache/glm6b."""
+    home = os.environ.get("GLM6B_HOME")
+    return Path(home).expanduser() if home else Path.home() / ".cache" / "glm6b"
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """The local folder for a model name (`glm_6b`, `glm_6b_chat`) or an existing folder path.
+
+    Args:
+        name_or_path: a folder path, or one of MODEL_NAMES (looked up under `models_home()`).
+
+    Returns:
+        The folder.
+
+    Raises:
+        ModelNotFoundError: the path does not exist and is not a known name, or the named model's
+            folder is missing; the message says which files to put where.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = os.fspath(name_or_path)
+    if name in _FALLBACKS:
+        home = models_home()
+        for candidate in _FALLBACKS[name]:
+            if (home / candidate).is_dir():
+                return home / candidate
+        raise ModelNotFoundError(
+            f"model {name!r} not found: expected a folder {home / name}"
+            + (f" (or {home / 'glm_6b'})" if name != "glm_6b" else "")
+            + f" holding the files of the HF repo THUDM/chatglm-6b ({_HF_FILES}); nothing is downloaded. "
+            f"Set GLM6B_HOME to use another folder than {home}")
+    raise ModelNotFoundError(
+        f"model {name!r} not found: it is neither an existing folder nor a known model name "
+        f"({', '.join(MODEL_NAMES)}, looked up under GLM6B_HOME={models_home()}); a model folder holds the "
+        f"files of the HF repo THUDM/chatglm-6b ({_HF_FILES})")
+
+
+class AutoModel:
+    """Load a ChatGLM-6B model by name or folder (`AutoModel.from_pretrained("glm_6b")`)."""
+
+    @staticmethod
+    def from_pretrained(name_or_path: str | os.PathLike, dtype=None, device=None, **kwargs):
+        """Load the model from a folder or a named folder under GLM6B_HOME.
+
+        Args:
+            name_or_path: folder path or model name (see `resolve_model_path`).
+            dtype: parameter dtype (None: float32 on CPU, bfloat16 on CUDA).
+            device: where to put the parameters (default CPU).
+            **kwargs: passed to `glm6b.checkpoint.load_model` (ptuning_checkpoint, pre_seq_len, ...).
+
+        Returns:
+            A ChatGLMForConditionalGeneration in eval mode.
+
+        Raises:
+            ModelNotFoundError: no such folder or name. CheckpointError/ConfigError: unusable files.
+        """
+        from .checkpoint import load_model
+
+        return load_model(resolve_model_path(name_or_path), dtype=dtype, device=device, **kwargs)
+
+
+class AutoTokenizer:
+    """Load the tokenizer of a named model or a folder (`AutoTokenizer.from_pretrained("glm_6b")`)."""
+
+    @staticmethod
+    def from_pretrained(name_or_path: str | os.PathLike):
+        """Load `ice_text.model` (and `tokenizer_config.json`) from a folder or a named model.
+
+        Args:
+            name_or_path: folder path or model name (see `resolve_model_path`).
+
+        Returns:
+            A ChatGLMTokenizer.
+
+        Raises:
+            ModelNotFoundError: no such folder or name. TokenizerError: unusable tokenizer files.
+        """
+        from .tokenizer import load_tokenizer
+
+        return load_tokenizer(resolve_model_path(name_or_path))

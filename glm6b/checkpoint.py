@@ -1,0 +1,652 @@
+"""Loading and saving ChatGLM-6B checkpoints (HF THUDM/chatglm-6b layout) and P-tuning v2 prefixes.
+
+Layouts read (in this order of preference, inside one model folder):
+
+* ``model.safetensors.index.json`` + ``model-0000N-of-0000M.safetensors`` shards,
+* a single ``model.safetensors``,
+* ``pytorch_model.bin.index.json`` + ``pytorch_model-0000N-of-0000M.bin`` shards (the real HF repo:
+  8 shards of float16 ``torch.save`` state dicts; a layer's tensors may span two shards),
+* a single ``pytorch_model.bin``.
+
+Loading builds the model on the meta device and fills it tensor by tensor, shard by shard: every
+tensor is cast to the requested dtype and moved to the requested device on its own, so the peak
+memory is the loaded model plus (at most) the shard being read, never a second full state dict.
+``.bin`` shards are opened with ``torch.load(weights_only=True, mmap=True)``: no arbitrary Python
+object is ever unpickled.
+
+Deliberate differences from the reference loader (spec 4.11, Appendix A.7):
+
+* A float32 checkpoint is *not* rounded to float16: tensors are cast straight to the requested dtype.
+* The checkpoint's ``...rotary_emb.inv_freq`` buffers are ignored (the model recomputes them) and so
+  is ``lm_head.weight`` when ``config.tie_word_embeddings`` is true (the default): the output
+  projection is the word-embedding matrix, as with the reference's ``from_pretrained``.
+
+Every file written here is written atomically (a temporary file in the same folder, renamed over the
+target only once complete), so an interrupted save never leaves a half-written file under its name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .config import ChatGLMConfig
+from .model import ChatGLMForConditionalGeneration, PrefixEncoder
+
+CONFIG_NAME = "config.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_NAME = "pytorch_model.bin"
+WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+# Looked for in this order by find_weight_files.
+WEIGHT_LAYOUTS = (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME)
+# Every file name a saved model's weights can have; save_pretrained removes stale ones.
+_WEIGHT_FILE_RE = re.compile(
+    r"^(model\.safetensors|model\.safetensors\.index\.json|model-\d{5}-of-\d{5}\.safetensors"
+    r"|pytorch_model\.bin|pytorch_model\.bin\.index\.json|pytorch_model-\d{5}-of-\d{5}\.bin)$")
+PREFIX_ENCODER = "transformer.prefix_encoder."
+_HF_FILES = "config.json, pytorch_model-*.bin or *.safetensors, ice_text.model, tokenizer_config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the one-line message names the file and what was expected."""
+
+
+# ----------------------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it is synced and renamed to `path`.
+
+    On any exception the temporary file is removed and `path` is left as it was.
+
+    Args:
+        path: the final file name. Its folder must exist.
+
+    Yields:
+        The temporary path to write (not created yet).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], Any]) -> None:
+    """Call `write_fn(tmp_path)` and atomically rename the result to `path` (see `atomic_path`)."""
+    with atomic_path(path) as tmp:
+        write_fn(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 `text` to `path` atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+# ----------------------------------------------------------------------------------- finding files
+
+
+def _check_model_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder {folder} not found")
+    if not (folder / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{folder} has no config.json (expected the HF THUDM/chatglm-6b files: {_HF_FILES})")
+
+
+def read_index(index_path: str | os.PathLike) -> dict[str, str]:
+    """Read a sharded checkpoint's index file and return its weight_map {tensor name: shard file name}.
+
+    Raises:
+        CheckpointError: the file is not valid JSON, has no weight_map, or names a shard outside its folder.
+    """
+    index_path = Path(index_path)
+    try:
+        data = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{index_path}: cannot read the index ({_short_reason(e)})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path}: expected a JSON object with a 'weight_map' of tensor name -> shard file")
+    for shard in set(weight_map.values()):
+        if Path(shard).name != shard or shard in (".", ".."):
+            raise CheckpointError(f"{index_path}: shard name {shard!r} is not a plain file name in the same folder")
+    return weight_map
+
+
+def find_weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The weight files of a model folder, in load order.
+
+    Safetensors (an index, else a single file) are preferred over ``.bin`` (an index, else a single
+    ``pytorch_model.bin``). With an index, the shards are its weight_map's files in order of first use.
+
+    Raises:
+        CheckpointError: folder missing, no config.json, no weights, or a shard listed in the index missing.
+    """
+    folder = Path(folder)
+    _check_model_folder(folder)
+    for name in WEIGHT_LAYOUTS:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [path]
+        shards = list(dict.fromkeys(read_index(path).values()))
+        if not shards:
+            raise CheckpointError(f"{path}: the weight_map is empty")
+        for shard in shards:
+            if not (folder / shard).is_file():
+                raise CheckpointError(f"shard {shard} listed in {path} is missing")
+        return [folder / shard for shard in shards]
+    raise CheckpointError(f"{folder} has no weights (looked for {', '.join(WEIGHT_LAYOUTS)}; expected the HF "
+                          f"THUDM/chatglm-6b files: {_HF_FILES})")
+
+
+# ----------------------------------------------------------------------------------- reading tensors
+
+
+def _short_reason(exc: BaseException) -> str:
+    """The informative part of an exception message, on one short line."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = lines[0] if lines else type(exc).__name__
+    if "PytorchStreamReader" in line or "This is an internal miniz error" in line:
+        line = line.split(". ")[0]
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
+    reason = _short_reason(exc)
+    if "Unsupported global" in reason:
+        return CheckpointError(f"{path} holds Python objects other than tensors; refusing to unpickle them "
+                               f"(weights_only=True): {reason}")
+    return CheckpointError(f"{path} is truncated or corrupt: {reason}")
+
+
+def _iter_bin_file(path: Path, skip: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    try:
+        # Zip-format files (every torch.save since 1.6) are memory-mapped: tensors are read lazily
+        # and skipped ones are never touched. Legacy files are read whole.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except Exception as e:  # noqa: BLE001 - any failure to read is reported with the file name
+        raise _corrupt(path, e) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a state dict (tensor name -> tensor), found {type(state).__name__}")
+    names = list(state)
+    for name in names:
+        tensor = state.pop(name)
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{path}: expected a state dict of tensors, found {name!r}: {type(tensor).__name__}")
+        if not skip(name):
+            yield name, tensor
+        del tensor
+
+
+def _iter_safetensors_file(path: Path, skip: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # noqa: BLE001
+        raise _corrupt(path, e) from None
+    with handle:
+        for name in handle.keys():
+            if skip(name):
+                continue
+            try:
+                tensor = handle.get_tensor(name)
+            except Exception as e:  # noqa: BLE001
+                raise _corrupt(path, e) from None
+            yield name, tensor
+            del tensor
+
+
+def iter_file_tensors(path: str | os.PathLike,
+                      skip: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from one ``.safetensors`` or ``.bin`` file, on the CPU.
+
+    Tensors may be memory-mapped views of the file: copy what you keep. The file is closed when the
+    iteration ends.
+
+    Args:
+        path: the file.
+        skip: names for which this returns True are not read at all.
+
+    Raises:
+        CheckpointError: the file is truncated or corrupt, or holds something other than tensors.
+    """
+    path = Path(path)
+    skip = skip or (lambda name: False)
+    if path.suffix == ".safetensors":
+        return _iter_safetensors_file(path, skip)
+    return _iter_bin_file(path, skip)
+
+
+def iter_checkpoint_tensors(folder: str | os.PathLike,
+                            skip: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for every tensor of a model folder, shard by shard (see `find_weight_files`).
+
+    Each shard is closed (and its memory released) before the next is opened, as long as the caller
+    does not keep the yielded tensors themselves (they may be views of the memory-mapped shard).
+    """
+    for path in find_weight_files(folder):
+        with contextlib.closing(iter_file_tensors(path, skip)) as tensors:
+            yield from tensors
+
+
+# ----------------------------------------------------------------------------------- loading
+
+
+def _resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
+    device = torch.device("cpu" if device is None else device)
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {name!r}; use float32, float16 or bfloat16")
+    if dtype is None:
+        if device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = torch.float32
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point type, got {dtype}")
+    return device, dtype
+
+
+def _ignored_name(name: str, config: ChatGLMConfig) -> bool:
+    """Checkpoint tensors dropped on load: the rotary buffers and the (tied) lm_head."""
+    if name.endswith(".rotary_emb.inv_freq"):
+        return True
+    return config.tie_word_embeddings and name == "lm_head.weight"
+
+
+def _expected_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor the model needs from a checkpoint: parameters and persistent buffers (tied lm_head excluded)."""
+    expected = dict(model.named_parameters(remove_duplicate=False))
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    for module_name, module in model.named_modules():
+        for leaf, buf in module.named_buffers(recurse=False):
+            if buf is not None and leaf not in module._non_persistent_buffers_set:
+                expected[f"{module_name}.{leaf}" if module_name else leaf] = buf
+    return expected
+
+
+def _shape(t) -> str:
+    return "[" + ", ".join(str(s) for s in t) + "]"
+
+
+def _name_list(names: list[str]) -> str:
+    shown = ", ".join(names[:5])
+    return shown + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")
+
+
+@torch.no_grad()
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put `value` (already of the right dtype/device, owning its memory) under `name`.
+
+    A meta (not yet loaded) parameter is replaced by a new Parameter with the same requires_grad;
+    a materialised one is copied into in place, so optimisers holding it keep working.
+    """
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf in module._parameters:
+        old = module._parameters[leaf]
+        if old.is_meta:
+            module._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
+        else:
+            old.copy_(value)
+    else:
+        old = module._buffers[leaf]
+        if old.is_meta:
+            module._buffers[leaf] = value
+        else:
+            old.copy_(value)
+
+
+def _load_file_into(model: nn.Module, path: Path, expected: dict[str, torch.Tensor], loaded: set[str],
+                    unexpected: list[str], device: torch.device, origin: str,
+                    rename: Callable[[str], str] = lambda name: name,
+                    skip: Callable[[str], bool] = lambda name: False) -> None:
+    """Copy the tensors of one file into `model`: check name and shape, cast and move each on its own."""
+    with contextlib.closing(iter_file_tensors(path, skip)) as tensors:
+        for raw_name, tensor in tensors:
+            name = rename(raw_name)
+            target = expected.get(name)
+            if target is None:
+                unexpected.append(raw_name)
+                continue
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise CheckpointError(f"{path}: tensor {raw_name} has shape {_shape(tensor.shape)}, "
+                                      f"expected {_shape(target.shape)} from {origin}")
+            if target.is_floating_point() and not tensor.is_floating_point():
+                raise CheckpointError(f"{path}: tensor {raw_name} is {tensor.dtype}, expected floating point "
+                                      f"(quantized checkpoints are not supported)")
+            if name in loaded:
+                raise CheckpointError(f"{path}: tensor {raw_name} was already loaded from another file")
+            # copy=True: the parameter owns its memory, never a view of the (memory-mapped) file.
+            _set_tensor(model, name, tensor.to(device=device, dtype=target.dtype, copy=True))
+            loaded.add(name)
+            del tensor
+
+
+def _resolve_ptuning_path(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """The weights file of a P-tuning checkpoint (file or folder) and its folder's config.json (or {})."""
+    path = Path(path)
+    if path.is_file():
+        return path, {}
+    if not path.is_dir():
+        raise CheckpointError(f"P-tuning checkpoint {path} not found")
+    for name in (WEIGHTS_NAME, SAFE_WEIGHTS_NAME):
+        if (path / name).is_file():
+            weights = path / name
+            break
+    else:
+        raise CheckpointError(f"P-tuning checkpoint folder {path} has no {WEIGHTS_NAME} or {SAFE_WEIGHTS_NAME}")
+    config: dict[str, Any] = {}
+    if (path / CONFIG_NAME).is_file():
+        try:
+            config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path / CONFIG_NAME}: cannot read ({_short_reason(e)})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path / CONFIG_NAME}: expected a JSON object")
+    return weights, config
+
+
+def _prefix_name(name: str) -> str:
+    """Accept P-tuning keys with or without the `transformer.prefix_encoder.` prefix."""
+    return name if name.startswith(PREFIX_ENCODER) else PREFIX_ENCODER + name
+
+
+def _load_prefix_encoder(model: nn.Module, weights: Path, device: torch.device, strict: bool) -> None:
+    config = model.config
+    expected = {k: v for k, v in _expected_tensors(model).items() if k.startswith(PREFIX_ENCODER)}
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    origin = f"pre_seq_len={config.pre_seq_len}, prefix_projection={config.prefix_projection}"
+    _load_file_into(model, weights, expected, loaded, unexpected, device, origin, rename=_prefix_name)
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        raise CheckpointError(f"{weights}: {len(missing)} prefix-encoder tensor(s) missing for {origin}: "
+                              f"{_name_list(missing)}")
+    if unexpected and strict:
+        raise CheckpointError(f"{weights}: {len(unexpected)} unexpected tensor(s) in the P-tuning checkpoint "
+                              f"({origin}): {_name_list(unexpected)}")
+
+
+def load_model(
+    path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    ptuning_checkpoint: str | os.PathLike | None = None,
+    pre_seq_len: int | None = None,
+    prefix_projection: bool | None = None,
+    strict: bool = True,
+) -> ChatGLMForConditionalGeneration:
+    """Load a ChatGLM-6B model from a HF-layout folder (see the module docstring for the layouts).
+
+    The model is built on the meta device and filled shard by shard; each tensor is cast to `dtype`
+    and moved to `device` on its own, so peak memory stays near the loaded model's size plus one shard.
+
+    Args:
+        path: the model folder (config.json and the weights).
+        dtype: parameter dtype (torch.dtype or "float32"/"float16"/"bfloat16"). None means float32 on
+            the CPU, and bfloat16 (float16 where bfloat16 is unsupported) on CUDA. Tensors are cast
+            per tensor: a float32 checkpoint loaded as float32 is exact (the reference rounds it to
+            float16). The P-tuning prefix encoder always stays float32, as in the reference recipe.
+        device: where the parameters go (default CPU).
+        ptuning_checkpoint: P-tuning v2 weights: a ``.bin``/``.safetensors`` file or a folder with
+            ``pytorch_model.bin`` (preferred, the THUDM layout) or ``model.safetensors`` and
+            optionally a config.json giving pre_seq_len/prefix_projection. Keys may carry the
+            ``transformer.prefix_encoder.`` prefix or not.
+        pre_seq_len, prefix_projection: P-tuning settings; default to the P-tuning folder's
+            config.json, then to the model's config.json. Passing pre_seq_len without a
+            ptuning_checkpoint, for a checkpoint without prefix-encoder weights, gives a freshly
+            initialised prefix encoder (PyTorch defaults, as the reference) to train.
+        strict: raise on checkpoint tensors the model does not have (besides the ignored rotary
+            buffers and tied lm_head). Missing tensors always raise.
+
+    Returns:
+        The model in eval mode, lm_head tied to the word embeddings when config.tie_word_embeddings.
+
+    Raises:
+        CheckpointError: missing folder/files, corrupt shards, missing/unexpected tensors, shape mismatches.
+        ConfigError: an unreadable or impossible config.json (the message names the file and field).
+    """
+    folder = Path(path)
+    files = find_weight_files(folder)
+    config = ChatGLMConfig.from_json_file(folder / CONFIG_NAME)
+    device, dtype = _resolve_device_dtype(device, dtype)
+
+    ptuning_weights = None
+    fresh_prefix_allowed = pre_seq_len is not None and ptuning_checkpoint is None
+    if ptuning_checkpoint is not None:
+        ptuning_weights, ptuning_config = _resolve_ptuning_path(ptuning_checkpoint)
+        if pre_seq_len is None:
+            pre_seq_len = ptuning_config.get("pre_seq_len", config.pre_seq_len)
+        if prefix_projection is None:
+            prefix_projection = ptuning_config.get("prefix_projection")
+        if pre_seq_len is None:
+            raise CheckpointError(f"P-tuning checkpoint {ptuning_checkpoint}: pre_seq_len is unknown (pass "
+                                  f"pre_seq_len=..., or put it in the P-tuning folder's config.json)")
+    if pre_seq_len is not None or prefix_projection is not None:
+        changes: dict[str, Any] = {}
+        if pre_seq_len is not None:
+            changes["pre_seq_len"] = pre_seq_len
+        if prefix_projection is not None:
+            changes["prefix_projection"] = bool(prefix_projection)
+        config = config.replace(**changes)
+
+    model = ChatGLMForConditionalGeneration(config, dtype=dtype, device="meta")
+    expected = _expected_tensors(model)
+    base_expected = expected
+    if ptuning_weights is not None:  # the prefix encoder comes from the P-tuning file, not the base
+        base_expected = {k: v for k, v in expected.items() if not k.startswith(PREFIX_ENCODER)}
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for file in files:
+        _load_file_into(model, file, base_expected, loaded, unexpected, device, "config.json",
+                        skip=lambda name: _ignored_name(name, config))
+
+    missing = [name for name in base_expected if name not in loaded]
+    prefix_names = [name for name in base_expected if name.startswith(PREFIX_ENCODER)]
+    if fresh_prefix_allowed and prefix_names and set(prefix_names) <= set(missing):
+        model.transformer.prefix_encoder = PrefixEncoder(config, device=device)
+        missing = [name for name in missing if not name.startswith(PREFIX_ENCODER)]
+    where = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
+    if missing:
+        raise CheckpointError(f"{where}: {len(missing)} tensor(s) missing from the checkpoint: {_name_list(missing)}")
+    if unexpected and strict:
+        hint = ""
+        if any(name.startswith(PREFIX_ENCODER) for name in unexpected):
+            hint = " (prefix-encoder weights: pass pre_seq_len to load them)"
+        raise CheckpointError(f"{where}: {len(unexpected)} unexpected tensor(s) not in the model built from "
+                              f"config.json: {_name_list(unexpected)}{hint}")
+    if ptuning_weights is not None:
+        _load_prefix_encoder(model, ptuning_weights, device, strict)
+
+    model.tie_weights()
+    still_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise CheckpointError(f"{folder}: {len(still_meta)} tensor(s) were not loaded: {_name_list(still_meta)}")
+    return model.eval()
+
+
+def load_ptuning_state(model: ChatGLMForConditionalGeneration, path: str | os.PathLike,
+                       strict: bool = True) -> None:
+    """Load P-tuning v2 prefix-encoder weights into a model built with pre_seq_len set (in place).
+
+    Args:
+        model: the model; its prefix encoder's parameters are overwritten (kept as the same objects).
+        path: a ``.bin``/``.safetensors`` file or a P-tuning folder (see `load_model`).
+        strict: raise on tensors other than the prefix encoder's.
+
+    Raises:
+        CheckpointError: the model has no prefix encoder, or the file is unusable or does not match.
+    """
+    if not model.config.pre_seq_len:
+        raise CheckpointError(f"cannot load P-tuning weights {path}: the model has no prefix encoder "
+                              f"(build it with config.pre_seq_len set, or use load_model(..., ptuning_checkpoint=...))")
+    weights, _ = _resolve_ptuning_path(path)
+    _load_prefix_encoder(model, weights, model.transformer.prefix_encoder.embedding.weight.device, strict)
+
+
+# ----------------------------------------------------------------------------------- saving
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "2GB" (10^9), "200KB", "1.5GiB" (2^30)."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
+        if not match:
+            raise ValueError(f"cannot read size {size!r}; use bytes or e.g. '2GB', '500MB', '1GiB'")
+        value = int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return value
+
+
+def _tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters to store (no buffers; the tied lm_head only once, as the word embeddings)."""
+    tensors = {}
+    for name, param in model.named_parameters():  # remove_duplicate: a tied lm_head.weight is skipped
+        if model.config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        tensors[name] = param.detach()
+    return tensors
+
+
+def _plain_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor owning exactly its bytes (torch.save would store a view's whole storage)."""
+    tensor = tensor.to("cpu").contiguous()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()
+    return tensor
+
+
+def _plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor], safe: bool) -> None:
+    if safe:
+        from safetensors.torch import save_file
+
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    else:
+        atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+
+
+def _model_config_json(model: nn.Module) -> str:
+    dtype_name = str(model.transformer.word_embeddings.weight.dtype).removeprefix("torch.")
+    return model.config.replace(torch_dtype=dtype_name).to_json_string()
+
+
+def save_pretrained(model: ChatGLMForConditionalGeneration, directory: str | os.PathLike, tokenizer=None,
+                    max_shard_size: int | str = "2GB", safe_serialization: bool = True) -> None:
+    """Save a model (and optionally its tokenizer) as a HF-layout folder that `load_model` reads back.
+
+    Writes config.json (torch_dtype set to the model's dtype) and the parameters in their own
+    dtypes: ``model.safetensors``, or when they exceed `max_shard_size`, shards
+    ``model-0000N-of-0000M.safetensors`` plus ``model.safetensors.index.json``. With
+    safe_serialization=False the same as ``pytorch_model.bin`` / ``pytorch_model-0000N-of-0000M.bin``
+    + ``pytorch_model.bin.index.json`` (torch.save of plain tensor dicts, the THUDM layout). Buffers
+    and the tied lm_head are not written. Every file is written atomically; weight files of another
+    layout or shard count left in `directory` by an earlier save are removed afterwards so they
+    cannot shadow the new ones.
+
+    Args:
+        model: the model to save.
+        directory: created if needed.
+        tokenizer: if given, its ``save_pretrained(directory)`` is called.
+        max_shard_size: bytes per shard (an int or e.g. "2GB", "200KB"); a single larger tensor
+            gets a shard of its own.
+        safe_serialization: safetensors (default) or torch.save ``.bin`` files.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    max_bytes = parse_size(max_shard_size)
+    tensors = _tensors_to_save(model)
+    shards = _plan_shards(tensors, max_bytes)
+    if safe_serialization:
+        single, index_name, pattern = SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, "model-{:05d}-of-{:05d}.safetensors"
+    else:
+        single, index_name, pattern = WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "pytorch_model-{:05d}-of-{:05d}.bin"
+
+    atomic_write_text(directory / CONFIG_NAME, _model_config_json(model))
+    written = []
+    weight_map = {}
+    for i, names in enumerate(shards, start=1):
+        file_name = single if len(shards) == 1 else pattern.format(i, len(shards))
+        shard = {name: _plain_cpu(tensors[name]) for name in names}
+        _write_shard(directory / file_name, shard, safe_serialization)
+        del shard
+        written.append(file_name)
+        weight_map.update({name: file_name for name in names})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        atomic_write_text(directory / index_name, json.dumps(index, indent=2) + "\n")
+        written.append(index_name)
+    for stale in directory.iterdir():
+        if _WEIGHT_FILE_RE.match(stale.name) and stale.name not in written and stale.is_file():
+            stale.unlink()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def save_ptuning_checkpoint(model: ChatGLMForConditionalGeneration, directory: str | os.PathLike) -> None:
+    """Save only the P-tuning prefix encoder, in the THUDM P-tuning layout.
+
+    Writes ``pytorch_model.bin`` holding the ``transformer.prefix_encoder.*`` parameters (torch.save
+    of a plain tensor dict) and the model's config.json (which carries pre_seq_len and
+    prefix_projection). Load it with ``load_model(base, ptuning_checkpoint=directory)`` or
+    `load_ptuning_state`.
+
+    Raises:
+        CheckpointError: the model has no prefix encoder (config.pre_seq_len unset).
+    """
+    if not model.config.pre_seq_len:
+        raise CheckpointError(f"cannot save a P-tuning checkpoint to {directory}: the model has no prefix "
+                              f"encoder (config.pre_seq_len is not set)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {name: _plain_cpu(param.detach()) for name, param in model.named_parameters()
+             if name.startswith(PREFIX_ENCODER)}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: torch.save(state, tmp))
+    atomic_write_text(directory / CONFIG_NAME, _model_config_json(model))

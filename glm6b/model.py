@@ -1,0 +1,504 @@
+"""ChatGLM-6B (v1) as plain PyTorch: 2D rotary attention, GLM blocks, prefix-LM masks, KV cache.
+
+Written from the behaviour description in the THUDM reference (`modeling_chatglm.py`, HF repo
+THUDM/chatglm-6b). Module and parameter names are the HF ones (`transformer.layers.0.attention.
+query_key_value.weight`, ...) so the real checkpoint loads with no key map and PEFT targets match.
+
+Shapes: B = batch, T = new tokens this call, S = keys attended (past + new), nh = heads,
+d = head dim, H = hidden size, V = vocab rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ChatGLMConfig
+
+# The reference's GLMBlock takes `num_layers` with a default of 28 and the model never passes
+# config.num_layers, so the residual scale is sqrt(2 * 28) for every depth (spec 4.2).
+RESIDUAL_ALPHA = math.sqrt(2 * 28)
+# The reference fills masked scores with -10000, not -inf: fully masked rows attend uniformly.
+MASKED_SCORE = -10000.0
+
+
+class InputError(ValueError):
+    """Model inputs that cannot be used (missing special tokens, bad shapes); the message says why."""
+
+
+# ----------------------------------------------------------------------------------- rotary
+
+
+def rotary_inv_freq(rot_dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """Inverse frequencies 1 / 10000^(2j / rot_dim), rounded to float16 as the reference stores them."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=device) / rot_dim))
+    return inv_freq.half().float()
+
+
+def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos/sin tables for integer positions [B, T] -> two [B, 1, T, rot_dim] tensors in `dtype`.
+
+    The angle is one float32 product p * inv_freq, as in the reference's float32 path. In half
+    precision the reference also rounds p and the angle to float16; we keep them in float32 and
+    round only cos/sin, which is exact for positions beyond 2048 too.
+    """
+    freqs = positions.float()[..., None] * inv_freq  # [B, T, rot_dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, rot_dim]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, filled left to right.
+
+    Keys are stored already rotated. `length` counts the filled slots (including a P-tuning
+    prefix); a forward call with a cache writes its T new tokens at [length, length + T) and
+    then advances `length`.
+
+    Args:
+        config: model config (layers, heads, head dim).
+        batch_size: rows.
+        max_length: slots per row (prefix + prompt + new tokens).
+        dtype, device: of the stored tensors (the model's activation dtype and device).
+    """
+
+    def __init__(self, config: ChatGLMConfig, batch_size: int, max_length: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (config.num_layers, batch_size, config.num_attention_heads, max_length, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, nh, max_length, d]
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v [B, nh, T, d] at the current position; return all keys/values so far [B, nh, S, d]."""
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise InputError(f"KV cache holds {self.max_length} tokens per row; {end} were needed")
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def fill_prefix(self, past: torch.Tensor) -> None:
+        """Write a P-tuning past [L, 2, B, nh, P, d] into the first P slots of an empty cache."""
+        prefix = past.shape[4]
+        self.keys[:, :, :, :prefix] = past[:, 0]
+        self.values[:, :, :, :prefix] = past[:, 1]
+        self.length = prefix
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep (or repeat) batch rows, e.g. to expand one prompt into several samples."""
+        self.keys = self.keys[:, rows]
+        self.values = self.values[:, rows]
+
+
+class PrefixPast:
+    """A P-tuning past used without a cache (training): prepends the prefix keys/values by
+    concatenation, so gradients reach the prefix encoder and nothing is written in place."""
+
+    def __init__(self, past: torch.Tensor):
+        self.past = past  # [L, 2, B, nh, P, d]
+        self.length = past.shape[4]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        return torch.cat([self.past[layer, 0], k], dim=2), torch.cat([self.past[layer, 1], v], dim=2)
+
+
+# ----------------------------------------------------------------------------------- masks/positions
+
+
+def build_mask_and_positions(
+    input_ids: torch.Tensor, config: ChatGLMConfig, padding_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefix-LM attention mask and 2D position ids derived from the token ids (spec 4.7).
+
+    Per row, c = index of the first <sop>. The mask lets every token see the context 0..c-1 and
+    the tokens before it (True = masked). Position row 0 counts 0..T-1 with positions from c on
+    set to the index of the mask token ([gMASK] preferred over [MASK], as the model does); row 1
+    is 0 over the context and 1, 2, ... from <sop> on.
+
+    Args:
+        input_ids: [B, T] token ids.
+        config: gives the special ids.
+        padding_mask: optional [B, T] with 1/True at real tokens and 0/False at left padding.
+            Pads are then hidden from every token and positions count from the first real token,
+            exactly as the tokenizer builds them for a left-padded batch.
+
+    Returns:
+        attention_mask [B, 1, T, T] bool and position_ids [B, 2, T] int64.
+
+    Raises:
+        InputError: a row without <sop>, or without [MASK]/[gMASK] (the reference fails deep
+            inside with an unrelated message; prompts must end with [gMASK] <sop>).
+    """
+    batch, length = input_ids.shape
+    device = input_ids.device
+    masks = torch.ones(batch, 1, length, length, dtype=torch.bool, device=device)
+    positions = torch.zeros(batch, 2, length, dtype=torch.long, device=device)
+    pad_counts = [0] * batch
+    if padding_mask is not None:
+        pad_counts = (padding_mask.shape[1] - padding_mask.to(torch.long).sum(dim=1)).tolist()
+    ids_rows = input_ids.tolist()
+    for row, (ids, pad) in enumerate(zip(ids_rows, pad_counts)):
+        ids = ids[pad:]
+        n = len(ids)
+        if config.bos_token_id not in ids:
+            raise InputError(
+                f"input row {row} has no <sop> token (id {config.bos_token_id}): ChatGLM-6B prompts end with "
+                f"[gMASK] <sop>; encode text with tokenizer.encode(text) or tokenizer(texts) which add them")
+        if config.gmask_token_id in ids:
+            mask_pos = ids.index(config.gmask_token_id)
+        elif config.mask_token_id in ids:
+            mask_pos = ids.index(config.mask_token_id)
+        else:
+            raise InputError(
+                f"input row {row} has no [gMASK] (id {config.gmask_token_id}) or [MASK] (id {config.mask_token_id}) "
+                f"token: ChatGLM-6B prompts end with [gMASK] <sop>; encode text with tokenizer.encode(text)")
+        c = ids.index(config.bos_token_id)
+        row_mask = torch.ones(n, n, device=device).tril()
+        row_mask[:, :c] = 1
+        masks[row, 0, pad:, pad:] = row_mask < 0.5
+        pos = torch.arange(n, device=device)
+        pos[c:] = mask_pos
+        block = torch.cat([torch.zeros(c, dtype=torch.long, device=device),
+                           torch.arange(1, n - c + 1, device=device)])
+        positions[row, 0, pad:] = pos
+        positions[row, 1, pad:] = block
+    return masks, positions
+
+
+# ----------------------------------------------------------------------------------- layers
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with fused per-head QKV and 2D rotary positions."""
+
+    def __init__(self, config: ChatGLMConfig, layer_id: int, dtype=None, device=None):
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.position_encoding_2d = config.position_encoding_2d
+        h = config.hidden_size
+        self.query_key_value = nn.Linear(h, 3 * h, dtype=dtype, device=device)
+        self.dense = nn.Linear(h, h, dtype=dtype, device=device)
+
+    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None):
+        """x [B, T, H]; cos/sin as from `rotary_cos_sin` (a pair per position row); mask [B, 1, T, S] or None."""
+        b, t, _ = x.shape
+        nh, d = self.num_heads, self.head_dim
+        # Fused rows are per-head interleaved: [nh, 3d] with q | k | v inside each head (spec 4.1).
+        qkv = self.query_key_value(x).view(b, t, nh, 3 * d)
+        q, k, v = qkv.transpose(1, 2).split(d, dim=-1)  # each [B, nh, T, d]
+        if self.position_encoding_2d:
+            # First half of each head rotates with the absolute positions, second with the block ones.
+            (cos0, cos1), (sin0, sin1) = cos, sin
+            q1, q2 = q.chunk(2, dim=-1)
+            k1, k2 = k.chunk(2, dim=-1)
+            q = torch.cat([apply_rotary(q1, cos0, sin0), apply_rotary(q2, cos1, sin1)], dim=-1)
+            k = torch.cat([apply_rotary(k1, cos0, sin0), apply_rotary(k2, cos1, sin1)], dim=-1)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_id, k, v)  # [B, nh, S, d]
+        context = attention(q, k, v, mask, coeff=float(self.layer_id + 1))
+        context = context.transpose(1, 2).reshape(b, t, nh * d)  # heads concatenated, head-major
+        return self.dense(context)
+
+
+def attention(q, k, v, mask: torch.Tensor | None, coeff: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v with the reference's layer scaling and -10000 masking.
+
+    The reference divides q by sqrt(d) * coeff and multiplies the float32 scores by coeff again
+    (coeff = layer index + 1); we do the same division and pass coeff as the kernel's scale so the
+    arithmetic matches to rounding. A query row whose keys are all masked (a left-padding token)
+    gets, as in the reference, a uniform distribution over all keys, i.e. the mean of v.
+
+    Args:
+        q [B, nh, T, d], k and v [B, nh, S, d]; mask [B, 1, T, S] bool, True = masked, or None.
+    """
+    q = q / (math.sqrt(q.shape[-1]) * coeff)
+    if mask is None or not mask.any():
+        return F.scaled_dot_product_attention(q, k, v, scale=coeff)
+    fully_masked = mask.all(dim=-1, keepdim=True)  # [B, 1, T, 1]
+    allowed = ~(mask & ~fully_masked)  # fully masked rows: let them see everything, fixed below
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=coeff)
+    if fully_masked.any():
+        context = torch.where(fully_masked, v.mean(dim=2, keepdim=True), context)
+    return context
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """tanh-approximate GELU in the reference's factored form x * (1 + 0.044715 x^2)."""
+    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))
+
+
+class GLU(nn.Module):
+    """The MLP (the reference names it GLU although it is not gated): dense_4h_to_h(gelu(dense_h_to_4h(x)))."""
+
+    def __init__(self, config: ChatGLMConfig, dtype=None, device=None):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size, dtype=dtype, device=device)
+        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size, dtype=dtype, device=device)
+
+    def forward(self, x):
+        return self.dense_4h_to_h(gelu(self.dense_h_to_4h(x)))
+
+
+class GLMBlock(nn.Module):
+    """One layer: the residual adds the *normalized* input scaled by alpha = sqrt(56) (spec 4.2)."""
+
+    def __init__(self, config: ChatGLMConfig, layer_id: int, dtype=None, device=None):
+        super().__init__()
+        eps = config.layernorm_epsilon
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=eps, dtype=dtype, device=device)
+        self.attention = SelfAttention(config, layer_id, dtype=dtype, device=device)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=eps, dtype=dtype, device=device)
+        self.mlp = GLU(config, dtype=dtype, device=device)
+
+    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None):
+        a = self.input_layernorm(x)
+        h = a * RESIDUAL_ALPHA + self.attention(a, cos, sin, mask, kv_cache)
+        m = self.post_attention_layernorm(h)
+        return m * RESIDUAL_ALPHA + self.mlp(m)
+
+
+class PrefixEncoder(nn.Module):
+    """P-tuning v2: trainable past keys/values for every layer, [P, 2 * L * H] (spec 6)."""
+
+    def __init__(self, config: ChatGLMConfig, device=None):
+        super().__init__()
+        out = 2 * config.num_layers * config.hidden_size
+        self.prefix_projection = config.prefix_projection
+        if self.prefix_projection:
+            h = config.hidden_size
+            self.embedding = nn.Embedding(config.pre_seq_len, h, device=device)
+            self.trans = nn.Sequential(nn.Linear(h, h, device=device), nn.Tanh(), nn.Linear(h, out, device=device))
+        else:
+            self.embedding = nn.Embedding(config.pre_seq_len, out, device=device)
+
+    def forward(self, prefix: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(prefix)
+        return self.trans(x) if self.prefix_projection else x
+
+
+# ----------------------------------------------------------------------------------- model
+
+
+class ChatGLMModel(nn.Module):
+    """Embeddings, the GLM blocks and the final LayerNorm (the HF `transformer` submodule)."""
+
+    def __init__(self, config: ChatGLMConfig, dtype=None, device=None):
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(GLMBlock(config, i, dtype=dtype, device=device) for i in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=dtype,
+                                            device=device)
+        if config.pre_seq_len:
+            self.prefix_encoder = PrefixEncoder(config, device=device)
+            self.prefix_dropout = nn.Dropout(0.1)
+        self.gradient_checkpointing = False
+
+    def prefix_past(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+        """The P-tuning past for every layer: [L, 2 (key, value), B, nh, P, d]."""
+        c = self.config
+        prefix = torch.arange(c.pre_seq_len, device=self.word_embeddings.weight.device)
+        past = self.prefix_encoder(prefix).to(dtype)  # [P, 2 * L * H]
+        past = past.view(c.pre_seq_len, c.num_layers, 2, c.num_attention_heads, c.head_dim)
+        past = past.expand(batch_size, *past.shape)  # [B, P, L, 2, nh, d]
+        past = self.prefix_dropout(past)
+        return past.permute(2, 3, 0, 4, 1, 5)  # [L, 2, B, nh, P, d]
+
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, kv_cache: KVCache | None = None,
+                inputs_embeds=None, output_hidden_states: bool = False):
+        """Run the blocks. Masks/positions must already be built (see ChatGLMForConditionalGeneration)."""
+        x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, H]
+        rot_dim = self.config.head_dim // 2 if self.config.position_encoding_2d else self.config.head_dim
+        inv_freq = rotary_inv_freq(rot_dim, device=x.device)
+        if self.config.position_encoding_2d:
+            cos0, sin0 = rotary_cos_sin(position_ids[:, 0], inv_freq, x.dtype)
+            cos1, sin1 = rotary_cos_sin(position_ids[:, 1], inv_freq, x.dtype)
+            cos, sin = (cos0, cos1), (sin0, sin1)
+        else:
+            cos, sin = rotary_cos_sin(position_ids, inv_freq, x.dtype)
+        hidden_states = []
+        for layer in self.layers:
+            if output_hidden_states:
+                hidden_states.append(x)
+            if self.gradient_checkpointing and self.training and not isinstance(kv_cache, KVCache):
+                x = checkpoint(layer, x, cos, sin, attention_mask, kv_cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attention_mask, kv_cache)
+        x = self.final_layernorm(x)
+        if output_hidden_states:
+            hidden_states.append(x)
+        return x, hidden_states
+
+
+@dataclass
+class CausalLMOutput:
+    """What a forward call returns; `kv_cache` is the cache that was filled (if any)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    kv_cache: KVCache | None = None
+
+
+class ChatGLMForConditionalGeneration(nn.Module):
+    """ChatGLM-6B with its LM head: the class the HF checkpoint's weights belong to.
+
+    Args:
+        config: the architecture.
+        dtype, device: of the parameters (use device="meta" to build without memory, then load).
+    """
+
+    def __init__(self, config: ChatGLMConfig, dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        self.config = config
+        self.transformer = ChatGLMModel(config, dtype=dtype, device=device)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device)
+        self.tie_weights()
+        if config.pre_seq_len:
+            # The reference freezes the base model when P-tuning (only the prefix encoder trains).
+            for name, param in self.named_parameters():
+                if not name.startswith("transformer.prefix_encoder."):
+                    param.requires_grad_(False)
+
+    def tie_weights(self) -> None:
+        """Make lm_head share the input embeddings, as the reference's loader does (spec 4.1)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.word_embeddings.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.word_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.word_embeddings.weight.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        last_token_only: bool = False,
+        **unused,
+    ) -> CausalLMOutput:
+        """Logits (and the loss when labels are given) for a batch.
+
+        Args:
+            input_ids: [B, T] ids. Without a cache (or with an empty one) and without
+                position_ids/attention_mask, both are derived from the ids (spec 4.7): every row
+                needs [gMASK] (or [MASK]) and <sop>.
+            position_ids: [B, 2, T] (the tokenizer's, or the decoding positions).
+            attention_mask: [B, 1, T, S] bool with True = masked (the tokenizer's), or a
+                [B, T] 0/1 padding mask (1 = real token) from which the prefix-LM mask is built.
+            labels: [B, T] targets; position t's logits predict labels[t + 1]; -100 is ignored.
+            kv_cache: a KVCache; the new keys/values are appended and attention covers the
+                cached ones too. With P-tuning an empty cache is first filled with the prefix.
+            inputs_embeds: [B, T, H] instead of input_ids (then masks/positions must be given).
+            output_hidden_states: also return the input of every layer and the final output.
+            last_token_only: compute logits for the last position only (generation's prefill).
+        """
+        c = self.config
+        source = input_ids if input_ids is not None else inputs_embeds
+        if source is None:
+            raise InputError("forward needs input_ids or inputs_embeds")
+        batch, length = source.shape[:2]
+        first_call = kv_cache is None or kv_cache.length == 0
+        padding_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            padding_mask, attention_mask = attention_mask, None
+        if first_call and (attention_mask is None or position_ids is None):
+            if input_ids is None:
+                raise InputError("with inputs_embeds, pass attention_mask and position_ids as well")
+            built_mask, built_positions = build_mask_and_positions(input_ids, c, padding_mask)
+            attention_mask = built_mask if attention_mask is None else attention_mask
+            position_ids = built_positions if position_ids is None else position_ids
+        if position_ids is None:
+            raise InputError("decoding with a KV cache needs position_ids for the new tokens")
+
+        if c.pre_seq_len:
+            if first_call:
+                past = self.transformer.prefix_past(batch, self.dtype)
+                if kv_cache is None:
+                    kv_cache = PrefixPast(past)
+                else:
+                    kv_cache.fill_prefix(past)
+            if attention_mask is not None:
+                # The prefix is visible to every token.
+                attention_mask = F.pad(attention_mask, (c.pre_seq_len, 0), value=False)
+
+        x, hidden_states = self.transformer(input_ids, position_ids, attention_mask, kv_cache, inputs_embeds,
+                                            output_hidden_states)
+        if isinstance(kv_cache, KVCache):
+            kv_cache.length += length
+        if last_token_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)
+
+        loss = None
+        if labels is not None:
+            # Shifted cross entropy in float32 over labels != -100 (spec 4.10).
+            shift_logits = logits[:, :-1].float()
+            shift_labels = labels[:, 1:].to(logits.device)
+            loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                                   ignore_index=-100).to(logits.dtype)
+        return CausalLMOutput(logits=logits, loss=loss,
+                              hidden_states=tuple(hidden_states) if output_hidden_states else None,
+                              kv_cache=kv_cache)
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.transformer.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.transformer.gradient_checkpointing = False
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.word_embeddings
+
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Generate continuations with the KV cache; see `glm6b.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random weights for models built from a preset (not from a checkpoint)."""
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=generator)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
