@@ -465,9 +465,11 @@ def load_model(
         base_expected = {k: v for k, v in expected.items() if not k.startswith(PREFIX_ENCODER)}
     loaded: set[str] = set()
     unexpected: list[str] = []
+    def skip(name: str) -> bool:  # a P-tuning file given explicitly replaces prefix weights in the base
+        return _ignored_name(name, config) or (ptuning_weights is not None and name.startswith(PREFIX_ENCODER))
+
     for file in files:
-        _load_file_into(model, file, base_expected, loaded, unexpected, device, "config.json",
-                        skip=lambda name: _ignored_name(name, config))
+        _load_file_into(model, file, base_expected, loaded, unexpected, device, "config.json", skip=skip)
 
     missing = [name for name in base_expected if name not in loaded]
     prefix_names = [name for name in base_expected if name.startswith(PREFIX_ENCODER)]

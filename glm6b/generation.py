@@ -127,12 +127,12 @@ def apply_top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
 def process_scores(scores: torch.Tensor, sequences: torch.Tensor, config: GenerationConfig,
                    eos_token_id: int) -> torch.Tensor:
     """Processors then (when sampling) warpers, in transformers 4.27.1's order."""
-    scores = scores.float()
+    # The guard looks at the model's own scores, before the -inf that filtering below introduces.
+    scores = guard_invalid_scores(scores.float(), eos_token_id)
     if config.allowed_vocab_size is not None and config.allowed_vocab_size < scores.shape[-1]:
         scores[:, config.allowed_vocab_size:] = float("-inf")
     if config.repetition_penalty != 1.0:
         scores = apply_repetition_penalty(scores, sequences, config.repetition_penalty)
-    scores = guard_invalid_scores(scores, eos_token_id)
     if config.do_sample:
         if config.temperature != 1.0:
             scores = scores / config.temperature

@@ -205,9 +205,10 @@ class SelfAttention(nn.Module):
     def forward(self, x, cos, sin, mask, kv_cache: KVCache | None):
         """x [B, T, H]; cos/sin as from `rotary_cos_sin` (a pair per position row); mask [B, 1, T, S] or None."""
         b, t, _ = x.shape
-        nh, d = self.num_heads, self.head_dim
+        d = self.head_dim
         # Fused rows are per-head interleaved: [nh, 3d] with q | k | v inside each head (spec 4.1).
-        qkv = self.query_key_value(x).view(b, t, nh, 3 * d)
+        # -1 rather than num_heads: under tensor parallelism a rank holds only some of the heads.
+        qkv = self.query_key_value(x).view(b, t, -1, 3 * d)
         q, k, v = qkv.transpose(1, 2).split(d, dim=-1)  # each [B, nh, T, d]
         if self.position_encoding_2d:
             # First half of each head rotates with the absolute positions, second with the block ones.
@@ -221,7 +222,7 @@ class SelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_id, k, v)  # [B, nh, S, d]
         context = attention(q, k, v, mask, coeff=float(self.layer_id + 1))
-        context = context.transpose(1, 2).reshape(b, t, nh * d)  # heads concatenated, head-major
+        context = context.transpose(1, 2).reshape(b, t, -1)  # [B, T, nh * d], heads concatenated
         return self.dense(context)
 
 
@@ -482,6 +483,12 @@ class ChatGLMForConditionalGeneration(nn.Module):
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.transformer.word_embeddings
+
+    def save_pretrained(self, directory, **kwargs) -> None:
+        """Write an HF-format folder (config.json + safetensors); see `glm6b.checkpoint.save_pretrained`."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, directory, **kwargs)
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """Generate continuations with the KV cache; see `glm6b.generation.generate`."""
