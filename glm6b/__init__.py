@@ -22,6 +22,13 @@ _EXPORTS = {
     "generate": "generation",
     "GenerationConfig": "generation",
     "TextStreamer": "generation",
+    "build_prompt": "chat",
+    "process_response": "chat",
+    "pipeline": "pipelines",
+    "TextGenerationPipeline": "pipelines",
+    "AutoModel": "auto",
+    "AutoTokenizer": "auto",
+    "ModelNotFoundError": "auto",
 }
 
 __all__ = sorted(_EXPORTS)

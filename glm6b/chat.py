@@ -120,17 +120,13 @@ def stream_chat(model, tokenizer, query: str, history: Sequence[Sequence[str]] |
                                           temperature, drop_oldest, gen)
     stop_ids = _stop_ids(model.config, config)
     ids: list[int] = []
-    yielded = False
+    response = None  # the first step always yields: at least one new token is generated
     for next_tokens, _, _ in generate_steps(model, input_ids, config=config, tokenizer=tokenizer):
         token = int(next_tokens[0])
         ids.append(token)
-        if token in stop_ids:
-            continue  # <eop> decodes to nothing: the text is unchanged
-        response = _decode_response(tokenizer, ids)
-        yielded = True
-        yield response, history + [(query, response)]
-    if not yielded:
-        response = _decode_response(tokenizer, ids)
+        previous, response = response, _decode_response(tokenizer, ids)
+        if token in stop_ids and response == previous:
+            continue  # <eop> decodes to nothing: the last partial already is the answer
         yield response, history + [(query, response)]
 
 
@@ -141,7 +137,7 @@ def _as_history(history: Sequence[Sequence[str]] | None) -> History:
     """A new list of (query, response) tuples; accepts tuples or lists."""
     pairs = []
     for i, item in enumerate(history or []):
-        if isinstance(item, str) or len(item) != 2 or not all(isinstance(s, str) for s in item):
+        if not isinstance(item, (list, tuple)) or len(item) != 2 or not all(isinstance(s, str) for s in item):
             raise ValueError(f"history[{i}] must be a (query, response) pair of strings, got {item!r}")
         pairs.append((item[0], item[1]))
     return pairs

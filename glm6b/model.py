@@ -311,7 +311,12 @@ class ChatGLMModel(nn.Module):
     def __init__(self, config: ChatGLMConfig, dtype=None, device=None):
         super().__init__()
         self.config = config
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        # On the meta device skip Embedding's random init: normal_ on meta imports torch._dynamo (seconds).
+        weight = None
+        if device is not None and torch.device(device).type == "meta":
+            weight = torch.empty(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight, dtype=dtype,
+                                            device=device)
         self.layers = nn.ModuleList(GLMBlock(config, i, dtype=dtype, device=device) for i in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=dtype,
                                             device=device)
@@ -489,6 +494,18 @@ class ChatGLMForConditionalGeneration(nn.Module):
         from .checkpoint import save_pretrained
 
         save_pretrained(self, directory, **kwargs)
+
+    def chat(self, tokenizer, query: str, history=None, **kwargs):
+        """Answer `query` given earlier (query, response) rounds; see `glm6b.chat.chat`."""
+        from .chat import chat
+
+        return chat(self, tokenizer, query, history, **kwargs)
+
+    def stream_chat(self, tokenizer, query: str, history=None, **kwargs):
+        """Yield (partial response, history) after every new token; see `glm6b.chat.stream_chat`."""
+        from .chat import stream_chat
+
+        return stream_chat(self, tokenizer, query, history, **kwargs)
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """Generate continuations with the KV cache; see `glm6b.generation.generate`."""

@@ -1,0 +1,419 @@
+"""The `glm6b` command line: one subcommand per task, each a small add_<name>_command/cmd_<name> pair.
+
+    glm6b chat --model glm_6b                      # interactive, streaming, keeps history
+    glm6b generate --model PATH --prompt "你好"
+    glm6b generate --model PATH --input prompts.jsonl --output out.jsonl --max-new-tokens 64 --greedy
+
+Adding a subcommand: write `add_<name>_command(subparsers)` (its arguments, and
+`set_defaults(func=cmd_<name>)`) and `cmd_<name>(args) -> int`, then call the add function in
+`build_parser`. Import torch and the model code inside cmd_<name>, so `glm6b --help` stays fast.
+Errors a user can fix (missing model or file, bad input line, impossible option) are OSError or
+ValueError: `main` prints them as one line on stderr and returns exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand.
+
+    Returns:
+        The parser; `parse_args` gives a namespace whose `func` runs the chosen subcommand.
+    """
+    parser = argparse.ArgumentParser(prog="glm6b", description="Run and fine-tune ChatGLM-6B in plain PyTorch.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_chat_command(subparsers)
+    add_generate_command(subparsers)
+    add_preprocess_command(subparsers)
+    add_run_command(subparsers)
+    add_merge_lora_command(subparsers)
+    add_eval_command(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line.
+
+    Args:
+        argv: the arguments (without the program name); None reads sys.argv.
+
+    Returns:
+        The exit code: 0 on success, 2 on a usage or input error (printed as one line on stderr).
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (OSError, ValueError) as e:
+        print(f"glm6b {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+# ----------------------------------------------------------------------------------- shared arguments
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="PATH_OR_NAME",
+                        help="model folder (HF THUDM/chatglm-6b files) or name (glm_6b, glm_6b_chat: looked up "
+                             "under $GLM6B_HOME, default ~/.cache/glm6b)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="parameter dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    parser.add_argument("--temperature", type=float, default=0.95, help="sampling temperature (default 0.95)")
+    parser.add_argument("--top-p", type=float, default=0.7, help="nucleus sampling mass (default 0.7)")
+
+
+def _sampling_options(args: argparse.Namespace) -> dict:
+    return dict(do_sample=not args.greedy, temperature=args.temperature, top_p=args.top_p)
+
+
+def _load(args: argparse.Namespace):
+    """(model, tokenizer) of --model; the tokenizer first, since it fails fast on a wrong folder."""
+    from .auto import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModel.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------- chat
+
+
+def add_chat_command(subparsers) -> None:
+    """`glm6b chat`: an interactive conversation in the terminal."""
+    parser = subparsers.add_parser(
+        "chat", help="talk to the model in the terminal (streaming, keeps history)",
+        description="Interactive chat. Type a message and press Enter; 'clear' forgets the history, "
+                    "'exit' (or end of input) quits. When the conversation outgrows --max-length the "
+                    "oldest rounds are left out of the prompt.")
+    _add_model_arguments(parser)
+    parser.add_argument("--max-length", type=int, default=2048, help="limit on prompt + answer tokens (default 2048)")
+    _add_sampling_arguments(parser)
+    parser.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Run the chat loop: stream each answer, then report its speed on stderr."""
+    from .chat import stream_chat
+
+    model, tokenizer = _load(args)
+    options = _sampling_options(args)
+    history: list[tuple[str, str]] = []
+    print("ChatGLM-6B: type a message; 'clear' resets the history, 'exit' quits.")
+    while True:
+        try:
+            query = input("\nUser: ").strip()
+        except EOFError:
+            print()
+            return 0
+        if query == "exit":
+            return 0
+        if query == "clear":
+            history = []
+            print("(history cleared)")
+            continue
+        if not query:
+            continue
+        print("ChatGLM-6B: ", end="", flush=True)
+        start, printed, tokens, response = time.perf_counter(), "", 0, ""
+        try:
+            for response, new_history in stream_chat(model, tokenizer, query, history, max_length=args.max_length,
+                                                     drop_oldest=True, **options):
+                tokens += 1
+                printed = _print_delta(printed, _stable_prefix(response))
+        except ValueError as e:  # e.g. the message alone is longer than --max-length
+            print(f"\nerror: {e}", file=sys.stderr)
+            continue
+        if _print_delta(printed, response) != response:  # the end rewrote printed text (rare): show it whole
+            print("\n" + response, end="")
+        print(flush=True)
+        history = new_history
+        seconds = time.perf_counter() - start
+        print(f"[{tokens} tokens in {seconds:.2f} s, {tokens / seconds:.1f} tokens/s]", file=sys.stderr, flush=True)
+
+
+# Later tokens can still change these characters of a partial answer: a space (decoding's clean-up
+# joins " ," into ","), an ASCII mark (process_response makes it full-width next to CJK), an
+# incomplete UTF-8 sequence (U+FFFD), "<" (start of "<n>"), or a prefix of "[[训练时间]]".
+_UNSETTLED = set(" ,!:;?<\ufffd")
+_TRAINING_TIME = "[[训练时间]]"
+
+
+def _stable_prefix(text: str) -> str:
+    for i in range(max(0, len(text) - len(_TRAINING_TIME)), len(text)):
+        if text[i] in _UNSETTLED or _TRAINING_TIME.startswith(text[i:]):
+            return text[:i]
+    return text
+
+
+def _print_delta(printed: str, text: str) -> str:
+    """Print what `text` adds to `printed` (if it extends it); return what is now printed."""
+    if len(text) > len(printed) and text.startswith(printed):
+        print(text[len(printed):], end="", flush=True)
+        return text
+    return printed
+
+
+# ----------------------------------------------------------------------------------- generate
+
+
+def add_generate_command(subparsers) -> None:
+    """`glm6b generate`: continue one prompt, or every prompt of a JSONL file."""
+    parser = subparsers.add_parser(
+        "generate", help="continue a prompt (--prompt) or every prompt of a JSONL file (--input/--output)",
+        description="Generate continuations (no chat template). --input lines are JSON objects with a "
+                    "prompt field, or JSON strings; --output gets one {\"prompt\": ..., \"response\": ...} "
+                    "line per prompt, written atomically when all are done.")
+    _add_model_arguments(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt; the continuation is printed")
+    source.add_argument("--input", metavar="JSONL", help="file of prompts, one per line")
+    parser.add_argument("--output", metavar="JSONL", help="where to write the responses (needed with --input)")
+    parser.add_argument("--prompt-field", default="prompt", help="field holding the prompt (default 'prompt')")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="limit on generated tokens (default 256)")
+    _add_sampling_arguments(parser)
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    parser.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate for --prompt (printed) or for each line of --input (written to --output)."""
+    if args.input is not None and args.output is None:
+        raise ValueError("--input needs --output FILE")
+    if args.prompt is not None and args.output is not None:
+        raise ValueError("--output goes with --input; with --prompt the continuation is printed")
+    if args.output is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise ValueError(f"{args.output}: its folder does not exist")
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.input, args.prompt_field)
+
+    from tqdm import tqdm
+
+    from .checkpoint import atomic_path
+    from .pipelines import OUTPUT_KEY, TextGenerationPipeline
+
+    model, tokenizer = _load(args)
+    pipe = TextGenerationPipeline(model, tokenizer, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                  seed=args.seed, **_sampling_options(args))
+    if args.prompt is not None:
+        print(pipe(args.prompt)[0][OUTPUT_KEY][0])
+        return 0
+    with atomic_path(args.output) as tmp, open(tmp, "w", encoding="utf-8") as out, \
+            tqdm(total=len(prompts), unit="prompt", file=sys.stderr) as progress:
+        for start in range(0, len(prompts), args.batch_size):
+            chunk = prompts[start:start + args.batch_size]
+            for prompt, result in zip(chunk, pipe(chunk)):
+                out.write(json.dumps({"prompt": prompt, "response": result[OUTPUT_KEY][0]}, ensure_ascii=False) + "\n")
+            progress.update(len(chunk))
+    print(f"wrote {len(prompts)} responses to {args.output}", file=sys.stderr)
+    return 0
+
+
+def read_prompts(path: str, field: str = "prompt") -> list[str]:
+    """The prompts of a JSONL file (blank lines skipped).
+
+    Args:
+        path: the file; each line a JSON object with a string `field`, or a JSON string.
+        field: the object field holding the prompt.
+
+    Returns:
+        The prompts in file order.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a malformed line (the message gives file and line number), or no prompts at all.
+    """
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        try:
+            lines = f.readlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if isinstance(item, dict):
+            if field not in item:
+                raise ValueError(f"{path}:{number}: no {field!r} field (fields: {', '.join(map(str, item)) or 'none'})")
+            item = item[field]
+        if not isinstance(item, str):
+            raise ValueError(f"{path}:{number}: expected a JSON object with a string {field!r} field, or a JSON "
+                             f"string; got {json.dumps(item, ensure_ascii=False)[:60]}")
+        prompts.append(item)
+    if not prompts:
+        raise ValueError(f"{path}: no prompts found")
+    return prompts
+
+
+# ----------------------------------------------------------------------------------- preprocess
+
+
+def add_preprocess_command(subparsers) -> None:
+    """`glm6b preprocess`: encode a prompt/response jsonl file once into memory-mappable arrays."""
+    parser = subparsers.add_parser(
+        "preprocess", help="encode ADGEN-style jsonl into input_ids/labels/offsets .npy files + meta.json",
+        description="Build training (--mode train) or evaluation (--mode eval) rows exactly as the ADGEN recipe "
+                    "does and write them to DIR (input_ids.npy, labels.npy, offsets.npy, meta.json). Pass DIR as "
+                    "data.train_data / data.eval_data of a recipe; its lengths and columns must match.")
+    parser.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer folder (ice_text.model)")
+    parser.add_argument("--input", required=True, metavar="JSONL", help="one JSON object per line")
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder to write")
+    parser.add_argument("--mode", choices=("train", "eval"), default="train", help="row layout (default train)")
+    parser.add_argument("--max-source-length", "--max_source_length", dest="max_source_length", type=int, default=64,
+                        help="prompt budget in tokens (default 64)")
+    parser.add_argument("--max-target-length", "--max_target_length", dest="max_target_length", type=int, default=64,
+                        help="answer budget in tokens (default 64)")
+    parser.add_argument("--prompt-column", "--prompt_column", dest="prompt_column", default="content",
+                        help="field of the prompt (default content)")
+    parser.add_argument("--response-column", "--response_column", dest="response_column", default="summary",
+                        help="field of the answer (default summary)")
+    parser.add_argument("--history-column", "--history_column", dest="history_column", default=None,
+                        help="field of earlier [query, response] pairs (chat template)")
+    parser.add_argument("--source-prefix", "--source_prefix", dest="source_prefix", default="",
+                        help="text put before every prompt")
+    parser.add_argument("--skip-bad", action="store_true", help="skip and count malformed lines instead of stopping")
+    parser.set_defaults(func=cmd_preprocess)
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    """Encode --input into --output and report the counts."""
+    from .data import DataConfig, preprocess
+    from .tokenizer import load_tokenizer
+
+    config = DataConfig(max_source_length=args.max_source_length, max_target_length=args.max_target_length,
+                        prompt_column=args.prompt_column, response_column=args.response_column,
+                        history_column=args.history_column, source_prefix=args.source_prefix)
+    meta = preprocess(load_tokenizer(args.tokenizer), args.input, args.output, config, mode=args.mode,
+                      skip_bad=args.skip_bad)
+    counts = meta["counts"]
+    for line in meta["bad_lines"]:
+        print(f"skipped: {line}", file=sys.stderr)
+    print(f"wrote {counts['rows']} rows ({counts['tokens']} tokens, mode {args.mode}) to {args.output}; skipped "
+          f"{counts['skipped_empty']} with an empty prompt or answer and {counts['skipped_bad']} malformed")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- run
+
+
+def add_run_command(subparsers) -> None:
+    """`glm6b run`: train, fine-tune, evaluate or predict from a YAML recipe."""
+    parser = subparsers.add_parser(
+        "run", help="train / finetune / eval / predict from a YAML recipe (configs/*.yaml)",
+        description="Run a recipe. Keys are the fields of glm6b.recipe's section dataclasses; --set "
+                    "section.key=value (value parsed as YAML) and the short flags override the file.")
+    parser.add_argument("--config", required=True, metavar="YAML", help="the recipe, e.g. configs/lora.yaml")
+    parser.add_argument("--mode", required=True, choices=("train", "finetune", "eval", "predict"),
+                        help="train (from load_checkpoint or a random preset), finetune (load_checkpoint required), "
+                             "eval (teacher-forced loss on eval_data), predict (answers for --prompt or eval_data)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one recipe key (repeatable)")
+    parser.add_argument("--load-checkpoint", dest="load_checkpoint", metavar="PATH", help="= --set model.load_checkpoint")
+    parser.add_argument("--train-data", dest="train_data", metavar="PATH", help="= --set data.train_data")
+    parser.add_argument("--eval-data", dest="eval_data", metavar="PATH", help="= --set data.eval_data")
+    parser.add_argument("--output-dir", dest="output_dir", metavar="DIR", help="= --set trainer.output_dir")
+    parser.add_argument("--max-steps", dest="max_steps", type=int, help="= --set trainer.max_steps")
+    parser.add_argument("--batch-size", dest="batch_size", type=int, help="= --set trainer.per_device_train_batch_size")
+    parser.add_argument("--learning-rate", dest="learning_rate", type=float, help="= --set trainer.learning_rate")
+    parser.add_argument("--prompt", action="append", default=None, help="predict mode: a prompt (repeatable)")
+    parser.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Load the recipe with its overrides, run it, print the summary as JSON."""
+    from .recipe import SHORT_FLAGS, load_recipe, run
+
+    recipe = load_recipe(args.config, args.overrides, {name: getattr(args, name) for name in SHORT_FLAGS})
+    print(json.dumps(run(recipe, args.mode, prompts=args.prompt), ensure_ascii=False))
+    return 0
+
+
+# ----------------------------------------------------------------------------------- merge-lora
+
+
+def add_merge_lora_command(subparsers) -> None:
+    """`glm6b merge-lora`: fold a LoRA adapter into its base model."""
+    parser = subparsers.add_parser(
+        "merge-lora", help="merge a LoRA adapter into its base model and save a full HF folder",
+        description="Load --base, apply the PEFT adapter, merge it (W + B A alpha/r) and write a full model "
+                    "folder (config.json, weights, tokenizer) that glm6b.load_model reads.")
+    parser.add_argument("--base", required=True, metavar="PATH", help="base model folder")
+    parser.add_argument("--adapter", required=True, metavar="PATH", help="adapter folder (adapter_config.json)")
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder to write")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="dtype to merge and save in (default float32: exact; float16 halves the size)")
+    parser.set_defaults(func=cmd_merge_lora)
+
+
+def cmd_merge_lora(args: argparse.Namespace) -> int:
+    """Merge and save."""
+    from .lora import merge_lora
+
+    print(f"wrote the merged model to {merge_lora(args.base, args.adapter, args.output, dtype=args.dtype)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- eval
+
+
+def add_eval_command(subparsers) -> None:
+    """`glm6b eval`: generate answers for an ADGEN-format file and score them (BLEU-4, ROUGE-1/2/L)."""
+    parser = subparsers.add_parser(
+        "eval", help="generate for an ADGEN-format jsonl file and score BLEU-4 / ROUGE-1/2/L",
+        description="Batched greedy generation over --data (one {\"content\": ..., \"summary\": ...} object per "
+                    "line), scored as the ChatGLM-6B ADGEN recipe scores it. Writes DIR/predictions.jsonl and "
+                    "DIR/metrics.json. --mode predict only generates (no summaries needed; metrics.json then "
+                    "holds counts, timing and settings but no scores).")
+    _add_model_arguments(parser)
+    parser.add_argument("--adapter", metavar="PATH", help="PEFT LoRA adapter folder, applied without merging")
+    parser.add_argument("--data", required=True, metavar="FILE", help="jsonl file of examples")
+    parser.add_argument("--output-dir", required=True, metavar="DIR", help="where to write the results")
+    parser.add_argument("--mode", choices=("eval", "predict"), default="eval", help="score, or only generate")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
+    parser.add_argument("--max-source-length", type=int, default=64,
+                        help="prompt budget in tokens, [gMASK] <sop> included (default 64)")
+    parser.add_argument("--max-target-length", type=int, default=64,
+                        help="reference budget in tokens; also the default --max-new-tokens (default 64)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="limit on generated tokens (default: --max-target-length)")
+    parser.add_argument("--prompt-column", default="content", help="field holding the prompt (default 'content')")
+    parser.add_argument("--response-column", default="summary", help="field holding the answer (default 'summary')")
+    parser.add_argument("--do-sample", action="store_true",
+                        help="sample as the reference recipe does (with --temperature/--top-p) instead of greedy")
+    parser.add_argument("--temperature", type=float, default=0.95, help="with --do-sample (default 0.95)")
+    parser.add_argument("--top-p", type=float, default=0.7, help="with --do-sample (default 0.7)")
+    parser.add_argument("--seed", type=int, default=None, help="with --do-sample: seed for sampling")
+    parser.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Run the evaluation; the results table goes to stdout, progress to stderr."""
+    from .evaluate import run_eval
+
+    sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, seed=args.seed) \
+        if args.do_sample else {}
+    run_eval(args.model, args.data, args.output_dir, adapter=args.adapter, mode=args.mode,
+             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+             max_source_length=args.max_source_length, max_target_length=args.max_target_length,
+             prompt_column=args.prompt_column, response_column=args.response_column,
+             dtype=args.dtype, device=args.device, **sampling)
+    print(f"wrote {args.output_dir}/predictions.jsonl and metrics.json", file=sys.stderr)
+    return 0

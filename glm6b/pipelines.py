@@ -1,0 +1,121 @@
+"""The text-generation pipeline: (model, tokenizer) or a model name/folder -> a callable over prompts.
+
+    pipe = pipeline("text_generation", model="glm_6b", max_new_tokens=64, do_sample=False)
+    pipe("你好")          # [{'text_generation_text': ['...']}]
+    pipe(["a", "b"])      # one dict per prompt
+
+The output format is MindFormers' TextGenerationPipeline's. Prompts go to the model as they are
+(no chat template: use glm6b.chat for conversations), in left-padded batches. The module is named
+`pipelines` (as in transformers) so that the name `glm6b.pipeline` can stay the function: importing
+a submodule `glm6b.pipeline` would rebind that package attribute to the module.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from .auto import AutoModel, AutoTokenizer
+from .generation import generate, make_generation_config
+
+SUPPORTED_TASKS = ("text_generation",)
+OUTPUT_KEY = "text_generation_text"
+
+
+class TextGenerationPipeline:
+    """Generate continuations of prompts in batches.
+
+    Args:
+        model: a ChatGLMForConditionalGeneration.
+        tokenizer: its ChatGLMTokenizer.
+        batch_size: prompts per generate call.
+        **gen: default GenerationConfig fields (max_new_tokens, do_sample, top_p, seed, ...). Without
+            max_length/max_new_tokens, prompt + continuation are limited to the model's
+            max_sequence_length (2048).
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 8, **gen):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.gen = {"max_length": model.config.max_sequence_length, **gen}
+        make_generation_config(**self.gen)  # unknown or invalid options fail here, not at the first call
+
+    def __call__(self, inputs: str | Sequence[str], batch_size: int | None = None, **gen_overrides) -> list[dict]:
+        """Generate for one prompt or a list of prompts.
+
+        Args:
+            inputs: a prompt or a list of prompts.
+            batch_size: overrides the pipeline's batch size for this call.
+            **gen_overrides: GenerationConfig fields for this call only.
+
+        Returns:
+            One dict per prompt, in order: {'text_generation_text': [text, ...]} with
+            num_return_sequences texts, each the decoded continuation (prompt excluded, special
+            tokens skipped, stripped).
+
+        Raises:
+            ValueError: an input that is not a string, or an invalid generation option.
+        """
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise ValueError(f"pipeline input {i} must be a string, got {type(text).__name__}")
+        batch_size = batch_size or self.batch_size
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        gen = {**self.gen, **gen_overrides}
+        gen.setdefault("allowed_vocab_size", len(self.tokenizer))  # padding rows of the vocab have no text
+        config = make_generation_config(**gen)
+        n = config.num_return_sequences
+
+        results = []
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start:start + batch_size]
+            batch = self.tokenizer(chunk, padding=True, return_tensors="pt").to(self.model.device)
+            sequences = generate(self.model, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                                 generation_config=config, tokenizer=self.tokenizer)
+            continuations = sequences[:, batch["input_ids"].shape[1]:].tolist()
+            decoded = [t.strip() for t in self.tokenizer.batch_decode(continuations, skip_special_tokens=True)]
+            for i in range(len(chunk)):
+                results.append({OUTPUT_KEY: decoded[i * n:(i + 1) * n]})
+        return results
+
+
+def pipeline(task: str, model=None, tokenizer=None, batch_size: int = 8, dtype=None, device=None,
+             **gen) -> TextGenerationPipeline:
+    """Build a pipeline for a task.
+
+    Args:
+        task: "text_generation" (also accepted: "text-generation").
+        model: a model object, a folder path, or a model name ("glm_6b", "glm_6b_chat"; looked up
+            under $GLM6B_HOME). None means "glm_6b".
+        tokenizer: a tokenizer object, folder path or name; None loads it from the model's folder
+            (required when `model` is an object).
+        batch_size: prompts per generate call.
+        dtype, device: used when the model is loaded from a folder or name.
+        **gen: default generation options (see TextGenerationPipeline).
+
+    Returns:
+        The pipeline.
+
+    Raises:
+        ValueError: unknown task, or a model object without a tokenizer.
+        ModelNotFoundError: a model name/folder that does not exist locally.
+    """
+    if task.replace("-", "_") not in SUPPORTED_TASKS:
+        raise ValueError(f"unknown pipeline task {task!r}; supported: {', '.join(SUPPORTED_TASKS)} "
+                         f"(also spelled 'text-generation')")
+    if model is None:
+        model = "glm_6b"
+    if isinstance(model, (str, os.PathLike)):
+        if tokenizer is None:
+            tokenizer = model
+        model = AutoModel.from_pretrained(model, dtype=dtype, device=device)
+    elif tokenizer is None:
+        raise ValueError("pipeline: pass tokenizer=... along with a model object (or pass a model folder or name)")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    return TextGenerationPipeline(model, tokenizer, batch_size=batch_size, **gen)
