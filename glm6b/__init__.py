@@ -29,6 +29,9 @@ _EXPORTS = {
     "AutoModel": "auto",
     "AutoTokenizer": "auto",
     "ModelNotFoundError": "auto",
+    "compute_metrics": "metrics",
+    "evaluate_generation": "evaluate",
+    "run_eval": "evaluate",
 }
 
 __all__ = sorted(_EXPORTS)

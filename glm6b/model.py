@@ -152,37 +152,39 @@ def build_mask_and_positions(
     """
     batch, length = input_ids.shape
     device = input_ids.device
-    masks = torch.ones(batch, 1, length, length, dtype=torch.bool, device=device)
-    positions = torch.zeros(batch, 2, length, dtype=torch.long, device=device)
-    pad_counts = [0] * batch
+    t = torch.arange(length, device=device)
+    pad = torch.zeros(batch, dtype=torch.long, device=device)
     if padding_mask is not None:
-        pad_counts = (padding_mask.shape[1] - padding_mask.to(torch.long).sum(dim=1)).tolist()
-    ids_rows = input_ids.tolist()
-    for row, (ids, pad) in enumerate(zip(ids_rows, pad_counts)):
-        ids = ids[pad:]
-        n = len(ids)
-        if config.bos_token_id not in ids:
-            raise InputError(
-                f"input row {row} has no <sop> token (id {config.bos_token_id}): ChatGLM-6B prompts end with "
-                f"[gMASK] <sop>; encode text with tokenizer.encode(text) or tokenizer(texts) which add them")
-        if config.gmask_token_id in ids:
-            mask_pos = ids.index(config.gmask_token_id)
-        elif config.mask_token_id in ids:
-            mask_pos = ids.index(config.mask_token_id)
-        else:
-            raise InputError(
-                f"input row {row} has no [gMASK] (id {config.gmask_token_id}) or [MASK] (id {config.mask_token_id}) "
-                f"token: ChatGLM-6B prompts end with [gMASK] <sop>; encode text with tokenizer.encode(text)")
-        c = ids.index(config.bos_token_id)
-        row_mask = torch.ones(n, n, device=device).tril()
-        row_mask[:, :c] = 1
-        masks[row, 0, pad:, pad:] = row_mask < 0.5
-        pos = torch.arange(n, device=device)
-        pos[c:] = mask_pos
-        block = torch.cat([torch.zeros(c, dtype=torch.long, device=device),
-                           torch.arange(1, n - c + 1, device=device)])
-        positions[row, 0, pad:] = pos
-        positions[row, 1, pad:] = block
+        pad = length - padding_mask.to(torch.long).sum(dim=1)
+    real = t[None, :] >= pad[:, None]  # [B, T]
+
+    def first_index(token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        hits = (input_ids == token_id) & real
+        return hits.any(dim=1), hits.to(torch.long).argmax(dim=1)  # argmax finds the first hit
+
+    has_bos, c = first_index(config.bos_token_id)
+    has_gmask, gmask_pos = first_index(config.gmask_token_id)
+    has_mask, mask_pos = first_index(config.mask_token_id)
+    for row in (~has_bos).nonzero().flatten().tolist():
+        raise InputError(
+            f"input row {row} has no <sop> token (id {config.bos_token_id}): ChatGLM-6B prompts end with "
+            f"[gMASK] <sop>; encode text with tokenizer.encode(text) or tokenizer(texts) which add them")
+    for row in (~(has_gmask | has_mask)).nonzero().flatten().tolist():
+        raise InputError(
+            f"input row {row} has no [gMASK] (id {config.gmask_token_id}) or [MASK] (id {config.mask_token_id}) "
+            f"token: ChatGLM-6B prompts end with [gMASK] <sop>; encode text with tokenizer.encode(text)")
+    mask_pos = torch.where(has_gmask, gmask_pos, mask_pos)  # the model prefers [gMASK]
+
+    # Query i sees key j when both are real tokens and j is in the context (j < c) or j <= i.
+    i, j = t[:, None], t[None, :]
+    visible = (j <= i)[None] | (j[None] < c[:, None, None])  # [B, T, T]
+    visible &= real[:, :, None] & real[:, None, :]
+    masks = ~visible[:, None]  # [B, 1, T, T], True = masked
+
+    in_block = t[None, :] >= c[:, None]  # from <sop> on
+    absolute = torch.where(in_block, mask_pos[:, None], t[None, :]) - pad[:, None]
+    block = torch.where(in_block, t[None, :] - c[:, None] + 1, 0)
+    positions = torch.stack([absolute, block], dim=1).masked_fill(~real[:, None, :], 0)  # [B, 2, T]
     return masks, positions
 
 
