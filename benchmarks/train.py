@@ -1,0 +1,197 @@
+"""Training throughput and peak memory per fine-tuning method (full, LoRA, P-tuning), and one LoRA step at 6B.
+
+    python benchmarks/train.py                                  # small preset, each method; 6B estimate
+    python benchmarks/train.py --methods lora --preset small --steps 6 --batch-size 4 --seq-len 128
+    python benchmarks/train.py --big glm_6b                     # measure the real 6B shape (~14 GB RAM on CPU)
+    python benchmarks/train.py --big glm_6b_4layers             # measure 4 layers, scale to 28 (an estimate)
+    python benchmarks/train.py --device cuda --big glm_6b       # on a GPU: max_memory_allocated
+
+Every case runs the real Trainer path (glm6b.trainer: method setup, gradient checkpointing, AdamW over
+the trainable parameters only) on random weights built on the meta device, then `to_empty` + init, in
+a process of its own, so the peak memory reported is that case's alone: on CUDA
+`torch.cuda.max_memory_allocated`, on CPU the process's peak RSS (ru_maxrss) minus its RSS before the
+model was built (so imports do not count). Rows are random ids shaped like ADGEN rows
+(prompt [gMASK] <sop> answer <eop>), seq-len tokens each; tokens/s excludes the first (warm-up) step.
+
+The big case is one LoRA step (batch 1, seq 128, r 8 on query_key_value) with bf16 frozen weights and
+gradient checkpointing: the "fits one 24 GB device" check. With --big glm_6b_4layers the 28-layer
+number is extrapolated linearly from 4 layers: peak(4) + 24 * (bytes of one layer's bf16 weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+GIB = 1024**3
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _Tokenizer:
+    """What the Trainer needs from a tokenizer when no text is involved."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def save_pretrained(self, directory) -> None:
+        pass
+
+
+def child(case: dict) -> dict:
+    """Run one case in this process and return its measurements."""
+    import torch
+
+    from glm6b.config import ChatGLMConfig
+    from glm6b.data import DataConfig, RowDataset
+    from glm6b.trainer import ModelArguments, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    device = torch.device(case["device"])
+    config = ChatGLMConfig.from_name(case["preset"])
+
+    class Rows(RowDataset):
+        """Random ADGEN-shaped rows: half prompt, half answer."""
+
+        def __init__(self, n: int, length: int):
+            self.mode, self.config = "train", DataConfig(max_source_length=length // 2,
+                                                         max_target_length=length - length // 2)
+            self.special_ids = {"pad": config.pad_token_id, "bos": config.bos_token_id,
+                                "mask": config.mask_token_id, "gmask": config.gmask_token_id}
+            g = torch.Generator().manual_seed(0)
+            prompt, answer = length // 2 - 1, length - length // 2 - 2
+            self.rows = []
+            for _ in range(n):
+                ids = torch.randint(10, 20000, (prompt + answer,), generator=g).tolist()
+                input_ids = ids[:prompt] + [config.gmask_token_id, config.bos_token_id] + ids[prompt:] + \
+                    [config.eos_token_id]
+                labels = [-100] * (prompt + 1) + input_ids[prompt + 1:]
+                self.rows.append({"input_ids": torch.tensor(input_ids).numpy(), "labels": torch.tensor(labels).numpy()})
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            return self.rows[i]
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    baseline = _rss_bytes()
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    def clock(trainer, record):
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    method = case["method"]
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, max_steps=case["steps"], per_device_train_batch_size=case["batch_size"],
+                                 learning_rate=1e-4, save_steps=None, logging_steps=10**6, tensorboard=False,
+                                 disable_tqdm=True, gradient_checkpointing=case["gradient_checkpointing"],
+                                 bf16=case["bf16"])
+        model_args = ModelArguments(preset=case["preset"], dtype=case["dtype"], device=str(device),
+                                    pre_seq_len=case["pre_seq_len"] if method == "ptuning" else None)
+        trainer = Trainer(model_args=model_args, tokenizer=_Tokenizer(config.pad_token_id), args=args,
+                          train_dataset=Rows(case["batch_size"] * case["steps"], case["seq_len"]), method=method,
+                          callbacks=[clock])
+        trainer._prepare_for_training()
+        last[0] = time.perf_counter()
+        trainer.train()
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in trainer.model.parameters())
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    steady = times[1:] or times
+    tokens = case["batch_size"] * case["seq_len"]
+    return {**case, "peak_bytes": peak, "trainable": trainable, "params": total,
+            "step_s": sum(steady) / len(steady), "tokens_per_s": tokens / (sum(steady) / len(steady))}
+
+
+def run_case(case: dict) -> dict:
+    """Run `case` in a fresh process (so its peak memory is its own)."""
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"case {case} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def layer_weight_bytes(preset: str, bytes_per_value: int = 2) -> int:
+    """Bytes of one GLM block's weights (bf16 by default)."""
+    from glm6b.config import ChatGLMConfig
+
+    c = ChatGLMConfig.from_name(preset)
+    h, f = c.hidden_size, c.inner_hidden_size
+    values = 3 * h * h + 3 * h + h * h + h + h * f + f + f * h + h + 4 * h
+    return values * bytes_per_value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--methods", nargs="+", default=["full", "lora", "ptuning"], choices=["full", "lora", "ptuning"])
+    parser.add_argument("--preset", default="small", help="model preset for the per-method table (default small)")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per method (default 4)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--pre-seq-len", type=int, default=16, help="P-tuning prefix length (default 16)")
+    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    parser.add_argument("--big", default="glm_6b_4layers",
+                        help="preset of the single LoRA step: glm_6b (measured), glm_6b_4layers (scaled to 28 "
+                             "layers), or none")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+
+    rows = []
+    for method in args.methods:
+        case = dict(method=method, preset=args.preset, device=args.device, steps=args.steps,
+                    batch_size=args.batch_size, seq_len=args.seq_len, pre_seq_len=args.pre_seq_len,
+                    dtype="float32", bf16=False, gradient_checkpointing=False)
+        rows.append(run_case(case))
+        r = rows[-1]
+        print(f"{r['method']:>8}  {r['preset']:>14}  batch {r['batch_size']} x {r['seq_len']}  "
+              f"trainable {r['trainable'] / 1e6:8.2f}M / {r['params'] / 1e6:8.2f}M  "
+              f"{r['tokens_per_s']:8.0f} tokens/s  peak {r['peak_bytes'] / GIB:6.2f} GiB", flush=True)
+
+    if args.big != "none":
+        case = dict(method="lora", preset=args.big, device=args.device, steps=1, batch_size=1, seq_len=128,
+                    pre_seq_len=None, dtype="bfloat16", bf16=False, gradient_checkpointing=True)
+        r = run_case(case)
+        from glm6b.config import ChatGLMConfig
+
+        layers = ChatGLMConfig.from_name(args.big).num_layers
+        peak = r["peak_bytes"]
+        note = "measured"
+        if layers != 28:
+            peak += (28 - layers) * layer_weight_bytes(args.big)
+            note = f"estimate: {layers}-layer peak {r['peak_bytes'] / GIB:.2f} GiB + {28 - layers} x one layer's bf16 weights"
+        print(f"LoRA step, glm_6b shape (bf16 frozen base, r=8, gradient checkpointing, batch 1 x 128) on "
+              f"{args.device}: peak {peak / GIB:.2f} GiB ({peak / 1e9:.2f} GB) [{note}]; "
+              f"step {r['step_s']:.1f} s, trainable {r['trainable'] / 1e6:.2f}M", flush=True)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    main()

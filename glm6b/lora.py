@@ -1,0 +1,125 @@
+"""LoRA through PEFT: wrap the model, load adapters in PEFT's folder format, merge them into the base.
+
+PEFT works on our plain nn.Module as it is: `target_modules=["query_key_value"]` matches the HF
+module names kept by glm6b.model, `model.config.to_dict()` gives PEFT the config it records, and the
+LoRA layers are injected in place, so `peft_model.get_base_model()` is a ChatGLMForConditionalGeneration
+whose forward (and glm6b.generation) includes the adapters. An adapter folder is what
+`PeftModel.save_pretrained` writes: adapter_config.json + adapter_model.safetensors.
+
+peft (and the transformers it imports, ~10 s) is imported inside the functions, only when LoRA is used.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, load_model, save_pretrained
+from .tokenizer import load_tokenizer
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+@dataclass
+class LoraArguments:
+    """LoRA settings (the `lora:` section of a recipe; the MindFormers ADGEN values by default).
+
+    Attributes:
+        r: rank of the update B @ A.
+        lora_alpha: scaling numerator (the update is scaled by lora_alpha / r).
+        lora_dropout: dropout on the LoRA branch's input.
+        target_modules: module names to adapt (the fused attention projection).
+    """
+
+    r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["query_key_value"])
+
+
+def is_adapter_folder(path: str | os.PathLike) -> bool:
+    """True if `path` is a folder holding a PEFT adapter_config.json."""
+    return (Path(path) / ADAPTER_CONFIG_NAME).is_file()
+
+
+def apply_lora(model: torch.nn.Module, args: LoraArguments, base_model_name_or_path: str | None = None):
+    """Wrap `model` with fresh LoRA adapters; everything else is frozen.
+
+    The adapters are float32 even over a bfloat16/float16 base (PEFT's autocast_adapter_dtype), and
+    the frozen base weights are not copied.
+
+    Args:
+        model: a ChatGLMForConditionalGeneration.
+        args: rank, alpha, dropout, target modules.
+        base_model_name_or_path: recorded in adapter_config.json (where the base weights live).
+
+    Returns:
+        The peft.PeftModel.
+    """
+    import peft
+
+    if base_model_name_or_path is not None:
+        # get_peft_model records the model's `name_or_path` attribute in adapter_config.json
+        model.name_or_path = str(base_model_name_or_path)
+    config = peft.LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                             target_modules=list(args.target_modules),
+                             base_model_name_or_path=getattr(model, "name_or_path", None))
+    return peft.get_peft_model(model, config)
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike, is_trainable: bool = False):
+    """Wrap `model` with the adapter saved in `adapter_dir` (not merged).
+
+    Args:
+        model: the base ChatGLMForConditionalGeneration.
+        adapter_dir: a PEFT adapter folder.
+        is_trainable: keep the adapter trainable (to continue fine-tuning) instead of inference mode.
+
+    Returns:
+        The peft.PeftModel.
+
+    Raises:
+        CheckpointError: the folder is missing or has no adapter_config.json.
+    """
+    adapter_dir = Path(adapter_dir)
+    if not is_adapter_folder(adapter_dir):
+        what = "does not exist" if not adapter_dir.exists() else f"has no {ADAPTER_CONFIG_NAME}"
+        raise CheckpointError(f"{adapter_dir}: {what}; expected a PEFT LoRA adapter folder "
+                              f"({ADAPTER_CONFIG_NAME} + {ADAPTER_WEIGHTS_NAME})")
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+
+
+def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, output_dir: str | os.PathLike,
+               dtype: torch.dtype | str = torch.float32, save_dtype: torch.dtype | str | None = None) -> Path:
+    """Merge a LoRA adapter into its base model and save a full HF-layout folder.
+
+    The merge (W + B @ A * alpha / r) is done in `dtype`; the result is saved in `save_dtype`. Its
+    outputs equal those of base + adapter (up to the rounding of save_dtype).
+
+    Args:
+        base: the base model folder.
+        adapter: the PEFT adapter folder.
+        output_dir: where to write config.json, the weights and the tokenizer files.
+        dtype: dtype to load and merge in (float32 keeps the merge exact).
+        save_dtype: dtype of the saved weights; None keeps `dtype`.
+
+    Returns:
+        The output folder.
+
+    Raises:
+        CheckpointError: unusable base or adapter folder.
+    """
+    model = load_model(base, dtype=dtype)
+    merged = load_adapter(model, adapter).merge_and_unload()
+    if save_dtype is not None:
+        merged = merged.to(getattr(torch, str(save_dtype).removeprefix("torch.")))
+        merged.tie_weights()
+    output_dir = Path(output_dir)
+    save_pretrained(merged, output_dir, tokenizer=load_tokenizer(base))
+    return output_dir

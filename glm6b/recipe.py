@@ -1,0 +1,384 @@
+"""Recipes: YAML files whose sections are dataclasses, a strict loader, and `run` for `glm6b run`.
+
+A recipe (configs/finetune.yaml, lora.yaml, infer.yaml, lora_infer.yaml) has a top-level `method`
+and one mapping per section; every key is exactly a field name of that section's dataclass:
+
+    method      full | lora | ptuning
+    model:      glm6b.trainer.ModelArguments
+    data:       glm6b.data.DataConfig
+    trainer:    glm6b.trainer.TrainingArguments
+    lora:       glm6b.lora.LoraArguments
+    generation: glm6b.generation.GenerationConfig
+    parallel:   ParallelConfig (reserved: only the single-process values are accepted for now)
+
+An unknown key, a duplicated key or a value of the wrong type is a RecipeError naming the file, the
+line and the key. Overrides (`--set trainer.learning_rate=1e-4`, values parsed as YAML) go through
+the same checks and are named in the error instead of a line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .data import DataConfig
+from .generation import GenerationConfig
+from .lora import LoraArguments
+from .trainer import ModelArguments, TrainingArguments
+
+Mode = Literal["train", "finetune", "eval", "predict"]
+MODES = ("train", "finetune", "eval", "predict")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file and line (or the override) and the key."""
+
+
+@dataclass
+class ParallelConfig:
+    """Reserved for distributed training (a later change); only the single-process values are accepted.
+
+    Attributes:
+        data_parallel: data-parallel replicas.
+        model_parallel: tensor-parallel shards.
+        pipeline_stage: pipeline stages.
+        micro_batch_num: pipeline micro-batches.
+        optimizer_shard: shard optimizer states across data-parallel ranks.
+    """
+
+    data_parallel: int = 1
+    model_parallel: int = 1
+    pipeline_stage: int = 1
+    micro_batch_num: int = 1
+    optimizer_shard: bool = False
+
+
+@dataclass
+class Recipe:
+    """A whole recipe: the method and one dataclass per section."""
+
+    method: Literal["full", "lora", "ptuning"] = "full"
+    model: ModelArguments = field(default_factory=ModelArguments)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainingArguments = field(default_factory=TrainingArguments)
+    lora: LoraArguments = field(default_factory=LoraArguments)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelArguments,
+    "data": DataConfig,
+    "trainer": TrainingArguments,
+    "lora": LoraArguments,
+    "generation": GenerationConfig,
+    "parallel": ParallelConfig,
+}
+# Accepted spellings that map to a field (one name per concept elsewhere; these are user conveniences).
+ALIASES = {("trainer", "batch_size"): "per_device_train_batch_size"}
+# Command-line short flags -> section.key.
+SHORT_FLAGS = {
+    "load_checkpoint": "model.load_checkpoint",
+    "train_data": "data.train_data",
+    "eval_data": "data.eval_data",
+    "output_dir": "trainer.output_dir",
+    "max_steps": "trainer.max_steps",
+    "batch_size": "trainer.per_device_train_batch_size",
+    "learning_rate": "trainer.learning_rate",
+}
+
+
+# ----------------------------------------------------------------------------------- type checks
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """`value` as type `tp`, or raise TypeError. Ints are accepted for floats, and so are strings
+    such as "1e-4" (YAML 1.1 reads an exponent without a dot as a string)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is None:
+            return None
+    elif origin is Literal:
+        if any(value == option and type(value) is type(option) for option in typing.get_args(tp)):
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option)
+            except TypeError:
+                pass
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(tp)
+            return [_coerce(v, item) for v in value]
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise TypeError(_type_name(tp))
+
+
+# ----------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class _Entry:
+    value: Any
+    where: str  # "file, line n" or "--set ..."
+
+
+def _where(path: str, node: yaml.Node) -> str:
+    return f"{path}, line {node.start_mark.line + 1}"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """{"method": _Entry, section: {key: _Entry}} with node positions, duplicates and shape checked."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read the recipe ({e.strerror})") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f", line {mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    tree: dict[str, Any] = {}
+    if root is None:
+        return tree
+    if not isinstance(root, yaml.MappingNode):
+        raise RecipeError(f"{_where(str(path), root)}: a recipe is a mapping of sections "
+                          f"(method, {', '.join(SECTIONS)})")
+    constructor = yaml.SafeLoader("")
+    for key_node, value_node in root.value:
+        key = constructor.construct_object(key_node, deep=True)
+        where = _where(str(path), key_node)
+        if key in tree:
+            raise RecipeError(f"{where}: key {key!r} appears twice")
+        if key == "method":
+            tree[key] = _Entry(constructor.construct_object(value_node, deep=True), where)
+            continue
+        if key not in SECTIONS:
+            raise RecipeError(f"{where}: unknown key {key!r}; known: method, {', '.join(SECTIONS)}")
+        if isinstance(value_node, yaml.ScalarNode) and value_node.tag.endswith(":null"):
+            tree[key] = {}
+            continue
+        if not isinstance(value_node, yaml.MappingNode):
+            raise RecipeError(f"{where}: section {key!r} must be a mapping of key: value")
+        section: dict[str, _Entry] = {}
+        for field_node, field_value in value_node.value:
+            name = constructor.construct_object(field_node, deep=True)
+            field_where = _where(str(path), field_node)
+            if name in section:
+                raise RecipeError(f"{field_where}: key '{key}.{name}' appears twice")
+            section[name] = _Entry(constructor.construct_object(field_value, deep=True), field_where)
+        tree[key] = section
+    return tree
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _build_section(name: str, entries: dict[str, _Entry]) -> Any:
+    cls = SECTIONS[name]
+    known = _fields(cls)
+    kwargs = {}
+    for key, entry in entries.items():
+        target = ALIASES.get((name, key), key)
+        if target not in known:
+            raise RecipeError(f"{entry.where}: unknown key '{name}.{key}'; known keys of '{name}': "
+                              f"{', '.join(known)}")
+        try:
+            kwargs[target] = _coerce(entry.value, known[target])
+        except TypeError as e:
+            raise RecipeError(f"{entry.where}: '{name}.{key}' = {entry.value!r}: expected {e}") from None
+        if name == "parallel" and kwargs[target] != getattr(ParallelConfig(), target):
+            raise RecipeError(f"{entry.where}: 'parallel.{key}' = {entry.value!r}: not supported yet (training "
+                              f"runs in one process for now); keep the default {getattr(ParallelConfig(), target)!r}")
+    try:
+        section = cls(**kwargs)
+        if hasattr(section, "validate"):  # GenerationConfig checks its values in validate()
+            section.validate()
+        return section
+    except (ValueError, TypeError) as e:
+        # point at the key the message names (the dataclasses name the field they reject)
+        named = [entry.where for key, entry in entries.items() if re.search(rf"\b{re.escape(key)}\b", str(e))]
+        raise RecipeError(f"{named[0] if named else name}: section '{name}': {e}") from None
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`section.key=value` (or `method=value`) -> (section, key, value parsed with yaml.safe_load).
+
+    Raises:
+        RecipeError: not of that form.
+    """
+    path = text.split("=", 1)[0].strip()
+    if "=" not in text or ("." not in path and path != "method"):
+        raise RecipeError(f"--set {text}: expected section.key=value (or method=...), e.g. "
+                          f"trainer.learning_rate=1e-4")
+    raw = text.split("=", 1)[1]
+    section, key = path.split(".", 1) if path != "method" else ("method", "")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {text}: the value is not valid YAML ({e})") from None
+    return section.strip(), key.strip(), value
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None,
+                flags: dict[str, Any] | None = None) -> Recipe:
+    """Read a recipe file, apply overrides, and build the section dataclasses with strict checks.
+
+    Args:
+        path: the YAML file (None: all defaults).
+        overrides: "section.key=value" strings (values parsed as YAML), applied in order.
+        flags: short command-line flags {name: value} (see SHORT_FLAGS); None values are ignored.
+
+    Returns:
+        The Recipe.
+
+    Raises:
+        RecipeError: unreadable file, unknown or duplicated key, wrong type, unsupported value.
+    """
+    tree = _read_yaml(Path(path)) if path is not None else {}
+    changes = [(f"--set {text}", *parse_override(text)) for text in overrides or []]
+    for name, value in (flags or {}).items():
+        if value is not None:
+            section, key = SHORT_FLAGS[name].split(".")
+            changes.append((f"--{name.replace('_', '-')} {value}", section, key, value))
+    for where, section, key, value in changes:
+        if section == "method":
+            tree["method"] = _Entry(value, where)
+            continue
+        if section not in SECTIONS:
+            raise RecipeError(f"{where}: unknown section {section!r}; known: method, {', '.join(SECTIONS)}")
+        tree.setdefault(section, {})
+        tree[section] = {k: e for k, e in tree[section].items() if ALIASES.get((section, k), k) !=
+                         ALIASES.get((section, key), key)}
+        tree[section][key] = _Entry(value, where)
+    method = Recipe.method
+    if "method" in tree:
+        entry = tree["method"]
+        try:
+            method = _coerce(entry.value, Literal["full", "lora", "ptuning"])
+        except TypeError:
+            raise RecipeError(f"{entry.where}: method = {entry.value!r}: expected 'full', 'lora' or 'ptuning'") from None
+    sections = {name: _build_section(name, tree.get(name, {})) for name in SECTIONS}
+    return Recipe(method=method, **sections)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain data (what `run` records in output_dir/recipe.json)."""
+    return dataclasses.asdict(recipe)
+
+
+# ----------------------------------------------------------------------------------- running
+
+
+def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[str, Any]:
+    """Run a recipe: train, finetune, eval (teacher-forced loss) or predict.
+
+    * train: model from model.load_checkpoint (or a random model.preset), then train on data.train_data.
+    * finetune: model.load_checkpoint is required (an HF folder, or a LoRA / P-tuning output to
+      continue); see Trainer.finetune.
+    * eval: the loss on data.eval_data (a LoRA model.adapter / model.ptuning_checkpoint is applied).
+    * predict: answers for `prompts`, or for the prompts of data.eval_data; written to
+      trainer.output_dir/predictions.jsonl.
+
+    Args:
+        recipe: the loaded recipe.
+        mode: one of train, finetune, eval, predict.
+        prompts: texts for predict mode.
+
+    Returns:
+        A summary dict (printed as JSON by the command line).
+
+    Raises:
+        RecipeError: a setting the mode needs is missing.
+    """
+    from .checkpoint import atomic_write_text
+    from .data import JsonlDataset
+    from .trainer import Trainer
+
+    if mode not in MODES:
+        raise RecipeError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
+    data = recipe.data
+    if mode in ("train", "finetune") and data.train_data is None:
+        raise RecipeError("data.train_data is not set (use --train-data FILE)")
+    if mode == "finetune" and recipe.model.load_checkpoint is None:
+        raise RecipeError("finetune needs model.load_checkpoint (use --load-checkpoint PATH)")
+    if mode == "eval" and data.eval_data is None:
+        raise RecipeError("data.eval_data is not set (use --eval-data FILE)")
+    if mode == "predict" and not prompts and data.eval_data is None:
+        raise RecipeError("predict needs prompts (--prompt TEXT) or data.eval_data (--eval-data FILE)")
+    trainer = Trainer(model_args=recipe.model, args=recipe.trainer, train_dataset=data.train_data,
+                      eval_dataset=data.eval_data, method=recipe.method, lora_config=recipe.lora,
+                      data_config=data, generation_config=recipe.generation)
+    output_dir = Path(recipe.trainer.output_dir)
+    if mode in ("train", "finetune"):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output_dir / "recipe.json", json.dumps(recipe_to_dict(recipe), indent=2,
+                                                                 ensure_ascii=False) + "\n")
+        if mode == "train":
+            out = trainer.train()
+        else:
+            out = trainer.finetune(recipe.model.load_checkpoint)
+        return {"mode": mode, "method": recipe.method, "steps": out.global_step,
+                "final_loss": out.losses[-1] if out.losses else None, "output": str(out.final_dir)}
+    if mode == "eval":
+        return {"mode": mode, **trainer.evaluate()}
+    if prompts:
+        texts = trainer.predict(prompts)
+        records = [{"prompt": p, "predict": t} for p, t in zip(prompts, texts)]
+    else:
+        trainer.ensure_model()
+        dataset = JsonlDataset(data.eval_data, trainer.tokenizer, data, mode="eval")
+        texts = trainer.predict(dataset)
+        records = [{"prompt": ex.prompt, "labels": ex.answer, "predict": t} for ex, t in zip(dataset.examples, texts)]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output_dir / "predictions.jsonl",
+                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    for record in records[:5]:
+        print(json.dumps(record, ensure_ascii=False), file=sys.stderr)
+    return {"mode": mode, "count": len(records), "output": str(output_dir / "predictions.jsonl")}
+
