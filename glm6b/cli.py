@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_preprocess_command(subparsers)
     add_run_command(subparsers)
     add_merge_lora_command(subparsers)
+    add_merge_checkpoint_command(subparsers)
     add_eval_command(subparsers)
     add_quickstart_command(subparsers)
     return parser
@@ -204,7 +205,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from .checkpoint import atomic_path
+    from .io import atomic_path
     from .pipelines import OUTPUT_KEY, TextGenerationPipeline
 
     model, tokenizer = _load(args)
@@ -343,7 +344,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .recipe import SHORT_FLAGS, load_recipe, run
 
     recipe = load_recipe(args.config, args.overrides, {name: getattr(args, name) for name in SHORT_FLAGS})
-    print(json.dumps(run(recipe, args.mode, prompts=args.prompt), ensure_ascii=False))
+    summary = run(recipe, args.mode, prompts=args.prompt)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 prints the summary
+        print(json.dumps(summary, ensure_ascii=False))
     return 0
 
 
@@ -369,6 +372,34 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     from .lora import merge_lora
 
     print(f"wrote the merged model to {merge_lora(args.base, args.adapter, args.output, dtype=args.dtype)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- merge-checkpoint
+
+
+def add_merge_checkpoint_command(subparsers) -> None:
+    """`glm6b merge-checkpoint`: turn a sharded (DCP) training checkpoint into a normal folder."""
+    parser = subparsers.add_parser(
+        "merge-checkpoint", help="merge a sharded (multi-process) checkpoint into an HF / adapter folder",
+        description="Read a checkpoint-<step> folder written by a torchrun run (torch.distributed.checkpoint "
+                    "shards) in one process and write: full -> HF folder for glm6b.load_model; LoRA -> the PEFT "
+                    "adapter folder, or with --base-model the merged HF folder; P-tuning -> the THUDM folder, or "
+                    "with --base-model an HF folder with the prefix encoder.")
+    parser.add_argument("--input", required=True, metavar="DIR", help="sharded checkpoint folder")
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder to write (replaced)")
+    parser.add_argument("--base-model", dest="base_model", metavar="DIR", default=None,
+                        help="base HF model folder (for checkpoints that hold only the trained tensors)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the written weights (default: as stored)")
+    parser.set_defaults(func=cmd_merge_checkpoint)
+
+
+def cmd_merge_checkpoint(args: argparse.Namespace) -> int:
+    """Merge and save."""
+    from .distributed import merge_checkpoint
+
+    folder = merge_checkpoint(args.input, args.output, base_model_path=args.base_model, dtype=args.dtype)
+    print(f"wrote {folder}")
     return 0
 
 

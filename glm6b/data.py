@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .chat import build_prompt
-from .checkpoint import atomic_write, atomic_write_text
+from .io import atomic_write, atomic_write_text
 
 Mode = Literal["train", "eval"]
 IGNORE_INDEX = -100

@@ -41,7 +41,8 @@ from typing import Literal
 import torch
 
 from .auto import resolve_model_path
-from .checkpoint import atomic_write_text, load_model
+from .checkpoint import load_model
+from .io import atomic_write_text
 from .data import DataConfig, DataError, ReadStats, iter_examples
 from .generation import GenerationConfig, generate, make_generation_config
 from .lora import load_adapter

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write_text, load_model
+from .checkpoint import load_model
 from .config import ChatGLMConfig
 from .data import DataConfig
 from .evaluate import evaluate_generation
+from .io import atomic_write_text
 from .lora import LoraArguments
 from .model import ChatGLMForConditionalGeneration
 from .sample_data import DEFAULT_ASSETS, chat_pairs, read_adgen_jsonl

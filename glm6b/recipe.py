@@ -9,7 +9,8 @@ and one mapping per section; every key is exactly a field name of that section's
     trainer:    glm6b.trainer.TrainingArguments
     lora:       glm6b.lora.LoraArguments
     generation: glm6b.generation.GenerationConfig
-    parallel:   ParallelConfig (reserved: only the single-process values are accepted for now)
+    parallel:   glm6b.distributed.ParallelConfig (data_parallel, model_parallel, pipeline_stage,
+                micro_batch_num, optimizer_shard); checked against the process count by `run`
 
 An unknown key, a duplicated key or a value of the wrong type is a RecipeError naming the file, the
 line and the key. Overrides (`--set trainer.learning_rate=1e-4`, values parsed as YAML) go through
@@ -32,6 +33,7 @@ from typing import Any, Literal
 import yaml
 
 from .data import DataConfig
+from .distributed import ParallelConfig
 from .generation import GenerationConfig
 from .lora import LoraArguments
 from .trainer import ModelArguments, TrainingArguments
@@ -42,25 +44,6 @@ MODES = ("train", "finetune", "eval", "predict")
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file and line (or the override) and the key."""
-
-
-@dataclass
-class ParallelConfig:
-    """Reserved for distributed training (a later change); only the single-process values are accepted.
-
-    Attributes:
-        data_parallel: data-parallel replicas.
-        model_parallel: tensor-parallel shards.
-        pipeline_stage: pipeline stages.
-        micro_batch_num: pipeline micro-batches.
-        optimizer_shard: shard optimizer states across data-parallel ranks.
-    """
-
-    data_parallel: int = 1
-    model_parallel: int = 1
-    pipeline_stage: int = 1
-    micro_batch_num: int = 1
-    optimizer_shard: bool = False
 
 
 @dataclass
@@ -232,12 +215,11 @@ def _build_section(name: str, entries: dict[str, _Entry]) -> Any:
             kwargs[target] = _coerce(entry.value, known[target])
         except TypeError as e:
             raise RecipeError(f"{entry.where}: '{name}.{key}' = {entry.value!r}: expected {e}") from None
-        if name == "parallel" and kwargs[target] != getattr(ParallelConfig(), target):
-            raise RecipeError(f"{entry.where}: 'parallel.{key}' = {entry.value!r}: not supported yet (training "
-                              f"runs in one process for now); keep the default {getattr(ParallelConfig(), target)!r}")
     try:
         section = cls(**kwargs)
-        if hasattr(section, "validate"):  # GenerationConfig checks its values in validate()
+        if name == "parallel":  # values only here; the process count is checked by run
+            section.validate(section.world_size)
+        elif hasattr(section, "validate"):  # GenerationConfig checks its values in validate()
             section.validate()
         return section
     except (ValueError, TypeError) as e:
@@ -315,13 +297,57 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------- running
 
 
+def _model_config(recipe: Recipe):
+    """The architecture to check the parallel layout against (config.json or the preset), or None."""
+    from .config import ChatGLMConfig
+
+    try:
+        if recipe.model.load_checkpoint and (Path(recipe.model.load_checkpoint) / "config.json").is_file():
+            return ChatGLMConfig.from_json_file(Path(recipe.model.load_checkpoint) / "config.json")
+        if recipe.model.preset:
+            return ChatGLMConfig.from_name(recipe.model.preset)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _run_generation_eval(recipe: Recipe) -> dict[str, Any]:
+    """Eval mode: glm6b.evaluate.run_eval on data.eval_data (P-tuning models: Trainer.evaluate)."""
+    from .evaluate import run_eval
+    from .trainer import Trainer
+
+    margs, data, gen = recipe.model, recipe.data, recipe.generation
+    if margs.ptuning_checkpoint is not None:
+        trainer = Trainer(model_args=margs, args=recipe.trainer, eval_dataset=data.eval_data, method=recipe.method,
+                          lora_config=recipe.lora, data_config=data, generation_config=gen)
+        return trainer.evaluate()
+    if margs.load_checkpoint is None:
+        raise RecipeError("eval needs model.load_checkpoint (use --load-checkpoint PATH)")
+    sampling = {}
+    if gen.do_sample:
+        sampling = dict(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, seed=gen.seed)
+    if gen.repetition_penalty != 1.0:
+        sampling["repetition_penalty"] = gen.repetition_penalty
+    summary = run_eval(margs.load_checkpoint, data.eval_data, recipe.trainer.output_dir, adapter=margs.adapter,
+                       mode="eval", batch_size=recipe.trainer.per_device_eval_batch_size,
+                       max_new_tokens=gen.max_new_tokens, max_source_length=data.max_source_length,
+                       max_target_length=data.max_target_length, prompt_column=data.prompt_column,
+                       response_column=data.response_column, dtype=margs.dtype, device=margs.device,
+                       progress=not recipe.trainer.disable_tqdm)
+    output_dir = Path(recipe.trainer.output_dir)
+    return {**{k: v for k, v in summary.items() if k not in ("timing", "settings")},
+            "output": str(output_dir / "predictions.jsonl"), "metrics": str(output_dir / "metrics.json")}
+
+
 def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[str, Any]:
-    """Run a recipe: train, finetune, eval (teacher-forced loss) or predict.
+    """Run a recipe: train, finetune, eval (generation scores, as `glm6b eval`) or predict.
 
     * train: model from model.load_checkpoint (or a random model.preset), then train on data.train_data.
     * finetune: model.load_checkpoint is required (an HF folder, or a LoRA / P-tuning output to
       continue); see Trainer.finetune.
-    * eval: the loss on data.eval_data (a LoRA model.adapter / model.ptuning_checkpoint is applied).
+    * eval: BLEU-4 / ROUGE-1/2/L of the answers generated for data.eval_data, as `glm6b eval` scores
+      them (a LoRA model.adapter is applied): trainer.output_dir/predictions.jsonl and metrics.json.
+      With model.ptuning_checkpoint: the trainer's evaluate() (teacher-forced loss + the same scores).
     * predict: answers for `prompts`, or for the prompts of data.eval_data; written to
       trainer.output_dir/predictions.jsonl.
 
@@ -336,7 +362,7 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
     Raises:
         RecipeError: a setting the mode needs is missing.
     """
-    from .checkpoint import atomic_write_text
+    from .io import atomic_write_text
     from .data import JsonlDataset
     from .trainer import Trainer
 
@@ -351,22 +377,47 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
         raise RecipeError("data.eval_data is not set (use --eval-data FILE)")
     if mode == "predict" and not prompts and data.eval_data is None:
         raise RecipeError("predict needs prompts (--prompt TEXT) or data.eval_data (--eval-data FILE)")
+    output_dir = Path(recipe.trainer.output_dir)
+    if mode in ("train", "finetune"):
+        from . import distributed as D
+
+        pc = recipe.parallel
+        pc.validate(D.get_world_size() if D.is_distributed() else int(os.environ.get("WORLD_SIZE", "1")),
+                    _model_config(recipe))  # before any process group or model: every rank fails alike
+        args = recipe.trainer
+        if pc.micro_batch_num > 1:
+            if args.gradient_accumulation_steps not in (1, pc.micro_batch_num):
+                raise RecipeError(f"parallel.micro_batch_num = {pc.micro_batch_num} and "
+                                  f"trainer.gradient_accumulation_steps = {args.gradient_accumulation_steps} disagree "
+                                  f"(they are the same setting: set one of them)")
+            args.gradient_accumulation_steps = pc.micro_batch_num
+        if pc.optimizer_shard and args.fp16:
+            raise RecipeError("trainer.fp16 with parallel.optimizer_shard is not supported: use trainer.bf16 "
+                              "(FSDP2 mixed precision)")
+        info = D.init_distributed()
+        try:
+            trainer = Trainer(model_args=recipe.model, args=args, train_dataset=data.train_data,
+                              eval_dataset=data.eval_data, method=recipe.method, lora_config=recipe.lora,
+                              data_config=data, generation_config=recipe.generation, parallel_config=pc)
+            if info.world_size > 1 and recipe.model.device is None:
+                recipe.model.device = str(info.device)
+            if D.is_main_process():
+                output_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(output_dir / "recipe.json", json.dumps(recipe_to_dict(recipe), indent=2,
+                                                                         ensure_ascii=False) + "\n")
+            if mode == "train":
+                out = trainer.train()
+            else:
+                out = trainer.finetune(recipe.model.load_checkpoint)
+        finally:
+            D.cleanup()
+        return {"mode": mode, "method": recipe.method, "steps": out.global_step, "world_size": info.world_size,
+                "final_loss": out.losses[-1] if out.losses else None, "output": str(out.final_dir)}
     trainer = Trainer(model_args=recipe.model, args=recipe.trainer, train_dataset=data.train_data,
                       eval_dataset=data.eval_data, method=recipe.method, lora_config=recipe.lora,
                       data_config=data, generation_config=recipe.generation)
-    output_dir = Path(recipe.trainer.output_dir)
-    if mode in ("train", "finetune"):
-        output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(output_dir / "recipe.json", json.dumps(recipe_to_dict(recipe), indent=2,
-                                                                 ensure_ascii=False) + "\n")
-        if mode == "train":
-            out = trainer.train()
-        else:
-            out = trainer.finetune(recipe.model.load_checkpoint)
-        return {"mode": mode, "method": recipe.method, "steps": out.global_step,
-                "final_loss": out.losses[-1] if out.losses else None, "output": str(out.final_dir)}
     if mode == "eval":
-        return {"mode": mode, **trainer.evaluate()}
+        return {"mode": mode, **_run_generation_eval(recipe)}
     if prompts:
         texts = trainer.predict(prompts)
         records = [{"prompt": p, "predict": t} for p, t in zip(prompts, texts)]

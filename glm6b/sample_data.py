@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from .io import atomic_write_text
 
 __all__ = [
     "DEFAULT_ASSETS",
@@ -275,20 +276,6 @@ def make_adgen_examples(n: int, seed: int = 0) -> list[dict[str, str]]:
     return [make_adgen_example(rng) for _ in range(n)]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; shipped files must be world-readable
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_adgen_jsonl(path: str | os.PathLike, examples: Iterable[dict[str, str]]) -> None:
     """Write examples as ADGEN JSON lines (`{"content": ..., "summary": ...}`, UTF-8, not escaped).
 
@@ -298,7 +285,9 @@ def write_adgen_jsonl(path: str | os.PathLike, examples: Iterable[dict[str, str]
     for example in examples:
         record = {"content": example["content"], "summary": example["summary"]}
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-    _atomic_write_text(Path(path), "".join(lines))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(lines))
 
 
 def read_adgen_jsonl(path: str | os.PathLike) -> list[dict[str, str]]:

@@ -13,13 +13,14 @@ import json
 import operator
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
+
+from .io import atomic_write, atomic_write_text
 
 VOCAB_NAME = "ice_text.model"
 CONFIG_NAME = "tokenizer_config.json"
@@ -151,19 +152,6 @@ def _to_id_list(token_ids: Any) -> list[int]:
         raise TokenizerError(
             f"decode expects an int, a list of ints or a tensor; got {type(token_ids).__name__}"
         ) from None
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same folder and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,8 +336,8 @@ class ChatGLMTokenizer:
             "auto_map": _AUTO_MAP,
         }
         config_path, model_path = folder / CONFIG_NAME, folder / VOCAB_NAME
-        _atomic_write(config_path, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-        _atomic_write(model_path, self._model_bytes)
+        atomic_write_text(config_path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        atomic_write(model_path, lambda tmp: tmp.write_bytes(self._model_bytes))
         return str(config_path), str(model_path)
 
     # ------------------------------------------------------------------------------ vocabulary

@@ -27,13 +27,14 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import unicodedata
 from pathlib import Path
 from typing import Iterable
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+from .io import atomic_path, atomic_write_text
 
 __all__ = [
     "CONTROL_SPECIALS",
@@ -264,10 +265,8 @@ def train_ice_text_model(
 
     path = Path(output_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
         if verify:
             from .tokenizer import ChatGLMTokenizer
 
@@ -275,34 +274,15 @@ def train_ice_text_model(
             problems = check_tokenizer(tokenizer, [t for t in texts if _plain(t)], num_trained=vocab_size)
             if problems:
                 raise TokenizerBuildError("trained tokenizer failed its checks:\n  " + "\n  ".join(problems))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; shipped files must be world-readable
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
 def write_tokenizer_config(folder: str | os.PathLike, name_or_path: str) -> Path:
     """Write `tokenizer_config.json` (see `tokenizer_config`) into `folder`, atomically."""
     path = Path(folder) / "tokenizer_config.json"
-    _write_text_atomic(path, json.dumps(tokenizer_config(name_or_path), indent=2, ensure_ascii=False) + "\n")
-    return path
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; shipped files must be world-readable
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(tokenizer_config(name_or_path), indent=2, ensure_ascii=False) + "\n")
+    return path
 
 
 def model_config(num_trained: int = DEFAULT_VOCAB_SIZE, name_or_path: str = "glm6b-default",
@@ -346,5 +326,6 @@ def model_config(num_trained: int = DEFAULT_VOCAB_SIZE, name_or_path: str = "glm
 def write_json_atomic(path: str | os.PathLike, data: dict) -> Path:
     """Write `data` as indented UTF-8 JSON (trailing newline), atomically."""
     path = Path(path)
-    _write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     return path

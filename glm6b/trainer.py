@@ -19,7 +19,7 @@ Output folder layout (`args.output_dir`):
                          glm6b.load_model reads; lora -> adapter_config.json + adapter_model.safetensors
                          (+ tokenizer); ptuning -> pytorch_model.bin + config.json (THUDM layout).
     train_log.jsonl      one line per logging step: step, epoch, loss, lr, grad_norm, tokens_per_s, ...
-    eval_log.jsonl       one line per evaluation: step, eval_loss, eval_tokens.
+    eval_log.jsonl       one line per evaluation: step, eval_loss, eval_tokens (+ bleu-4, rouge-1/2/l).
     tensorboard/         the same scalars (skipped with a warning if tensorboard is not installed).
     loss.png             the loss curve, written at the end.
 """
@@ -45,9 +45,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import (CheckpointError, PREFIX_ENCODER, atomic_path, atomic_write_text, iter_checkpoint_tensors,
+from .checkpoint import (CheckpointError, PREFIX_ENCODER, iter_checkpoint_tensors,
                          iter_file_tensors, load_model, load_ptuning_state, save_pretrained, save_ptuning_checkpoint)
 from .config import ChatGLMConfig
+from .io import atomic_path, atomic_write_text
 from .data import IGNORE_INDEX, DataConfig, RowDataset, load_dataset, render_prompt
 from .generation import GenerationConfig
 from .lora import ADAPTER_WEIGHTS_NAME, LoraArguments, apply_lora, is_adapter_folder, load_adapter
@@ -120,6 +121,9 @@ class TrainingArguments:
         gradient_checkpointing: recompute each block in backward instead of storing its activations.
         logging_steps: write a train_log.jsonl line every this many steps.
         eval_steps: evaluate every this many steps (None: only when evaluate() is called).
+        eval_generation_samples: evaluate() also generates (greedy, max_target_length new tokens) for
+            the first N evaluation examples with an answer and scores BLEU-4 / ROUGE-1/2/L with
+            glm6b.evaluate.evaluate_generation (None or 0: the loss only).
         save_steps: write checkpoint-<step>/ every this many steps (None: no intermediate checkpoints).
         save_total_limit: keep only the last N checkpoints (None keeps all).
         resume_from_checkpoint: a checkpoint folder, or "latest" for the newest one in output_dir.
@@ -150,6 +154,7 @@ class TrainingArguments:
     gradient_checkpointing: bool = False
     logging_steps: int = 10
     eval_steps: int | None = None
+    eval_generation_samples: int | None = 64
     save_steps: int | None = 500
     save_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
@@ -176,6 +181,8 @@ class TrainingArguments:
         need(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         need(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
         need(not (self.bf16 and self.fp16), "bf16 and fp16 are exclusive")
+        need(self.eval_generation_samples is None or self.eval_generation_samples >= 0,
+             f"eval_generation_samples={self.eval_generation_samples} must be >= 0 (or null)")
         need(self.learning_rate >= 0, f"learning_rate={self.learning_rate} must be >= 0")
 
     @property
@@ -205,6 +212,7 @@ class TrainerState:
     epoch: int = 0
     batch_index: int = 0
     losses: list[float] = field(default_factory=list)
+    rows_per_micro_batch: int = 0  # global rows per micro-batch (per-device batch x data parallel)
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -227,7 +235,10 @@ def set_seed(seed: int) -> None:
 
 
 def unwrap_model(model: nn.Module) -> ChatGLMForConditionalGeneration:
-    """The ChatGLM model under a PEFT wrapper (LoRA layers are injected in place), or `model` itself."""
+    """The ChatGLM model under DDP and PEFT wrappers (LoRA layers are injected in place), or `model` itself."""
+    from .distributed import unwrap_parallel
+
+    model = unwrap_parallel(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -289,6 +300,18 @@ def _lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
     return factor
+
+
+class _NullLog:
+    """What ranks other than 0 log: nothing."""
+
+    eval_path = Path(os.devnull) / "none"
+
+    def write(self, record: dict[str, Any], eval_record: bool = False) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _Log:
@@ -392,6 +415,8 @@ class Trainer:
         generation_config: default settings for `predict` (greedy, max_target_length new tokens if None).
         callbacks: functions called as callback(trainer, record) after every optimizer step (and its
             checkpoint), record holding at least "step" and "loss".
+        parallel_config: glm6b.distributed.ParallelConfig for runs under torchrun (data / tensor
+            parallel, FSDP2); the default is one process.
     """
 
     def __init__(
@@ -408,6 +433,7 @@ class Trainer:
         data_config: DataConfig | None = None,
         generation_config: GenerationConfig | None = None,
         callbacks: list[Callable[["Trainer", dict[str, Any]], None]] | None = None,
+        parallel_config=None,
     ):
         if task != "text_generation":
             raise TrainerError(f"task={task!r}: only 'text_generation' is supported")
@@ -431,6 +457,10 @@ class Trainer:
         self.scaler: torch.amp.GradScaler | None = None
         self._prepared = False
         self._hook = None
+        from .distributed import ParallelConfig
+
+        self.parallel_config = parallel_config or ParallelConfig()
+        self._mesh = None
 
     # ------------------------------------------------------------------------------ model
 
@@ -530,15 +560,19 @@ class Trainer:
 
     def _micro_batches(self, dataset: RowDataset, start: int) -> Iterator[dict[str, torch.Tensor]]:
         """Yield batches forever, starting at micro-batch `start` of the stream (epoch after epoch)."""
-        bs = self.args.per_device_train_batch_size
-        per_epoch = math.ceil(len(dataset) / bs)
+        from .distributed import data_parallel_rank_and_size, data_parallel_shard
+
+        dp = data_parallel_rank_and_size(self._mesh)[1]
+        bs = self.args.per_device_train_batch_size * dp
+        per_epoch = self._batches_per_epoch(len(dataset))
         epoch, index = divmod(start, per_epoch)
         while True:
             if self.args.shuffle:
                 order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.args.seed + epoch))
             else:
                 order = torch.arange(len(dataset))
-            batches = [order[i:i + bs].tolist() for i in range(0, len(dataset), bs)]
+            batches = [data_parallel_shard(order[i:i + bs].tolist(), self._mesh) for i in range(0, len(dataset), bs)
+                       if len(order[i:i + bs]) >= dp][:per_epoch]
             # A private generator: creating the loader's iterator must not draw from the global RNG,
             # which dropout uses (a resumed run creates its loader at a different point).
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[index:], collate_fn=dataset.collate,
@@ -547,8 +581,17 @@ class Trainer:
             yield from loader
             epoch, index = epoch + 1, 0
 
+    def _batches_per_epoch(self, rows: int) -> int:
+        """Global micro-batches per epoch (a last batch with fewer rows than data-parallel ranks is dropped)."""
+        from .distributed import data_parallel_rank_and_size
+
+        dp = data_parallel_rank_and_size(self._mesh)[1]
+        bs = self.args.per_device_train_batch_size * dp
+        return rows // bs + (1 if rows % bs >= dp else 0)
+
     def _autocast(self):
-        if not (self.args.bf16 or self.args.fp16):
+        if not (self.args.bf16 or self.args.fp16) or (self._mesh is not None and self.parallel_config.optimizer_shard):
+            # under FSDP2 its mixed-precision policy casts (see parallelize_model)
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.args.bf16 else torch.float16)
 
@@ -616,9 +659,27 @@ class Trainer:
         Returns:
             TrainOutput (global_step, per-step losses, output and final folders, last log record).
         """
+        from . import distributed as D
+
         args = self.args
-        set_seed(args.seed)
+        pc = self.parallel_config
+        info = D.init_distributed()  # no-op on one process; recipe.run also cleans up
+        if pc.optimizer_shard and args.fp16:
+            raise TrainerError("fp16 with parallel.optimizer_shard is not supported: use bf16 (FSDP2 mixed precision)")
+        if info.world_size > 1 and self.model is None and self.model_args.device is None:
+            self.model_args.device = str(info.device)
+        set_seed(args.seed)  # identical on every rank: FSDP2 does not broadcast weights, TP needs equal lora_A
+        if self.model is None:
+            self.ensure_model()
+        pc.validate(info.world_size, unwrap_model(self.model).config)
         self._prepare_for_training()
+        self._mesh = D.build_mesh(pc)
+        if self._mesh is not None:
+            self.model = D.parallelize_model(self.model, self._mesh, pc,
+                                             mixed_precision="bf16" if args.bf16 and pc.optimizer_shard else None,
+                                             device=info.device)
+            torch.manual_seed(D.rank_seed(args.seed, self._mesh))
+        main = D.is_main_process()
         self.train_dataset = self._dataset(self.train_dataset)
         self.eval_dataset = self._dataset(self.eval_dataset)
         dataset = self.train_dataset
@@ -629,7 +690,7 @@ class Trainer:
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
 
-        per_epoch = math.ceil(len(dataset) / args.per_device_train_batch_size)
+        per_epoch = self._batches_per_epoch(len(dataset))
         total_steps = args.max_steps or math.ceil(args.num_train_epochs * per_epoch / args.gradient_accumulation_steps)
         warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
         self._build_optimizer(_lr_lambda(args.lr_scheduler_type, warmup, total_steps))
@@ -638,10 +699,13 @@ class Trainer:
         self.state = TrainerState()
         if resume:
             self._load_checkpoint(self._find_checkpoint(resume))
-        atomic_write_text(output_dir / "training_args.json", json.dumps(
-            {"method": self.method, "args": asdict(args), "lora": asdict(self.lora_config),
-             "model": asdict(self.model_args)}, indent=2) + "\n")
-        log = _Log(output_dir, args.tensorboard, self.state.global_step if resume else None)
+        self.state.rows_per_micro_batch = args.per_device_train_batch_size * D.data_parallel_rank_and_size(self._mesh)[1]
+        if main:
+            atomic_write_text(output_dir / "training_args.json", json.dumps(
+                {"method": self.method, "args": asdict(args), "lora": asdict(self.lora_config),
+                 "model": asdict(self.model_args), "parallel": asdict(pc), "world_size": info.world_size},
+                indent=2) + "\n")
+        log = _Log(output_dir, args.tensorboard, self.state.global_step if resume else None) if main else _NullLog()
         trainable = [p for _, p in self._trainable()]
         pad_id = self.tokenizer.pad_token_id
         stream = self._micro_batches(dataset, self.state.micro_batches)
@@ -650,20 +714,22 @@ class Trainer:
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, initial=self.state.global_step, desc=f"train ({self.method})", unit="step",
-                   disable=args.disable_tqdm, file=sys.stderr, dynamic_ncols=True)
+                   disable=args.disable_tqdm or not main, file=sys.stderr, dynamic_ncols=True)
         window_losses, window_tokens, window_start = [], 0, time.perf_counter()
         record: dict[str, Any] = {}
         try:
             while self.state.global_step < total_steps:
                 step_loss, step_tokens = 0.0, 0
-                for _ in range(args.gradient_accumulation_steps):
+                accum = args.gradient_accumulation_steps
+                for i in range(accum):
                     batch = next(stream)
                     input_ids = batch["input_ids"].to(self.device)
                     labels = batch["labels"].to(self.device)
-                    with self._autocast():
-                        loss = causal_lm_loss(self.model(input_ids=input_ids).logits, labels)
-                    scaled = loss / args.gradient_accumulation_steps
-                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                    with D.no_sync(self.model, enabled=i < accum - 1):
+                        with self._autocast():
+                            loss = causal_lm_loss(self.model(input_ids=input_ids).logits, labels)
+                        scaled = loss / accum  # DDP / FSDP2 average over the data-parallel ranks
+                        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                     step_loss += loss.item() / args.gradient_accumulation_steps
                     step_tokens += int((input_ids != pad_id).sum())
                     self.state.micro_batches += 1
@@ -671,7 +737,11 @@ class Trainer:
                 if self.scaler:
                     self.scaler.unscale_(self.optimizer)
                 max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+                grad_norm = float(D.clip_grad_norm_(trainable, max_norm))
+                if self._mesh is not None:
+                    step_loss = D.all_reduce_mean(step_loss, self._mesh)
+                    step_tokens = round(D.all_reduce_mean(step_tokens, self._mesh)
+                                        * D.data_parallel_rank_and_size(self._mesh)[1])
                 lr = self.optimizer.param_groups[0]["lr"]
                 if self.scaler:
                     self.scaler.step(self.optimizer)
@@ -709,11 +779,15 @@ class Trainer:
             log.close()
 
         final_dir = output_dir / FINAL_NAME
-        self.save_model(final_dir)
-        eval_history = []
-        if log.eval_path.is_file():
-            eval_history = [json.loads(line) for line in log.eval_path.read_text().splitlines() if line.strip()]
-        plot_losses(self.state.losses, output_dir / "loss.png", self.state.log_history, eval_history)
+        if self._mesh is not None:
+            D.save_final_model(self.model, final_dir, tokenizer=self.tokenizer)  # collective; rank 0 writes
+        else:
+            self.save_model(final_dir)
+        if main:
+            eval_history = []
+            if log.eval_path.is_file():
+                eval_history = [json.loads(line) for line in log.eval_path.read_text().splitlines() if line.strip()]
+            plot_losses(self.state.losses, output_dir / "loss.png", self.state.log_history, eval_history)
         return TrainOutput(self.state.global_step, list(self.state.losses), output_dir, final_dir, record)
 
     def _build_optimizer(self, lr_lambda: Callable[[int], float]) -> None:
@@ -765,8 +839,23 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write output_dir/checkpoint-<step>/ (weights, optimizer, scheduler, RNG, position); prune old ones."""
+        from . import distributed as D
+
         output_dir = Path(self.args.output_dir)
         folder = output_dir / f"checkpoint-{self.state.global_step}"
+        if D.get_world_size() > 1:
+            # DCP: every rank writes its shard (atomic: <folder>.tmp renamed by rank 0); any world size resumes it
+            rank = D.get_rank()
+            D.save_sharded({"model": self.model, "optimizer": self.optimizer, "scheduler": _scheduler_state(self.scheduler),
+                            "trainer_state": {**asdict(self.state), "method": self.method, "seed": self.args.seed,
+                                              "global_batch": self._global_batch()},
+                            f"rng_rank{rank}": _rng_state()},
+                           folder, tokenizer=self.tokenizer, parallel_config=self.parallel_config)
+            if self.args.save_total_limit and D.is_main_process():
+                for old in _checkpoints(output_dir)[:-self.args.save_total_limit]:
+                    shutil.rmtree(old)
+            D.barrier()
+            return folder
         with _atomic_folder(folder) as tmp:
             self._save_weights(tmp)
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
@@ -791,12 +880,68 @@ class Trainer:
                 raise CheckpointError(f"resume_from_checkpoint='latest': no checkpoint-<step> folder in "
                                       f"{self.args.output_dir}")
             return found[-1]
+        from .distributed import is_sharded_checkpoint
+
         path = Path(resume)
-        if not (path / STATE_NAME).is_file():
+        if not (path / STATE_NAME).is_file() and not is_sharded_checkpoint(path):
             raise CheckpointError(f"{path}: not a training checkpoint (no {STATE_NAME})")
         return path
 
+    def _global_batch(self) -> int:
+        from .distributed import data_parallel_rank_and_size
+
+        return (self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+                * data_parallel_rank_and_size(self._mesh)[1])
+
+    def _load_sharded_checkpoint(self, folder: Path) -> None:
+        """Resume from a save_sharded checkpoint, with this run's world size (DCP reshards)."""
+        from . import distributed as D
+
+        rank = D.get_rank()
+        keys = D.read_checkpoint_info(folder)["keys"]
+        request: dict[str, Any] = {"model": self.model, "optimizer": self.optimizer, "scheduler": {},
+                                   "trainer_state": {}}
+        if f"rng_rank{rank}" in keys:
+            request[f"rng_rank{rank}"] = {}
+        else:
+            warnings.warn(f"{folder} has no RNG state for rank {rank} (written with another world size): the "
+                          f"resume is not exact where randomness (dropout) is used", stacklevel=3)
+        D.load_sharded(request, folder)
+        state = request["trainer_state"]
+        if state["method"] != self.method:
+            raise TrainerError(f"{folder} was written by a {state['method']!r} run; this run's method is "
+                               f"{self.method!r}")
+        if state.get("global_batch") != self._global_batch() or state.get("seed") != self.args.seed:
+            warnings.warn(f"resuming {folder} with a global batch of {self._global_batch()} rows and seed "
+                          f"{self.args.seed} (written with {state.get('global_batch')} and {state.get('seed')}): the "
+                          f"run will not continue exactly", stacklevel=3)
+        sched = dict(request["scheduler"])
+        sched["lr_lambdas"] = [None] * len(self.optimizer.param_groups)
+        self.scheduler.load_state_dict(sched)
+        if f"rng_rank{rank}" in request:
+            _set_rng_state(request[f"rng_rank{rank}"])
+        self.state = TrainerState(**{k: state[k] for k in asdict(TrainerState()) if k in state})
+        self._convert_position()
+
+    def _convert_position(self) -> None:
+        """Re-express the data position when the rows per global micro-batch changed (another dp / batch size)."""
+        from .distributed import data_parallel_rank_and_size
+
+        rows = self.args.per_device_train_batch_size * data_parallel_rank_and_size(self._mesh)[1]
+        old = self.state.rows_per_micro_batch
+        if old and old != rows:
+            per_epoch = self._batches_per_epoch(len(self.train_dataset))
+            index = self.state.batch_index * old // rows
+            self.state.micro_batches = self.state.epoch * per_epoch + index
+            self.state.batch_index = index
+        self.state.rows_per_micro_batch = rows
+
     def _load_checkpoint(self, folder: Path) -> None:
+        from .distributed import is_sharded_checkpoint
+
+        if is_sharded_checkpoint(folder):
+            self._load_sharded_checkpoint(folder)
+            return
         state = json.loads((folder / STATE_NAME).read_text())
         if state["method"] != self.method:
             raise TrainerError(f"{folder} was written by a {state['method']!r} run; this run's method is "
@@ -830,15 +975,18 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, eval_dataset: RowDataset | str | os.PathLike | None = None) -> dict[str, Any]:
-        """Teacher-forced loss over an evaluation set of training-format rows.
+        """Teacher-forced loss over an evaluation set of training-format rows, plus generation scores.
 
-        Generation metrics (BLEU-4 / ROUGE) live in glm6b.evaluate.
+        When the rows come from a jsonl file with answers (a JsonlDataset: `.examples`) and
+        args.eval_generation_samples is set, the first that many examples are also answered greedily
+        and scored (BLEU-4, ROUGE-1/2/L) with glm6b.evaluate.evaluate_generation.
 
         Args:
             eval_dataset: a "train"-mode RowDataset or a path; None takes the trainer's eval_dataset.
 
         Returns:
-            {"step", "eval_loss" (mean over all target tokens), "eval_tokens", "eval_rows"}.
+            {"step", "eval_loss" (mean over all target tokens), "eval_tokens", "eval_rows"} and, with
+            generation metrics, "bleu-4", "rouge-1", "rouge-2", "rouge-l".
         """
         self.ensure_model()
         dataset = self._dataset(eval_dataset if eval_dataset is not None else self.eval_dataset)
@@ -862,8 +1010,32 @@ class Trainer:
                 tokens += n
         finally:
             self.model.train(was_training)
-        return {"step": self.state.global_step, "eval_loss": total / max(tokens, 1), "eval_tokens": tokens,
-                "eval_rows": len(dataset)}
+        result = {"step": self.state.global_step, "eval_loss": total / max(tokens, 1), "eval_tokens": tokens,
+                  "eval_rows": len(dataset)}
+        result.update(self._generation_metrics(dataset))
+        return result
+
+    def _generation_metrics(self, dataset: RowDataset) -> dict[str, float]:
+        """BLEU-4 / ROUGE-1/2/L of greedy answers for the first eval_generation_samples examples with an answer.
+
+        Every rank runs it (with identical data and weights, greedy decoding takes the same number of
+        steps everywhere, so FSDP / tensor-parallel collectives line up); rank 0 records the result.
+        """
+        from .distributed import unwrap_parallel
+        from .evaluate import evaluate_generation
+        from .metrics import METRIC_NAMES
+
+        limit = self.args.eval_generation_samples
+        examples = [ex for ex in getattr(dataset, "examples", None) or [] if getattr(ex, "answer", None)]
+        if not limit or not examples:
+            return {}
+        examples = examples[:limit]
+        dc = self.data_config
+        _, scores = evaluate_generation(
+            unwrap_parallel(self.model), self.tokenizer, [ex.prompt for ex in examples], [ex.answer for ex in examples],
+            batch_size=self.args.per_device_eval_batch_size, max_new_tokens=dc.max_target_length,
+            max_source_length=dc.max_source_length, max_target_length=dc.max_target_length, progress=False)
+        return {name: scores[name] for name in METRIC_NAMES}
 
     def predict(self, input_data: str | list[str] | RowDataset, generation_config: GenerationConfig | None = None,
                 batch_size: int | None = None, history: list | None = None) -> list[str]:
@@ -960,6 +1132,11 @@ def _copy_weights(model: ChatGLMForConditionalGeneration, folder: Path) -> None:
     missing = sorted(set(params) - seen)
     if missing:
         raise CheckpointError(f"{folder}: {len(missing)} parameter(s) missing, e.g. {missing[:3]}")
+
+
+def _scheduler_state(scheduler) -> dict[str, Any]:
+    """The LR scheduler's state without its lambdas (DCP stores plain values; the lambdas are rebuilt)."""
+    return {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
 
 
 def _rng_state() -> dict[str, Any]:

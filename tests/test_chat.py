@@ -9,33 +9,12 @@ import pytest
 import torch
 
 from glm6b.chat import build_prompt, chat, process_response, stream_chat
-from glm6b.checkpoint import load_model
 from glm6b.model import ChatGLMForConditionalGeneration
-from glm6b.tokenizer import load_tokenizer
 
-from helpers import GOLDEN, golden_cases
+from helpers import golden_cases
 
 CHAT = golden_cases()["chat"]
 NO_HISTORY = golden_cases()["chat_no_history"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny golden model runs fastest on one thread (several threads contend on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model(GOLDEN, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(GOLDEN)
 
 
 def _greedy_chat(model, tok, **kwargs):

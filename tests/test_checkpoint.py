@@ -15,8 +15,6 @@ from safetensors.torch import load_file, save_file
 
 from glm6b.checkpoint import (
     CheckpointError,
-    atomic_write,
-    atomic_write_text,
     find_weight_files,
     iter_checkpoint_tensors,
     load_model,
@@ -26,6 +24,7 @@ from glm6b.checkpoint import (
     save_ptuning_checkpoint,
 )
 from glm6b.config import ChatGLMConfig, ConfigError
+from glm6b.io import atomic_write, atomic_write_text
 from glm6b.model import ChatGLMForConditionalGeneration
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -8,13 +8,7 @@ import torch
 
 from glm6b.data import (DataConfig, DataError, EncodedDataset, JsonlDataset, adgen_eval_features,
                         adgen_train_features, load_dataset, preprocess, read_meta)
-from glm6b.tokenizer import load_tokenizer
 from helpers import GOLDEN, golden_cases
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(GOLDEN)
 
 
 @pytest.fixture(scope="module")

@@ -37,11 +37,6 @@ def data_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model():
-    return load_model(GOLDEN, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer(GOLDEN)
 

@@ -6,33 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glm6b.checkpoint import load_model
 from glm6b.generation import TextStreamer, generate, generate_steps, make_generation_config
-from glm6b.tokenizer import load_tokenizer
 
-from helpers import GOLDEN, assert_close_rel, golden_cases, golden_tensor
+from helpers import assert_close_rel, golden_cases, golden_tensor
 
 BATCH = golden_cases()["generate_batch_greedy"]
 SINGLE = golden_cases()["generate_single_greedy"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny golden model runs fastest on one thread (several threads contend on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model(GOLDEN, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(GOLDEN)
 
 
 def _batch(tok, texts):

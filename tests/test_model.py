@@ -9,11 +9,6 @@ from helpers import GOLDEN, assert_close_rel, golden_cases, golden_tensor
 
 
 @pytest.fixture(scope="module")
-def model():
-    return load_model(GOLDEN, dtype=torch.float32, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def ptuning_model():
     return load_model(GOLDEN, dtype=torch.float32, device="cpu",
                       ptuning_checkpoint=GOLDEN / "prefix_encoder.safetensors", pre_seq_len=4, prefix_projection=False)

@@ -14,34 +14,13 @@ import torch
 
 from glm6b.auto import AutoModel, AutoTokenizer, ModelNotFoundError, models_home, resolve_model_path
 from glm6b.chat import chat
-from glm6b.checkpoint import load_model
 from glm6b.cli import main, read_prompts
 from glm6b.pipelines import TextGenerationPipeline, pipeline
-from glm6b.tokenizer import load_tokenizer
 
 from helpers import GOLDEN
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["你好", "Write a short poem about the ocean.", "a", "北京是中国的首都"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny golden model runs fastest on one thread (several threads contend on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model(GOLDEN, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(GOLDEN)
 
 
 def _greedy_texts(model, tok, prompts, n):

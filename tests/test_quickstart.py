@@ -3,22 +3,12 @@
 import json
 
 import pytest
-import torch
 
 from glm6b.cli import main
 
 
-@pytest.fixture
-def one_thread():
-    # On a 2-core runner a second busy process makes 2 torch threads far slower than 1.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_quickstart_improves_scores_and_writes_outputs(tmp_path, capsys, one_thread):
+def test_quickstart_improves_scores_and_writes_outputs(tmp_path, capsys):
     out = tmp_path / "qs"
     code = main(["quickstart", "--method", "lora", "--pretrain-steps", "120", "--steps", "80", "--eval-examples", "16",
                  "--output-dir", str(out)])

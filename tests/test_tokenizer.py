@@ -16,11 +16,6 @@ GOLDEN = Path(__file__).parent / "golden"
 CASES = json.loads((GOLDEN / "cases.json").read_text(encoding="utf-8"))
 
 
-@pytest.fixture(scope="module")
-def tok() -> ChatGLMTokenizer:
-    return load_tokenizer(GOLDEN)
-
-
 def _tensor(value):
     """Golden tensor values are either inline lists or names in tensors.safetensors."""
     if isinstance(value, str):

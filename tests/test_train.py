@@ -202,13 +202,15 @@ def test_recipe_errors_name_file_line_and_key(tmp_path, capsys):
     recipe.write_text("trainer:\n  max_steps: many\n")
     with pytest.raises(RecipeError, match=r"line 2: 'trainer\.max_steps' = 'many': expected int \| null"):
         load_recipe(recipe)
-    recipe.write_text("parallel:\n  data_parallel: 8\n")
-    with pytest.raises(RecipeError, match=r"line 2: 'parallel\.data_parallel' = 8: not supported yet"):
+    recipe.write_text("parallel:\n  data_parallel: yes\n")
+    with pytest.raises(RecipeError, match=r"line 2: 'parallel\.data_parallel' = True: expected int"):
         load_recipe(recipe)
+    recipe.write_text("parallel:\n  data_parallel: 8\n")
+    assert load_recipe(recipe).parallel.data_parallel == 8  # checked against the process count by run
     with pytest.raises(RecipeError, match=r"--set lora\.rank=4: unknown key 'lora\.rank'"):
         load_recipe(CONFIGS / "lora.yaml", ["lora.rank=4"])
     overridden = load_recipe(CONFIGS / "lora.yaml", ["trainer.learning_rate=1e-4", "trainer.batch_size=2"],
                              {"max_steps": 5})
     assert (overridden.trainer.learning_rate, overridden.trainer.batch_size, overridden.trainer.max_steps) == (1e-4, 2, 5)
-    assert main(["run", "--config", str(recipe), "--mode", "train"]) == 2
-    assert "not supported yet" in capsys.readouterr().err
+    assert main(["run", "--config", str(recipe), "--mode", "train", "--train-data", "x.json"]) == 2
+    assert "must equal the number of processes, which is 1" in capsys.readouterr().err

@@ -1,0 +1,122 @@
+"""`torchrun -m glm6b run` with a parallel section: 2 gloo processes equal one process, DCP resume, merge."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from helpers import GOLDEN, golden_cases
+
+if not (dist.is_available() and dist.is_gloo_available()):
+    pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
+
+pytestmark = pytest.mark.distributed
+torch.set_num_threads(1)
+ROOT = Path(__file__).parent.parent
+CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    rows = [{"content": ex["prompt"], "summary": ex["answer"]} for ex in golden_cases()["train_adgen"]["examples"]]
+    rows += [{"content": "类型#裤*颜色#黑色", "summary": "黑色裤子百搭。"},
+             {"content": "类型#上衣*风格#复古", "summary": "复古上衣很好看。"}]
+    path = tmp_path_factory.mktemp("data") / "train.json"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def argv(config: str, train_file, out, *sets: str, steps: int = 3, batch: int = 2) -> list[str]:
+    args = ["run", "--config", str(CONFIGS / config), "--mode", "finetune", "--load-checkpoint", str(GOLDEN),
+            "--train-data", str(train_file), "--output-dir", str(out), "--max-steps", str(steps),
+            "--batch-size", str(batch), "--learning-rate", "1e-3"]
+    for item in ("trainer.logging_steps=1", "trainer.warmup_steps=0", "trainer.save_steps=null",
+                 "data.max_source_length=24", "trainer.bf16=false", "trainer.gradient_accumulation_steps=1", "lora.lora_dropout=0.0", "model.dtype=float32",
+                 "trainer.tensorboard=false", "trainer.disable_tqdm=true", "trainer.gradient_checkpointing=false",
+                 *sets):
+        args += ["--set", item]
+    return args
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+           str(_free_port()), "-m", "glm6b", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def single(args: list[str]) -> int:
+    from glm6b.cli import main
+
+    return main(args)
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def assert_same(ours: list[float], ref: list[float]) -> None:
+    assert len(ours) == len(ref) and all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(ours, ref)), (ours, ref)
+
+
+@pytest.mark.parametrize("config,method_sets", [
+    ("lora.yaml", ()),
+    ("finetune.yaml", ("parallel.optimizer_shard=true",)),
+])
+def test_data_parallel_matches_single_process(tmp_path, train_file, config, method_sets):
+    # 2 ranks x 2 rows = one process with 2 micro-batches of 2 rows (same global batch, same mean of means)
+    proc = torchrun(argv(config, train_file, tmp_path / "dp2", "parallel.data_parallel=2", *method_sets))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"mode": "finetune"') == 1  # rank 0 alone prints
+    assert single(argv(config, train_file, tmp_path / "one", "trainer.gradient_accumulation_steps=2")) == 0
+    assert_same(losses(tmp_path / "dp2"), losses(tmp_path / "one"))
+    final = tmp_path / "dp2" / "final"
+    assert (final / ("adapter_config.json" if config == "lora.yaml" else "config.json")).is_file()
+
+
+def test_sharded_checkpoint_resumes_on_one_process_and_merges(tmp_path, train_file):
+    from glm6b import load_model
+    from glm6b.distributed import is_sharded_checkpoint
+
+    out = tmp_path / "dp2"
+    proc = torchrun(argv("lora.yaml", train_file, out, "parallel.data_parallel=2", "trainer.save_steps=2", steps=4))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert is_sharded_checkpoint(out / "checkpoint-2")
+    uninterrupted = losses(out)
+    resumed = tmp_path / "resumed"
+    assert single(argv("lora.yaml", train_file, resumed, "trainer.gradient_accumulation_steps=2",
+                       f"trainer.resume_from_checkpoint={out / 'checkpoint-2'}", steps=4)) == 0
+    assert_same(losses(resumed), uninterrupted[2:])
+
+    from glm6b.cli import main
+
+    merged = tmp_path / "merged"
+    assert main(["merge-checkpoint", "--input", str(out / "checkpoint-4"), "--output", str(merged),
+                 "--base-model", str(GOLDEN)]) == 0
+    model = load_model(merged, dtype=torch.float32)
+    assert model.config.num_layers > 0
+
+
+@pytest.mark.parametrize("sets,message", [
+    (("parallel.data_parallel=3",), "must equal the number of processes, which is 2"),
+    (("parallel.pipeline_stage=2",), "pipeline parallelism is not supported"),
+    (("parallel.data_parallel=2", "parallel.micro_batch_num=2", "trainer.gradient_accumulation_steps=3"), "disagree"),
+])
+def test_invalid_parallel_config_fails_before_work(tmp_path, train_file, sets, message):
+    proc = torchrun(argv("lora.yaml", train_file, tmp_path / "bad", *sets), timeout=60)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "bad").exists()

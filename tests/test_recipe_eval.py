@@ -1,0 +1,77 @@
+"""Evaluation inside training: Trainer.evaluate's generation scores, and `glm6b run --mode eval` (BLEU/ROUGE)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from glm6b.checkpoint import load_model
+from glm6b.data import DataConfig, JsonlDataset
+from glm6b.tokenizer import load_tokenizer
+from glm6b.trainer import Trainer, TrainingArguments
+from helpers import GOLDEN, golden_cases
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def adgen_file(tmp_path_factory):
+    rows = [{"content": ex["prompt"], "summary": ex["answer"]} for ex in golden_cases()["train_adgen"]["examples"]]
+    rows.append({"content": "类型#裤*颜色#黑色", "summary": "黑色裤子百搭。"})
+    path = tmp_path_factory.mktemp("eval") / "dev.json"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_evaluate_returns_loss_and_generation_scores(tmp_path, adgen_file):
+    tok = load_tokenizer(GOLDEN)
+    data = DataConfig(max_source_length=24, max_target_length=8)
+    dataset = JsonlDataset(adgen_file, tok, data)
+    trainer = Trainer(model=load_model(GOLDEN, dtype=torch.float32), tokenizer=tok, data_config=data,
+                      args=TrainingArguments(output_dir=str(tmp_path), eval_generation_samples=2, disable_tqdm=True,
+                                             tensorboard=False))
+    result = trainer.evaluate(dataset)
+    assert {"eval_loss", "eval_tokens", *METRICS} <= result.keys()
+    assert all(0.0 <= result[m] <= 100.0 for m in METRICS)
+    trainer.args.eval_generation_samples = 0
+    assert not set(METRICS) & trainer.evaluate(dataset).keys()
+
+
+def test_eval_steps_record_carries_the_scores(tmp_path, adgen_file):
+    tok = load_tokenizer(GOLDEN)
+    data = DataConfig(max_source_length=24, max_target_length=8)
+    trainer = Trainer(model=load_model(GOLDEN, dtype=torch.float32), tokenizer=tok, data_config=data,
+                      train_dataset=JsonlDataset(adgen_file, tok, data), eval_dataset=JsonlDataset(adgen_file, tok, data),
+                      args=TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                                             eval_steps=2, eval_generation_samples=2, save_steps=None,
+                                             tensorboard=False, disable_tqdm=True, logging_steps=1))
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "eval_log.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and {"step", "eval_loss", *METRICS} <= records[0].keys()
+
+
+@pytest.mark.parametrize("config", ["infer.yaml", "lora_infer.yaml"])
+def test_run_eval_mode_writes_predictions_and_metrics(tmp_path, adgen_file, config, capsys):
+    from glm6b.cli import main
+
+    argv = ["run", "--config", str(CONFIGS / config), "--mode", "eval", "--load-checkpoint", str(GOLDEN),
+            "--eval-data", str(adgen_file), "--output-dir", str(tmp_path), "--set", "generation.max_new_tokens=4",
+            "--set", "data.max_source_length=24", "--set", "data.max_target_length=8",
+            "--set", "trainer.disable_tqdm=true", "--set", "model.dtype=float32"]
+    if config == "lora_infer.yaml":
+        from glm6b.lora import LoraArguments, apply_lora
+
+        model = apply_lora(load_model(GOLDEN, dtype=torch.float32), LoraArguments(r=2), str(GOLDEN))
+        model.save_pretrained(str(tmp_path / "adapter"), save_embedding_layers=False)
+        argv += ["--set", f"model.adapter={tmp_path / 'adapter'}"]
+    assert main(argv) == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(METRICS) <= metrics.keys() and metrics["count"] == 3
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and "prediction" in json.loads(lines[0])
+    if config == "lora_infer.yaml":
+        assert metrics["settings"]["adapter"] == str(tmp_path / "adapter")
