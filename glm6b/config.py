@@ -68,11 +68,14 @@ class ChatGLMConfig:
         need(self.head_dim % 4 == 0, "hidden_size",
              f"hidden_size / num_attention_heads to be a multiple of 4 (head dim is {self.head_dim})")
         need(self.layernorm_epsilon > 0, "layernorm_epsilon", "a positive number")
+        need(self.position_encoding_2d is True, "position_encoding_2d",
+             "true: ChatGLM-6B uses 2D rotary positions (the reference's unused 1D variant is not implemented)")
         for key in ("bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id"):
             value = getattr(self, key)
             need(isinstance(value, int) and 0 <= value < self.vocab_size, key,
                  f"a token id in [0, vocab_size={self.vocab_size})")
-        need(self.quantization_bit in (0, 4, 8), "quantization_bit", "0, 4 or 8")
+        need(self.quantization_bit == 0, "quantization_bit",
+             "0: quantized checkpoints are not supported; load the float16 weights")
         need(self.pre_seq_len is None or (isinstance(self.pre_seq_len, int) and self.pre_seq_len > 0),
              "pre_seq_len", "null or a positive integer")
 

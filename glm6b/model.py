@@ -199,28 +199,25 @@ class SelfAttention(nn.Module):
         self.layer_id = layer_id
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.position_encoding_2d = config.position_encoding_2d
         h = config.hidden_size
         self.query_key_value = nn.Linear(h, 3 * h, dtype=dtype, device=device)
         self.dense = nn.Linear(h, h, dtype=dtype, device=device)
 
     def forward(self, x, cos, sin, mask, kv_cache: KVCache | None):
-        """x [B, T, H]; cos/sin as from `rotary_cos_sin` (a pair per position row); mask [B, 1, T, S] or None."""
+        """x [B, T, H]; cos/sin: (absolute, block) pairs from `rotary_cos_sin`; mask [B, 1, T, S] or None."""
         b, t, _ = x.shape
         d = self.head_dim
         # Fused rows are per-head interleaved: [nh, 3d] with q | k | v inside each head (spec 4.1).
         # -1 rather than num_heads: under tensor parallelism a rank holds only some of the heads.
         qkv = self.query_key_value(x).view(b, t, -1, 3 * d)
         q, k, v = qkv.transpose(1, 2).split(d, dim=-1)  # each [B, nh, T, d]
-        if self.position_encoding_2d:
-            # First half of each head rotates with the absolute positions, second with the block ones.
-            (cos0, cos1), (sin0, sin1) = cos, sin
-            q1, q2 = q.chunk(2, dim=-1)
-            k1, k2 = k.chunk(2, dim=-1)
-            q = torch.cat([apply_rotary(q1, cos0, sin0), apply_rotary(q2, cos1, sin1)], dim=-1)
-            k = torch.cat([apply_rotary(k1, cos0, sin0), apply_rotary(k2, cos1, sin1)], dim=-1)
-        else:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # 2D RoPE: the first half of each head rotates with the absolute positions, the second half
+        # with the block positions (spec 4.3).
+        (cos0, cos1), (sin0, sin1) = cos, sin
+        q1, q2 = q.chunk(2, dim=-1)
+        k1, k2 = k.chunk(2, dim=-1)
+        q = torch.cat([apply_rotary(q1, cos0, sin0), apply_rotary(q2, cos1, sin1)], dim=-1)
+        k = torch.cat([apply_rotary(k1, cos0, sin0), apply_rotary(k2, cos1, sin1)], dim=-1)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_id, k, v)  # [B, nh, S, d]
         context = attention(q, k, v, mask, coeff=float(self.layer_id + 1))
@@ -341,14 +338,10 @@ class ChatGLMModel(nn.Module):
                 inputs_embeds=None, output_hidden_states: bool = False):
         """Run the blocks. Masks/positions must already be built (see ChatGLMForConditionalGeneration)."""
         x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, H]
-        rot_dim = self.config.head_dim // 2 if self.config.position_encoding_2d else self.config.head_dim
-        inv_freq = rotary_inv_freq(rot_dim, device=x.device)
-        if self.config.position_encoding_2d:
-            cos0, sin0 = rotary_cos_sin(position_ids[:, 0], inv_freq, x.dtype)
-            cos1, sin1 = rotary_cos_sin(position_ids[:, 1], inv_freq, x.dtype)
-            cos, sin = (cos0, cos1), (sin0, sin1)
-        else:
-            cos, sin = rotary_cos_sin(position_ids, inv_freq, x.dtype)
+        inv_freq = rotary_inv_freq(self.config.head_dim // 2, device=x.device)  # each half-head rotates
+        cos0, sin0 = rotary_cos_sin(position_ids[:, 0], inv_freq, x.dtype)
+        cos1, sin1 = rotary_cos_sin(position_ids[:, 1], inv_freq, x.dtype)
+        cos, sin = (cos0, cos1), (sin0, sin1)
         hidden_states = []
         for layer in self.layers:
             if output_hidden_states:
