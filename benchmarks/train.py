@@ -16,6 +16,8 @@ model was built (so imports do not count). Rows are random ids shaped like ADGEN
 The big case is one LoRA step (batch 1, seq 128, r 8 on query_key_value) with bf16 frozen weights and
 gradient checkpointing: the "fits one 24 GB device" check. With --big glm_6b_4layers the 28-layer
 number is extrapolated linearly from 4 layers: peak(4) + 24 * (bytes of one layer's bf16 weights).
+On a CPU without native bfloat16 matmuls (no AVX512-BF16/AMX) PyTorch falls back to a scalar bf16
+GEMM and this one step takes about an hour even at 4 layers; pass --big none to skip it.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def child(case: dict) -> dict:
             prompt, answer = length // 2 - 1, length - length // 2 - 2
             self.rows = []
             for _ in range(n):
-                ids = torch.randint(10, 20000, (prompt + answer,), generator=g).tolist()
+                ids = torch.randint(10, min(20000, config.mask_token_id), (prompt + answer,), generator=g).tolist()
                 input_ids = ids[:prompt] + [config.gmask_token_id, config.bos_token_id] + ids[prompt:] + \
                     [config.eos_token_id]
                 labels = [-100] * (prompt + 1) + input_ids[prompt + 1:]

@@ -129,15 +129,19 @@ class Killed(RuntimeError):
     pass
 
 
-def test_kill_and_resume_gives_the_same_losses(tmp_path, tok, sample_file):
-    # LoRA (dropout draws random numbers), batches of 1 with accumulation 3 over 4 shuffled rows,
-    # so the 4 steps cross epochs and the checkpoint (step 2, micro-batch 6) sits inside epoch 1.
+@pytest.mark.parametrize("method", ["lora", "full", "ptuning"])
+def test_kill_and_resume_gives_the_same_losses(tmp_path, tok, sample_file, method):
+    # Batches of 1 with accumulation 3 over 4 shuffled rows, so the 4 steps cross epochs and the
+    # checkpoint (step 2, micro-batch 6) sits inside epoch 1; LoRA and P-tuning dropout draw random numbers.
     dataset = JsonlDataset(sample_file, tok, DATA)
-    common = dict(max_steps=4, per_device_train_batch_size=1, gradient_accumulation_steps=3, save_steps=2)
+    common = dict(max_steps=4, per_device_train_batch_size=1, gradient_accumulation_steps=3, save_steps=2,
+                  learning_rate=1e-3 if method == "full" else 1e-2)
 
     def run(out_dir, callbacks=(), resume=None):
-        trainer = Trainer(model=load_model(GOLDEN, dtype=torch.float32), tokenizer=tok, train_dataset=dataset,
-                          args=args(out_dir, **common), method="lora", callbacks=list(callbacks))
+        torch.manual_seed(0)  # a fresh prefix encoder is drawn at load time
+        model = load_model(GOLDEN, dtype=torch.float32, pre_seq_len=4 if method == "ptuning" else None)
+        trainer = Trainer(model=model, tokenizer=tok, train_dataset=dataset, args=args(out_dir, **common),
+                          method=method, callbacks=list(callbacks))
         return trainer.train(resume_from_checkpoint=resume)
 
     reference = run(tmp_path / "straight").losses
@@ -149,9 +153,10 @@ def test_kill_and_resume_gives_the_same_losses(tmp_path, tok, sample_file):
     with pytest.raises(Killed):
         run(tmp_path / "killed", [kill])
     checkpoint = tmp_path / "killed" / "checkpoint-2"
-    assert {p.name for p in checkpoint.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
-                                                      "optimizer.pt", "rng_state.pt", "scheduler.pt",
-                                                      "trainer_state.json"}
+    weights = {"lora": {"adapter_config.json", "adapter_model.safetensors"},
+               "full": {"config.json", "model.safetensors"}, "ptuning": {"config.json", "pytorch_model.bin"}}
+    assert {p.name for p in checkpoint.iterdir()} >= weights[method] | {"optimizer.pt", "rng_state.pt",
+                                                                        "scheduler.pt", "trainer_state.json"}
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert (state["global_step"], state["epoch"], state["batch_index"]) == (2, 1, 2)
     assert not list((tmp_path / "killed").glob("*.tmp"))
