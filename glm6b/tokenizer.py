@@ -28,7 +28,7 @@ MAX_BLANK_LENGTH = 80
 _IMAGE_TOKEN_RE = re.compile(r"<image_([0-9]+)>")
 
 # Token-string defaults of the real tokenizer_config.json (spec §1).
-_DEFAULT_SPECIAL_TOKENS = {
+DEFAULT_SPECIAL_TOKENS = {
     "bos_token": "<sop>",
     "eos_token": "<eop>",
     "end_token": "</s>",
@@ -37,7 +37,7 @@ _DEFAULT_SPECIAL_TOKENS = {
     "pad_token": "<pad>",
     "unk_token": "<unk>",
 }
-_AUTO_MAP = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
+TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
 
 
 class TokenizerError(ValueError):
@@ -301,7 +301,7 @@ class ChatGLMTokenizer:
         vocab_file = folder / vocab_name
         if not vocab_file.is_file():
             raise TokenizerError(f"tokenizer folder '{folder}' has no SentencePiece model: expected '{vocab_name}'")
-        kwargs = {key: value for key, value in config.items() if key in _DEFAULT_SPECIAL_TOKENS}
+        kwargs = {key: value for key, value in config.items() if key in DEFAULT_SPECIAL_TOKENS}
         for key in ("num_image_tokens", "remove_space", "do_lower_case", "padding_side"):
             if key in config:
                 kwargs[key] = config[key]
@@ -333,7 +333,7 @@ class ChatGLMTokenizer:
             "do_lower_case": self.do_lower_case,
             "tokenizer_class": "ChatGLMTokenizer",
             "num_image_tokens": self.num_image_tokens,
-            "auto_map": _AUTO_MAP,
+            "auto_map": TOKENIZER_AUTO_MAP,
         }
         config_path, model_path = folder / CONFIG_NAME, folder / VOCAB_NAME
         atomic_write_text(config_path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")

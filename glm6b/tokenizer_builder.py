@@ -35,6 +35,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from .io import atomic_path, atomic_write_text
+from .tokenizer import DEFAULT_SPECIAL_TOKENS, TOKENIZER_AUTO_MAP
 
 __all__ = [
     "CONTROL_SPECIALS",
@@ -156,18 +157,12 @@ def tokenizer_config(name_or_path: str) -> dict:
     """A `tokenizer_config.json` dict with the keys of the real file (num_image_tokens 0)."""
     return {
         "name_or_path": name_or_path,
-        "bos_token": "<sop>",
-        "eos_token": "<eop>",
-        "end_token": "</s>",
-        "gmask_token": "[gMASK]",
-        "mask_token": "[MASK]",
-        "pad_token": "<pad>",
-        "unk_token": "<unk>",
+        **DEFAULT_SPECIAL_TOKENS,
         "remove_space": False,
         "do_lower_case": False,
         "tokenizer_class": "ChatGLMTokenizer",
         "num_image_tokens": 0,
-        "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]},
+        "auto_map": TOKENIZER_AUTO_MAP,
     }
 
 

@@ -26,6 +26,15 @@ def golden_tensor(name: str) -> torch.Tensor:
     return golden_tensors()[name]
 
 
+def write_adgen_sample(path: Path) -> Path:
+    """A tiny ADGEN jsonl training file: the two golden train_adgen examples plus two more."""
+    rows = [{"content": ex["prompt"], "summary": ex["answer"]} for ex in golden_cases()["train_adgen"]["examples"]]
+    rows += [{"content": "类型#裤*颜色#黑色", "summary": "黑色裤子百搭。"},
+             {"content": "类型#上衣*风格#复古", "summary": "复古上衣很好看。"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
 def assert_close_rel(ours: torch.Tensor, golden: torch.Tensor, rel: float = 1e-5, what: str = "") -> None:
     """The golden README's rule: max|ours - golden| <= rel * max|golden| over the whole tensor."""
     assert ours.shape == golden.shape, f"{what}: shape {tuple(ours.shape)} != golden {tuple(golden.shape)}"

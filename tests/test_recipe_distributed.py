@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import GOLDEN, golden_cases
+from helpers import GOLDEN, write_adgen_sample
 
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
@@ -26,12 +26,7 @@ CONFIGS = ROOT / "configs"
 
 @pytest.fixture(scope="module")
 def train_file(tmp_path_factory):
-    rows = [{"content": ex["prompt"], "summary": ex["answer"]} for ex in golden_cases()["train_adgen"]["examples"]]
-    rows += [{"content": "类型#裤*颜色#黑色", "summary": "黑色裤子百搭。"},
-             {"content": "类型#上衣*风格#复古", "summary": "复古上衣很好看。"}]
-    path = tmp_path_factory.mktemp("data") / "train.json"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
+    return write_adgen_sample(tmp_path_factory.mktemp("data") / "train.json")
 
 
 def _free_port() -> int:

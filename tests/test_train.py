@@ -11,7 +11,7 @@ from glm6b.data import DataConfig, JsonlDataset
 from glm6b.recipe import RecipeError, load_recipe
 from glm6b.tokenizer import load_tokenizer
 from glm6b.trainer import Trainer, TrainingArguments
-from helpers import GOLDEN, assert_close_rel, golden_cases
+from helpers import GOLDEN, assert_close_rel, golden_cases, write_adgen_sample
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 DATA = DataConfig(max_source_length=24, max_target_length=20)
@@ -25,12 +25,7 @@ def tok():
 @pytest.fixture(scope="module")
 def sample_file(tmp_path_factory):
     """The two golden ADGEN examples plus two more: a tiny training set."""
-    rows = [{"content": ex["prompt"], "summary": ex["answer"]} for ex in golden_cases()["train_adgen"]["examples"]]
-    rows += [{"content": "类型#裤*颜色#黑色", "summary": "黑色裤子百搭。"},
-             {"content": "类型#上衣*风格#复古", "summary": "复古上衣很好看。"}]
-    path = tmp_path_factory.mktemp("data") / "train.json"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
+    return write_adgen_sample(tmp_path_factory.mktemp("data") / "train.json")
 
 
 @pytest.fixture(scope="module")
