@@ -104,6 +104,30 @@ def test_lora_trains_only_adapters_round_trips_and_merges(tmp_path, tok, golden_
     assert not torch.allclose(logits(merged, probe), logits(load_model(GOLDEN, dtype=torch.float32), probe))
 
 
+def test_lora_memory_layout_on_a_bf16_base(tmp_path, tok, golden_pair):
+    """What lets LoRA of the 6B fit one 24 GB device: the frozen base stays bf16 (no fp32 copy), no
+    gradients for it, and AdamW state exists only for the float32 adapters."""
+    from glm6b.trainer import ModelArguments
+
+    trainer = Trainer(model_args=ModelArguments(load_checkpoint=str(GOLDEN)), tokenizer=tok,
+                      args=args(tmp_path, max_steps=2, gradient_checkpointing=True), train_dataset=golden_pair,
+                      method="lora")
+    out = trainer.train()
+    assert all(torch.isfinite(torch.tensor(out.losses)))
+    params = dict(trainer.model.named_parameters())
+    adapters = {n for n in params if "lora_" in n}
+    assert adapters and all(params[n].dtype == torch.float32 and params[n].requires_grad for n in adapters)
+    for name in params.keys() - adapters:
+        assert params[name].dtype == torch.bfloat16 and not params[name].requires_grad, name
+        assert params[name].grad is None, name
+    fp32_bytes = sum(t.numel() * t.element_size() for t in trainer.model.state_dict().values()
+                     if t.dtype == torch.float32)
+    assert fp32_bytes == sum(params[n].numel() * 4 for n in adapters)  # no float32 copy of any frozen tensor
+    with_state = {id(p) for p, state in trainer.optimizer.state.items() if state}
+    assert with_state == {id(params[n]) for n in adapters}
+    assert trainer.model.base_model.model.transformer.gradient_checkpointing
+
+
 def test_ptuning_trains_only_the_prefix_encoder(tmp_path, tok, golden_pair, probe):
     model = load_model(GOLDEN, dtype=torch.float32, pre_seq_len=4)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
