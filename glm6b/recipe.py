@@ -333,7 +333,7 @@ def _run_generation_eval(recipe: Recipe) -> dict[str, Any]:
                        max_new_tokens=gen.max_new_tokens, max_source_length=data.max_source_length,
                        max_target_length=data.max_target_length, prompt_column=data.prompt_column,
                        response_column=data.response_column, dtype=margs.dtype, device=margs.device,
-                       progress=not recipe.trainer.disable_tqdm)
+                       progress=not recipe.trainer.disable_tqdm, **sampling)
     output_dir = Path(recipe.trainer.output_dir)
     return {**{k: v for k, v in summary.items() if k not in ("timing", "settings")},
             "output": str(output_dir / "predictions.jsonl"), "metrics": str(output_dir / "metrics.json")}

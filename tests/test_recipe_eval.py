@@ -75,3 +75,19 @@ def test_run_eval_mode_writes_predictions_and_metrics(tmp_path, adgen_file, conf
     assert len(lines) == 3 and "prediction" in json.loads(lines[0])
     if config == "lora_infer.yaml":
         assert metrics["settings"]["adapter"] == str(tmp_path / "adapter")
+
+
+def test_run_eval_mode_uses_the_recipe_sampling_settings(tmp_path, adgen_file, capsys):
+    from glm6b.cli import main
+
+    argv = ["run", "--config", str(CONFIGS / "infer.yaml"), "--mode", "eval", "--load-checkpoint", str(GOLDEN),
+            "--eval-data", str(adgen_file), "--output-dir", str(tmp_path), "--set", "generation.max_new_tokens=4",
+            "--set", "data.max_source_length=24", "--set", "data.max_target_length=8",
+            "--set", "trainer.disable_tqdm=true", "--set", "model.dtype=float32",
+            "--set", "generation.do_sample=true", "--set", "generation.temperature=0.5",
+            "--set", "generation.top_k=3", "--set", "generation.seed=7",
+            "--set", "generation.repetition_penalty=1.2"]
+    assert main(argv) == 0, capsys.readouterr().err
+    used = json.loads((tmp_path / "metrics.json").read_text())["settings"]["generation"]
+    assert used["do_sample"] is True and used["temperature"] == 0.5 and used["top_k"] == 3
+    assert used["seed"] == 7 and used["repetition_penalty"] == 1.2
