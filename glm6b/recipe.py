@@ -396,11 +396,11 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
                               "(FSDP2 mixed precision)")
         info = D.init_distributed()
         try:
+            if info.world_size > 1 and recipe.model.device is None:
+                recipe.model.device = str(info.device)  # each rank on its own device
             trainer = Trainer(model_args=recipe.model, args=args, train_dataset=data.train_data,
                               eval_dataset=data.eval_data, method=recipe.method, lora_config=recipe.lora,
                               data_config=data, generation_config=recipe.generation, parallel_config=pc)
-            if info.world_size > 1 and recipe.model.device is None:
-                recipe.model.device = str(info.device)
             if D.is_main_process():
                 output_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(output_dir / "recipe.json", json.dumps(recipe_to_dict(recipe), indent=2,

@@ -274,10 +274,7 @@ def train_ice_text_model(
 
 def write_tokenizer_config(folder: str | os.PathLike, name_or_path: str) -> Path:
     """Write `tokenizer_config.json` (see `tokenizer_config`) into `folder`, atomically."""
-    path = Path(folder) / "tokenizer_config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(tokenizer_config(name_or_path), indent=2, ensure_ascii=False) + "\n")
-    return path
+    return write_json_atomic(Path(folder) / "tokenizer_config.json", tokenizer_config(name_or_path))
 
 
 def model_config(num_trained: int = DEFAULT_VOCAB_SIZE, name_or_path: str = "glm6b-default",
