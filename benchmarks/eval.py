@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from glm6b.config import ChatGLMConfig
-from glm6b.evaluate import generate_predictions
+from glm6b.eval.evaluate import generate_predictions
 from glm6b.model import ChatGLMForConditionalGeneration
 from glm6b.tokenizer import load_tokenizer
 

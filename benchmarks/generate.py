@@ -6,7 +6,7 @@
 
 The model is built on the meta device, materialised with `to_empty` (no second copy of the
 weights) and filled by `init_weights()`; prompts are random token ids ending with [gMASK] <sop>, so
-no checkpoint or tokenizer is needed. Timing follows glm6b.generation.generate_steps exactly
+no checkpoint or tokenizer is needed. Timing follows glm6b.inference.generation.generate_steps exactly
 (prefill with the KV cache, then one-token decode steps with the carried positions) but never
 stops early on <eop>, so every run decodes the requested number of tokens. A warm-up run is
 excluded; on CUDA the device is synchronised before each timer read. Peak RSS is the process's

@@ -6,7 +6,7 @@
     python benchmarks/train.py --big glm_6b_4layers             # measure 4 layers, scale to 28 (an estimate)
     python benchmarks/train.py --device cuda --big glm_6b       # on a GPU: max_memory_allocated
 
-Every case runs the real Trainer path (glm6b.trainer: method setup, gradient checkpointing, AdamW over
+Every case runs the real Trainer path (glm6b.train.trainer: method setup, gradient checkpointing, AdamW over
 the trainable parameters only) on random weights built on the meta device, then `to_empty` + init, in
 a process of its own, so the peak memory reported is that case's alone: on CUDA
 `torch.cuda.max_memory_allocated`, on CPU the process's peak RSS (ru_maxrss) minus its RSS before the
@@ -55,8 +55,8 @@ def child(case: dict) -> dict:
     import torch
 
     from glm6b.config import ChatGLMConfig
-    from glm6b.data import DataConfig, RowDataset
-    from glm6b.trainer import ModelArguments, Trainer, TrainingArguments
+    from glm6b.train.data import DataConfig, RowDataset
+    from glm6b.train.trainer import ModelArguments, Trainer, TrainingArguments
 
     torch.manual_seed(0)
     device = torch.device(case["device"])

@@ -71,15 +71,15 @@ class AutoModel:
             name_or_path: folder path or model name (see `resolve_model_path`).
             dtype: parameter dtype (None: float32 on CPU, bfloat16 on CUDA).
             device: where to put the parameters (default CPU).
-            **kwargs: passed to `glm6b.checkpoint.load_model` (ptuning_checkpoint, pre_seq_len, ...).
+            **kwargs: passed to `glm6b.checkpoint.hf.load_model` (ptuning_checkpoint, pre_seq_len, ...).
 
         Returns:
-            A ChatGLMForConditionalGeneration in eval mode.
+            A `glm6b.ChatGLM` (chat, stream_chat, generate) in eval mode.
 
         Raises:
             ModelNotFoundError: no such folder or name. CheckpointError/ConfigError: unusable files.
         """
-        from .checkpoint import load_model
+        from .api import load_model
 
         return load_model(resolve_model_path(name_or_path), dtype=dtype, device=device, **kwargs)
 

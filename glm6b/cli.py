@@ -110,7 +110,7 @@ def add_chat_command(subparsers) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Run the chat loop: stream each answer, then report its speed on stderr."""
-    from .chat import stream_chat
+    from .inference.chat import stream_chat
 
     model, tokenizer = _load(args)
     options = _sampling_options(args)
@@ -206,7 +206,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .io import atomic_path
-    from .pipelines import OUTPUT_KEY, TextGenerationPipeline
+    from .inference.pipelines import OUTPUT_KEY, TextGenerationPipeline
 
     model, tokenizer = _load(args)
     pipe = TextGenerationPipeline(model, tokenizer, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -297,7 +297,7 @@ def add_preprocess_command(subparsers) -> None:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     """Encode --input into --output and report the counts."""
-    from .data import DataConfig, preprocess
+    from .train.data import DataConfig, preprocess
     from .tokenizer import load_tokenizer
 
     config = DataConfig(max_source_length=args.max_source_length, max_target_length=args.max_target_length,
@@ -320,7 +320,7 @@ def add_run_command(subparsers) -> None:
     """`glm6b run`: train, fine-tune, evaluate or predict from a YAML recipe."""
     parser = subparsers.add_parser(
         "run", help="train / finetune / eval / predict from a YAML recipe (configs/*.yaml)",
-        description="Run a recipe. Keys are the fields of glm6b.recipe's section dataclasses; --set "
+        description="Run a recipe. Keys are the fields of glm6b.train.recipe's section dataclasses; --set "
                     "section.key=value (value parsed as YAML) and the short flags override the file.")
     parser.add_argument("--config", required=True, metavar="YAML", help="the recipe, e.g. configs/lora.yaml")
     parser.add_argument("--mode", required=True, choices=("train", "finetune", "eval", "predict"),
@@ -341,7 +341,7 @@ def add_run_command(subparsers) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Load the recipe with its overrides, run it, print the summary as JSON."""
-    from .recipe import SHORT_FLAGS, load_recipe, run
+    from .train.recipe import SHORT_FLAGS, load_recipe, run
 
     recipe = load_recipe(args.config, args.overrides, {name: getattr(args, name) for name in SHORT_FLAGS})
     summary = run(recipe, args.mode, prompts=args.prompt)
@@ -369,7 +369,7 @@ def add_merge_lora_command(subparsers) -> None:
 
 def cmd_merge_lora(args: argparse.Namespace) -> int:
     """Merge and save."""
-    from .lora import merge_lora
+    from .train.lora import merge_lora
 
     print(f"wrote the merged model to {merge_lora(args.base, args.adapter, args.output, dtype=args.dtype)}")
     return 0
@@ -396,7 +396,7 @@ def add_merge_checkpoint_command(subparsers) -> None:
 
 def cmd_merge_checkpoint(args: argparse.Namespace) -> int:
     """Merge and save."""
-    from .distributed import merge_checkpoint
+    from .train.distributed import merge_checkpoint
 
     folder = merge_checkpoint(args.input, args.output, base_model_path=args.base_model, dtype=args.dtype)
     print(f"wrote {folder}")
@@ -438,7 +438,7 @@ def add_eval_command(subparsers) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run the evaluation; the results table goes to stdout, progress to stderr."""
-    from .evaluate import run_eval
+    from .eval.evaluate import run_eval
 
     sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, seed=args.seed) \
         if args.do_sample else {}

@@ -23,16 +23,17 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model
+from .api import load_model
+from .checkpoint.hf import save_pretrained
 from .config import ChatGLMConfig
-from .data import DataConfig
-from .evaluate import evaluate_generation
+from .train.data import DataConfig
+from .eval.evaluate import evaluate_generation
 from .io import atomic_write_text
-from .lora import LoraArguments
+from .train.lora import LoraArguments
 from .model import ChatGLMForConditionalGeneration
 from .sample_data import DEFAULT_ASSETS, chat_pairs, read_adgen_jsonl
 from .tokenizer import load_tokenizer
-from .trainer import Trainer, TrainingArguments
+from .train.trainer import Trainer, TrainingArguments
 
 METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
 
@@ -113,7 +114,7 @@ def build_base_model(settings: QuickstartSettings, tokenizer) -> Path:
     trainer = Trainer(model=model, tokenizer=tokenizer, method="full", data_config=data, train_dataset=str(data_path),
                       args=_training_args(settings, work, settings.pretrain_steps, 3e-3, tensorboard=False))
     trainer.train()
-    model.save_pretrained(base_dir, tokenizer=tokenizer)
+    save_pretrained(model, base_dir, tokenizer=tokenizer)
     return base_dir
 
 

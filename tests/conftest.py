@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from glm6b.checkpoint import load_model
+from glm6b import load_model
 from glm6b.tokenizer import load_tokenizer
 
 from helpers import GOLDEN

@@ -1,4 +1,4 @@
-"""Tests of glm6b.chat: the golden prompt, greedy chat and process_response cases; streaming, history
+"""Tests of glm6b.inference.chat: the golden prompt, greedy chat and process_response cases; streaming, history
 handling, the max_length rules and the NaN guard."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from glm6b.chat import build_prompt, chat, process_response, stream_chat
+from glm6b.inference.chat import build_prompt, chat, process_response, stream_chat
 from glm6b.model import ChatGLMForConditionalGeneration
 
 from helpers import golden_cases

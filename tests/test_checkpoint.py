@@ -1,4 +1,4 @@
-"""Checkpoint loading and saving (glm6b.checkpoint): layouts, dtypes, memory, errors, P-tuning."""
+"""Checkpoint loading and saving (glm6b.checkpoint.hf): layouts, dtypes, memory, errors, P-tuning."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from glm6b.checkpoint import (
+from glm6b.checkpoint.hf import (
     CheckpointError,
     find_weight_files,
     iter_checkpoint_tensors,
@@ -254,7 +254,7 @@ def test_load_on_cuda_defaults_to_half_precision(golden_model):
 # the child across exec, and it cannot be reset between two loads.
 _MEASURE = textwrap.dedent("""
     import ctypes, gc, json, re, sys, torch
-    from glm6b.checkpoint import load_model
+    from glm6b.checkpoint.hf import load_model
     from glm6b.config import ChatGLMConfig
     from glm6b.model import ChatGLMForConditionalGeneration
 

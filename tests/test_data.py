@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from glm6b.data import (DataConfig, DataError, EncodedDataset, JsonlDataset, adgen_eval_features,
+from glm6b.train.data import (DataConfig, DataError, EncodedDataset, JsonlDataset, adgen_eval_features,
                         adgen_train_features, load_dataset, preprocess, read_meta)
 from helpers import GOLDEN, golden_cases
 
@@ -117,7 +117,7 @@ def test_preprocessed_folder_must_match_settings(tmp_path, tok, sample_file):
 
 
 def test_dynamic_padding_gives_the_same_loss(tok, sample_file):
-    from glm6b.checkpoint import load_model
+    from glm6b.checkpoint.hf import load_model
 
     model = load_model(GOLDEN, dtype=torch.float32)
     fixed = JsonlDataset(sample_file, tok, DataConfig(max_source_length=24, max_target_length=20))

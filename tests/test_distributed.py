@@ -1,4 +1,4 @@
-"""glm6b.distributed on CPU with gloo: TP / FSDP2 / DDP equal one process, DCP checkpoints reshard and merge.
+"""glm6b.train.distributed on CPU with gloo: TP / FSDP2 / DDP equal one process, DCP checkpoints reshard and merge.
 
 The multi-process tests share one pool of 2 spawned processes (torchrun's environment, gloo) and
 send it one job per test (see tests/dist_scripts/harness.py); the jobs are in
@@ -28,8 +28,8 @@ if not (dist.is_available() and dist.is_gloo_available()):
 from dist_scripts import workers  # noqa: E402
 from dist_scripts.harness import ProcessPool  # noqa: E402
 
-from glm6b import distributed as D  # noqa: E402
-from glm6b.checkpoint import CheckpointError, load_model  # noqa: E402
+from glm6b.train import distributed as D  # noqa: E402
+from glm6b.checkpoint.hf import CheckpointError, load_model  # noqa: E402
 from glm6b.config import ChatGLMConfig, ConfigError  # noqa: E402
 
 JOB_TIMEOUT_S = 90  # the first job of a pool also imports torch.distributed's parallel modules
@@ -355,7 +355,7 @@ def test_sharded_checkpoint_errors(tmp_path):
 def test_ptuning_checkpoint_merges(tmp_path):
     """A P-tuning DCP checkpoint holds only the prefix encoder: without a base it becomes the THUDM
     P-tuning folder, with one a full HF folder (config.json carries pre_seq_len)."""
-    from glm6b.checkpoint import save_pretrained
+    from glm6b.checkpoint.hf import save_pretrained
 
     base_dir = tmp_path / "base"
     save_pretrained(workers.tiny_model(), base_dir)

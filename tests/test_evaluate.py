@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from glm6b.checkpoint import load_model, save_pretrained
-from glm6b.evaluate import evaluate_generation, generate_predictions, reference_texts, run_eval
-from glm6b.generation import generate
-from glm6b.metrics import METRIC_NAMES, compute_metrics
+from glm6b.checkpoint.hf import load_model, save_pretrained
+from glm6b.eval.evaluate import evaluate_generation, generate_predictions, reference_texts, run_eval
+from glm6b.inference.generation import generate
+from glm6b.eval.metrics import METRIC_NAMES, compute_metrics
 from glm6b.tokenizer import load_tokenizer
 from helpers import GOLDEN, golden_cases
 
@@ -143,8 +143,8 @@ def test_predict_mode(tmp_path):
 
 
 def test_bad_inputs(tmp_path, data_file):
-    from glm6b.checkpoint import CheckpointError
-    from glm6b.data import DataError
+    from glm6b.checkpoint.hf import CheckpointError
+    from glm6b.train.data import DataError
 
     with pytest.raises(DataError, match="cannot read"):
         run_eval(GOLDEN, tmp_path / "missing.json", tmp_path / "out", **SETTINGS)

@@ -1,4 +1,4 @@
-"""Tests of glm6b.generation: golden greedy sequences and step scores, cache vs recomputation, sampling,
+"""Tests of glm6b.inference.generation: golden greedy sequences and step scores, cache vs recomputation, sampling,
 batching, stop conditions and the text streamer."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glm6b.generation import TextStreamer, generate, generate_steps, make_generation_config
+from glm6b.inference.generation import TextStreamer, generate, generate_steps, make_generation_config
 
 from helpers import assert_close_rel, golden_cases, golden_tensor
 

@@ -10,7 +10,7 @@ from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_chinese import Rouge
 
 import glm6b
-from glm6b.metrics import METRIC_NAMES, compute_metrics, score_pair
+from glm6b.eval.metrics import METRIC_NAMES, compute_metrics, score_pair
 from helpers import golden_cases
 
 jieba.setLogLevel(logging.WARNING)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from glm6b.checkpoint import load_model
+from glm6b import load_model
 from glm6b.model import InputError, KVCache, build_mask_and_positions
 from helpers import GOLDEN, assert_close_rel, golden_cases, golden_tensor
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from glm6b.auto import AutoModel, AutoTokenizer, ModelNotFoundError, models_home, resolve_model_path
-from glm6b.chat import chat
+from glm6b.inference.chat import chat
 from glm6b.cli import main, read_prompts
-from glm6b.pipelines import TextGenerationPipeline, pipeline
+from glm6b.inference.pipelines import TextGenerationPipeline, pipeline
 
 from helpers import GOLDEN
 

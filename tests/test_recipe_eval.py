@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from glm6b.checkpoint import load_model
-from glm6b.data import DataConfig, JsonlDataset
+from glm6b.checkpoint.hf import load_model
+from glm6b.train.data import DataConfig, JsonlDataset
 from glm6b.tokenizer import load_tokenizer
-from glm6b.trainer import Trainer, TrainingArguments
+from glm6b.train.trainer import Trainer, TrainingArguments
 from helpers import GOLDEN, golden_cases
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -63,7 +63,7 @@ def test_run_eval_mode_writes_predictions_and_metrics(tmp_path, adgen_file, conf
             "--set", "data.max_source_length=24", "--set", "data.max_target_length=8",
             "--set", "trainer.disable_tqdm=true", "--set", "model.dtype=float32"]
     if config == "lora_infer.yaml":
-        from glm6b.lora import LoraArguments, apply_lora
+        from glm6b.train.lora import LoraArguments, apply_lora
 
         model = apply_lora(load_model(GOLDEN, dtype=torch.float32), LoraArguments(r=2), str(GOLDEN))
         model.save_pretrained(str(tmp_path / "adapter"), save_embedding_layers=False)

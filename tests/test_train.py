@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from glm6b.checkpoint import load_model
-from glm6b.data import DataConfig, JsonlDataset
-from glm6b.recipe import RecipeError, load_recipe
+from glm6b.checkpoint.hf import load_model
+from glm6b.train.data import DataConfig, JsonlDataset
+from glm6b.train.recipe import RecipeError, load_recipe
 from glm6b.tokenizer import load_tokenizer
-from glm6b.trainer import Trainer, TrainingArguments
+from glm6b.train.trainer import Trainer, TrainingArguments
 from helpers import GOLDEN, assert_close_rel, golden_cases, write_adgen_sample
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -107,7 +107,7 @@ def test_lora_trains_only_adapters_round_trips_and_merges(tmp_path, tok, golden_
 def test_lora_memory_layout_on_a_bf16_base(tmp_path, tok, golden_pair):
     """What lets LoRA of the 6B fit one 24 GB device: the frozen base stays bf16 (no fp32 copy), no
     gradients for it, and AdamW state exists only for the float32 adapters."""
-    from glm6b.trainer import ModelArguments
+    from glm6b.train.trainer import ModelArguments
 
     trainer = Trainer(model_args=ModelArguments(load_checkpoint=str(GOLDEN)), tokenizer=tok,
                       args=args(tmp_path, max_steps=2, gradient_checkpointing=True), train_dataset=golden_pair,

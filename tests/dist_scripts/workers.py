@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from glm6b import distributed as D
+from glm6b.train import distributed as D
 from glm6b.config import ChatGLMConfig
 from glm6b.model import ChatGLMForConditionalGeneration
 
@@ -242,8 +242,8 @@ def lora_reference_and_merge(info, out_dir: Path, checkpoint: str, base_dir: str
     and merge_checkpoint of the distributed run's DCP checkpoint, with and without the base model."""
     if info.rank != 0:
         return None
-    from glm6b.checkpoint import load_model, save_pretrained
-    from glm6b.lora import load_adapter
+    from glm6b.checkpoint.hf import load_model, save_pretrained
+    from glm6b.train.lora import load_adapter
 
     reference = reference_training("lora")
     save_pretrained(tiny_model(), base_dir)

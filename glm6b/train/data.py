@@ -10,7 +10,7 @@ Rows are built exactly as the THUDM recipe (ptuning/main.py, spec §7.1/§7.2) b
   <sop>`` with pad ids -> -100.
 
 The prompt is ``source_prefix + build_prompt(query, history)``: with a history column the chat
-template of glm6b.chat (rounds from 0); without one, or with an empty history, the bare query.
+template of glm6b.inference.chat (rounds from 0); without one, or with an empty history, the bare query.
 Deliberate difference: the reference *training* code renders an empty history as "[Round 0]..."
 while its evaluation code and chat() use the bare query; we use the bare query everywhere, so a
 fine-tuned model sees at training time exactly the prompt that chat() will give it.
@@ -39,8 +39,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .chat import build_prompt
-from .io import atomic_write, atomic_write_text
+from ..inference.chat import build_prompt
+from ..io import atomic_write, atomic_write_text
 
 Mode = Literal["train", "eval"]
 IGNORE_INDEX = -100

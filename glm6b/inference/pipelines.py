@@ -5,7 +5,7 @@
     pipe(["a", "b"])      # one dict per prompt
 
 The output format is MindFormers' TextGenerationPipeline's. Prompts go to the model as they are
-(no chat template: use glm6b.chat for conversations), in left-padded batches. The module is named
+(no chat template: use glm6b.inference.chat for conversations), in left-padded batches. The module is named
 `pipelines` (as in transformers) so that the name `glm6b.pipeline` can stay the function: importing
 a submodule `glm6b.pipeline` would rebind that package attribute to the module.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from .auto import AutoModel, AutoTokenizer
+from ..auto import AutoModel, AutoTokenizer
 from .generation import generate, make_generation_config
 
 SUPPORTED_TASKS = ("text_generation",)

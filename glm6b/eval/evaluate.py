@@ -8,7 +8,7 @@ What the reference recipe does (ptuning/main.py, spec §7.2-§7.3) and what we k
 * references are the answers as the reference scores them: encoded with `max_length=max_target_length,
   truncation=True` and decoded back. The tokenizer normalises text (NFKC: "，" -> ","), so scoring the
   raw answer instead would not give comparable numbers;
-* scores come from `glm6b.metrics.compute_metrics` (jieba + rouge_chinese + nltk, spec §7.3).
+* scores come from `glm6b.eval.metrics.compute_metrics` (jieba + rouge_chinese + nltk, spec §7.3).
 
 Where we differ, on purpose:
 
@@ -21,7 +21,7 @@ Where we differ, on purpose:
   and outputs are put back in input order; greedy results do not depend on the batch size;
 * predictions and references are stripped of surrounding whitespace before scoring (the reference
   strips them only in its predictions file), so the scores can be recomputed from predictions.jsonl;
-* an empty prediction scores 0 instead of aborting the evaluation (see glm6b.metrics).
+* an empty prediction scores 0 instead of aborting the evaluation (see glm6b.eval.metrics).
 
 `evaluate_generation` works on a model object and lists of strings (what a trainer has at hand);
 `run_eval` is the command-line task: load a checkpoint (and a LoRA adapter), read a jsonl file, write
@@ -40,14 +40,14 @@ from typing import Literal
 
 import torch
 
-from .auto import resolve_model_path
-from .checkpoint import load_model
-from .io import atomic_write_text
-from .data import DataConfig, DataError, ReadStats, iter_examples
-from .generation import GenerationConfig, generate, make_generation_config
-from .lora import load_adapter
+from ..auto import resolve_model_path
+from ..checkpoint.hf import load_model
+from ..io import atomic_write_text
+from ..train.data import DataConfig, DataError, ReadStats, iter_examples
+from ..inference.generation import GenerationConfig, generate, make_generation_config
+from ..train.lora import load_adapter
 from .metrics import METRIC_NAMES, compute_metrics
-from .tokenizer import load_tokenizer
+from ..tokenizer import load_tokenizer
 
 PREDICTIONS_NAME = "predictions.jsonl"
 METRICS_NAME = "metrics.json"
@@ -213,7 +213,7 @@ def evaluate_generation(
 
 
 def read_eval_examples(data_path: str | os.PathLike, data_config: DataConfig, mode: str) -> tuple[list, ReadStats]:
-    """The examples of an ADGEN-format jsonl file (see `glm6b.data.iter_examples`).
+    """The examples of an ADGEN-format jsonl file (see `glm6b.train.data.iter_examples`).
 
     Args:
         data_path: the jsonl file.
@@ -221,7 +221,7 @@ def read_eval_examples(data_path: str | os.PathLike, data_config: DataConfig, mo
         mode: "eval" needs both columns; "predict" only the prompt column.
 
     Returns:
-        (examples, stats): glm6b.data.Example items in file order, and the reading counts.
+        (examples, stats): glm6b.train.data.Example items in file order, and the reading counts.
 
     Raises:
         DataError: unreadable file, malformed line, or no usable line.
@@ -277,7 +277,7 @@ def run_eval(
         max_source_length: prompt budget in tokens, [gMASK] <sop> included.
         max_target_length: reference budget in tokens (answers are truncated to it for scoring).
         prompt_column, response_column: jsonl fields (ADGEN: "content", "summary").
-        dtype, device: where and how to load the model (see glm6b.checkpoint.load_model).
+        dtype, device: where and how to load the model (see glm6b.checkpoint.hf.load_model).
         progress: show a progress bar and print the results table.
         **generation_kwargs: GenerationConfig fields (do_sample, temperature, top_p, top_k, seed, ...);
             greedy by default.

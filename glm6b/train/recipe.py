@@ -4,12 +4,12 @@ A recipe (configs/finetune.yaml, lora.yaml, infer.yaml, lora_infer.yaml) has a t
 and one mapping per section; every key is exactly a field name of that section's dataclass:
 
     method      full | lora | ptuning
-    model:      glm6b.trainer.ModelArguments
-    data:       glm6b.data.DataConfig
-    trainer:    glm6b.trainer.TrainingArguments
-    lora:       glm6b.lora.LoraArguments
-    generation: glm6b.generation.GenerationConfig
-    parallel:   glm6b.distributed.ParallelConfig (data_parallel, model_parallel, pipeline_stage,
+    model:      glm6b.train.trainer.ModelArguments
+    data:       glm6b.train.data.DataConfig
+    trainer:    glm6b.train.trainer.TrainingArguments
+    lora:       glm6b.train.lora.LoraArguments
+    generation: glm6b.inference.generation.GenerationConfig
+    parallel:   glm6b.train.distributed.ParallelConfig (data_parallel, model_parallel, pipeline_stage,
                 micro_batch_num, optimizer_shard); checked against the process count by `run`
 
 An unknown key, a duplicated key or a value of the wrong type is a RecipeError naming the file, the
@@ -34,7 +34,7 @@ import yaml
 
 from .data import DataConfig
 from .distributed import ParallelConfig
-from .generation import GenerationConfig
+from ..inference.generation import GenerationConfig
 from .lora import LoraArguments
 from .trainer import ModelArguments, TrainingArguments
 
@@ -299,7 +299,7 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
 def _model_config(recipe: Recipe):
     """The architecture to check the parallel layout against (config.json or the preset), or None."""
-    from .config import ChatGLMConfig
+    from ..config import ChatGLMConfig
 
     try:
         if recipe.model.load_checkpoint and (Path(recipe.model.load_checkpoint) / "config.json").is_file():
@@ -312,8 +312,8 @@ def _model_config(recipe: Recipe):
 
 
 def _run_generation_eval(recipe: Recipe) -> dict[str, Any]:
-    """Eval mode: glm6b.evaluate.run_eval on data.eval_data (P-tuning models: Trainer.evaluate)."""
-    from .evaluate import run_eval
+    """Eval mode: glm6b.eval.evaluate.run_eval on data.eval_data (P-tuning models: Trainer.evaluate)."""
+    from ..eval.evaluate import run_eval
     from .trainer import Trainer
 
     margs, data, gen = recipe.model, recipe.data, recipe.generation
@@ -362,7 +362,7 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
     Raises:
         RecipeError: a setting the mode needs is missing.
     """
-    from .io import atomic_write_text
+    from ..io import atomic_write_text
     from .data import JsonlDataset
     from .trainer import Trainer
 

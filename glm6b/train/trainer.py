@@ -45,15 +45,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import (CheckpointError, PREFIX_ENCODER, iter_checkpoint_tensors,
+from ..checkpoint.hf import (CheckpointError, PREFIX_ENCODER, iter_checkpoint_tensors,
                          iter_file_tensors, load_model, load_ptuning_state, save_pretrained, save_ptuning_checkpoint)
-from .config import ChatGLMConfig
-from .io import atomic_path, atomic_write_text
+from ..config import ChatGLMConfig
+from ..io import atomic_path, atomic_write_text
 from .data import IGNORE_INDEX, DataConfig, RowDataset, load_dataset, render_prompt
-from .generation import GenerationConfig
+from ..inference.generation import GenerationConfig
 from .lora import ADAPTER_WEIGHTS_NAME, LoraArguments, apply_lora, is_adapter_folder, load_adapter
-from .model import ChatGLMForConditionalGeneration
-from .tokenizer import load_tokenizer
+from ..model import ChatGLMForConditionalGeneration
+from ..tokenizer import load_tokenizer
 
 Method = Literal["full", "lora", "ptuning"]
 METHODS = ("full", "lora", "ptuning")
@@ -123,7 +123,7 @@ class TrainingArguments:
         eval_steps: evaluate every this many steps (None: only when evaluate() is called).
         eval_generation_samples: evaluate() also generates (greedy, max_target_length new tokens) for
             the first N evaluation examples with an answer and scores BLEU-4 / ROUGE-1/2/L with
-            glm6b.evaluate.evaluate_generation (None or 0: the loss only).
+            glm6b.eval.evaluate.evaluate_generation (None or 0: the loss only).
         save_steps: write checkpoint-<step>/ every this many steps (None: no intermediate checkpoints).
         save_total_limit: keep only the last N checkpoints (None keeps all).
         resume_from_checkpoint: a checkpoint folder, or "latest" for the newest one in output_dir.
@@ -415,7 +415,7 @@ class Trainer:
         generation_config: default settings for `predict` (greedy, max_target_length new tokens if None).
         callbacks: functions called as callback(trainer, record) after every optimizer step (and its
             checkpoint), record holding at least "step" and "loss".
-        parallel_config: glm6b.distributed.ParallelConfig for runs under torchrun (data / tensor
+        parallel_config: glm6b.train.distributed.ParallelConfig for runs under torchrun (data / tensor
             parallel, FSDP2); the default is one process.
     """
 
@@ -979,7 +979,7 @@ class Trainer:
 
         When the rows come from a jsonl file with answers (a JsonlDataset: `.examples`) and
         args.eval_generation_samples is set, the first that many examples are also answered greedily
-        and scored (BLEU-4, ROUGE-1/2/L) with glm6b.evaluate.evaluate_generation.
+        and scored (BLEU-4, ROUGE-1/2/L) with glm6b.eval.evaluate.evaluate_generation.
 
         Args:
             eval_dataset: a "train"-mode RowDataset or a path; None takes the trainer's eval_dataset.
@@ -994,7 +994,7 @@ class Trainer:
             raise TrainerError("no evaluation data: pass eval_dataset (or set data.eval_data)")
         if dataset.mode != "train":
             raise TrainerError("evaluate() computes the teacher-forced loss: build eval_dataset with mode='train' "
-                               "(prompt + answer rows); generation metrics are in glm6b.evaluate")
+                               "(prompt + answer rows); generation metrics are in glm6b.eval.evaluate")
         was_training = self.model.training
         self.model.eval()
         total, tokens = 0.0, 0
@@ -1022,8 +1022,8 @@ class Trainer:
         steps everywhere, so FSDP / tensor-parallel collectives line up); rank 0 records the result.
         """
         from .distributed import unwrap_parallel
-        from .evaluate import evaluate_generation
-        from .metrics import METRIC_NAMES
+        from ..eval.evaluate import evaluate_generation
+        from ..eval.metrics import METRIC_NAMES
 
         limit = self.args.eval_generation_samples
         examples = [ex for ex in getattr(dataset, "examples", None) or [] if getattr(ex, "answer", None)]
@@ -1055,7 +1055,7 @@ class Trainer:
         Returns:
             One text per prompt, in order.
         """
-        from .evaluate import generate_predictions
+        from ..eval.evaluate import generate_predictions
 
         self.ensure_model()
         if isinstance(input_data, str):

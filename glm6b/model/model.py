@@ -18,17 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ChatGLMConfig
+from ..config import ChatGLMConfig
+from .cache import KVCache, PrefixPast
+from .masks import InputError, build_mask_and_positions
 
 # The reference's GLMBlock takes `num_layers` with a default of 28 and the model never passes
 # config.num_layers, so the residual scale is sqrt(2 * 28) for every depth (spec 4.2).
 RESIDUAL_ALPHA = math.sqrt(2 * 28)
 # The reference fills masked scores with -10000, not -inf: fully masked rows attend uniformly.
 MASKED_SCORE = -10000.0
-
-
-class InputError(ValueError):
-    """Model inputs that cannot be used (missing special tokens, bad shapes); the message says why."""
 
 
 # ----------------------------------------------------------------------------------- rotary
@@ -59,133 +57,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_half(x) * sin
-
-
-# ----------------------------------------------------------------------------------- KV cache
-
-
-class KVCache:
-    """Preallocated keys and values for every layer, filled left to right.
-
-    Keys are stored already rotated. `length` counts the filled slots (including a P-tuning
-    prefix); a forward call with a cache writes its T new tokens at [length, length + T) and
-    then advances `length`.
-
-    Args:
-        config: model config (layers, heads, head dim).
-        batch_size: rows.
-        max_length: slots per row (prefix + prompt + new tokens).
-        dtype, device: of the stored tensors (the model's activation dtype and device).
-    """
-
-    def __init__(self, config: ChatGLMConfig, batch_size: int, max_length: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        shape = (config.num_layers, batch_size, config.num_attention_heads, max_length, config.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, nh, max_length, d]
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0
-
-    @property
-    def max_length(self) -> int:
-        return self.keys.shape[3]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v [B, nh, T, d] at the current position; return all keys/values so far [B, nh, S, d]."""
-        end = self.length + k.shape[2]
-        if end > self.max_length:
-            raise InputError(f"KV cache holds {self.max_length} tokens per row; {end} were needed")
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-
-    def fill_prefix(self, past: torch.Tensor) -> None:
-        """Write a P-tuning past [L, 2, B, nh, P, d] into the first P slots of an empty cache."""
-        prefix = past.shape[4]
-        self.keys[:, :, :, :prefix] = past[:, 0]
-        self.values[:, :, :, :prefix] = past[:, 1]
-        self.length = prefix
-
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Keep (or repeat) batch rows, e.g. to expand one prompt into several samples."""
-        self.keys = self.keys[:, rows]
-        self.values = self.values[:, rows]
-
-
-class PrefixPast:
-    """A P-tuning past used without a cache (training): prepends the prefix keys/values by
-    concatenation, so gradients reach the prefix encoder and nothing is written in place."""
-
-    def __init__(self, past: torch.Tensor):
-        self.past = past  # [L, 2, B, nh, P, d]
-        self.length = past.shape[4]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        return torch.cat([self.past[layer, 0], k], dim=2), torch.cat([self.past[layer, 1], v], dim=2)
-
-
-# ----------------------------------------------------------------------------------- masks/positions
-
-
-def build_mask_and_positions(
-    input_ids: torch.Tensor, config: ChatGLMConfig, padding_mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefix-LM attention mask and 2D position ids derived from the token ids (spec 4.7).
-
-    Per row, c = index of the first <sop>. The mask lets every token see the context 0..c-1 and
-    the tokens before it (True = masked). Position row 0 counts 0..T-1 with positions from c on
-    set to the index of the mask token ([gMASK] preferred over [MASK], as the model does); row 1
-    is 0 over the context and 1, 2, ... from <sop> on.
-
-    Args:
-        input_ids: [B, T] token ids.
-        config: gives the special ids.
-        padding_mask: optional [B, T] with 1/True at real tokens and 0/False at left padding.
-            Pads are then hidden from every token and positions count from the first real token,
-            exactly as the tokenizer builds them for a left-padded batch.
-
-    Returns:
-        attention_mask [B, 1, T, T] bool and position_ids [B, 2, T] int64.
-
-    Raises:
-        InputError: a row without <sop>, or without [MASK]/[gMASK] (the reference fails deep
-            inside with an unrelated message; prompts must end with [gMASK] <sop>).
-    """
-    batch, length = input_ids.shape
-    device = input_ids.device
-    t = torch.arange(length, device=device)
-    pad = torch.zeros(batch, dtype=torch.long, device=device)
-    if padding_mask is not None:
-        pad = length - padding_mask.to(torch.long).sum(dim=1)
-    real = t[None, :] >= pad[:, None]  # [B, T]
-
-    def first_index(token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        hits = (input_ids == token_id) & real
-        return hits.any(dim=1), hits.to(torch.long).argmax(dim=1)  # argmax finds the first hit
-
-    has_bos, c = first_index(config.bos_token_id)
-    has_gmask, gmask_pos = first_index(config.gmask_token_id)
-    has_mask, mask_pos = first_index(config.mask_token_id)
-    for row in (~has_bos).nonzero().flatten().tolist():
-        raise InputError(
-            f"input row {row} has no <sop> token (id {config.bos_token_id}): ChatGLM-6B prompts end with "
-            f"[gMASK] <sop>; encode text with tokenizer.encode(text) or tokenizer(texts) which add them")
-    for row in (~(has_gmask | has_mask)).nonzero().flatten().tolist():
-        raise InputError(
-            f"input row {row} has no [gMASK] (id {config.gmask_token_id}) or [MASK] (id {config.mask_token_id}) "
-            f"token: ChatGLM-6B prompts end with [gMASK] <sop>; encode text with tokenizer.encode(text)")
-    mask_pos = torch.where(has_gmask, gmask_pos, mask_pos)  # the model prefers [gMASK]
-
-    # Query i sees key j when both are real tokens and j is in the context (j < c) or j <= i.
-    i, j = t[:, None], t[None, :]
-    visible = (j <= i)[None] | (j[None] < c[:, None, None])  # [B, T, T]
-    visible &= real[:, :, None] & real[:, None, :]
-    masks = ~visible[:, None]  # [B, 1, T, T], True = masked
-
-    in_block = t[None, :] >= c[:, None]  # from <sop> on
-    absolute = torch.where(in_block, mask_pos[:, None], t[None, :]) - pad[:, None]
-    block = torch.where(in_block, t[None, :] - c[:, None] + 1, 0)
-    positions = torch.stack([absolute, block], dim=1).masked_fill(~real[:, None, :], 0)  # [B, 2, T]
-    return masks, positions
 
 
 # ----------------------------------------------------------------------------------- layers
@@ -483,30 +354,6 @@ class ChatGLMForConditionalGeneration(nn.Module):
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.transformer.word_embeddings
-
-    def save_pretrained(self, directory, **kwargs) -> None:
-        """Write an HF-format folder (config.json + safetensors); see `glm6b.checkpoint.save_pretrained`."""
-        from .checkpoint import save_pretrained
-
-        save_pretrained(self, directory, **kwargs)
-
-    def chat(self, tokenizer, query: str, history=None, **kwargs):
-        """Answer `query` given earlier (query, response) rounds; see `glm6b.chat.chat`."""
-        from .chat import chat
-
-        return chat(self, tokenizer, query, history, **kwargs)
-
-    def stream_chat(self, tokenizer, query: str, history=None, **kwargs):
-        """Yield (partial response, history) after every new token; see `glm6b.chat.stream_chat`."""
-        from .chat import stream_chat
-
-        return stream_chat(self, tokenizer, query, history, **kwargs)
-
-    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Generate continuations with the KV cache; see `glm6b.generation.generate`."""
-        from .generation import generate
-
-        return generate(self, input_ids, **kwargs)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:

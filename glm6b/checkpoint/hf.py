@@ -37,9 +37,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .config import ChatGLMConfig
-from .io import atomic_write, atomic_write_text
-from .model import ChatGLMForConditionalGeneration, PrefixEncoder
+from ..config import ChatGLMConfig
+from ..io import atomic_write, atomic_write_text
+from ..model import ChatGLMForConditionalGeneration, PrefixEncoder
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -367,6 +367,7 @@ def load_model(
     pre_seq_len: int | None = None,
     prefix_projection: bool | None = None,
     strict: bool = True,
+    model_class: type[ChatGLMForConditionalGeneration] = ChatGLMForConditionalGeneration,
 ) -> ChatGLMForConditionalGeneration:
     """Load a ChatGLM-6B model from a HF-layout folder (see the module docstring for the layouts).
 
@@ -390,6 +391,7 @@ def load_model(
             initialised prefix encoder (PyTorch defaults, as the reference) to train.
         strict: raise on checkpoint tensors the model does not have (besides the ignored rotary
             buffers and tied lm_head). Missing tensors always raise.
+        model_class: the class to build (`glm6b.api.ChatGLM` adds chat/generate to the math class).
 
     Returns:
         The model in eval mode, lm_head tied to the word embeddings when config.tie_word_embeddings.
@@ -422,7 +424,7 @@ def load_model(
             changes["prefix_projection"] = bool(prefix_projection)
         config = config.replace(**changes)
 
-    model = ChatGLMForConditionalGeneration(config, dtype=dtype, device="meta")
+    model = model_class(config, dtype=dtype, device="meta")
     expected = _expected_tensors(model)
     base_expected = expected
     if ptuning_weights is not None:  # the prefix encoder comes from the P-tuning file, not the base

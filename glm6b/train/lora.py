@@ -3,7 +3,7 @@
 PEFT works on our plain nn.Module as it is: `target_modules=["query_key_value"]` matches the HF
 module names kept by glm6b.model, `model.config.to_dict()` gives PEFT the config it records, and the
 LoRA layers are injected in place, so `peft_model.get_base_model()` is a ChatGLMForConditionalGeneration
-whose forward (and glm6b.generation) includes the adapters. An adapter folder is what
+whose forward (and glm6b.inference.generation) includes the adapters. An adapter folder is what
 `PeftModel.save_pretrained` writes: adapter_config.json + adapter_model.safetensors.
 
 peft (and the transformers it imports, ~10 s) is imported inside the functions, only when LoRA is used.
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_model, save_pretrained
-from .tokenizer import load_tokenizer
+from ..checkpoint.hf import CheckpointError, load_model, save_pretrained
+from ..tokenizer import load_tokenizer
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"

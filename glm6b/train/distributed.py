@@ -44,8 +44,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import ChatGLMConfig, ConfigError
-from .model import ChatGLMForConditionalGeneration, GLMBlock
+from ..config import ChatGLMConfig, ConfigError
+from ..model import ChatGLMForConditionalGeneration, GLMBlock
 
 # Files a DCP checkpoint folder holds besides DCP's own (.metadata, __<rank>_<n>.distcp).
 CHECKPOINT_INFO_NAME = "glm6b_checkpoint.json"
@@ -789,13 +789,13 @@ def read_checkpoint_info(directory: str | os.PathLike) -> dict[str, Any]:
     Raises:
         CheckpointError: not a folder written by `save_sharded`.
     """
-    from .checkpoint import CheckpointError
+    from ..checkpoint.hf import CheckpointError
 
     directory = Path(directory)
     if not is_sharded_checkpoint(directory):
         what = "does not exist" if not directory.exists() else f"has no {CHECKPOINT_INFO_NAME} and .metadata"
         raise CheckpointError(f"{directory} {what}: expected a sharded (DCP) checkpoint written by "
-                              f"glm6b.distributed.save_sharded")
+                              f"glm6b.train.distributed.save_sharded")
     try:
         info = json.loads((directory / CHECKPOINT_INFO_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -827,7 +827,7 @@ def load_sharded(state: dict[str, Any], directory: str | os.PathLike) -> dict[st
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    from .checkpoint import CheckpointError
+    from ..checkpoint.hf import CheckpointError
 
     directory = Path(directory)
     info = read_checkpoint_info(directory)
@@ -923,7 +923,7 @@ def _strip_peft_prefix(name: str) -> str:
 @torch.no_grad()
 def _base_model_from_state(config: ChatGLMConfig, tensors: dict[str, torch.Tensor], directory: Path):
     """Build the ChatGLM model from a full state dict (keys without any PEFT prefix); fail on any mismatch."""
-    from .checkpoint import CheckpointError
+    from ..checkpoint.hf import CheckpointError
 
     model = ChatGLMForConditionalGeneration(config, device="meta")
     expected = dict(model.named_parameters(remove_duplicate=False))
@@ -956,7 +956,7 @@ def merge_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathLike
       `glm6b.load_model` reads.
     * LoRA: with `base_model_path`, the adapter merged into the base weights (W + B A * scaling),
       as an HF folder; without it, the PEFT adapter folder (adapter_config.json +
-      adapter_model.safetensors, + tokenizer files) for `glm6b.lora.load_adapter` /
+      adapter_model.safetensors, + tokenizer files) for `glm6b.train.lora.load_adapter` /
       `PeftModel.from_pretrained`. A LoRA checkpoint written with trainable_only=False carries
       its base and merges without `base_model_path`.
     * P-tuning: with `base_model_path`, an HF folder holding the base and the prefix encoder
@@ -975,7 +975,7 @@ def merge_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathLike
     Raises:
         CheckpointError: not a sharded checkpoint, tensors that do not match, a missing base.
     """
-    from .checkpoint import CheckpointError
+    from ..checkpoint.hf import CheckpointError
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     info = read_checkpoint_info(input_dir)
@@ -1016,7 +1016,7 @@ def merge_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathLike
 def _merged_model(kind: str, tensors: dict[str, torch.Tensor], config: ChatGLMConfig, input_dir: Path,
                   base_model_path) -> ChatGLMForConditionalGeneration:
     """The full model: base weights (the checkpoint's own, or base_model_path's) + the trained tensors."""
-    from .checkpoint import CheckpointError, load_model
+    from ..checkpoint.hf import CheckpointError, load_model
 
     if kind == "lora":
         return _merged_lora_model(tensors, config, input_dir, base_model_path)
@@ -1039,7 +1039,7 @@ def _merged_lora_model(tensors: dict[str, torch.Tensor], config: ChatGLMConfig, 
     """Rebuild the PEFT model around the base, load the adapter tensors, merge (PEFT's merge_and_unload)."""
     import peft
 
-    from .checkpoint import CheckpointError, load_model
+    from ..checkpoint.hf import CheckpointError, load_model
 
     peft_config = peft.LoraConfig.from_pretrained(str(input_dir))
     if base_model_path is not None:
@@ -1067,7 +1067,7 @@ def _merged_lora_model(tensors: dict[str, torch.Tensor], config: ChatGLMConfig, 
 
 
 def _write_model_folder(model: ChatGLMForConditionalGeneration, folder: Path, dtype) -> None:
-    from .checkpoint import save_pretrained
+    from ..checkpoint.hf import save_pretrained
 
     save_pretrained(model, folder)
 
@@ -1090,7 +1090,7 @@ def _write_adapter_folder(tensors: dict[str, torch.Tensor], input_dir: Path, ada
 
 
 def _write_ptuning_folder(tensors: dict[str, torch.Tensor], config: ChatGLMConfig, folder: Path, dtype) -> None:
-    from .checkpoint import PREFIX_ENCODER
+    from ..checkpoint.hf import PREFIX_ENCODER
 
     state = {name: tensor.to(dtype or tensor.dtype).contiguous() for name, tensor in tensors.items()
              if name.startswith(PREFIX_ENCODER)}
@@ -1102,7 +1102,7 @@ def save_final_model(model: nn.Module, directory: str | os.PathLike, tokenizer=N
     """Write the trained result on rank 0 in the single-process formats (what `final/` holds).
 
     Collective: every rank calls it; the full tensors are gathered to rank 0's CPU, and rank 0
-    writes `<directory>.tmp`, then renames it. Formats (as glm6b.trainer's save_model writes them):
+    writes `<directory>.tmp`, then renames it. Formats (as glm6b.train.trainer's save_model writes them):
     full -> HF folder (config.json, model.safetensors) for `load_model`; LoRA -> PEFT adapter
     folder (adapter_config.json, adapter_model.safetensors); P-tuning -> THUDM folder
     (pytorch_model.bin with the prefix encoder, config.json). On one process it is a plain save.

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .model import KVCache, build_mask_and_positions
+from ..model import KVCache, build_mask_and_positions
 
 
 @dataclass

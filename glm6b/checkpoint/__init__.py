@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints: HuggingFace folders (hf.py)."""

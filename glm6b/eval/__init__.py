@@ -1,0 +1,1 @@
+"""Evaluation: BLEU-4 / ROUGE metrics and the generate-and-score loop."""

@@ -1,0 +1,1 @@
+"""Inference: generation, chat and the text-generation pipeline."""

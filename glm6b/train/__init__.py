@@ -1,0 +1,1 @@
+"""Fine-tuning: ADGEN data, LoRA, the Trainer, distributed plans and YAML recipes."""
