@@ -30,6 +30,7 @@ LAYERS = {
     "sample_data": 3,
     "checkpoint": 10,
     "checkpoint.hf": 10,
+    "quant.folder": 11,
     "inference.generation": 20,
     "inference.chat": 21,
     "api": 22,

@@ -253,6 +253,8 @@ def run_eval(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    quantize: str | None = None,
+    quantize_embeddings: bool = False,
     **generation_kwargs,
 ) -> dict:
     """Evaluate (or just run) a checkpoint on an ADGEN-format jsonl file and write the results.
@@ -279,6 +281,7 @@ def run_eval(
         prompt_column, response_column: jsonl fields (ADGEN: "content", "summary").
         dtype, device: where and how to load the model (see glm6b.checkpoint.hf.load_model).
         progress: show a progress bar and print the results table.
+        quantize, quantize_embeddings: weight-only int8/int4 at load (see glm6b.checkpoint.hf.load_model).
         **generation_kwargs: GenerationConfig fields (do_sample, temperature, top_p, top_k, seed, ...);
             greedy by default.
 
@@ -303,7 +306,7 @@ def run_eval(
     folder = resolve_model_path(model_path)
     tokenizer = load_tokenizer(folder)
     generation = make_generation_config(generation, allowed_vocab_size=len(tokenizer))
-    model = load_model(folder, dtype=dtype, device=device)
+    model = load_model(folder, dtype=dtype, device=device, quantize=quantize, quantize_embeddings=quantize_embeddings)
     if adapter is not None:
         model = load_adapter(model, adapter)  # not merged
     prompts = [ex.prompt for ex in examples]
@@ -337,6 +340,7 @@ def run_eval(
             "response_column": response_column,
             "dtype": str(unwrap_peft(model).dtype).removeprefix("torch."),
             "device": str(unwrap_peft(model).device),
+            "quantization_bit": unwrap_peft(model).config.quantization_bit,
             "generation": {k: v for k, v in asdict(generation).items() if k != "max_length"},
         },
     })

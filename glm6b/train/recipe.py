@@ -78,6 +78,7 @@ SHORT_FLAGS = {
     "max_steps": "trainer.max_steps",
     "batch_size": "trainer.per_device_train_batch_size",
     "learning_rate": "trainer.learning_rate",
+    "quantize": "model.quantize",
 }
 
 
@@ -333,6 +334,7 @@ def _run_generation_eval(recipe: Recipe) -> dict[str, Any]:
                        max_new_tokens=gen.max_new_tokens, max_source_length=data.max_source_length,
                        max_target_length=data.max_target_length, prompt_column=data.prompt_column,
                        response_column=data.response_column, dtype=margs.dtype, device=margs.device,
+                       quantize=margs.quantize,
                        progress=not recipe.trainer.disable_tqdm, **sampling)
     output_dir = Path(recipe.trainer.output_dir)
     return {**{k: v for k, v in summary.items() if k not in ("timing", "settings")},
@@ -375,6 +377,9 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
         raise RecipeError("finetune needs model.load_checkpoint (use --load-checkpoint PATH)")
     if mode == "eval" and data.eval_data is None:
         raise RecipeError("data.eval_data is not set (use --eval-data FILE)")
+    if mode in ("train", "finetune") and recipe.model.quantize is not None:
+        raise RecipeError(f"model.quantize = {recipe.model.quantize!r} is for eval and predict only (training a "
+                          f"quantized base is not supported)")
     if mode == "predict" and not prompts and data.eval_data is None:
         raise RecipeError("predict needs prompts (--prompt TEXT) or data.eval_data (--eval-data FILE)")
     output_dir = Path(recipe.trainer.output_dir)

@@ -84,6 +84,7 @@ class ModelArguments:
         prefix_projection: P-tuning v2 MLP re-parameterisation of the prefix.
         ptuning_checkpoint: trained prefix encoder to load (THUDM P-tuning folder or file).
         adapter: trained LoRA adapter folder to load (PEFT format).
+        quantize: "int8" or "int4": weight-only quantize the base at load (eval and predict only).
     """
 
     load_checkpoint: str | None = None
@@ -95,6 +96,7 @@ class ModelArguments:
     prefix_projection: bool = False
     ptuning_checkpoint: str | None = None
     adapter: str | None = None
+    quantize: Literal["int8", "int4"] | None = None
 
 
 @dataclass
@@ -484,7 +486,8 @@ class Trainer:
         if margs.load_checkpoint is not None:
             self.model = load_model(margs.load_checkpoint, dtype=dtype, device=device,
                                     ptuning_checkpoint=margs.ptuning_checkpoint, pre_seq_len=pre_seq_len,
-                                    prefix_projection=margs.prefix_projection if pre_seq_len else None)
+                                    prefix_projection=margs.prefix_projection if pre_seq_len else None,
+                                    quantize=margs.quantize)
         elif margs.preset is not None:
             config = ChatGLMConfig.from_name(margs.preset, pre_seq_len=pre_seq_len,
                                              prefix_projection=bool(pre_seq_len and margs.prefix_projection))
