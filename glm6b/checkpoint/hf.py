@@ -321,7 +321,7 @@ def _load_file_into(model: nn.Module, path: Path, expected: dict[str, torch.Tens
                                       f"(a quantized tensor, but {origin} has no quantization_bit)")
             if not target.is_floating_point() and tensor.dtype != target.dtype:
                 raise CheckpointError(f"{path}: tensor {raw_name} is {tensor.dtype}, expected {target.dtype} "
-                                      f"(THUDM's quantized layout, as {origin} says)")
+                                      f"({origin} sets quantization_bit: THUDM's quantized layout)")
             if name in loaded:
                 raise CheckpointError(f"{path}: tensor {raw_name} was already loaded from another file")
             # copy=True: the parameter owns its memory, never a view of the (memory-mapped) file.
