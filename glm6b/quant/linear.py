@@ -126,6 +126,7 @@ class QuantizedLinear(nn.Module):
         self.allow_in_place = True
         self._kernel: tuple | None = None
         self._kernel_key: tuple | None = None
+        self._kernel_of: tuple = (None, None)  # the (weight, weight_scale) the kernel copy was built from
         # The parameter whose bytes were overwritten with the CPU int4 kernel layout (None: THUDM's bytes).
         self._in_place_of: nn.Parameter | None = None
 
@@ -184,12 +185,14 @@ class QuantizedLinear(nn.Module):
         return self._kernel[0]
 
     def _ensure_kernel(self, device: torch.device, dtype: torch.dtype) -> None:
-        key = (device.type, dtype, id(self.weight), id(self.weight_scale))
-        if self._kernel is not None and self._kernel_key == key:
+        # Identity checks only (no id()/hashing), so a compiled forward keeps one graph.
+        if (self._kernel is not None and self._kernel_key == (device.type, dtype)
+                and self._kernel_of[0] is self.weight and self._kernel_of[1] is self.weight_scale):
             return
         with torch.no_grad():
             self._kernel = self._build_kernel(device, dtype)
-        self._kernel_key = key
+        self._kernel_key = (device.type, dtype)
+        self._kernel_of = (self.weight, self.weight_scale)
 
     def _build_kernel(self, device: torch.device, dtype: torch.dtype) -> tuple:
         if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16):
