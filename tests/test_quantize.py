@@ -62,6 +62,8 @@ def thudm_folder(path: Path, bits: int, embeddings: bool = False) -> Path:
             state[name], state[name.removesuffix("weight") + "weight_scale"] = thudm_quantize(tensor, bits)
         else:
             state[name] = tensor.half()
+    if embeddings:  # THUDM's int4-qe saves the tied lm_head as the quantized embedding table again
+        state["lm_head.weight"], state["lm_head.weight_scale"] = state[EMBEDDING], state[EMBEDDING + "_scale"]
     torch.save(state, path / "pytorch_model.bin")
     config = json.loads((GOLDEN / "config.json").read_text())
     config["quantization_bit"] = bits
@@ -331,3 +333,14 @@ def test_cuda_kernel_equals_x_times_dequantized_weight(bits):
     got = layer(x)
     assert layer._kernel[0] in ("int8pack", "int4pack_cuda", "dequantize")
     assert (got.double() - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_linear_traces_as_one_graph(bits):
+    """A compiled decode step (fullgraph) can hold quantized layers once their kernels are built."""
+    layer = random_layer(bits, 128, 256)
+    x = torch.randn(2, 256)
+    want = layer(x)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), want)

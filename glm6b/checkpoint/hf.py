@@ -248,7 +248,8 @@ def _ignored_name(name: str, config: ChatGLMConfig) -> bool:
     """Checkpoint tensors dropped on load: the rotary buffers and the (tied) lm_head."""
     if name.endswith(".rotary_emb.inv_freq"):
         return True
-    return config.tie_word_embeddings and name == "lm_head.weight"
+    # A tied lm_head is the embeddings: its weight (and, in THUDM's int4-qe, weight_scale) are copies.
+    return config.tie_word_embeddings and name in ("lm_head.weight", "lm_head.weight_scale")
 
 
 def _expected_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
