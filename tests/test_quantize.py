@@ -188,6 +188,12 @@ def test_int4_kernel_layout_in_place_keeps_thudm_state_dict():
     layer.load_state_dict(layer.state_dict())
     assert torch.equal(layer.thudm_weight(), thudm)
     assert torch.equal(layer(x), before)
+    # Another kernel (here: float64 inputs, de-quantized) gets THUDM's bytes back in the weight itself.
+    layer.prepare("cpu", torch.float32)
+    assert layer.prepare("cpu", torch.float64) == "dequantize"
+    assert not layer._in_place and torch.equal(layer.weight.detach(), thudm)
+    # (the de-quantized path rounds q * scale to float16 as THUDM does; the int4 kernel does not)
+    assert (layer(x.double()) - before.double()).abs().max() <= 2e-3 * before.abs().max()
 
 
 def test_quantized_layers_keep_the_hf_names(model):

@@ -37,6 +37,7 @@ QUANTIZED_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_
 CPU_INT4_GROUP = 128
 CUDA_INT4_GROUP = 128
 CUDA_INT4_INNER_K_TILES = 8
+_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # input dtypes the CPU int8/int4 ops take
 _CPU_INT4_BLOCK = 64  # rows per block in the CPU int4 kernel's layout (AVX-512 build)
 
 
@@ -195,11 +196,15 @@ class QuantizedLinear(nn.Module):
         self._kernel_of = (self.weight, self.weight_scale)
 
     def _build_kernel(self, device: torch.device, dtype: torch.dtype) -> tuple:
-        if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16):
-            if self.bits == 8:
-                return ("int8pack", self.weight_scale.to(dtype))
-            if _cpu_int4_group(self.in_features) and self.out_features % 16 == 0:
-                return self._build_cpu_int4(dtype)
+        cpu_int4 = (device.type == "cpu" and dtype in _CPU_DTYPES and self.bits == 4
+                    and _cpu_int4_group(self.in_features) and self.out_features % 16 == 0)
+        if self._in_place and not cpu_int4:  # e.g. moved to CUDA: give the weight back THUDM's byte order
+            self.weight.copy_(self.thudm_weight())
+            self.__dict__["_in_place_of"] = None
+        if cpu_int4:
+            return self._build_cpu_int4(dtype)
+        if device.type == "cpu" and dtype in _CPU_DTYPES and self.bits == 8:
+            return ("int8pack", self.weight_scale.to(dtype))
         if device.type == "cuda":
             kernel = self._build_cuda(dtype)
             if kernel is not None:
