@@ -307,6 +307,36 @@ def test_cli_quantize_flag_loads_quantized(capsys):
     assert "quantize_embeddings=True needs quantize" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("mode", ["eval", "predict"])
+def test_run_and_eval_commands_take_quantize(tmp_path, mode, capsys):
+    configs = Path(__file__).parent.parent / "configs"
+    data = tmp_path / "dev.json"
+    rows = [{"content": ex["prompt"], "summary": ex["answer"]} for ex in golden_cases()["train_adgen"]["examples"]]
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    argv = ["run", "--config", str(configs / "infer.yaml"), "--mode", mode, "--load-checkpoint", str(GOLDEN),
+            "--eval-data", str(data), "--output-dir", str(tmp_path / "run"), "--quantize", "int8",
+            "--set", "generation.max_new_tokens=3", "--set", "data.max_source_length=24",
+            "--set", "data.max_target_length=8", "--set", "trainer.disable_tqdm=true", "--set", "model.dtype=float32"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert len((tmp_path / "run" / "predictions.jsonl").read_text().splitlines()) == len(rows)
+    if mode == "eval":
+        assert json.loads((tmp_path / "run" / "metrics.json").read_text())["settings"]["quantization_bit"] == 8
+        assert main(["eval", "--model", str(GOLDEN), "--data", str(data), "--output-dir", str(tmp_path / "ev"),
+                     "--quantize", "int4", "--max-new-tokens", "3", "--max-source-length", "24"]) == 0
+        assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["settings"]["quantization_bit"] == 4
+    else:
+        train = ["run", "--config", str(configs / "lora.yaml"), "--mode", "finetune", "--load-checkpoint",
+                 str(GOLDEN), "--train-data", str(data), "--output-dir", str(tmp_path / "ft"), "--quantize", "int4"]
+        assert main(train) == 2
+        assert "model.quantize = 'int4' is for eval and predict only" in capsys.readouterr().err
+        from glm6b.train.trainer import ModelArguments, Trainer, TrainingArguments
+
+        trainer = Trainer(model_args=ModelArguments(load_checkpoint=str(GOLDEN), dtype="float32", quantize="int8"),
+                          args=TrainingArguments(output_dir=str(tmp_path / "t"), tensorboard=False, disable_tqdm=True))
+        trainer.ensure_model()
+        assert isinstance(trainer.model.transformer.layers[0].attention.query_key_value, QuantizedLinear)
+
+
 # ----------------------------------------------------------------------------------- errors
 
 
