@@ -171,6 +171,18 @@ def test_fallback_dequantizes_into_the_input_dtype():
     assert torch.allclose(layer(x), want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(192, 256), (64, 4096)])
+def test_direct_int4_layout_conversion_equals_the_op(shape):
+    from glm6b.quant.linear import _blocked_to_thudm, _cpu_int4_layout_is_blocked, _thudm_to_blocked
+
+    if not _cpu_int4_layout_is_blocked(shape[0]):
+        pytest.skip("this PyTorch build does not use the 64-row blocked int4 layout (the op's copy is used)")
+    q = torch.randint(-8, 8, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(3))
+    by_op = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32) + 8, 1)
+    assert torch.equal(_thudm_to_blocked(pack_int4(q), *shape), by_op.view(torch.uint8))
+    assert torch.equal(_blocked_to_thudm(by_op, *shape), pack_int4(q))
+
+
 def test_int4_kernel_layout_in_place_keeps_thudm_state_dict():
     layer = random_layer(4, 128, 256)
     thudm = layer.weight.detach().clone()

@@ -52,11 +52,24 @@ def _cpu_int4_values(weight: torch.Tensor, bits: int) -> torch.Tensor:
 def _blocked_to_thudm(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """Invert the CPU kernel's blocked layout ([out/64, in, 32] bytes: low nibble row j, high nibble row
     j + 32 of each 64-row block) back to THUDM's packed int8 [out, in / 2]."""
-    v = packed.view(torch.uint8).view(out_features // _CPU_INT4_BLOCK, in_features, _CPU_INT4_BLOCK // 2)
-    low, high = (v & 0x0F), (v >> 4)  # each [blocks, in, 32]
-    q = torch.cat((low, high), dim=2).transpose(1, 2)  # [blocks, 64, in]
-    q = q.reshape(out_features, in_features).to(torch.int8) - 8
-    return pack_int4(q)
+    v = packed.view(torch.uint8).view(-1, in_features // 2, 2, _CPU_INT4_BLOCK // 2)
+    even, odd = v[:, :, 0], v[:, :, 1]  # columns 2c and 2c + 1: [blocks, in/2, 32]
+    top = ((even & 0x0F) << 4) | (odd & 0x0F)  # rows j: THUDM byte c = column 2c high, 2c + 1 low
+    bottom = (even & 0xF0) | (odd >> 4)  # rows j + 32
+    thudm = torch.stack((top, bottom), dim=1).transpose(-1, -2)  # [blocks, 2, 32, in/2]
+    return (thudm.reshape(out_features, in_features // 2) ^ 0x88).view(torch.int8)  # back to signed nibbles
+
+
+def _thudm_to_blocked(weight: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """THUDM's packed int8 [out, in / 2] straight to the CPU kernel's blocked layout (uint8, same shape),
+    in uint8 arithmetic: what ``_convert_weight_to_int4pack_for_cpu`` returns, without int32 temporaries."""
+    half = _CPU_INT4_BLOCK // 2
+    u = (weight.view(torch.uint8) ^ 0x88).view(-1, 2, half, in_features // 2)  # nibbles q + 8; [blocks, 2, 32, in/2]
+    top, bottom = u[:, 0], u[:, 1]  # rows j and j + 32 of each block; byte c holds columns 2c (high), 2c + 1 (low)
+    even = (top >> 4) | (bottom & 0xF0)  # column 2c: low nibble row j, high nibble row j + 32
+    odd = (top & 0x0F) | (bottom << 4)  # column 2c + 1
+    blocked = torch.stack((even, odd), dim=-1).view(-1, half, in_features)  # [blocks, 32, in]
+    return blocked.transpose(1, 2).contiguous().view(out_features, in_features // 2)  # [blocks, in, 32]
 
 
 _BLOCKED_LAYOUT_CHECKED: dict[int, bool] = {}
@@ -64,7 +77,8 @@ _BLOCKED_LAYOUT_CHECKED: dict[int, bool] = {}
 
 def _cpu_int4_layout_is_blocked(out_features: int) -> bool:
     """Whether this PyTorch build lays out int4pack copies of `out_features` rows in 64-row blocks
-    (checked once per row count on a small matrix, so the in-place trick is used only where it is exact)."""
+    (checked once per row count on a small matrix against the op itself, so the direct conversions
+    both ways are used only where they are exact)."""
     if out_features % _CPU_INT4_BLOCK:
         return False
     if out_features not in _BLOCKED_LAYOUT_CHECKED:
@@ -72,7 +86,8 @@ def _cpu_int4_layout_is_blocked(out_features: int) -> bool:
         q = torch.randint(-7, 8, (out_features, 64), dtype=torch.int8, generator=gen)
         try:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32) + 8, 1)
-            ok = torch.equal(_blocked_to_thudm(packed, out_features, 64), pack_int4(q))
+            ok = (torch.equal(_thudm_to_blocked(pack_int4(q), out_features, 64), packed.view(torch.uint8))
+                  and torch.equal(_blocked_to_thudm(packed, out_features, 64), pack_int4(q)))
         except (RuntimeError, ValueError):
             ok = False
         _BLOCKED_LAYOUT_CHECKED[out_features] = ok
@@ -216,11 +231,14 @@ class QuantizedLinear(nn.Module):
         scales = _scales_and_zeros(self.weight_scale, self.in_features, group, dtype)
         if self._in_place:  # the weight already holds the kernel layout
             return ("int4pack_cpu", self.weight.view(torch.uint8), scales, group)
+        if _cpu_int4_layout_is_blocked(self.out_features):
+            packed = _thudm_to_blocked(self.weight.detach(), self.out_features, self.in_features)
+            if self.allow_in_place:
+                self.weight.view(torch.uint8).copy_(packed)
+                self.__dict__["_in_place_of"] = self.weight  # a plain reference, not a second registered parameter
+                return ("int4pack_cpu", self.weight.view(torch.uint8), scales, group)
+            return ("int4pack_cpu", packed, scales, group)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_cpu_int4_values(self.weight, 4), 1)
-        if self.allow_in_place and _cpu_int4_layout_is_blocked(self.out_features):
-            self.weight.view(torch.uint8).copy_(packed.view(self.weight.shape))
-            self.__dict__["_in_place_of"] = self.weight  # a plain reference, not a second registered parameter
-            return ("int4pack_cpu", self.weight.view(torch.uint8), scales, group)
         return ("int4pack_cpu", packed, scales, group)
 
     def _build_cuda(self, dtype: torch.dtype) -> tuple | None:
