@@ -26,6 +26,8 @@ LAYERS = {
     "tokenizer_builder": 2,
     "sample_data": 3,
     "checkpoint": 10,
+    "checkpoint.errors": 5,
+    "checkpoint.mindspore": 9,
     "checkpoint.hf": 10,
     "inference.generation": 20,
     "inference.chat": 21,

@@ -40,6 +40,8 @@ from torch import nn
 from ..config import ChatGLMConfig
 from ..io import atomic_write, atomic_write_text
 from ..model import ChatGLMForConditionalGeneration, PrefixEncoder
+from . import mindspore
+from .errors import CheckpointError
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -54,10 +56,6 @@ _WEIGHT_FILE_RE = re.compile(
     r"|pytorch_model\.bin|pytorch_model\.bin\.index\.json|pytorch_model-\d{5}-of-\d{5}\.bin)$")
 PREFIX_ENCODER = "transformer.prefix_encoder."
 _HF_FILES = "config.json, pytorch_model-*.bin or *.safetensors, ice_text.model, tokenizer_config.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the one-line message names the file and what was expected."""
 
 
 # ----------------------------------------------------------------------------------- atomic writes
@@ -200,6 +198,8 @@ def iter_file_tensors(path: str | os.PathLike,
     """
     path = Path(path)
     skip = skip or (lambda name: False)
+    if mindspore.is_ckpt_file(path):  # MindFormers names, training entries left out
+        return mindspore.iter_model_tensors(path, skip)
     if path.suffix == ".safetensors":
         return _iter_safetensors_file(path, skip)
     return _iter_bin_file(path, skip)
@@ -368,6 +368,7 @@ def load_model(
     prefix_projection: bool | None = None,
     strict: bool = True,
     model_class: type[ChatGLMForConditionalGeneration] = ChatGLMForConditionalGeneration,
+    config: ChatGLMConfig | str | os.PathLike | None = None,
 ) -> ChatGLMForConditionalGeneration:
     """Load a ChatGLM-6B model from a HF-layout folder (see the module docstring for the layouts).
 
@@ -392,6 +393,9 @@ def load_model(
         strict: raise on checkpoint tensors the model does not have (besides the ignored rotary
             buffers and tied lm_head). Missing tensors always raise.
         model_class: the class to build (`glm6b.api.ChatGLM` adds chat/generate to the math class).
+        config: for a MindSpore `.ckpt` path only (see `glm6b.checkpoint.mindspore.ckpt_config`): the
+            config (or config.json path) to use instead of the config.json beside the file or,
+            without one, the built-in `glm_6b` preset.
 
     Returns:
         The model in eval mode, lm_head tied to the word embeddings when config.tie_word_embeddings.
@@ -401,8 +405,12 @@ def load_model(
         ConfigError: an unreadable or impossible config.json (the message names the file and field).
     """
     folder = Path(path)
-    files = find_weight_files(folder)
-    config = ChatGLMConfig.from_json_file(folder / CONFIG_NAME)
+    rename = lambda name: name  # noqa: E731
+    if mindspore.is_ckpt_file(folder):  # a MindSpore / MindFormers .ckpt file instead of a folder
+        files, config, rename = [folder], mindspore.ckpt_config(folder, config, strict), mindspore.to_hf_name_or_same
+    else:
+        files = find_weight_files(folder)
+        config = ChatGLMConfig.from_json_file(folder / CONFIG_NAME)
     device, dtype = _resolve_device_dtype(device, dtype)
 
     ptuning_weights = None
@@ -435,7 +443,7 @@ def load_model(
         return _ignored_name(name, config) or (ptuning_weights is not None and name.startswith(PREFIX_ENCODER))
 
     for file in files:
-        _load_file_into(model, file, base_expected, loaded, unexpected, device, "config.json", skip=skip)
+        _load_file_into(model, file, base_expected, loaded, unexpected, device, "config.json", rename=rename, skip=skip)
 
     missing = [name for name in base_expected if name not in loaded]
     prefix_names = [name for name in base_expected if name.startswith(PREFIX_ENCODER)]

@@ -115,6 +115,11 @@ def to_hf_name(name: str) -> str | None:
     return _rename(name, _TO_HF)
 
 
+def to_hf_name_or_same(name: str) -> str:
+    """`to_hf_name`, keeping a name without a row as it is (so a loader reports it under its own name)."""
+    return to_hf_name(name) or name
+
+
 def to_mindformers_name(name: str) -> str | None:
     """The MindFormers name of an HF ChatGLM-6B tensor name, or None if `NAME_MAP` has no row for it."""
     return _rename(name, _TO_MS)
