@@ -1,9 +1,16 @@
-"""Model names: `glm_6b` / `glm_6b_chat` or a folder path -> a local checkpoint folder, and loading from it.
+"""Model names: `glm_6b` / `glm_6b_chat` / `glm_6b_lora` / `glm_6b_lora_chat`, a folder or a `.ckpt`
+file -> a local checkpoint, and loading from it.
 
 Nothing is ever downloaded. A name is looked up as `$GLM6B_HOME/<name>` (default
 `~/.cache/glm6b/<name>`); put the files of the HF repo THUDM/chatglm-6b there. `glm_6b_chat` names
 the KV-cache inference use of the same weights (our generation always uses the cache), so it falls
 back to the `glm_6b` folder when it has no folder of its own.
+
+`glm_6b_lora` (MindFormers' name for ChatGLM-6B with LoRA) is a base + adapter pair: a PEFT adapter
+folder in `$GLM6B_HOME/glm_6b_lora` over the base model in `$GLM6B_HOME/glm_6b` (what `glm6b convert
+--input glm_6b_lora.ckpt --output $GLM6B_HOME/glm_6b --adapter-output $GLM6B_HOME/glm_6b_lora`
+writes). It loads with the adapter merged; `glm_6b_lora_chat` falls back to it like glm_6b_chat.
+A path to a MindSpore / MindFormers `.ckpt` file loads directly (see glm6b.checkpoint.mindspore).
 """
 
 from __future__ import annotations
@@ -11,9 +18,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-MODEL_NAMES = ("glm_6b", "glm_6b_chat")
+MODEL_NAMES = ("glm_6b", "glm_6b_chat", "glm_6b_lora", "glm_6b_lora_chat")
 # A name whose own folder is missing is looked up under these names next.
-_FALLBACKS = {"glm_6b": ("glm_6b",), "glm_6b_chat": ("glm_6b_chat", "glm_6b")}
+_FALLBACKS = {"glm_6b": ("glm_6b",), "glm_6b_chat": ("glm_6b_chat", "glm_6b"),
+              "glm_6b_lora": ("glm_6b_lora",), "glm_6b_lora_chat": ("glm_6b_lora_chat", "glm_6b_lora")}
+_ADAPTER_CONFIG = "adapter_config.json"
 _HF_FILES = "config.json, pytorch_model-*.bin (+ pytorch_model.bin.index.json), ice_text.model, tokenizer_config.json"
 
 
@@ -28,20 +37,21 @@ def models_home() -> Path:
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
-    """The local folder for a model name (`glm_6b`, `glm_6b_chat`) or an existing folder path.
+    """The local folder for a model name (see MODEL_NAMES), an existing folder or a `.ckpt` file path.
 
     Args:
-        name_or_path: a folder path, or one of MODEL_NAMES (looked up under `models_home()`).
+        name_or_path: a folder path, a MindSpore `.ckpt` file, or one of MODEL_NAMES (looked up
+            under `models_home()`).
 
     Returns:
-        The folder.
+        The folder (or the `.ckpt` file).
 
     Raises:
         ModelNotFoundError: the path does not exist and is not a known name, or the named model's
             folder is missing; the message says which files to put where.
     """
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.suffix == ".ckpt" and path.is_file()):
         return path
     name = os.fspath(name_or_path)
     if name in _FALLBACKS:
@@ -81,7 +91,13 @@ class AutoModel:
         """
         from .api import load_model
 
-        return load_model(resolve_model_path(name_or_path), dtype=dtype, device=device, **kwargs)
+        path = resolve_model_path(name_or_path)
+        if (path / _ADAPTER_CONFIG).is_file():  # a LoRA adapter (glm_6b_lora): merged into its base
+            from .train.lora import load_adapter
+
+            base = load_model(_adapter_base(path), dtype=dtype, device=device, **kwargs)
+            return load_adapter(base, path).merge_and_unload()
+        return load_model(path, dtype=dtype, device=device, **kwargs)
 
 
 class AutoTokenizer:
@@ -100,6 +116,23 @@ class AutoTokenizer:
         Raises:
             ModelNotFoundError: no such folder or name. TokenizerError: unusable tokenizer files.
         """
-        from .tokenizer import load_tokenizer
+        from .tokenizer import VOCAB_NAME, load_tokenizer
 
-        return load_tokenizer(resolve_model_path(name_or_path))
+        path = resolve_model_path(name_or_path)
+        if (path / _ADAPTER_CONFIG).is_file() and not (path / VOCAB_NAME).is_file():
+            path = _adapter_base(path)
+        return load_tokenizer(path)
+
+
+def _adapter_base(adapter: Path) -> Path:
+    """The base model of an adapter folder: its recorded base_model_name_or_path if that is a local
+    checkpoint, else the named `glm_6b` model."""
+    import json
+
+    try:
+        recorded = json.loads((adapter / _ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded and (Path(recorded).is_dir() or Path(recorded).suffix == ".ckpt" and Path(recorded).is_file()):
+        return Path(recorded)
+    return resolve_model_path("glm_6b")
