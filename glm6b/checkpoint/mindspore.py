@@ -282,7 +282,7 @@ def _check_start(path: Path, head: bytes) -> None:
 
 
 @contextlib.contextmanager
-def _mapped(path: Path) -> Iterator[memoryview]:
+def _mapped(path: Path) -> Iterator[tuple[mmap.mmap, memoryview]]:
     if not path.is_file():
         raise CheckpointError(f"MindSpore checkpoint {path} not found")
     if path.stat().st_size == 0:
@@ -291,7 +291,7 @@ def _mapped(path: Path) -> Iterator[memoryview]:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     view = memoryview(mapped)
     try:
-        yield view
+        yield mapped, view
     finally:
         with contextlib.suppress(BufferError):  # a slice still held somewhere: the GC closes the map
             view.release()
@@ -365,7 +365,7 @@ def scan_ckpt(path: str | os.PathLike) -> list[CkptEntry]:
     """
     path = Path(path)
     entries: list[CkptEntry] = []
-    with _mapped(path) as view:
+    with _mapped(path) as (_, view):
         for record in _records(path, view, check_crc=False):
             size = record.content[1] - record.content[0]
             last = entries[-1] if entries else None
@@ -401,10 +401,13 @@ def iter_ckpt(path: str | os.PathLike, skip: Callable[[str], bool] | None = None
 
 def _iter_entries(path: Path, skip: Callable[[str], bool], check_crc: bool) -> Iterator[tuple[str, Any]]:
     """(name, value) for every entry; (name, None) for skipped ones."""
-    with _mapped(path) as view:
+    with _mapped(path) as (mapped, view):
         seen: set[str] = set()
         current: dict[str, Any] | None = None
+        released = 0
         for record in _records(path, view, check_crc):
+            # pages of records already copied leave this process (they stay in the page cache)
+            released = _release_pages(mapped, released, record.offset)
             if current is not None and record.tag == current["name"]:
                 if record.dims != current["dims"] or record.tensor_type != current["type"]:
                     raise CheckpointError(f"{path}: entry {record.tag} changes its dims or type between chunks "
@@ -419,6 +422,15 @@ def _iter_entries(path: Path, skip: Callable[[str], bool], check_crc: bool) -> I
             _add_chunk(path, current, view[record.content[0]:record.content[1]], record)
         if current is not None:
             yield _finish(path, current)
+
+
+def _release_pages(mapped: mmap.mmap, start: int, end: int) -> int:
+    """Drop the mapping's pages in [start, end) (whole pages only); returns the new start."""
+    end -= end % mmap.PAGESIZE
+    if end > start and hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+        return end
+    return start
 
 
 def _start(path: Path, record: _Record, skipped: bool) -> dict[str, Any]:
