@@ -427,3 +427,23 @@ def test_lora_rank_mismatch_is_refused(golden_state, tmp_path):
         mindspore_to_hf(path, tmp_path / "b", adapter_output=tmp_path / "a", lora_rank=8, lora_alpha=32)
     with pytest.raises(CheckpointError, match="--adapter-output"):
         mindspore_to_hf(path, tmp_path / "b")
+
+
+# ----------------------------------------------------------------------------------- --model x.ckpt everywhere
+
+
+def test_generate_cli_and_pipeline_take_a_ckpt(golden_state, tmp_path, capsys):
+    alone = tmp_path / "alone" / "glm_6b.ckpt"  # no config or tokenizer beside it: --config / --tokenizer
+    alone.parent.mkdir()
+    msckpt.save_ckpt(alone, [(msckpt.to_mindformers_name(n), t) for n, t in golden_state.items()])
+    prompt = "你好"
+    common = ["--prompt", prompt, "--greedy", "--max-new-tokens", "4", "--dtype", "float32"]
+    assert main(["generate", "--model", str(GOLDEN), *common]) == 0
+    expected = capsys.readouterr().out
+    assert main(["generate", "--model", str(alone), "--tokenizer", str(GOLDEN), "--config",
+                 str(GOLDEN / "config.json"), *common]) == 0
+    assert capsys.readouterr().out == expected
+    beside = _model_folder(tmp_path / "beside", "glm_6b.ckpt")
+    shutil.copy(alone, beside)
+    pipe = glm6b.pipeline("text_generation", model=str(beside), dtype=torch.float32, max_new_tokens=4, do_sample=False)
+    assert pipe(prompt)[0]["text_generation_text"][0] == expected.strip()
