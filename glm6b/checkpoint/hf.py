@@ -405,12 +405,13 @@ def load_model(
         ConfigError: an unreadable or impossible config.json (the message names the file and field).
     """
     folder = Path(path)
-    rename = lambda name: name  # noqa: E731
-    if mindspore.is_ckpt_file(folder):  # a MindSpore / MindFormers .ckpt file instead of a folder
-        files, config, rename = [folder], mindspore.ckpt_config(folder, config, strict), mindspore.to_hf_name_or_same
+    is_ckpt = mindspore.is_ckpt_file(folder)  # a MindSpore / MindFormers .ckpt file instead of a folder
+    if is_ckpt:
+        files, config = [folder], mindspore.ckpt_config(folder, config, strict)
     else:
         files = find_weight_files(folder)
         config = ChatGLMConfig.from_json_file(folder / CONFIG_NAME)
+    rename = mindspore.to_hf_name_or_same if is_ckpt else (lambda name: name)
     device, dtype = _resolve_device_dtype(device, dtype)
 
     ptuning_weights = None
