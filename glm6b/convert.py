@@ -118,7 +118,7 @@ def _write_peft_adapter(model, path: Path, adapter_dir: Path, rank: int, alpha: 
     import peft
 
     state = {}
-    for name, tensor in ms.iter_model_tensors(path, skip=lambda name: not ms.is_lora_entry(name)):
+    for name, tensor in ms.iter_ckpt(path, skip=lambda name: not ms.is_lora_entry(name)):
         peft_name = ms.mindpet_to_peft_name(name)
         if peft_name is None:
             raise CheckpointError(f"{path}: LoRA tensor {name} adapts a layer ChatGLM-6B does not have")
