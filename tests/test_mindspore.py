@@ -271,19 +271,33 @@ def test_ckpt_without_config_uses_given_config_and_names_mismatched_tensor(golde
     with pytest.raises(CheckpointError, match=r"glm_6b\.ckpt: tensor \S+ has shape \[.*\], expected \["):
         glm6b.load_model(path, dtype=torch.float32)
     # a tensor of the wrong shape is named
-    wrong = [(n, t[:, :64] if n.endswith("dense_4h_to_h.weight") else t) for n, t in entries]
+    wrong = [(n, t[:, :100] if n.endswith("dense_4h_to_h.weight") else t) for n, t in entries]  # not a shard
     msckpt.save_ckpt(path, wrong)
-    with pytest.raises(CheckpointError, match=r"transformer\.layers\.\d\.mlp\.dense_4h_to_h\.weight has shape \[128, 64\]"):
+    with pytest.raises(CheckpointError,
+                       match=r"transformer\.layers\.\d\.mlp\.dense_4h_to_h\.weight has shape \[128, 100\]"):
         glm6b.load_model(path, dtype=torch.float32, config=GOLDEN / "config.json")
 
 
 def test_model_parallel_shard_is_explained(golden_state, tmp_path):
     path = _model_folder(tmp_path / "rank_0", "mindformers_rank_0-1_1.ckpt")
-    entries = [(msckpt.to_mindformers_name(n), t[: t.shape[0] // 2] if t.ndim == 2 else t)
+    # model parallel 2: query_key_value split by rows (the embedding table is whole here)
+    entries = [(msckpt.to_mindformers_name(n), t[: t.shape[0] // 2] if "query_key_value" in n else t)
                for n, t in golden_state.items()]
     msckpt.save_ckpt(path, entries)
-    with pytest.raises(CheckpointError, match="one rank's shard of a model-parallel MindFormers run"):
+    with pytest.raises(CheckpointError, match=r"one rank's shard of a model-parallel MindFormers run "
+                                              r"\(transformer\.layers\.\d\.attention\.query_key_value\.\w+ is \[192"):
         glm6b.load_model(path)
+
+
+def test_entry_whose_data_does_not_fit_its_dims(tmp_path):
+    path = tmp_path / "dims.ckpt"
+    msckpt.save_ckpt(path, [("a", torch.ones(4))])
+    header = b"\x08\x04\x12\x07Float32"
+    data = path.read_bytes()
+    assert data.count(header) == 1
+    path.write_bytes(data.replace(header, b"\x08\x05\x12\x07Float32"))  # dims [5] over 4 floats
+    with pytest.raises(CheckpointError, match="entry a has 16 bytes, expected 20 for shape \\[5\\] Float32"):
+        list(msckpt.iter_ckpt(path))
 
 
 # ----------------------------------------------------------------------------------- conversion

@@ -43,6 +43,7 @@ import torch
 
 from ..config import ChatGLMConfig
 from ..io import atomic_path
+from ..model import ChatGLMForConditionalGeneration
 from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -403,25 +404,27 @@ def _iter_entries(path: Path, skip: Callable[[str], bool], check_crc: bool) -> I
     """(name, value) for every entry; (name, None) for skipped ones."""
     with _mapped(path) as (mapped, view):
         seen: set[str] = set()
-        current: dict[str, Any] | None = None
+        current: _Pending | None = None
         released = 0
         for record in _records(path, view, check_crc):
             # pages of records already copied leave this process (they stay in the page cache)
             released = _release_pages(mapped, released, record.offset)
-            if current is not None and record.tag == current["name"]:
-                if record.dims != current["dims"] or record.tensor_type != current["type"]:
+            if current is not None and record.tag == current.name:  # the next chunk of the same tensor
+                if record.dims != current.dims or record.tensor_type != current.tensor_type:
                     raise CheckpointError(f"{path}: entry {record.tag} changes its dims or type between chunks "
                                           f"(byte {record.offset})")
             else:
                 if current is not None:
-                    yield _finish(path, current)
+                    yield current.name, current.finish()
                 if record.tag in seen:
                     raise CheckpointError(f"{path}: entry {record.tag} appears twice (again at byte {record.offset})")
                 seen.add(record.tag)
-                current = _start(path, record, skip(record.tag))
-            _add_chunk(path, current, view[record.content[0]:record.content[1]], record)
+                current = _Pending(path, record, skip(record.tag))
+            chunk = view[record.content[0]:record.content[1]]
+            current.add(chunk, record.offset)
+            chunk.release()
         if current is not None:
-            yield _finish(path, current)
+            yield current.name, current.finish()
 
 
 def _release_pages(mapped: mmap.mmap, start: int, end: int) -> int:
@@ -433,54 +436,50 @@ def _release_pages(mapped: mmap.mmap, start: int, end: int) -> int:
     return start
 
 
-def _start(path: Path, record: _Record, skipped: bool) -> dict[str, Any]:
-    entry = {"name": record.tag, "dims": record.dims, "type": record.tensor_type, "skipped": skipped, "filled": 0}
-    if skipped:
-        return entry
-    if record.tensor_type == STRING_TYPE:
-        entry["parts"] = []
-        return entry
-    if record.tensor_type not in DTYPES:
-        known = ", ".join([*DTYPES, STRING_TYPE])
-        raise CheckpointError(f"{path}: entry {record.tag} has tensor_type {record.tensor_type!r}, which glm6b "
-                              f"does not read (known: {known})")
-    shape = _shape(record)
-    dtype = DTYPES[record.tensor_type]
-    entry["shape"], entry["dtype"] = shape, dtype
-    entry["data"] = torch.empty(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, dtype=torch.uint8)
-    return entry
+class _Pending:
+    """One entry being assembled from its chunks: a tensor's bytes go straight into its own memory."""
 
+    def __init__(self, path: Path, record: _Record, skipped: bool):
+        self.path, self.name, self.dims, self.tensor_type = path, record.tag, record.dims, record.tensor_type
+        self.skipped, self.filled = skipped, 0
+        self.parts: list[bytes] | None = None  # a string's bytes
+        self.data: torch.Tensor | None = None  # a tensor's bytes (uint8), preallocated from the dims
+        if skipped:
+            return
+        if self.tensor_type == STRING_TYPE:
+            self.parts = []
+            return
+        if self.tensor_type not in DTYPES:
+            known = ", ".join([*DTYPES, STRING_TYPE])
+            raise CheckpointError(f"{path}: entry {self.name} has tensor_type {self.tensor_type!r}, which glm6b "
+                                  f"does not read (known: {known})")
+        self.shape, self.dtype = _shape(record), DTYPES[self.tensor_type]
+        self.data = torch.empty(int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize, dtype=torch.uint8)
 
-def _add_chunk(path: Path, entry: dict[str, Any], chunk: memoryview, record: _Record) -> None:
-    size = len(chunk)
-    if not entry["skipped"]:
-        if "parts" in entry:
-            entry["parts"].append(bytes(chunk))
-        else:
-            data = entry["data"]
-            if entry["filled"] + size > data.numel():
-                raise CheckpointError(f"{path}: entry {entry['name']} holds more than {data.numel()} bytes, the "
-                                      f"size of shape {list(entry['shape'])} {entry['type']} (byte {record.offset})")
-            data[entry["filled"]:entry["filled"] + size].numpy()[:] = np.frombuffer(chunk, dtype=np.uint8)
-    chunk.release()
-    entry["filled"] += size
+    def add(self, chunk: memoryview, offset: int) -> None:
+        size = len(chunk)
+        if self.parts is not None:
+            self.parts.append(bytes(chunk))
+        elif self.data is not None:
+            if self.filled + size > self.data.numel():
+                raise CheckpointError(f"{self.path}: entry {self.name} holds more than {self.data.numel()} bytes, "
+                                      f"the size of shape {list(self.shape)} {self.tensor_type} (byte {offset})")
+            self.data[self.filled:self.filled + size].numpy()[:] = np.frombuffer(chunk, dtype=np.uint8)
+        self.filled += size
 
-
-def _finish(path: Path, entry: dict[str, Any]) -> tuple[str, torch.Tensor | str | None]:
-    name = entry["name"]
-    if entry["skipped"]:
-        return name, None
-    if "parts" in entry:
-        raw = b"".join(entry["parts"])
-        try:
-            return name, raw.decode("utf-32-le").rstrip("\x00")
-        except UnicodeDecodeError:
-            raise CheckpointError(f"{path}: string entry {name} is not UCS-4 text") from None
-    data = entry["data"]
-    if entry["filled"] != data.numel():
-        raise CheckpointError(f"{path}: entry {name} has {entry['filled']} bytes, expected {data.numel()} for shape "
-                              f"{list(entry['shape'])} {entry['type']}: the file is truncated or corrupt")
-    return name, data.view(entry["dtype"]).reshape(entry["shape"])
+    def finish(self) -> torch.Tensor | str | None:
+        if self.skipped:
+            return None
+        if self.parts is not None:
+            try:
+                return b"".join(self.parts).decode("utf-32-le").rstrip("\x00")
+            except UnicodeDecodeError:
+                raise CheckpointError(f"{self.path}: string entry {self.name} is not UCS-4 text") from None
+        if self.filled != self.data.numel():
+            raise CheckpointError(f"{self.path}: entry {self.name} has {self.filled} bytes, expected "
+                                  f"{self.data.numel()} for shape {list(self.shape)} {self.tensor_type}: the file "
+                                  f"is truncated or corrupt")
+        return self.data.view(self.dtype).reshape(self.shape)
 
 
 # ----------------------------------------------------------------------------------- writing
@@ -639,17 +638,19 @@ def ckpt_config(path: str | os.PathLike, config: ChatGLMConfig | str | os.PathLi
     if not model_entries:
         raise CheckpointError(f"{path} holds no ChatGLM-6B network tensors (no transformer.* entries; found "
                               f"{', '.join(list(entries)[:3]) or 'nothing'})")
-    embedding = entries.get(to_mindformers_name("transformer.word_embeddings.weight"))
-    expected = (resolved.vocab_size, resolved.hidden_size)
-    if embedding is not None and len(embedding.shape) == 2 and embedding.shape != expected:
-        rows, cols = embedding.shape
-        if (rows < expected[0] and expected[0] % rows == 0 and cols == expected[1]) or \
-                (cols < expected[1] and expected[1] % cols == 0 and rows == expected[0]):
-            raise CheckpointError(
-                f"{path} looks like one rank's shard of a model-parallel MindFormers run (embedding_table "
-                f"{list(embedding.shape)}, the whole model has {list(expected)}); glm6b reads whole checkpoints: "
-                f"merge the rank_*/ files with their strategy file first (mindspore.transform_checkpoints(src_dir, "
-                f"dst_dir, prefix, src_strategy_file, None) or MindFormers' auto_trans_ckpt), then load the result")
+    expected = {name: tuple(p.shape) for name, p in
+                ChatGLMForConditionalGeneration(resolved, device="meta").named_parameters(remove_duplicate=False)}
+    mismatched = [(entry, expected[hf]) for entry in model_entries
+                  if (hf := to_hf_name(entry.name)) in expected and entry.shape != expected[hf]]
+    # a shard cuts some weights k ways along one dim and leaves the rest whole; other mismatches
+    # (e.g. a config for another model size) are left to the loader, which names the tensor
+    if mismatched and all(_is_slice_of(entry.shape, whole) for entry, whole in mismatched):
+        entry, whole = mismatched[0]
+        raise CheckpointError(
+            f"{path} looks like one rank's shard of a model-parallel MindFormers run ({entry.name} is "
+            f"{list(entry.shape)}, the whole model's is {list(whole)}); glm6b reads whole checkpoints: merge the "
+            f"rank_*/ files with their strategy file first (mindspore.transform_checkpoints(src_dir, dst_dir, "
+            f"prefix, src_strategy_file, None) or MindFormers' auto_trans_ckpt), then load the result")
     lora = [e.name for e in model_entries if is_lora_entry(e.name)]
     if lora and strict:
         raise CheckpointError(
@@ -657,6 +658,14 @@ def ckpt_config(path: str | os.PathLike, config: ChatGLMConfig | str | os.PathLi
             f"PEFT adapter with `glm6b convert --input {path} --output BASE_DIR --adapter-output ADAPTER_DIR "
             f"--lora-alpha A`, then load BASE_DIR with --adapter ADAPTER_DIR (or merge it with glm6b merge-lora)")
     return resolved
+
+
+def _is_slice_of(shape: tuple[int, ...], whole: tuple[int, ...]) -> bool:
+    """True if `shape` is `whole` cut into k > 1 equal parts along exactly one dim (a model-parallel shard)."""
+    if len(shape) != len(whole) or shape == whole:
+        return False
+    differ = [(a, b) for a, b in zip(shape, whole) if a != b]
+    return len(differ) == 1 and 0 < differ[0][0] < differ[0][1] and differ[0][1] % differ[0][0] == 0
 
 
 def lora_rank(entries: Iterable[CkptEntry]) -> int | None:
