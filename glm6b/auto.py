@@ -10,7 +10,9 @@ back to the `glm_6b` folder when it has no folder of its own.
 folder in `$GLM6B_HOME/glm_6b_lora` over the base model in `$GLM6B_HOME/glm_6b` (what `glm6b convert
 --input glm_6b_lora.ckpt --output $GLM6B_HOME/glm_6b --adapter-output $GLM6B_HOME/glm_6b_lora`
 writes). It loads with the adapter merged; `glm_6b_lora_chat` falls back to it like glm_6b_chat.
-A path to a MindSpore / MindFormers `.ckpt` file loads directly (see glm6b.checkpoint.mindspore).
+A path to a MindSpore / MindFormers `.ckpt` file loads directly (see glm6b.checkpoint.mindspore), and
+so does a folder holding one instead of HF weights (`$GLM6B_HOME/glm_6b/glm_6b.ckpt`, as MindFormers
+downloads it, with ice_text.model beside it).
 """
 
 from __future__ import annotations
@@ -51,14 +53,16 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
             folder is missing; the message says which files to put where.
     """
     path = Path(name_or_path).expanduser()
-    if path.is_dir() or (path.suffix == ".ckpt" and path.is_file()):
+    if path.is_dir():
+        return _ckpt_in(path)
+    if path.suffix == ".ckpt" and path.is_file():
         return path
     name = os.fspath(name_or_path)
     if name in _FALLBACKS:
         home = models_home()
         for candidate in _FALLBACKS[name]:
             if (home / candidate).is_dir():
-                return home / candidate
+                return _ckpt_in(home / candidate)
         raise ModelNotFoundError(
             f"model {name!r} not found: expected a folder {home / name}"
             + (f" (or {home / 'glm_6b'})" if name != "glm_6b" else "")
@@ -68,6 +72,19 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
         f"model {name!r} not found: it is neither an existing folder nor a known model name "
         f"({', '.join(MODEL_NAMES)}, looked up under GLM6B_HOME={models_home()}); a model folder holds the "
         f"files of the HF repo THUDM/chatglm-6b ({_HF_FILES})")
+
+
+def _ckpt_in(folder: Path) -> Path:
+    """A folder without HF weights but with a MindSpore checkpoint (MindFormers' download folder holds
+    glm_6b.ckpt beside ice_text.model) means that file: `<folder name>.ckpt`, else its only `.ckpt`."""
+    from .checkpoint.hf import WEIGHT_LAYOUTS
+
+    if any((folder / name).is_file() for name in (*WEIGHT_LAYOUTS, _ADAPTER_CONFIG)):
+        return folder
+    ckpts = sorted(folder.glob("*.ckpt"))
+    if (folder / f"{folder.name}.ckpt").is_file():
+        return folder / f"{folder.name}.ckpt"
+    return ckpts[0] if len(ckpts) == 1 else folder
 
 
 class AutoModel:

@@ -461,3 +461,16 @@ def test_generate_cli_and_pipeline_take_a_ckpt(golden_state, tmp_path, capsys):
     shutil.copy(alone, beside)
     pipe = glm6b.pipeline("text_generation", model=str(beside), dtype=torch.float32, max_new_tokens=4, do_sample=False)
     assert pipe(prompt)[0]["text_generation_text"][0] == expected.strip()
+
+
+def test_named_model_folder_holding_a_ckpt(golden_state, tmp_path, monkeypatch):
+    # MindFormers' download layout: glm_6b.ckpt beside ice_text.model (config.json here too: the tiny shape)
+    ckpt = _model_folder(tmp_path / "glm_6b", "glm_6b.ckpt")
+    msckpt.save_ckpt(ckpt, [(msckpt.to_mindformers_name(n), t) for n, t in golden_state.items()])
+    monkeypatch.setenv("GLM6B_HOME", str(tmp_path))
+    from glm6b.auto import AutoModel, AutoTokenizer, resolve_model_path
+
+    assert resolve_model_path("glm_6b_chat") == ckpt
+    assert resolve_model_path(tmp_path / "glm_6b") == ckpt
+    assert_close_rel(*_golden_logits(AutoModel.from_pretrained("glm_6b_chat", dtype=torch.float32)))
+    assert len(AutoTokenizer.from_pretrained("glm_6b")) == len(glm6b.load_tokenizer(GOLDEN))
