@@ -474,3 +474,17 @@ def test_named_model_folder_holding_a_ckpt(golden_state, tmp_path, monkeypatch):
     assert resolve_model_path(tmp_path / "glm_6b") == ckpt
     assert_close_rel(*_golden_logits(AutoModel.from_pretrained("glm_6b_chat", dtype=torch.float32)))
     assert len(AutoTokenizer.from_pretrained("glm_6b")) == len(glm6b.load_tokenizer(GOLDEN))
+
+
+def test_recipe_load_checkpoint_takes_a_ckpt(golden_state, tmp_path, capsys):
+    ckpt = _model_folder(tmp_path / "m", "glm_6b.ckpt")
+    msckpt.save_ckpt(ckpt, [(msckpt.to_mindformers_name(n), t) for n, t in golden_state.items()])
+    outputs = []
+    for model in (GOLDEN, ckpt):
+        out = tmp_path / f"out-{len(outputs)}"
+        assert main(["run", "--config", str(GOLDEN.parent.parent / "configs" / "infer.yaml"), "--mode", "predict",
+                     "--load-checkpoint", str(model), "--prompt", "你好", "--output-dir", str(out),
+                     "--set", "model.dtype=float32", "--set", "model.device=cpu",
+                     "--set", "generation.max_new_tokens=4"]) == 0
+        outputs.append((out / "predictions.jsonl").read_text(encoding="utf-8"))
+    assert outputs[0] == outputs[1] and "你好" in outputs[0]
