@@ -38,11 +38,12 @@ class ChatGLM(ChatGLMForConditionalGeneration):
 
 
 def load_model(path: str | os.PathLike, **kwargs) -> ChatGLM:
-    """Load a ChatGLM-6B checkpoint folder as a `ChatGLM` (chat/generate/save_pretrained included).
+    """Load a ChatGLM-6B checkpoint as a `ChatGLM` (chat/generate/save_pretrained included).
 
     Args:
-        path: the model folder.
-        **kwargs: see `glm6b.checkpoint.hf.load_model` (dtype, device, ptuning_checkpoint, ...).
+        path: the model folder, or a MindSpore / MindFormers `.ckpt` file (config.json beside it,
+            else `config=...`, else the built-in `glm_6b` preset; see glm6b.checkpoint.mindspore).
+        **kwargs: see `glm6b.checkpoint.hf.load_model` (dtype, device, config, ptuning_checkpoint, ...).
 
     Returns:
         The model in eval mode.

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_command(subparsers)
     add_quantize_command(subparsers)
     add_quickstart_command(subparsers)
+    add_convert_command(subparsers)
     return parser
 
 
@@ -85,6 +86,13 @@ def _add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --quantize: also the word embeddings and lm_head (THUDM's int4-qe)")
 
 
+def _add_ckpt_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokenizer", default=None, metavar="DIR",
+                        help="tokenizer folder (default: the model's folder, or the folder of a .ckpt file)")
+    parser.add_argument("--config", default=None, metavar="JSON",
+                        help="config.json for a MindSpore .ckpt --model (default: beside it, else the glm_6b preset)")
+
+
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     parser.add_argument("--temperature", type=float, default=0.95, help="sampling temperature (default 0.95)")
@@ -99,9 +107,10 @@ def _load(args: argparse.Namespace):
     """(model, tokenizer) of --model; the tokenizer first, since it fails fast on a wrong folder."""
     from .auto import AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(getattr(args, "tokenizer", None) or args.model)
+    extra = {"config": args.config} if getattr(args, "config", None) else {}
     model = AutoModel.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                                      quantize_embeddings=args.quantize_embeddings)
+                                      quantize_embeddings=args.quantize_embeddings, **extra)
     return model, tokenizer
 
 
@@ -116,6 +125,7 @@ def add_chat_command(subparsers) -> None:
                     "'exit' (or end of input) quits. When the conversation outgrows --max-length the "
                     "oldest rounds are left out of the prompt.")
     _add_model_arguments(parser)
+    _add_ckpt_arguments(parser)
     parser.add_argument("--max-length", type=int, default=2048, help="limit on prompt + answer tokens (default 2048)")
     _add_sampling_arguments(parser)
     parser.set_defaults(func=cmd_chat)
@@ -194,6 +204,7 @@ def add_generate_command(subparsers) -> None:
                     "prompt field, or JSON strings; --output gets one {\"prompt\": ..., \"response\": ...} "
                     "line per prompt, written atomically when all are done.")
     _add_model_arguments(parser)
+    _add_ckpt_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt; the continuation is printed")
     source.add_argument("--input", metavar="JSONL", help="file of prompts, one per line")
@@ -515,4 +526,77 @@ def cmd_quickstart(args) -> int:
 
     run_quickstart(QuickstartSettings(method=args.method, steps=args.steps, pretrain_steps=args.pretrain_steps,
                                       eval_examples=args.eval_examples, output_dir=args.output_dir))
+    return 0
+
+
+# ----------------------------------------------------------------------------------- convert
+
+
+def add_convert_command(subparsers) -> None:
+    """`glm6b convert`: MindFormers .ckpt <-> HF folder (and MindPet LoRA <-> PEFT adapter)."""
+    parser = subparsers.add_parser(
+        "convert", help="convert between MindFormers .ckpt files and HF folders (LoRA: PEFT adapters)",
+        description="--to hf (the default for a .ckpt input): write an HF folder (safetensors, config.json, "
+                    "tokenizer files) from a MindFormers checkpoint, skipping optimizer state; a glm_6b_lora "
+                    "checkpoint also gives a PEFT adapter (--adapter-output). --to mindspore (the default for a "
+                    "folder): write the .ckpt MindFormers' convert_weight.py would (float16, MindFormers names), "
+                    "with --adapter's LoRA under MindPet names. The seed's --pt_ckpt_path/--ms_ckpt_path work too.")
+    parser.add_argument("--input", metavar="PATH", help="a .ckpt file or an HF model folder")
+    parser.add_argument("--output", metavar="PATH", help="the HF folder or .ckpt file to write")
+    parser.add_argument("--pt_ckpt_path", metavar="PATH", help="(seed) the HF side: input of --to mindspore, "
+                                                                "output of --to hf")
+    parser.add_argument("--ms_ckpt_path", metavar="PATH", help="(seed) the MindSpore side: output of --to mindspore, "
+                                                                "input of --to hf")
+    parser.add_argument("--to", choices=("hf", "mindspore"), default=None,
+                        help="target format (default: hf for a .ckpt input, mindspore otherwise)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="dtype of the written weights (default: as stored for --to hf, float16 for --to mindspore)")
+    parser.add_argument("--adapter-output", dest="adapter_output", metavar="DIR",
+                        help="--to hf of a LoRA checkpoint: the PEFT adapter folder to write")
+    parser.add_argument("--adapter", metavar="DIR", help="--to mindspore: a PEFT LoRA adapter to include (MindPet names)")
+    parser.add_argument("--lora-rank", dest="lora_rank", type=int, default=None,
+                        help="LoRA rank (default: read from the tensors)")
+    parser.add_argument("--lora-alpha", dest="lora_alpha", type=float, default=None,
+                        help="LoRA alpha (MindPet does not store it; MindFormers' glm_6b_lora recipe uses 32)")
+    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the .ckpt's folder)")
+    parser.add_argument("--config", metavar="JSON", help="config.json (default: beside the .ckpt, else the glm_6b preset)")
+    parser.add_argument("--crc", action="store_true", help="--to mindspore: append the CRC32 trailer (MindSpore >= 2.3)")
+    parser.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Work out the direction and paths, then convert."""
+    to = args.to
+    if args.input is None and args.output is None and (args.pt_ckpt_path or args.ms_ckpt_path):
+        if to is None:  # the seed's convert_weight.py goes HF -> MindSpore; convert_reversed.py the other way
+            reversed_ = args.ms_ckpt_path and os.path.isfile(args.ms_ckpt_path) and not (
+                args.pt_ckpt_path and os.path.exists(args.pt_ckpt_path))
+            to = "hf" if reversed_ else "mindspore"
+        args.input, args.output = ((args.ms_ckpt_path, args.pt_ckpt_path) if to == "hf"
+                                   else (args.pt_ckpt_path, args.ms_ckpt_path or "ms_glm_6b.ckpt"))
+    if args.input is None or args.output is None:
+        raise ValueError("convert needs --input and --output (or the seed's --pt_ckpt_path and --ms_ckpt_path)")
+    if to is None:
+        to = "hf" if args.input.endswith(".ckpt") else "mindspore"
+
+    from .convert import hf_to_mindspore, mindspore_to_hf
+
+    if to == "hf":
+        if args.adapter is not None:
+            raise ValueError("--adapter goes with --to mindspore; for --to hf use --adapter-output")
+        out = mindspore_to_hf(args.input, args.output, adapter_output=args.adapter_output, lora_rank=args.lora_rank,
+                              lora_alpha=args.lora_alpha, dtype=args.dtype, config=args.config,
+                              tokenizer=args.tokenizer)
+        print(f"wrote {out}" + (f" and the adapter {args.adapter_output}" if args.adapter_output else ""))
+        return 0
+    if args.adapter_output is not None:
+        raise ValueError("--adapter-output goes with --to hf; for --to mindspore use --adapter")
+    if not args.output.endswith(".ckpt"):
+        raise ValueError(f"--output {args.output}: a MindSpore checkpoint file name ends with .ckpt")
+    out = hf_to_mindspore(args.input, args.output, dtype=args.dtype or "float16", adapter=args.adapter,
+                          crc_check=args.crc)
+    print(f"wrote {out}")
+    if args.adapter is not None:
+        print("MindPet does not store the LoRA scale: set lora_rank and lora_alpha in the MindFormers pet_config "
+              "to the adapter's r and lora_alpha", file=sys.stderr)
     return 0

@@ -833,9 +833,16 @@ def load_tokenizer(path: str | os.PathLike) -> ChatGLMTokenizer:
     """Load the tokenizer of a checkpoint folder (= `ChatGLMTokenizer.from_pretrained(path)`).
 
     Args:
-        path: folder holding `ice_text.model` and optionally `tokenizer_config.json`.
+        path: folder holding `ice_text.model` and optionally `tokenizer_config.json`; or a
+            single-file checkpoint (a MindSpore `.ckpt`), whose folder is used.
 
     Returns:
         The tokenizer.
     """
+    path = Path(path)
+    if path.suffix == ".ckpt" and path.is_file():  # the tokenizer files sit beside the checkpoint
+        if not (path.parent / VOCAB_NAME).is_file():
+            raise TokenizerError(f"no {VOCAB_NAME} beside {path}: put the tokenizer files there or give the "
+                                 f"tokenizer folder separately (--tokenizer)")
+        path = path.parent
     return ChatGLMTokenizer.from_pretrained(path)

@@ -1,1 +1,1 @@
-"""Reading and writing checkpoints: HuggingFace folders (hf.py)."""
+"""Reading and writing checkpoints: HuggingFace folders (hf.py), MindSpore / MindFormers `.ckpt` files (mindspore.py)."""

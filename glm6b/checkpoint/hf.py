@@ -42,6 +42,8 @@ from ..io import atomic_write, atomic_write_text
 from ..model import ChatGLMForConditionalGeneration, PrefixEncoder
 from ..quant.linear import QuantizedEmbedding, QuantizedLinear, quantize_model, tie_quantized_lm_head
 from ..quant.thudm import quantize_to_thudm
+from . import mindspore
+from .errors import CheckpointError
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -61,10 +63,6 @@ def is_weight_file(name: str) -> bool:
     """Whether a file name is one of the weight-file names a saved model folder can hold."""
     return _WEIGHT_FILE_RE.match(name) is not None
 _HF_FILES = "config.json, pytorch_model-*.bin or *.safetensors, ice_text.model, tokenizer_config.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the one-line message names the file and what was expected."""
 
 
 # ----------------------------------------------------------------------------------- atomic writes
@@ -207,6 +205,8 @@ def iter_file_tensors(path: str | os.PathLike,
     """
     path = Path(path)
     skip = skip or (lambda name: False)
+    if mindspore.is_ckpt_file(path):  # MindFormers names, training entries left out
+        return mindspore.iter_model_tensors(path, skip)
     if path.suffix == ".safetensors":
         return _iter_safetensors_file(path, skip)
     return _iter_bin_file(path, skip)
@@ -307,9 +307,10 @@ def _load_file_into(model: nn.Module, path: Path, expected: dict[str, torch.Tens
     `convert` may turn one file tensor into several (quantizing a float weight at load).
     """
     with contextlib.closing(iter_file_tensors(path, skip)) as file_tensors:
-        tensors = file_tensors if convert is None else (pair for n, t in file_tensors for pair in convert(n, t))
-        for raw_name, tensor in tensors:
-            name = rename(raw_name)
+        named = ((raw, rename(raw), t) for raw, t in file_tensors)
+        if convert is not None:
+            named = ((raw, n, t) for raw, name, tensor in named for n, t in convert(name, tensor))
+        for raw_name, name, tensor in named:
             target = expected.get(name)
             if target is None:
                 unexpected.append(raw_name)
@@ -427,6 +428,7 @@ def load_model(
     model_class: type[ChatGLMForConditionalGeneration] = ChatGLMForConditionalGeneration,
     quantize: str | int | None = None,
     quantize_embeddings: bool = False,
+    config: ChatGLMConfig | str | os.PathLike | None = None,
 ) -> ChatGLMForConditionalGeneration:
     """Load a ChatGLM-6B model from a HF-layout folder (see the module docstring for the layouts).
 
@@ -458,6 +460,9 @@ def load_model(
             it; asking for another bit width than the folder's is an error.
         quantize_embeddings: with `quantize`, also quantize the word embeddings and the tied lm_head
             (THUDM's int4-qe scheme).
+        config: for a MindSpore `.ckpt` path only (see `glm6b.checkpoint.mindspore.ckpt_config`): the
+            config (or config.json path) to use instead of the config.json beside the file or,
+            without one, the built-in `glm_6b` preset.
 
     Returns:
         The model in eval mode, lm_head tied to the word embeddings when config.tie_word_embeddings.
@@ -467,8 +472,13 @@ def load_model(
         ConfigError: an unreadable or impossible config.json (the message names the file and field).
     """
     folder = Path(path)
-    files = find_weight_files(folder)
-    config = ChatGLMConfig.from_json_file(folder / CONFIG_NAME)
+    is_ckpt = mindspore.is_ckpt_file(folder)  # a MindSpore / MindFormers .ckpt file instead of a folder
+    if is_ckpt:
+        files, config = [folder], mindspore.ckpt_config(folder, config, strict)
+    else:
+        files = find_weight_files(folder)
+        config = ChatGLMConfig.from_json_file(folder / CONFIG_NAME)
+    rename = mindspore.to_hf_name_or_same if is_ckpt else (lambda name: name)
     device, dtype = _resolve_device_dtype(device, dtype)
 
     ptuning_weights = None
@@ -503,8 +513,8 @@ def load_model(
         return _ignored_name(name, config) or (ptuning_weights is not None and name.startswith(PREFIX_ENCODER))
 
     for file in files:
-        _load_file_into(model, file, base_expected, loaded, unexpected, device, "config.json", skip=skip,
-                        convert=convert)
+        _load_file_into(model, file, base_expected, loaded, unexpected, device, "config.json", rename=rename,
+                        skip=skip, convert=convert)
 
     missing = [name for name in base_expected if name not in loaded]
     prefix_names = [name for name in base_expected if name.startswith(PREFIX_ENCODER)]
