@@ -17,8 +17,11 @@ Tables:
    forward_batch and generate_single_greedy prompts, real positions only) and on a random model of
    the glm_6b shape with --layers layers (width, heads and the 130528 vocabulary of the real one).
    The float32 row is the noise floor: bfloat16 against float32.
-3. load: time to load the random glm_6b-shape model quantized by `glm6b quantize`, against the time
-   to read the folder's bytes (page cache warm for both), and quantizing at load from the float folder.
+3. load: time to load the random glm_6b-shape model quantized by `glm6b quantize` (as bfloat16,
+   whose float16 embeddings are converted, and as float16), against the time to read the folder's
+   bytes into fresh memory (page cache warm), the float folder, and quantizing at load from it.
+   "kernels built" is the one-off conversion to the CPU kernels' layout (`prepare_kernels`; otherwise
+   done by the first forward).
 
 Speed numbers move with the machine's load: compare rows of one run only.
 """
@@ -179,45 +182,57 @@ def quality_table(random_folder: Path, layers: int, seq_len: int) -> None:
 # ----------------------------------------------------------------------------------- 3. load
 
 
-def read_bytes_seconds(folder: Path) -> float:
+def read_bytes_seconds(folder: Path, fresh: bool) -> float:
+    """Seconds to read every file of `folder`: into one reused 16 MB buffer (the page-cache copy
+    alone), or each file into newly allocated memory (what any loader pays: the pages are touched
+    for the first time)."""
     start = time.perf_counter()
     for path in folder.iterdir():
-        with open(path, "rb") as f:
-            while f.read(1 << 24):
-                pass
+        with open(path, "rb", buffering=0) as f:
+            if fresh:
+                buffer = bytearray(path.stat().st_size)
+                f.readinto(buffer)
+                del buffer
+            else:
+                buffer = bytearray(1 << 24)
+                while f.readinto(buffer):
+                    pass
     return time.perf_counter() - start
 
 
 def load_table(float_folder: Path, work: Path) -> None:
     print("\n## Load time of the random glm_6b-shape model (page cache warm; median of 3)\n")
-    print("| folder | bytes | read bytes s | load s | load / read | kernels built s |")
-    print("|--------|-------|--------------|--------|-------------|-----------------|")
-    for bits in (8, 4):
-        folder = work / f"int{bits}"
-        quantize_folder(float_folder, folder, bits)
+    print("read: the folder's bytes into a reused buffer / into fresh memory (the floor for any loader).\n")
+    print("| folder | loaded as | bytes | read s | read fresh s | load s | load / read fresh | kernels built s |")
+    print("|--------|-----------|-------|--------|--------------|--------|-------------------|-----------------|")
+
+    def row(label: str, folder: Path, kwargs: dict, kernels: bool) -> None:
         size = sum(p.stat().st_size for p in folder.iterdir())
-        read_s = statistics.median(read_bytes_seconds(folder) for _ in range(3))
+        read_s = statistics.median(read_bytes_seconds(folder, fresh=False) for _ in range(3))
+        fresh_s = statistics.median(read_bytes_seconds(folder, fresh=True) for _ in range(3))
         loads, prep = [], []
-        for _ in range(3):
+        for _ in range(3 if kernels else 1):
             start = time.perf_counter()
-            model = load_model(folder, dtype=torch.bfloat16)
+            model = load_model(folder, **kwargs)
             loads.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            prepare_kernels(model)
-            prep.append(time.perf_counter() - start)
+            if kernels:
+                start = time.perf_counter()
+                prepare_kernels(model)
+                prep.append(time.perf_counter() - start)
             del model
             gc.collect()
         load_s = statistics.median(loads)
-        print(f"| int{bits} (glm6b quantize) | {size / 1e9:.2f} GB | {read_s:.2f} | {load_s:.2f} | "
-              f"{load_s / read_s:.2f}x | {statistics.median(prep):.2f} |")
-    size = sum(p.stat().st_size for p in float_folder.iterdir())
-    read_s = statistics.median(read_bytes_seconds(float_folder) for _ in range(3))
-    start = time.perf_counter()
-    model = load_model(float_folder, dtype=torch.bfloat16, quantize="int4")
-    load_s = time.perf_counter() - start
-    del model
-    print(f"| bf16 folder, quantize='int4' at load | {size / 1e9:.2f} GB | {read_s:.2f} | {load_s:.2f} | "
-          f"{load_s / read_s:.2f}x | - |")
+        dtype = str(kwargs["dtype"]).removeprefix("torch.")
+        print(f"| {label} | {dtype} | {size / 1e9:.2f} GB | {read_s:.2f} | {fresh_s:.2f} | {load_s:.2f} | "
+              f"{load_s / fresh_s:.2f}x | {f'{statistics.median(prep):.2f}' if prep else '-'} |")
+
+    row("bf16 (float)", float_folder, dict(dtype=torch.bfloat16), kernels=False)
+    for bits in (8, 4):
+        folder = work / f"int{bits}"
+        quantize_folder(float_folder, folder, bits)
+        for dtype in (torch.bfloat16, torch.float16):
+            row(f"int{bits} (glm6b quantize)", folder, dict(dtype=dtype), kernels=dtype == torch.bfloat16)
+    row("bf16, quantize='int4' at load", float_folder, dict(dtype=torch.bfloat16, quantize="int4"), kernels=False)
 
 
 # ----------------------------------------------------------------------------------- main
