@@ -61,12 +61,12 @@ _WEIGHT_FILE_RE = re.compile(
     r"^(model\.safetensors|model\.safetensors\.index\.json|model-\d{5}-of-\d{5}\.safetensors"
     r"|pytorch_model\.bin|pytorch_model\.bin\.index\.json|pytorch_model-\d{5}-of-\d{5}\.bin)$")
 PREFIX_ENCODER = "transformer.prefix_encoder."
+_HF_FILES = "config.json, pytorch_model-*.bin or *.safetensors, ice_text.model, tokenizer_config.json"
 
 
 def is_weight_file(name: str) -> bool:
     """Whether a file name is one of the weight-file names a saved model folder can hold."""
     return _WEIGHT_FILE_RE.match(name) is not None
-_HF_FILES = "config.json, pytorch_model-*.bin or *.safetensors, ice_text.model, tokenizer_config.json"
 
 
 class CheckpointError(ValueError):
