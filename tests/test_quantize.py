@@ -189,6 +189,7 @@ def test_int4_kernel_layout_in_place_keeps_thudm_state_dict():
     layer.prepare("cpu", torch.float32)
     if layer._in_place:  # the kernel's copy was written over the weight's bytes: one int4 copy in memory
         assert not torch.equal(layer.weight.detach(), thudm)
+        assert layer._kernel[1].untyped_storage().data_ptr() == layer.weight.untyped_storage().data_ptr()
     assert torch.equal(layer.thudm_weight(), thudm)
     assert torch.equal(layer.state_dict()["weight"], thudm)
     x = torch.randn(2, 256)
