@@ -189,10 +189,12 @@ def read_bytes_seconds(folder: Path, fresh: bool) -> float:
     start = time.perf_counter()
     for path in folder.iterdir():
         with open(path, "rb", buffering=0) as f:
-            if fresh:
-                buffer = bytearray(path.stat().st_size)
-                f.readinto(buffer)
-                del buffer
+            if fresh:  # uninitialised memory, as a loader allocates its tensors
+                buffer = torch.empty(path.stat().st_size, dtype=torch.uint8)
+                view, done = memoryview(buffer.numpy()), 0
+                while done < len(view):  # one read() returns at most about 2 GB
+                    done += f.readinto(view[done:])
+                del buffer, view
             else:
                 buffer = bytearray(1 << 24)
                 while f.readinto(buffer):
