@@ -368,7 +368,8 @@ def test_quantized_config_errors(tmp_path):
     shutil.copytree(GOLDEN, float_folder)
     config = json.loads((float_folder / "config.json").read_text())
     (float_folder / "config.json").write_text(json.dumps({**config, "quantization_bit": 8}))
-    with pytest.raises(CheckpointError, match=r"dense\.weight is torch\.float16, expected torch\.int8 \(config\.json sets quantization_bit"):
+    expected = r"dense\.weight is torch\.float16, expected torch\.int8 \(config\.json sets quantization_bit"
+    with pytest.raises(CheckpointError, match=expected):
         load_model(float_folder)
 
 
