@@ -9,8 +9,9 @@ Tables:
 1. kernels: one matrix [out x in] times a bfloat16 input of 1 and 8 rows: ``F.linear`` on the
    bfloat16 weight against the stock ops glm6b.quant uses (``_weight_int8pack_mm``,
    ``_weight_int4pack_mm_for_cpu`` with each group size it accepts) and the `QuantizedLinear`
-   module as the model runs it. Median of --repeats calls after warm-up; "GB/s" counts the bytes
-   of the weight (and scales) read once per call.
+   module as the model runs it (with --lm-head also the 130528 x 4096 lm_head, module only). Median
+   of --repeats calls after warm-up; "GB/s" counts the bytes of the weight (and scales) read once
+   per call.
 2. quality: top-1 agreement with the bfloat16 model and the largest |logit difference| (also
    relative to the largest |logit|), for int8, int4 and int4 with the word embeddings and lm_head
    quantized (THUDM's int4-qe), on the golden checkpoint and inputs (tests/golden, cases.json
@@ -52,6 +53,7 @@ from glm6b.quant.linear import QuantizedLinear, prepare_kernels  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "golden"
 SHAPES = [(4096, 4096), (16384, 4096), (4096, 16384)]  # [out, in]: dense, dense_h_to_4h, dense_4h_to_h
+LM_HEAD = (130528, 4096)
 SCHEMES = [("int8", dict(quantize="int8")), ("int4", dict(quantize="int4")),
            ("int4 + emb/lm_head", dict(quantize="int4", quantize_embeddings=True))]
 
@@ -71,29 +73,33 @@ def median_ms(fn, repeats: int) -> float:
 
 
 @torch.inference_mode()
-def kernel_table(repeats: int) -> None:
+def kernel_table(repeats: int, lm_head: bool) -> None:
     print("\n## Kernels: one [out x in] matrix, bfloat16 input, CPU, "
           f"{torch.get_num_threads()} threads (median ms per call; GB/s of weight bytes)\n")
     print(f"| {'out x in':>11} | rows | {'kernel':<36} | {'ms':>8} | {'GB/s':>6} | vs bf16 |")
     print(f"|{'-' * 13}|------|{'-' * 38}|{'-' * 10}|{'-' * 8}|---------|")
     gen = torch.Generator().manual_seed(0)
-    for out_f, in_f in SHAPES:
-        w = torch.randn(out_f, in_f, generator=gen, dtype=torch.float32).to(torch.bfloat16) * 0.02
-        q8 = torch.randint(-127, 128, (out_f, in_f), dtype=torch.int8, generator=gen)
-        s8 = torch.rand(out_f, generator=gen).to(torch.bfloat16)
-        u4 = torch.randint(0, 16, (out_f, in_f), dtype=torch.int32, generator=gen)
-        p4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u4, 1)
-        del u4
-        linear = torch.nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16)
-        with torch.no_grad():
-            linear.weight.copy_(w)
+    # The lm_head (130528 x 4096, tied to the embeddings) only through the module: its raw-op rows
+    # would need several GB of temporaries.
+    for out_f, in_f in SHAPES + ([LM_HEAD] if lm_head else []):
+        stock = (out_f, in_f) != LM_HEAD
+        w = torch.randn(out_f, in_f, generator=gen, dtype=torch.bfloat16) * 0.02
+        if stock:
+            q8 = torch.randint(-127, 128, (out_f, in_f), dtype=torch.int8, generator=gen)
+            s8 = torch.rand(out_f, generator=gen).to(torch.bfloat16)
+            u4 = torch.randint(0, 16, (out_f, in_f), dtype=torch.int32, generator=gen)
+            p4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u4, 1)
+            del u4
+        linear = torch.nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16, device="meta")
+        linear.weight = torch.nn.Parameter(w, requires_grad=False)
         modules = {bits: QuantizedLinear.from_float(linear, bits) for bits in (8, 4)}
         for rows in (1, 8):
             x = torch.randn(rows, in_f, generator=gen).to(torch.bfloat16)
-            cases = [("F.linear bf16", lambda: F.linear(x, w), out_f * in_f * 2),
-                     ("_weight_int8pack_mm", lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8),
-                      out_f * in_f + out_f * 2)]
-            for group in (32, 64, 128, 256):
+            cases = [("F.linear bf16", lambda: F.linear(x, w), out_f * in_f * 2)]
+            if stock:
+                cases.append(("_weight_int8pack_mm", lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8),
+                              out_f * in_f + out_f * 2))
+            for group in (32, 64, 128, 256) if stock else ():
                 sz = torch.rand(in_f // group, out_f, 2, generator=gen).to(torch.bfloat16)
                 cases.append((f"_weight_int4pack_mm g{group}",
                               lambda sz=sz, group=group: torch.ops.aten._weight_int4pack_mm_for_cpu(x, p4, group, sz),
@@ -109,7 +115,9 @@ def kernel_table(repeats: int) -> None:
                 base = base or ms
                 print(f"| {out_f:>5}x{in_f:<5} | {rows:>4} | {name:<36} | {ms:8.2f} | {nbytes / ms / 1e6:6.1f} | "
                       f"{base / ms:6.2f}x |")
-        del w, q8, p4, modules, linear
+        del w, modules, linear
+        if stock:
+            del q8, p4
         gc.collect()
 
 
@@ -260,12 +268,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2, help="layers of the random glm_6b-shape model")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per row of the random model's input")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per kernel")
+    parser.add_argument("--lm-head", dest="lm_head", action="store_true",
+                        help="kernels: also the 130528 x 4096 lm_head (needs about 3 GB more memory)")
     parser.add_argument("--workdir", default=None, help="where the random model folders go (default: a temp dir)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     if args.only in (None, "kernels"):
-        kernel_table(args.repeats)
+        kernel_table(args.repeats, args.lm_head)
     if args.only in ("quality", "load", None):
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
             work = Path(tmp)
