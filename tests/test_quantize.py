@@ -224,6 +224,22 @@ def test_quantized_layers_keep_the_hf_names(model):
     assert quantized_params and not any(p.requires_grad for p in quantized_params)
 
 
+def test_casting_a_quantized_model_keeps_the_float16_scales(tmp_path):
+    folder = thudm_folder(tmp_path / "q", 4, embeddings=True)
+    model = load_model(folder, dtype=torch.float32)
+    batch = golden_batch()
+    with torch.no_grad():
+        want = load_model(folder, dtype=torch.bfloat16)(**batch).logits
+        model(**batch)  # kernels built for float32 first
+        model.to(torch.bfloat16)
+        got = model(**batch).logits
+    assert got.dtype == torch.bfloat16 and model.transformer.word_embeddings.dtype == torch.bfloat16
+    for module in model.modules():
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+            assert module.weight.dtype == torch.int8 and module.weight_scale.dtype == torch.float16
+    assert torch.equal(got, want)
+
+
 # ----------------------------------------------------------------------------------- THUDM folders
 
 

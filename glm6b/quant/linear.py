@@ -109,6 +109,15 @@ def _scales_and_zeros(weight_scale: torch.Tensor, in_features: int, group: int, 
     return torch.stack((scale, torch.zeros_like(scale)), dim=-1).contiguous()
 
 
+def _apply_keeping_scale(module: nn.Module, fn, recurse: bool) -> None:
+    """nn.Module._apply for a quantized layer: `.to(device)` moves everything, but a dtype cast
+    (`.half()`, `.to(torch.bfloat16)`) leaves ``weight_scale`` in THUDM's float16."""
+    scale = module.weight_scale.data  # the tensor itself: the parameter may be cast in place
+    nn.Module._apply(module, fn, recurse)
+    if module.weight_scale.dtype != scale.dtype:
+        module.weight_scale.data = scale.to(module.weight_scale.device)
+
+
 # ----------------------------------------------------------------------------------- modules
 
 
@@ -193,6 +202,14 @@ class QuantizedLinear(nn.Module):
         self._in_place_of = None
         self._kernel = self._kernel_key = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        in_place = self._in_place
+        _apply_keeping_scale(self, fn, recurse)
+        if in_place:  # the bytes moved with the weight (even if the parameter object was swapped)
+            self.__dict__["_in_place_of"] = self.weight
+        self._kernel = self._kernel_key = None  # rebuilt for the new device / dtype
+        return self
 
     # ------------------------------------------------------------------ kernels
 
@@ -313,6 +330,11 @@ class QuantizedEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, dtype={self.dtype}"
+
+    def _apply(self, fn, recurse=True):
+        _apply_keeping_scale(self, fn, recurse)
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype  # lookups follow a cast of the model
+        return self
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = dequantize(self.weight[input_ids.reshape(-1)], self.weight_scale[input_ids.reshape(-1)], self.bits)
