@@ -1,0 +1,562 @@
+"""Continuous batching: one decode loop over a shared KV cache that requests join and leave at every step.
+
+    scheduler = Scheduler(model, tokenizer, max_batch=8)
+    scheduler.start()                                  # the loop runs in its own thread
+    scheduler.submit(Request(prompt_ids, SamplingParams(max_new_tokens=64), on_event=print))
+
+Each loop iteration (`Scheduler.step`) does three things:
+  1. decode: one forward over every running row with its newest token;
+  2. admit: waiting requests (up to `max_batch` rows in all) are prefilled together in one
+     left-padded forward; each samples its first token from the prefill and its keys/values are
+     copied into a free row of the shared cache, so it decodes with the others from the next step;
+  3. retire: rows that produced <eop>, hit a stop string or their token limit, or whose client went
+     away (`Scheduler.cancel`) leave at once, freeing their row for the next waiting request.
+
+The shared cache (`RowCache`) keeps one write column for all rows: a row's tokens fill the columns
+[start, write) and the columns before its start are masked out for it. Rows are kept dense (a
+leaving row's place is taken by the last row), the columns nobody uses any more are dropped from the
+left when the cache is full (compaction), and the cache grows by doubling up to the context length,
+so memory follows the load. Every row keeps its own 2D positions, so the math per row is the same as
+`glm6b.inference.generation.generate_steps` on that row alone.
+
+Each row has its own sampling settings (greedy or temperature/top-k/top-p), its own random
+generator (seeded per request, so a seeded request samples the same tokens whichever rows share
+its batch), its own stop strings and token limit. Text is streamed as it becomes final: a piece is
+sent once later tokens can no longer change it (no half UTF-8 characters, no tail that clean-up or a
+stop string may still remove).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model import KVCache, build_mask_and_positions
+from .chat import process_response
+from .generation import TextStreamer, guard_invalid_scores
+
+log = logging.getLogger(__name__)
+
+# process_response turns an ASCII mark followed by a CJK character into its full-width form, and
+# replaces this marker: a text ending in a mark or in part of the marker may still change.
+_MARKS = ",!:;?"
+_TRAINING_TIME = "[[训练时间]]"
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is full; try again later."""
+
+
+@dataclass
+class SamplingParams:
+    """How one request generates.
+
+    Attributes:
+        max_new_tokens: limit on generated tokens (<eop> included).
+        do_sample: sample; False takes the argmax (greedy).
+        temperature, top_k, top_p: sampling warpers, applied in transformers' order (top_k=0 and
+            top_p=1.0 disable them).
+        seed: seeds this request's own random generator; None draws a fresh seed.
+        stop: strings that end the answer; the text is cut before the first one found.
+    """
+
+    max_new_tokens: int
+    do_sample: bool = True
+    temperature: float = 0.95
+    top_k: int = 50
+    top_p: float = 0.7
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first impossible setting."""
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class Event:
+    """What a request hears from the scheduler: new text, and at the end why it finished.
+
+    Attributes:
+        text: text that became final since the previous event (may be empty).
+        finish_reason: None while running; then "stop" (<eop> or a stop string), "length" (token
+            limit), "cancelled" or "error".
+        completion_tokens: tokens generated so far.
+        prompt_tokens: tokens in the prompt.
+        full_text: the whole answer, on the finishing event only.
+        error: what went wrong, when finish_reason is "error".
+    """
+
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+    prompt_tokens: int
+    full_text: str | None = None
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request.
+
+    Attributes:
+        prompt_ids: the prompt's token ids (ending with [gMASK] <sop>, as `tokenizer.encode` gives).
+        params: sampling settings and limits.
+        on_event: called from the scheduler thread with every Event; must not block.
+        chat: clean the text up as chat() does (`process_response`); False streams the plain decode.
+    """
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_event: Callable[[Event], None]
+    chat: bool = True
+    id: int = field(default_factory=itertools.count().__next__)
+    submitted_at: float = field(default_factory=time.monotonic)
+
+
+# ----------------------------------------------------------------------------------- the shared cache
+
+
+class _RowsView(KVCache):
+    """The model's view of the shared cache: rows [0, n) of the storage, writing at one column."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):  # noqa: D107 (no allocation)
+        self.keys, self.values, self.length = keys, values, length
+
+
+class RowCache:
+    """Keys/values of the running rows in one tensor [L, max_batch, nh, capacity, d].
+
+    Column layout: the P-tuning prefix (if any) in [0, base), then the rows' tokens. All rows write
+    their next token at column `write`; row r's tokens are at [starts[r], write), so columns before
+    starts[r] are masked for it. Rows [0, rows) are in use.
+
+    Args:
+        config: model config.
+        max_batch: rows.
+        context_length: most tokens one row holds (prompt + answer); bounds the capacity.
+        dtype, device: of the stored tensors.
+    """
+
+    def __init__(self, config, max_batch: int, context_length: int, dtype: torch.dtype, device: torch.device):
+        self.base = config.pre_seq_len or 0
+        self.limit = self.base + context_length
+        self.shape = (config.num_layers, max_batch, config.num_attention_heads, config.head_dim)
+        self.dtype, self.device = dtype, device
+        self.keys = self.values = None
+        self._allocate(min(self.limit, self.base + 128))
+        self.write = self.base
+        self.starts: list[int] = []
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def rows(self) -> int:
+        return len(self.starts)
+
+    def _allocate(self, capacity: int) -> None:
+        layers, batch, heads, dim = self.shape
+        keys = torch.zeros(layers, batch, heads, capacity, dim, dtype=self.dtype, device=self.device)
+        values = torch.zeros_like(keys)
+        if self.keys is not None:
+            keys[:, :, :, :self.write] = self.keys[:, :, :, :self.write]
+            values[:, :, :, :self.write] = self.values[:, :, :, :self.write]
+        self.keys, self.values = keys, values
+
+    def _shift(self, by: int) -> None:
+        """Move the rows' columns [base, write) by `by` (negative: to the left)."""
+        n, lo, hi = self.rows, self.base, self.write
+        for t in (self.keys, self.values):
+            t[:, :n, :, lo + by:hi + by] = t[:, :n, :, lo:hi].clone()
+        self.starts = [s + by for s in self.starts]
+        self.write += by
+
+    def reserve(self, need: int) -> None:
+        """Make room for `need` more columns at the write position: drop unused columns, then grow.
+
+        Raises:
+            RuntimeError: the rows need more than context_length columns (a bug in the caller).
+        """
+        if self.write + need <= self.capacity:
+            return
+        unused = (min(self.starts) if self.starts else self.write) - self.base
+        if unused > 0:
+            self._shift(-unused)
+        target = self.write + need
+        if target > self.capacity or self.capacity - target < self.capacity // 8:
+            if target > self.limit:
+                raise RuntimeError(f"cache: {target - self.base} columns needed, at most {self.limit - self.base}")
+            if self.capacity < self.limit:
+                self._allocate(min(self.limit, max(2 * self.capacity, target)))
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor) -> int:
+        """Append a row from a prefill cache row: keys/values [L, nh, base + P, d]. Returns its index."""
+        length = keys.shape[2] - self.base
+        if self.write - self.base < length:  # the columns before `write` are too few: shift right
+            if self.capacity < self.base + length:
+                self._allocate(min(self.limit, max(2 * self.capacity, self.base + length)))
+            self._shift(length - (self.write - self.base))
+        r = self.rows
+        self.keys[:, r, :, :self.base] = keys[:, :, :self.base]
+        self.values[:, r, :, :self.base] = values[:, :, :self.base]
+        self.keys[:, r, :, self.write - length:self.write] = keys[:, :, self.base:]
+        self.values[:, r, :, self.write - length:self.write] = values[:, :, self.base:]
+        self.starts.append(self.write - length)
+        return r
+
+    def remove(self, r: int) -> None:
+        """Free row r; the last row moves into its place."""
+        last = self.rows - 1
+        if r != last:
+            self.keys[:, r, :, :self.write] = self.keys[:, last, :, :self.write]
+            self.values[:, r, :, :self.write] = self.values[:, last, :, :self.write]
+            self.starts[r] = self.starts[last]
+        self.starts.pop()
+        if not self.starts:
+            self.write = self.base
+
+    def step_inputs(self) -> tuple[_RowsView, torch.Tensor | None]:
+        """(cache view for the model, mask [rows, 1, 1, columns after this step] or None) for one token."""
+        view = _RowsView(self.keys[:, :self.rows], self.values[:, :self.rows], self.write)
+        if all(s == self.base for s in self.starts):
+            return view, None
+        columns = torch.arange(self.base, self.write + 1, device=self.device)
+        starts = torch.tensor(self.starts, device=self.device)
+        return view, (columns[None, :] < starts[:, None])[:, None, None, :]
+
+
+# ----------------------------------------------------------------------------------- rows
+
+
+class _Row:
+    """A running request: its tokens, positions, random generator and streamed text."""
+
+    def __init__(self, request: Request, tokenizer, position: list[int]):
+        self.request = request
+        self.params = request.params
+        self.tokenizer = tokenizer
+        self.position = position  # [absolute, block] of the newest fed token (spec 4.8)
+        self.ids: list[int] = []
+        self.sent = ""
+        self.finish_reason: str | None = None
+        self.final_text = ""
+        seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        stops = self.params.stop or ()
+        self.stops = [s for s in stops if s]
+
+    def text(self) -> str:
+        raw = self.tokenizer.decode(self.ids)
+        return process_response(raw) if self.request.chat else raw
+
+    def push(self, token: int, eos_id: int) -> str:
+        """Record a new token; returns the text that became final. Sets finish_reason when done."""
+        self.ids.append(token)
+        text = self.text()
+        cut = min((i for i in (text.find(s) for s in self.stops) if i != -1), default=-1)
+        if cut != -1:
+            text, self.finish_reason = text[:cut], "stop"
+        elif token == eos_id:
+            self.finish_reason = "stop"
+        elif len(self.ids) >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is not None:
+            self.final_text = text
+            return self._release(text)
+        return self._release(text[:self._stable_length(text)])
+
+    def _stable_length(self, text: str) -> int:
+        """How much of `text` later tokens can no longer change."""
+        stable = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence decodes as U+FFFD
+        space = text.rfind(" ", max(0, stable - TextStreamer.HOLD), stable)  # clean-up may drop a space
+        if space != -1:
+            stable = space
+        holds = [self.stops]
+        if self.request.chat:
+            if stable and text[stable - 1] in _MARKS:
+                stable -= 1
+            holds.append([_TRAINING_TIME])
+        for strings in holds:  # a tail that may be the start of a stop string or of the marker
+            for s in strings:
+                for k in range(min(len(s) - 1, stable), 0, -1):
+                    if text[:stable].endswith(s[:k]):
+                        stable -= k
+                        break
+        return stable
+
+    def _release(self, text: str) -> str:
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+
+# ----------------------------------------------------------------------------------- the scheduler
+
+
+class Scheduler:
+    """The continuous-batching loop (see the module docstring).
+
+    Args:
+        model: a ChatGLMForConditionalGeneration in eval mode.
+        tokenizer: its ChatGLMTokenizer.
+        max_batch: most rows decoded together.
+        max_queue: most requests waiting for a row; `submit` raises QueueFullError beyond it.
+        context_length: most tokens per request, prompt + answer (default: the model config's
+            max_sequence_length).
+    """
+
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, context_length: int | None = None):
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.context_length = context_length or model.config.max_sequence_length
+        self.eos_id = model.config.eos_token_id
+        self.vocab_limit = len(tokenizer)  # the model's extra vocabulary rows have no text
+        self.cache = RowCache(model.config, max_batch, self.context_length, model.dtype, model.device)
+        self.rows: list[_Row] = []
+        self._waiting: deque[Request] = deque()
+        self._cancelled: set[int] = set()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        # Counters for monitoring (read from other threads; plain ints are fine for that).
+        self.prompt_tokens_total = 0
+        self.generated_tokens_total = 0
+        self.steps_total = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last steps
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def running(self) -> bool:
+        """True while the loop thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.rows)
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Generated tokens per second over the last `window` seconds."""
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self._recent) if now - t <= window]
+        return sum(n for _, n in recent) / window
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; it joins the running batch at the next step with a free row.
+
+        Raises:
+            QueueFullError: max_queue requests are already waiting.
+            ValueError: impossible settings, or a prompt + token limit beyond the context length.
+        """
+        request.params.validate()
+        total = len(request.prompt_ids) + request.params.max_new_tokens
+        if not request.prompt_ids or total > self.context_length:
+            raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens "
+                             f"({request.params.max_new_tokens}) exceeds the context length {self.context_length}")
+        with self._wake:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue})")
+            self._waiting.append(request)
+            self._wake.notify()
+
+    def cancel(self, request: Request) -> None:
+        """Drop a request (its client went away): its row is freed before the next step."""
+        with self._wake:
+            self._cancelled.add(request.id)
+            self._wake.notify()
+
+    def start(self) -> None:
+        """Run the loop in a daemon thread."""
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="glm6b-scheduler", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the loop; running and waiting requests finish with "cancelled"."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        for row in list(self.rows):
+            self._finish(row, "cancelled")
+        while self._waiting:
+            request = self._waiting.popleft()
+            self._emit(request, Event("", "cancelled", 0, len(request.prompt_ids)))
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """One iteration: drop cancelled requests, decode one token for every row, admit waiting ones.
+
+        Returns:
+            True if any work was done (False: nothing is running or waiting).
+        """
+        self._drop_cancelled()
+        joining = []
+        with self._wake:
+            while self._waiting and len(self.rows) + len(joining) < self.max_batch:
+                joining.append(self._waiting.popleft())
+        if not joining and not self.rows:
+            return False
+        running = list(self.rows)
+        try:
+            if running:
+                self._decode(running)
+            if joining:
+                self._prefill(joining)
+        except Exception as e:  # a failing forward ends its requests, never the server
+            log.exception("scheduler step failed")
+            for row in list(self.rows):
+                self._finish(row, "error", f"{type(e).__name__}: {e}")
+            for request in joining:
+                if not any(row.request is request for row in self.rows):
+                    self._emit(request, Event("", "error", 0, len(request.prompt_ids), "", f"{e}"))
+        self.steps_total += 1
+        return True
+
+    # ------------------------------------------------------------------ internals
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._waiting and not self.rows and not self._cancelled:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    def _emit(self, request: Request, event: Event) -> None:
+        try:
+            request.on_event(event)
+        except Exception:
+            log.exception("request %s: event callback failed", request.id)
+
+    def _drop_cancelled(self) -> None:
+        with self._wake:
+            if not self._cancelled:
+                return
+            cancelled, self._cancelled = self._cancelled, set()
+            self._waiting = deque(r for r in self._waiting if r.id not in cancelled)
+        for row in [row for row in self.rows if row.request.id in cancelled]:
+            self._finish(row, "cancelled")
+
+    def _prefill(self, requests: list[Request]) -> None:
+        """Run the new prompts in one left-padded forward, sample their first tokens, give them rows."""
+        config, device = self.model.config, self.model.device
+        longest = max(len(r.prompt_ids) for r in requests)
+        ids = torch.full((len(requests), longest), config.pad_token_id, dtype=torch.long)
+        padding = torch.zeros_like(ids)
+        for i, r in enumerate(requests):
+            ids[i, longest - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            padding[i, longest - len(r.prompt_ids):] = 1
+        ids, padding = ids.to(device), padding.to(device)
+        mask, positions = build_mask_and_positions(ids, config, padding)
+        cache = KVCache(config, len(requests), self.cache.base + longest, self.model.dtype, device)
+        logits = self.model(ids, position_ids=positions, attention_mask=mask, kv_cache=cache,
+                            last_token_only=True).logits[:, -1]
+        rows = []
+        for i, r in enumerate(requests):
+            length = len(r.prompt_ids)
+            keep = list(range(self.cache.base)) + list(range(self.cache.base + longest - length,
+                                                              self.cache.base + longest))
+            keep = torch.tensor(keep, device=device)
+            self.cache.add(cache.keys[:, i].index_select(2, keep), cache.values[:, i].index_select(2, keep))
+            row = _Row(r, self.tokenizer, positions[i, :, -1].tolist())
+            self.rows.append(row)
+            rows.append(row)
+            self.prompt_tokens_total += length
+        self._advance(rows, logits)
+
+    def _decode(self, rows: list[_Row]) -> None:
+        """Feed every running row its newest token and sample the next one."""
+        device = self.model.device
+        self.cache.reserve(1)
+        view, mask = self.cache.step_inputs()
+        for row in rows:
+            row.position[1] += 1  # the block position counts on; the absolute one stays (spec 4.8)
+        tokens = torch.tensor([[row.ids[-1]] for row in rows], device=device)
+        positions = torch.tensor([row.position for row in rows], device=device)[:, :, None]  # [n, 2, 1]
+        logits = self.model(tokens, position_ids=positions, attention_mask=mask, kv_cache=view).logits[:, -1]
+        self.cache.write += 1
+        self._advance(rows, logits)
+
+    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Sample one token per row from its logits [n, V], stream the text, retire finished rows."""
+        tokens = self._sample(rows, logits)
+        self.generated_tokens_total += len(rows)
+        self._recent.append((time.monotonic(), len(rows)))
+        while self._recent and time.monotonic() - self._recent[0][0] > 60:
+            self._recent.popleft()
+        for row, token in zip(rows, tokens):
+            delta = row.push(token, self.eos_id)
+            if row.finish_reason is not None:
+                self._finish(row, row.finish_reason, text=delta)
+            elif delta or len(row.ids) == 1:  # the first event also marks the time to first token
+                self._emit(row.request, Event(delta, None, len(row.ids), len(row.request.prompt_ids)))
+
+    def _finish(self, row: _Row, reason: str, error: str | None = None, text: str = "") -> None:
+        if row in self.rows:
+            index = self.rows.index(row)
+            self.cache.remove(index)
+            last = self.rows.pop()
+            if last is not row:
+                self.rows[index] = last
+        full = row.final_text if reason in ("stop", "length") else row.sent
+        self._emit(row.request, Event(text, reason, len(row.ids), len(row.request.prompt_ids), full, error))
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """Next token per row: greedy rows take the argmax, the others sample with their own settings."""
+        scores = guard_invalid_scores(logits.float(), self.eos_id)
+        if self.vocab_limit < scores.shape[-1]:
+            scores[:, self.vocab_limit:] = float("-inf")
+        tokens = scores.argmax(dim=-1)
+        sampled = [i for i, row in enumerate(rows) if row.params.do_sample]
+        if sampled:
+            index = torch.tensor(sampled, device=scores.device)
+            params = [rows[i].params for i in sampled]
+            temperature = torch.tensor([p.temperature for p in params], device=scores.device)
+            s = scores[index] / temperature[:, None]
+            vocab = s.shape[-1]
+            top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+            values, candidates = s.topk(max(top_k), dim=-1)  # sorted, most likely first
+            ranks = torch.arange(values.shape[-1], device=s.device)
+            values = values.masked_fill(ranks[None] >= torch.tensor(top_k, device=s.device)[:, None], float("-inf"))
+            # top-p as transformers does it: drop the least likely tokens whose total mass is <= 1 - top_p.
+            top_p = torch.tensor([p.top_p for p in params], device=s.device)
+            tail_mass = values.softmax(dim=-1).flip(-1).cumsum(-1).flip(-1)  # this token and all less likely
+            drop = tail_mass <= (1 - top_p)[:, None]
+            drop[:, 0] = False
+            probs = values.masked_fill(drop, float("-inf")).softmax(dim=-1)
+            draws = torch.stack([torch.rand((), generator=rows[i].generator) for i in sampled]).to(s.device)
+            choice = torch.searchsorted(probs.cumsum(-1), draws[:, None])
+            # Rounding can leave the cumulative sum a hair under the draw: stay on a possible token.
+            choice = torch.minimum(choice, (probs > 0).sum(-1, keepdim=True) - 1)
+            tokens[index] = candidates.gather(1, choice)[:, 0]
+        return tokens.tolist()
