@@ -181,10 +181,12 @@ class RowCache:
         self.keys, self.values = keys, values
 
     def _shift(self, by: int) -> None:
-        """Move the rows' columns [base, write) by `by` (negative: to the left)."""
-        n, lo, hi = self.rows, self.base, self.write
+        """Move the rows' columns by `by`: right (by > 0) opens columns after base, left drops the first -by."""
+        n = self.rows
+        source, target = self.base + max(0, -by), self.base + max(0, by)
+        count = self.write - source
         for t in (self.keys, self.values):
-            t[:, :n, :, lo + by:hi + by] = t[:, :n, :, lo:hi].clone()
+            t[:, :n, :, target:target + count] = t[:, :n, :, source:source + count].clone()
         self.starts = [s + by for s in self.starts]
         self.write += by
 
@@ -318,7 +320,8 @@ class Scheduler:
         model: a ChatGLMForConditionalGeneration in eval mode.
         tokenizer: its ChatGLMTokenizer.
         max_batch: most rows decoded together.
-        max_queue: most requests waiting for a row; `submit` raises QueueFullError beyond it.
+        max_queue: most requests waiting while every row is busy; `submit` raises QueueFullError
+            beyond it (0: refuse whatever cannot start at the next step).
         context_length: most tokens per request, prompt + answer (default: the model config's
             max_sequence_length).
     """
@@ -344,6 +347,7 @@ class Scheduler:
         self.prompt_tokens_total = 0
         self.generated_tokens_total = 0
         self.steps_total = 0
+        self.cancelled_total = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last steps
 
     # ------------------------------------------------------------------ public
@@ -380,8 +384,10 @@ class Scheduler:
             raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens "
                              f"({request.params.max_new_tokens}) exceeds the context length {self.context_length}")
         with self._wake:
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFullError(f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue})")
+            free_rows = max(0, self.max_batch - len(self.rows))
+            if len(self._waiting) >= self.max_queue + free_rows:
+                raise QueueFullError(f"{len(self.rows)} requests are running and {len(self._waiting)} waiting "
+                                     f"(max_batch={self.max_batch}, max_queue={self.max_queue})")
             self._waiting.append(request)
             self._wake.notify()
 
@@ -466,6 +472,7 @@ class Scheduler:
             self._waiting = deque(r for r in self._waiting if r.id not in cancelled)
         for row in [row for row in self.rows if row.request.id in cancelled]:
             self._finish(row, "cancelled")
+            self.cancelled_total += 1
 
     def _prefill(self, requests: list[Request]) -> None:
         """Run the new prompts in one left-padded forward, sample their first tokens, give them rows."""

@@ -23,6 +23,8 @@ class _SchedulerCollector:
         yield CounterMetricFamily("glm6b_prompt_tokens", "Prompt tokens prefilled.", value=s.prompt_tokens_total)
         yield CounterMetricFamily("glm6b_generated_tokens", "Tokens generated.", value=s.generated_tokens_total)
         yield CounterMetricFamily("glm6b_decode_steps", "Scheduler steps run.", value=s.steps_total)
+        yield CounterMetricFamily("glm6b_cancelled_requests", "Running requests dropped because their client left.",
+                                  value=s.cancelled_total)
         yield GaugeMetricFamily("glm6b_queue_length", "Requests waiting for a batch row.", value=s.queue_length)
         yield GaugeMetricFamily("glm6b_batch_size", "Rows decoding now.", value=s.batch_size)
         yield GaugeMetricFamily("glm6b_tokens_per_second", "Tokens generated per second over the last 10 s.",
