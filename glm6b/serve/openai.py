@@ -118,9 +118,10 @@ def sampling_params(body: _Sampling, max_tokens: int | None, prompt_tokens: int,
         raise APIError(400, "logprobs: not supported by this server", param="logprobs")
     room = server.context_length - prompt_tokens
     if room < 1:
-        raise APIError(400, f"the prompt has {prompt_tokens} tokens, which leaves no room for an answer within the "
-                            f"context length {server.context_length}", param="messages" if hasattr(body, "messages")
-                       else "prompt", code="context_length_exceeded")
+        field = "messages" if hasattr(body, "messages") else "prompt"
+        raise APIError(400, f"{field}: the prompt has {prompt_tokens} tokens, which leaves no room for an answer "
+                            f"within the context length {server.context_length}", param=field,
+                       code="context_length_exceeded")
     limit = min(room, server.max_tokens)
     if max_tokens is not None and max_tokens > limit:
         raise APIError(400, f"max_tokens: {max_tokens} is more than this request allows ({limit}: at most "

@@ -64,10 +64,32 @@ async def parse_body(request: HTTPRequest, schema: type[BaseModel]) -> BaseModel
         return schema.model_validate_json(raw)  # JSON mode: arrays may fill tuple fields
     except ValidationError as e:
         first = e.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
+        param = _field_path(first["loc"], data) or None
         value = first.get("input")
         got = "" if first["type"] == "missing" else f", got {json.dumps(value, ensure_ascii=False, default=str)[:80]}"
         raise APIError(400, f"{param}: {first['msg']}{got}", param=param) from None
+
+
+def _field_path(loc: tuple, data) -> str:
+    """The dotted path of an error's location in the request, without pydantic's union-branch tags
+    (("messages", 0, "content", "str") -> "messages.0.content")."""
+    parts, node = [], data
+    for part in loc:
+        if isinstance(node, dict):
+            if part in node:
+                node = node[part]
+            elif part not in node and isinstance(part, str) and part == loc[-1]:
+                node = None  # a missing field
+            else:
+                continue  # a union branch's tag
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        elif isinstance(node, list):
+            continue
+        else:
+            break
+        parts.append(str(part))
+    return ".".join(parts)
 
 
 class Generation:
