@@ -52,13 +52,16 @@ def default_device() -> torch.device:
 
 
 def should_compile(model, compile: bool | str = "auto") -> bool:
-    """Resolve the `compile` setting for a model: True, False, or "auto" (see the module docstring).
+    """Resolve the `compile` setting for a model: True, False, or "auto" (see the module docstring;
+    "auto" first takes the model's `compile_default` when it has one, as glm6b.api.ChatGLM does).
 
     Raises:
         ValueError: a value other than True, False or "auto".
     """
     if compile not in (True, False, "auto"):
         raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+    if compile == "auto":  # a model loaded with glm6b.load_model(compile=...) carries its own default
+        compile = getattr(model, "compile_default", "auto")
     if compile != "auto":
         return bool(compile)
     if model.device.type == "cuda":
@@ -108,16 +111,15 @@ def decode_step(model, cache: StaticKVCache, tokens: torch.Tensor, positions: to
     return logits
 
 
-_compiled_steps: dict[str, object] = {}
+_compiled_decode_step = None
 
 
-def _compiled_step(freeze: bool):
-    """torch.compile'd decode_step (one wrapper per freezing setting; torch caches graphs per input shapes)."""
-    key = "frozen" if freeze else "plain"
-    if key not in _compiled_steps:
-        options = {"freezing": True} if freeze else None
-        _compiled_steps[key] = torch.compile(decode_step, fullgraph=True, dynamic=False, options=options)
-    return _compiled_steps[key]
+def _compiled_step():
+    """decode_step under torch.compile, made once (torch caches a graph per model, rows and slots)."""
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        _compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    return _compiled_decode_step
 
 
 def _weights_version(model) -> tuple[int, ...]:
@@ -150,19 +152,18 @@ class DecodeEngine:
         prefix = config.pre_seq_len or 0
         slots = prefix + -(-max_length // SLOT_BUCKET) * SLOT_BUCKET
         device = model.device
-        self.cache = StaticKVCache(config, batch_size, slots, model.dtype, device)
-        if prefix:
-            with torch.inference_mode():
+        # All engine state is made and changed in inference mode (so the compiled step always sees
+        # the same kind of tensors and never recompiles for that).
+        with torch.inference_mode():
+            self.cache = StaticKVCache(config, batch_size, slots, model.dtype, device)
+            if prefix:
                 self.cache.fill_prefix(model.transformer.prefix_past(batch_size, model.dtype))
-        self.positions = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
+            self.positions = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
         self.prefill_chunk_size = prefill_chunk_size
         self.compiled = should_compile(model, compile)
-        self._step = decode_step
-        if self.compiled:
-            freeze = device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16)
-            self._step = _compiled_step(freeze)
-            if freeze:
-                self._ensure_fresh_frozen_weights()
+        self.frozen = self.compiled and device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16)
+        if self.frozen:
+            self._ensure_fresh_frozen_weights()
 
     @property
     def batch_size(self) -> int:
@@ -181,6 +182,7 @@ class DecodeEngine:
             torch._dynamo.reset()
         self.model._glm6b_frozen_weights_version = version
 
+    @torch.inference_mode()
     def reset_rows(self, rows: slice | int | torch.Tensor | None = None) -> None:
         """Free rows (all by default): their slots become empty; the other rows are untouched."""
         self.cache.reset_rows(rows)
@@ -220,6 +222,7 @@ class DecodeEngine:
         self.positions[rows] = position_ids[:, :, -1] + torch.tensor([0, 1], device=position_ids.device)
         return logits
 
+    @torch.inference_mode()
     def reorder_rows(self, source_rows: torch.Tensor) -> None:
         """Row i takes the state of row source_rows[i] (beam search; repeating a prompt's row)."""
         self.cache.reorder_rows(source_rows)
@@ -228,4 +231,11 @@ class DecodeEngine:
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row ([B]); return the next logits [B, V] (model dtype)."""
-        return self._step(self.model, self.cache, tokens, self.positions)
+        tokens = tokens.to(device=self.positions.device, dtype=torch.long).clone()  # an inference tensor, as always
+        if not self.compiled:
+            return decode_step(self.model, self.cache, tokens, self.positions)
+        from torch._inductor import config as inductor_config  # heavy: only when compiling
+
+        # Freezing applies when a graph is compiled (the first call for a shape); later calls reuse it.
+        with inductor_config.patch(freezing=self.frozen):
+            return _compiled_step()(self.model, self.cache, tokens, self.positions)
