@@ -167,3 +167,15 @@ def test_chat_passes_beam_settings(model, tok):
     assert history == [("你好", response)]
     assert list(model.stream_chat(tok, "你好", max_length=64, do_sample=False, num_beams=3,
                                   length_penalty=0.5))[-1][0] == response
+
+
+def test_eval_passes_beam_settings(model, tok):
+    from glm6b.eval.evaluate import generate_predictions
+
+    prompts = ["你好", "北京是中国的首都"]
+    predictions, _ = generate_predictions(model, tok, prompts, batch_size=2, max_new_tokens=6, progress=False,
+                                          num_beams=3, length_penalty=0.0)
+    for prompt, prediction in zip(prompts, predictions):
+        ids = torch.tensor([tok.encode(prompt)])
+        out = generate(model, ids, max_new_tokens=6, num_beams=3, length_penalty=0.0, allowed_vocab_size=len(tok))
+        assert prediction == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
