@@ -163,3 +163,22 @@ def test_cuda_compiled_equals_eager_bf16(tok):
     eager = generate(model, **batch, max_new_tokens=8, compile=False)
     compiled = generate(model, **batch, max_new_tokens=8, compile=True)
     assert torch.equal(eager, compiled)
+
+
+def test_frozen_bf16_step_is_rebuilt_after_weights_change(monkeypatch):
+    """A frozen (bf16 CPU) compiled step holds its own weights: changing the model's weights in place
+    must drop the compiled graphs before the next engine runs (checked without compiling)."""
+    from glm6b.config import ChatGLMConfig
+    from glm6b.model import ChatGLMForConditionalGeneration
+
+    model = ChatGLMForConditionalGeneration(ChatGLMConfig.from_name("tiny"), dtype=torch.bfloat16).eval()
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    assert DecodeEngine(model, 1, 8, compile=True).frozen
+    DecodeEngine(model, 1, 8, compile=True)
+    assert resets == []  # same weights: the compiled graphs stay
+    with torch.no_grad():
+        model.transformer.layers[0].mlp.dense_h_to_4h.weight.add_(1.0)
+    DecodeEngine(model, 1, 8, compile=True)
+    assert resets == [1]
+    assert not DecodeEngine(model.float(), 1, 8, compile=True).frozen  # float32 weights are not frozen

@@ -28,8 +28,9 @@ the one-off compile time (see benchmarks/generate.py) pays back within a few doz
 models therefore run eagerly unless asked (`compile=True`). Compiled steps are cached by torch per
 (model, batch size, slots); slots are rounded up to a multiple of `SLOT_BUCKET` so that prompts of
 different lengths share a graph. Low-precision weights on the CPU are compiled with inductor
-freezing, which prepacks the weights for the CPU's matrix kernels; a frozen step keeps a copy of
-the weights, so it is rebuilt when the model's parameters change (e.g. evaluation during training).
+freezing, which prepacks the weights for the CPU's matrix kernels; a frozen step holds a copy of
+the weights, so it is rebuilt (with torch._dynamo.reset()) when the model's parameters have changed
+in place since (an optimizer step between two evaluations, a LoRA merge).
 """
 
 from __future__ import annotations
