@@ -237,6 +237,8 @@ def test_api_key(model, tok):
 def test_queue_full_429_and_disconnect_frees_the_row(model, tok):
     with running_server(model, tok, max_batch=1, max_queue=0) as (url, server):
         scheduler = server.scheduler
+        decode = scheduler._decode  # slowed down, so that the answer is still running when the client leaves
+        scheduler._decode = lambda rows: (time.sleep(0.02), decode(rows))
         body = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 480, "stream": True, "temperature": 0}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as stream:
             lines = stream.iter_lines()

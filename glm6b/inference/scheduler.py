@@ -5,19 +5,19 @@
     scheduler.submit(Request(prompt_ids, SamplingParams(max_new_tokens=64), on_event=print))
 
 Each loop iteration (`Scheduler.step`) does three things:
-  1. decode: one forward over every running row with its newest token;
-  2. admit: waiting requests (up to `max_batch` rows in all) are prefilled together in one
-     left-padded forward; each samples its first token from the prefill and its keys/values are
-     copied into a free row of the shared cache, so it decodes with the others from the next step;
+  1. decode: one `DecodeEngine` step over the rows in use, each feeding its newest token;
+  2. admit: waiting requests (up to `max_batch` rows in all) are prefilled into free rows of the
+     engine's static cache (left-padded together when their rows are adjacent) and sample their
+     first token from the prefill, so they decode with the others from the next step;
   3. retire: rows that produced <eop>, hit a stop string or their token limit, or whose client went
      away (`Scheduler.cancel`) leave at once, freeing their row for the next waiting request.
 
-The shared cache (`RowCache`) keeps one write column for all rows: a row's tokens fill the columns
-[start, write) and the columns before its start are masked out for it. Rows are kept dense (a
-leaving row's place is taken by the last row), the columns nobody uses any more are dropped from the
-left when the cache is full (compaction), and the cache grows by doubling up to the context length,
-so memory follows the load. Every row keeps its own 2D positions, so the math per row is the same as
-`glm6b.inference.generation.generate_steps` on that row alone.
+The rows are those of glm6b.inference.engine.DecodeEngine: a static KV cache with a length, a
+visibility mask and a 2D position per row, so a row joins and leaves without touching the others and
+the math of each row is that of generate()/chat() on that row alone. When the engine's step is
+compiled (CUDA, large CPU models) every step runs all `max_batch` rows (one graph); eagerly, a step
+runs rows 0 .. the highest row in use (new requests take the lowest free row), so a light load does
+not pay for idle rows.
 
 Each row has its own sampling settings (greedy or temperature/top-k/top-p), its own random
 generator (seeded per request, so a seeded request samples the same tokens whichever rows share
@@ -39,9 +39,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model import KVCache, build_mask_and_positions
+from ..model import build_mask_and_positions
 from .chat import process_response
-from .generation import TextStreamer, guard_invalid_scores
+from .engine import DecodeEngine, decode_step
+from .generation import TextStreamer
+from .sampling import guard_invalid_scores
 
 log = logging.getLogger(__name__)
 
@@ -129,132 +131,17 @@ class Request:
     submitted_at: float = field(default_factory=time.monotonic)
 
 
-# ----------------------------------------------------------------------------------- the shared cache
-
-
-class _RowsView(KVCache):
-    """The model's view of the shared cache: rows [0, n) of the storage, writing at one column."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):  # noqa: D107 (no allocation)
-        self.keys, self.values, self.length = keys, values, length
-
-
-class RowCache:
-    """Keys/values of the running rows in one tensor [L, max_batch, nh, capacity, d].
-
-    Column layout: the P-tuning prefix (if any) in [0, base), then the rows' tokens. All rows write
-    their next token at column `write`; row r's tokens are at [starts[r], write), so columns before
-    starts[r] are masked for it. Rows [0, rows) are in use.
-
-    Args:
-        config: model config.
-        max_batch: rows.
-        context_length: most tokens one row holds (prompt + answer); bounds the capacity.
-        dtype, device: of the stored tensors.
-    """
-
-    def __init__(self, config, max_batch: int, context_length: int, dtype: torch.dtype, device: torch.device):
-        self.base = config.pre_seq_len or 0
-        self.limit = self.base + context_length
-        self.shape = (config.num_layers, max_batch, config.num_attention_heads, config.head_dim)
-        self.dtype, self.device = dtype, device
-        self.keys = self.values = None
-        self._allocate(min(self.limit, self.base + 128))
-        self.write = self.base
-        self.starts: list[int] = []
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[3]
-
-    @property
-    def rows(self) -> int:
-        return len(self.starts)
-
-    def _allocate(self, capacity: int) -> None:
-        layers, batch, heads, dim = self.shape
-        keys = torch.zeros(layers, batch, heads, capacity, dim, dtype=self.dtype, device=self.device)
-        values = torch.zeros_like(keys)
-        if self.keys is not None:
-            keys[:, :, :, :self.write] = self.keys[:, :, :, :self.write]
-            values[:, :, :, :self.write] = self.values[:, :, :, :self.write]
-        self.keys, self.values = keys, values
-
-    def _shift(self, by: int) -> None:
-        """Move the rows' columns by `by`: right (by > 0) opens columns after base, left drops the first -by."""
-        n = self.rows
-        source, target = self.base + max(0, -by), self.base + max(0, by)
-        count = self.write - source
-        for t in (self.keys, self.values):
-            t[:, :n, :, target:target + count] = t[:, :n, :, source:source + count].clone()
-        self.starts = [s + by for s in self.starts]
-        self.write += by
-
-    def reserve(self, need: int) -> None:
-        """Make room for `need` more columns at the write position: drop unused columns, then grow.
-
-        Raises:
-            RuntimeError: the rows need more than context_length columns (a bug in the caller).
-        """
-        if self.write + need <= self.capacity:
-            return
-        unused = (min(self.starts) if self.starts else self.write) - self.base
-        if unused > 0:
-            self._shift(-unused)
-        target = self.write + need
-        if target > self.capacity or self.capacity - target < self.capacity // 8:
-            if target > self.limit:
-                raise RuntimeError(f"cache: {target - self.base} columns needed, at most {self.limit - self.base}")
-            if self.capacity < self.limit:
-                self._allocate(min(self.limit, max(2 * self.capacity, target)))
-
-    def add(self, keys: torch.Tensor, values: torch.Tensor) -> int:
-        """Append a row from a prefill cache row: keys/values [L, nh, base + P, d]. Returns its index."""
-        length = keys.shape[2] - self.base
-        if self.write - self.base < length:  # the columns before `write` are too few: shift right
-            if self.capacity < self.base + length:
-                self._allocate(min(self.limit, max(2 * self.capacity, self.base + length)))
-            self._shift(length - (self.write - self.base))
-        r = self.rows
-        self.keys[:, r, :, :self.base] = keys[:, :, :self.base]
-        self.values[:, r, :, :self.base] = values[:, :, :self.base]
-        self.keys[:, r, :, self.write - length:self.write] = keys[:, :, self.base:]
-        self.values[:, r, :, self.write - length:self.write] = values[:, :, self.base:]
-        self.starts.append(self.write - length)
-        return r
-
-    def remove(self, r: int) -> None:
-        """Free row r; the last row moves into its place."""
-        last = self.rows - 1
-        if r != last:
-            self.keys[:, r, :, :self.write] = self.keys[:, last, :, :self.write]
-            self.values[:, r, :, :self.write] = self.values[:, last, :, :self.write]
-            self.starts[r] = self.starts[last]
-        self.starts.pop()
-        if not self.starts:
-            self.write = self.base
-
-    def step_inputs(self) -> tuple[_RowsView, torch.Tensor | None]:
-        """(cache view for the model, mask [rows, 1, 1, columns after this step] or None) for one token."""
-        view = _RowsView(self.keys[:, :self.rows], self.values[:, :self.rows], self.write)
-        if all(s == self.base for s in self.starts):
-            return view, None
-        columns = torch.arange(self.base, self.write + 1, device=self.device)
-        starts = torch.tensor(self.starts, device=self.device)
-        return view, (columns[None, :] < starts[:, None])[:, None, None, :]
-
-
 # ----------------------------------------------------------------------------------- rows
 
 
 class _Row:
-    """A running request: its tokens, positions, random generator and streamed text."""
+    """A running request: its engine row, tokens, random generator and streamed text."""
 
-    def __init__(self, request: Request, tokenizer, position: list[int]):
+    def __init__(self, request: Request, tokenizer, slot: int):
         self.request = request
         self.params = request.params
         self.tokenizer = tokenizer
-        self.position = position  # [absolute, block] of the newest fed token (spec 4.8)
+        self.slot = slot  # the DecodeEngine row
         self.ids: list[int] = []
         self.sent = ""
         self.finish_reason: str | None = None
@@ -323,10 +210,12 @@ class Scheduler:
         max_queue: most requests waiting while every row is busy; `submit` raises QueueFullError
             beyond it (0: refuse whatever cannot start at the next step).
         context_length: most tokens per request, prompt + answer (default: the model config's
-            max_sequence_length).
+            max_sequence_length); sizes the engine's cache.
+        compile: the decode step's compilation, as for DecodeEngine (True, False or "auto").
     """
 
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, context_length: int | None = None):
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, context_length: int | None = None,
+                 compile: bool | str = "auto"):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model = model
@@ -336,8 +225,9 @@ class Scheduler:
         self.context_length = context_length or model.config.max_sequence_length
         self.eos_id = model.config.eos_token_id
         self.vocab_limit = len(tokenizer)  # the model's extra vocabulary rows have no text
-        self.cache = RowCache(model.config, max_batch, self.context_length, model.dtype, model.device)
-        self.rows: list[_Row] = []
+        self.engine = DecodeEngine(model, max_batch, self.context_length, compile=compile)
+        self.slots: list[_Row | None] = [None] * max_batch  # the request in each engine row
+        self.rows: list[_Row] = []  # the rows in use
         self._waiting: deque[Request] = deque()
         self._cancelled: set[int] = set()
         self._wake = threading.Condition()
@@ -475,7 +365,17 @@ class Scheduler:
             self.cancelled_total += 1
 
     def _prefill(self, requests: list[Request]) -> None:
-        """Run the new prompts in one left-padded forward, sample their first tokens, give them rows."""
+        """Prefill the new prompts into the lowest free rows, sample their first tokens."""
+        free = [i for i, row in enumerate(self.slots) if row is None][:len(requests)]
+        start = 0
+        while start < len(free):  # adjacent rows are prefilled together, left-padded
+            end = start + 1
+            while end < len(free) and free[end] == free[end - 1] + 1:
+                end += 1
+            self._prefill_rows(requests[start:end], free[start])
+            start = end
+
+    def _prefill_rows(self, requests: list[Request], first_row: int) -> None:
         config, device = self.model.config, self.model.device
         longest = max(len(r.prompt_ids) for r in requests)
         ids = torch.full((len(requests), longest), config.pad_token_id, dtype=torch.long)
@@ -485,34 +385,29 @@ class Scheduler:
             padding[i, longest - len(r.prompt_ids):] = 1
         ids, padding = ids.to(device), padding.to(device)
         mask, positions = build_mask_and_positions(ids, config, padding)
-        cache = KVCache(config, len(requests), self.cache.base + longest, self.model.dtype, device)
-        logits = self.model(ids, position_ids=positions, attention_mask=mask, kv_cache=cache,
-                            last_token_only=True).logits[:, -1]
+        logits = self.engine.prefill(ids, mask, positions, rows=slice(first_row, first_row + len(requests)))
         rows = []
         for i, r in enumerate(requests):
-            length = len(r.prompt_ids)
-            keep = list(range(self.cache.base)) + list(range(self.cache.base + longest - length,
-                                                              self.cache.base + longest))
-            keep = torch.tensor(keep, device=device)
-            self.cache.add(cache.keys[:, i].index_select(2, keep), cache.values[:, i].index_select(2, keep))
-            row = _Row(r, self.tokenizer, positions[i, :, -1].tolist())
+            row = _Row(r, self.tokenizer, first_row + i)
+            self.slots[row.slot] = row
             self.rows.append(row)
             rows.append(row)
-            self.prompt_tokens_total += length
+            self.prompt_tokens_total += len(r.prompt_ids)
         self._advance(rows, logits)
 
     def _decode(self, rows: list[_Row]) -> None:
-        """Feed every running row its newest token and sample the next one."""
-        device = self.model.device
-        self.cache.reserve(1)
-        view, mask = self.cache.step_inputs()
-        for row in rows:
-            row.position[1] += 1  # the block position counts on; the absolute one stays (spec 4.8)
-        tokens = torch.tensor([[row.ids[-1]] for row in rows], device=device)
-        positions = torch.tensor([row.position for row in rows], device=device)[:, :, None]  # [n, 2, 1]
-        logits = self.model(tokens, position_ids=positions, attention_mask=mask, kv_cache=view).logits[:, -1]
-        self.cache.write += 1
-        self._advance(rows, logits)
+        """Feed every row in use its newest token and sample the next one."""
+        engine = self.engine
+        # Compiled: every row, one graph. Eager: rows up to the highest one in use.
+        count = engine.batch_size if engine.compiled else max(row.slot for row in rows) + 1
+        tokens = torch.full((count,), self.model.config.pad_token_id, dtype=torch.long)  # idle rows feed <pad>
+        tokens[[row.slot for row in rows]] = torch.tensor([row.ids[-1] for row in rows])
+        if count == engine.batch_size:
+            logits = engine.decode(tokens)
+        else:
+            logits = decode_step(self.model, engine.cache.rows(slice(0, count)), tokens.to(self.model.device),
+                                 engine.positions[:count])
+        self._advance(rows, logits[[row.slot for row in rows]])
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Sample one token per row from its logits [n, V], stream the text, retire finished rows."""
@@ -530,11 +425,9 @@ class Scheduler:
 
     def _finish(self, row: _Row, reason: str, error: str | None = None, text: str = "") -> None:
         if row in self.rows:
-            index = self.rows.index(row)
-            self.cache.remove(index)
-            last = self.rows.pop()
-            if last is not row:
-                self.rows[index] = last
+            self.rows.remove(row)
+            self.slots[row.slot] = None
+            self.engine.reset_rows(row.slot)
         full = row.final_text if reason in ("stop", "length") else row.sent
         self._emit(row.request, Event(text, reason, len(row.ids), len(row.request.prompt_ids), full, error))
 
