@@ -178,7 +178,7 @@ def create_app(server: Server) -> FastAPI:
 def load_for_serving(model: str, adapter: str | None = None, quantize: str | None = None, dtype: str | None = None,
                      device: str | None = None):
     """(model, tokenizer, name) for `glm6b serve`: the folder or named model, a LoRA adapter merged in,
-    then weight-only quantization if asked.
+    weight-only int8/int4 quantization if asked (after the merge).
 
     Raises:
         ModelNotFoundError, CheckpointError, ConfigError: unusable model or adapter folder.
@@ -186,22 +186,27 @@ def load_for_serving(model: str, adapter: str | None = None, quantize: str | Non
     """
     from ..auto import AutoModel, AutoTokenizer, resolve_model_path
 
+    if quantize not in (None, "int8", "int4"):
+        raise ValueError(f"--quantize must be int8 or int4, got {quantize!r}")
     tokenizer = AutoTokenizer.from_pretrained(model)
-    loaded = AutoModel.from_pretrained(model, dtype=dtype, device=device)
-    if adapter is not None:
-        from ..train.lora import load_adapter
+    try:
+        if adapter is None and quantize is not None:
+            loaded = AutoModel.from_pretrained(model, dtype=dtype, device=device, quantize=quantize)
+        else:
+            loaded = AutoModel.from_pretrained(model, dtype=dtype, device=device)
+        if adapter is not None:
+            from ..train.lora import load_adapter
 
-        loaded = load_adapter(loaded, adapter).merge_and_unload()
-    if quantize is not None:
-        bits = {"int8": 8, "int4": 4}.get(quantize)
-        if bits is None:
-            raise ValueError(f"--quantize must be int8 or int4, got {quantize!r}")
-        try:
-            from ..quant import quantize_model
-        except ImportError as e:
-            raise ValueError(f"--quantize {quantize}: weight-only quantization (glm6b.quant) is not available in "
-                             f"this installation ({e})") from None
-        loaded = quantize_model(loaded, bits)
+            loaded = load_adapter(loaded, adapter).merge_and_unload()
+            if quantize is not None:
+                from ..quant.linear import quantize_model
+
+                loaded = quantize_model(loaded, {"int8": 8, "int4": 4}[quantize])
+    except (ImportError, TypeError) as e:
+        if quantize is None:
+            raise
+        raise ValueError(f"--quantize {quantize}: weight-only quantization (glm6b.quant) is not available in this "
+                         f"installation ({e})") from None
     loaded.eval()
     return loaded, tokenizer, resolve_model_path(model).name
 
