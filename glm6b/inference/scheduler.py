@@ -15,9 +15,9 @@ Each loop iteration (`Scheduler.step`) does three things:
 The rows are those of glm6b.inference.engine.DecodeEngine: a static KV cache with a length, a
 visibility mask and a 2D position per row, so a row joins and leaves without touching the others and
 the math of each row is that of generate()/chat() on that row alone. When the engine's step is
-compiled (CUDA, large CPU models) every step runs all `max_batch` rows (one graph); eagerly, a step
-runs rows 0 .. the highest row in use (new requests take the lowest free row), so a light load does
-not pay for idle rows.
+compiled (CUDA, large CPU models) every step runs all `max_batch` rows and slots (one graph); eagerly,
+a step runs rows 0 .. the highest row in use (new requests take the lowest free row) over the slots in
+use, so a light load and short answers do not pay for idle rows and empty slots.
 
 Each row has its own sampling settings (greedy or temperature/top-k/top-p), its own random
 generator (seeded per request, so a seeded request samples the same tokens whichever rows share
@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 # replaces this marker: a text ending in a mark or in part of the marker may still change.
 _MARKS = ",!:;?"
 _TRAINING_TIME = "[[训练时间]]"
+
+
+# Eager steps attend over the slots in use rounded up to this (fewer distinct shapes for the kernels).
+SLOT_ROUNDING = 64
 
 
 class QueueFullError(RuntimeError):
@@ -142,6 +146,7 @@ class _Row:
         self.params = request.params
         self.tokenizer = tokenizer
         self.slot = slot  # the DecodeEngine row
+        self.filled = 0  # slots of the row holding keys (P-tuning prefix, prompt, fed tokens)
         self.ids: list[int] = []
         self.sent = ""
         self.finish_reason: str | None = None
@@ -389,6 +394,7 @@ class Scheduler:
         rows = []
         for i, r in enumerate(requests):
             row = _Row(r, self.tokenizer, first_row + i)
+            row.filled = self.engine.cache.prefix_length + len(r.prompt_ids)
             self.slots[row.slot] = row
             self.rows.append(row)
             rows.append(row)
@@ -398,15 +404,21 @@ class Scheduler:
     def _decode(self, rows: list[_Row]) -> None:
         """Feed every row in use its newest token and sample the next one."""
         engine = self.engine
-        # Compiled: every row, one graph. Eager: rows up to the highest one in use.
+        # Compiled: every row and slot, one graph. Eager: rows up to the highest one in use.
         count = engine.batch_size if engine.compiled else max(row.slot for row in rows) + 1
         tokens = torch.full((count,), self.model.config.pad_token_id, dtype=torch.long)  # idle rows feed <pad>
         tokens[[row.slot for row in rows]] = torch.tensor([row.ids[-1] for row in rows])
-        if count == engine.batch_size:
+        if engine.compiled:
             logits = engine.decode(tokens)
         else:
-            logits = decode_step(self.model, engine.cache.rows(slice(0, count)), tokens.to(self.model.device),
-                                 engine.positions[:count])
+            # Eager: attend over the slots in use only (rounded up), not all max_length of them.
+            slots = min(engine.max_length, -(-(max(row.filled for row in rows) + 1) // SLOT_ROUNDING) * SLOT_ROUNDING)
+            view = engine.cache.rows(slice(0, count))
+            view.keys, view.values = view.keys[:, :, :, :slots], view.values[:, :, :, :slots]
+            view.visible = view.visible[:, :slots]
+            logits = decode_step(self.model, view, tokens.to(self.model.device), engine.positions[:count])
+        for row in rows:
+            row.filled += 1
         self._advance(rows, logits[[row.slot for row in rows]])
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
