@@ -196,3 +196,23 @@ def test_sampling_with_a_single_candidate_is_greedy(model, tok, top_k, top_p):
     run_all(scheduler, {0: [greedy, sampled]})
     assert sampled_rec.final.full_text == greedy_rec.final.full_text
 
+
+
+@pytest.mark.cuda
+def test_cuda_compiled_steps_equal_chat(tok):
+    """On CUDA the engine's step is compiled and runs every row: rows joining mid-batch still equal chat()."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from glm6b import load_model
+    from helpers import GOLDEN
+
+    model = load_model(GOLDEN, dtype=torch.float32, device="cuda")
+    scheduler = Scheduler(model, tok, max_batch=3, compile=True)
+    assert scheduler.engine.compiled
+    jobs = [make_request(tok, q, h, max_new_tokens=12, do_sample=False) for q, h in CHATS[:4]]
+    run_all(scheduler, {0: [jobs[0][0]], 2: [jobs[1][0], jobs[2][0]], 4: [jobs[3][0]]})
+    for (query, history), (request, recorder) in zip(CHATS, jobs):
+        expected, _ = model.chat(tok, query, history, do_sample=False, max_new_tokens=12, compile=True)
+        assert recorder.final.full_text == expected, query

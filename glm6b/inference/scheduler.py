@@ -270,7 +270,7 @@ class Scheduler:
         """Queue a request; it joins the running batch at the next step with a free row.
 
         Raises:
-            QueueFullError: max_queue requests are already waiting.
+            QueueFullError: every row is busy and max_queue requests are already waiting.
             ValueError: impossible settings, or a prompt + token limit beyond the context length.
         """
         request.params.validate()
