@@ -112,7 +112,7 @@ def sampling_params(body: _Sampling, max_tokens: int | None, prompt_tokens: int,
     """One SamplingParams per choice; choice i > 0 of a seeded request gets its own derived seed.
 
     Raises:
-        APIError: 400 for a prompt that leaves no room to answer or a max_tokens over the limits.
+        APIError: 400 for a prompt that leaves no room to answer, more than 4 stop strings, logprobs.
     """
     if body.logprobs:
         raise APIError(400, "logprobs: not supported by this server", param="logprobs")
@@ -122,11 +122,9 @@ def sampling_params(body: _Sampling, max_tokens: int | None, prompt_tokens: int,
         raise APIError(400, f"{field}: the prompt has {prompt_tokens} tokens, which leaves no room for an answer "
                             f"within the context length {server.context_length}", param=field,
                        code="context_length_exceeded")
-    limit = min(room, server.max_tokens)
-    if max_tokens is not None and max_tokens > limit:
-        raise APIError(400, f"max_tokens: {max_tokens} is more than this request allows ({limit}: at most "
-                            f"{server.max_tokens} per request, and the prompt's {prompt_tokens} tokens plus the "
-                            f"answer must fit the context length {server.context_length})", param="max_tokens")
+    # max_tokens is an upper bound: the answer also stops at the server's --max-tokens and at the end
+    # of the context (finish_reason "length"), as a chat with max_length does.
+    limit = min(room, server.max_tokens, max_tokens or room)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > MAX_STOP_STRINGS:
         raise APIError(400, f"stop: at most {MAX_STOP_STRINGS} strings, got {len(stop)}", param="stop")
@@ -136,7 +134,7 @@ def sampling_params(body: _Sampling, max_tokens: int | None, prompt_tokens: int,
     params = []
     for i in range(body.n):
         seed = None if body.seed is None else (body.seed if i == 0 else hash((body.seed, i)) & (2**63 - 1))
-        params.append(SamplingParams(max_new_tokens=max_tokens or limit, do_sample=not greedy,
+        params.append(SamplingParams(max_new_tokens=limit, do_sample=not greedy,
                                      temperature=1.0 if greedy else temperature, top_p=top_p, seed=seed, stop=stop))
     return params
 
