@@ -16,7 +16,9 @@ cache, then one-token decode steps) but never stops early on <eop>. Printed:
 * per batch size and mode: prefill tokens/s, decode tokens/s, ms per decode step, and the decode
   step's weight traffic (bytes of all parameters read once per step / step time, GB/s);
 * the prefill's share of the machine's GEMM throughput measured in the same run: a [C, H] x [H, 4H]
-  matmul in the model dtype (C = prefill chunk), against the prefill's matmul FLOPs per second;
+  matmul in the model dtype (C = prefill chunk), timed right before each timed prefill (so that a
+  change in the machine's load hits both), against the prefill's matmul FLOPs per second; the
+  median of the per-run ratios is shown;
 * `--matrix`: one 16384 x 4096 matrix times a vector, plain F.linear vs compiled with inductor
   freezing (the prepacked weights the compiled CPU step uses for bf16), in GB/s.
 
@@ -103,19 +105,14 @@ def compile_times(model, input_ids: torch.Tensor, slots: int) -> tuple[float, fl
 
 
 @torch.inference_mode()
-def gemm_flops_per_second(rows: int, hidden: int, inner: int, dtype, device, repeats: int = 5) -> float:
-    """Throughput of a [rows, hidden] x [hidden, inner] matmul (the MLP's first product), FLOP/s."""
-    a = torch.randn(rows, hidden, dtype=dtype, device=device)
-    w = torch.randn(inner, hidden, dtype=dtype, device=device)
-    F.linear(a, w)
-    runs = []
+def gemm_flops_per_second(a: torch.Tensor, w: torch.Tensor, repeats: int = 3) -> float:
+    """Throughput of F.linear(a, w) (the MLP's first product at prefill-chunk size), FLOP/s."""
+    sync(a.device)
+    start = time.perf_counter()
     for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
         F.linear(a, w)
-        sync(device)
-        runs.append(time.perf_counter() - start)
-    return 2 * rows * hidden * inner / statistics.median(runs)
+    sync(a.device)
+    return 2 * a.shape[0] * a.shape[1] * w.shape[0] * repeats / (time.perf_counter() - start)
 
 
 def prefill_flops(config: ChatGLMConfig, batch: int, length: int) -> float:
@@ -199,10 +196,11 @@ def main() -> None:
         print(f"decode step compile (batch {args.batch_sizes[0]}): cold {cold:.1f} s, warm {warm:.1f} s\n")
 
     chunk = min(args.prefill_chunk_size, args.prompt_length)
-    gemm = gemm_flops_per_second(chunk, config.hidden_size, config.inner_hidden_size, dtype, device)
-    header = ("| batch | mode | prefill tok/s | prefill / GEMM | decode tok/s | ms/step | weights GB/s |")
-    print(f"GEMM [{chunk}, {config.hidden_size}] x [{config.hidden_size}, {config.inner_hidden_size}] {dtype}: "
-          f"{gemm / 1e9:,.1f} GFLOP/s\n")
+    gemm_a = torch.randn(chunk, config.hidden_size, dtype=dtype, device=device)
+    gemm_w = torch.randn(config.inner_hidden_size, config.hidden_size, dtype=dtype, device=device)
+    gemm_flops_per_second(gemm_a, gemm_w, repeats=1)  # warm-up
+    header = ("| batch | mode | prefill tok/s | GEMM GFLOP/s | prefill / GEMM | decode tok/s | ms/step | weights GB/s |")
+    print(f"GEMM: [{chunk}, {config.hidden_size}] x [{config.hidden_size}, {config.inner_hidden_size}] in {dtype}\n")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for batch in args.batch_sizes:
@@ -211,14 +209,18 @@ def main() -> None:
             engine = DecodeEngine(model, batch, slots, compile=mode == "compiled",
                                   prefill_chunk_size=args.prefill_chunk_size)
             time_generation(engine, input_ids, min(args.new_tokens, 4))  # warm-up (and compile), not timed
-            runs = [time_generation(engine, input_ids, args.new_tokens) for _ in range(args.repeats)]
+            gemms, runs = [], []
+            for _ in range(args.repeats):
+                gemms.append(gemm_flops_per_second(gemm_a, gemm_w))
+                runs.append(time_generation(engine, input_ids, args.new_tokens))
             prefill = statistics.median(r[0] for r in runs)
             decode = statistics.median(r[1] for r in runs)
+            flops = prefill_flops(config, batch, args.prompt_length)
+            share = statistics.median(flops / r[0] / g for r, g in zip(runs, gemms))
             steps = args.new_tokens - 1
-            share = prefill_flops(config, batch, args.prompt_length) / prefill / gemm
-            print(f"| {batch} | {mode} | {batch * args.prompt_length / prefill:,.0f} | {100 * share:.0f} % | "
-                  f"{batch * steps / decode:,.1f} | {1000 * decode / steps:.2f} | "
-                  f"{weight_bytes / (decode / steps) / 1e9:.1f} |", flush=True)
+            print(f"| {batch} | {mode} | {batch * args.prompt_length / prefill:,.0f} | "
+                  f"{statistics.median(gemms) / 1e9:,.1f} | {100 * share:.0f} % | {batch * steps / decode:,.1f} | "
+                  f"{1000 * decode / steps:.2f} | {weight_bytes / (decode / steps) / 1e9:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
