@@ -264,6 +264,13 @@ def test_queue_full_429_and_disconnect_frees_the_row(model, tok):
             time.sleep(0.02)
         assert scheduler.batch_size == 0
         assert scheduler.cancelled_total == 1
+        # A non-streamed request whose client gives up is dropped too.
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=1.0)
+        deadline = time.monotonic() + 30
+        while (scheduler.batch_size or scheduler.cancelled_total < 2) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert scheduler.batch_size == 0 and scheduler.cancelled_total == 2
         answer = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
                                                                 "max_tokens": 4}, timeout=60)
         assert answer.status_code == 200

@@ -243,7 +243,8 @@ class Scheduler:
         self.generated_tokens_total = 0
         self.steps_total = 0
         self.cancelled_total = 0
-        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last steps
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last minute's steps
+        self._recent_lock = threading.Lock()
 
     # ------------------------------------------------------------------ public
 
@@ -263,8 +264,8 @@ class Scheduler:
     def tokens_per_second(self, window: float = 10.0) -> float:
         """Generated tokens per second over the last `window` seconds."""
         now = time.monotonic()
-        recent = [(t, n) for t, n in list(self._recent) if now - t <= window]
-        return sum(n for _, n in recent) / window
+        with self._recent_lock:
+            return sum(n for t, n in self._recent if now - t <= window) / window
 
     def submit(self, request: Request) -> None:
         """Queue a request; it joins the running batch at the next step with a free row.
@@ -425,9 +426,11 @@ class Scheduler:
         """Sample one token per row from its logits [n, V], stream the text, retire finished rows."""
         tokens = self._sample(rows, logits)
         self.generated_tokens_total += len(rows)
-        self._recent.append((time.monotonic(), len(rows)))
-        while self._recent and time.monotonic() - self._recent[0][0] > 60:
-            self._recent.popleft()
+        now = time.monotonic()
+        with self._recent_lock:
+            self._recent.append((now, len(rows)))
+            while now - self._recent[0][0] > 60:
+                self._recent.popleft()
         for row, token in zip(rows, tokens):
             delta = row.push(token, self.eos_id)
             if row.finish_reason is not None:

@@ -144,13 +144,16 @@ class Generation:
         Args:
             http_request: when given, checked every second; a disconnected client ends the iteration.
         """
+        checked = time.monotonic()
         try:
             while self.running:
+                if http_request is not None and time.monotonic() - checked >= 1.0:
+                    if await http_request.is_disconnected():
+                        return
+                    checked = time.monotonic()
                 try:
                     index, event = await asyncio.wait_for(self.queue.get(), timeout=1.0)
                 except asyncio.TimeoutError:
-                    if http_request is not None and await http_request.is_disconnected():
-                        return
                     continue
                 if self.first_token_at is None:
                     self.first_token_at = time.monotonic()
