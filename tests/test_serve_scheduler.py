@@ -134,6 +134,28 @@ def test_streaming_never_splits_a_utf8_character(tok):
         assert deltas[-1].strip() == "龘"
 
 
+@pytest.mark.parametrize("chat", [True, False])
+def test_incremental_decoding_equals_decoding_everything(tok, chat):
+    # Long answers are decoded in two parts (a fixed head and the last tokens): the text must be the
+    # same as decoding all tokens at every step, on real text and on random tokens.
+    import random
+
+    texts = ["这款连衣裙采用棉质面料，穿着舒适透气。 I'm fine, don't worry. It's 1 + 1 = 2 ,ok .\n\tspaced  out",
+             "春眠不觉晓 , 处处闻啼鸟 . ' quoted ' words n't ?"]
+    rng = random.Random(0)
+    sequences = [tok.encode(t * 3, add_special_tokens=False) for t in texts]
+    sequences += [[rng.randrange(5, len(tok)) for _ in range(120)] for _ in range(20)]
+    for ids in sequences:
+        request = Request([1], SamplingParams(max_new_tokens=len(ids)), lambda e: None, chat=chat)
+        row = _Row(request, tok, 0)
+        streamed = ""
+        for token in ids:
+            streamed += row.push(token, eos_id=-1)
+            assert row.text() == row.text(exact=True)
+        assert row.start > 0  # the head was used
+        assert streamed == row.final_text == row.text(exact=True)
+
+
 def test_chat_text_holds_back_what_process_response_may_change(tok):
     request = Request([1], SamplingParams(max_new_tokens=10), lambda e: None, chat=True)
     row = _Row(request, tok, 0)

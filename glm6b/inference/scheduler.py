@@ -53,6 +53,8 @@ _MARKS = ",!:;?"
 _TRAINING_TIME = "[[训练时间]]"
 
 
+# Tokens decoded again at every step at most (about): older ones are decoded once into a fixed head.
+_DECODE_WINDOW = 32
 # Eager steps attend over the slots in use rounded up to this (fewer distinct shapes for the kernels).
 SLOT_ROUNDING = 64
 
@@ -148,6 +150,7 @@ class _Row:
         self.slot = slot  # the DecodeEngine row
         self.filled = 0  # slots of the row holding keys (P-tuning prefix, prompt, fed tokens)
         self.ids: list[int] = []
+        self.head, self.start = "", 0  # decode(ids) == head + decode(ids[start:]) (see _advance_head)
         self.sent = ""
         self.finish_reason: str | None = None
         self.final_text = ""
@@ -156,15 +159,43 @@ class _Row:
         stops = self.params.stop or ()
         self.stops = [s for s in stops if s]
 
-    def text(self) -> str:
-        raw = self.tokenizer.decode(self.ids)
+    def text(self, exact: bool = False) -> str:
+        """The answer so far: decoded (incrementally unless `exact`) and, for chat, cleaned up."""
+        raw = self.tokenizer.decode(self.ids) if exact else self.head + self.tokenizer.decode(self.ids[self.start:])
         return process_response(raw) if self.request.chat else raw
+
+    def _advance_head(self) -> None:
+        """Decode the tokens before a split point once, so each step decodes only the last ones.
+
+        decode(ids) == head + decode(ids[start:]) holds at a token that starts with a CJK character,
+        and (with one space between) at a token "▁x" with x a letter other than n or a digit, after
+        text not ending in an apostrophe: SentencePiece drops the leading space of the first token
+        only, and no clean-up rule (" .", " n't", " ' ", ...) nor `<n>`-style marker spans such a point.
+        """
+        if len(self.ids) - self.start <= _DECODE_WINDOW:
+            return
+        for split in range(len(self.ids) - 1, len(self.ids) - _DECODE_WINDOW // 2, -1):
+            piece = self.tokenizer.convert_ids_to_tokens(self.ids[split])
+            if not piece:
+                continue
+            if "\u4e00" <= piece[0] <= "\u9fff":
+                self.head, self.start = self.tokenizer.decode(self.ids[:split]), split
+                return
+            if piece[0] == "▁" and len(piece) > 1 and (piece[1].isalpha() and piece[1] != "n" or piece[1].isdigit()):
+                head = self.tokenizer.decode(self.ids[:split])
+                if not head.endswith("'"):
+                    self.head, self.start = head + (" " if head else ""), split
+                    return
 
     def push(self, token: int, eos_id: int) -> str:
         """Record a new token; returns the text that became final. Sets finish_reason when done."""
         self.ids.append(token)
+        self._advance_head()
         text = self.text()
         cut = min((i for i in (text.find(s) for s in self.stops) if i != -1), default=-1)
+        if cut != -1 or token == eos_id or len(self.ids) >= self.params.max_new_tokens:
+            text = self.text(exact=True)  # the final answer is the plain decode, as chat() gives it
+            cut = min((i for i in (text.find(s) for s in self.stops) if i != -1), default=-1)
         if cut != -1:
             text, self.finish_reason = text[:cut], "stop"
         elif token == eos_id:
