@@ -61,7 +61,7 @@ class _Sampling(StrictModel):
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**64)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None
