@@ -345,3 +345,16 @@ def test_glm6b_serve_without_the_extra_says_how_to_install(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sse_starlette" else real(name, *a))
     assert cli.main(["serve", "--model", str(GOLDEN)]) == 2
     assert "pip install 'glm6b[serve]'" in capsys.readouterr().err
+
+
+def test_health_is_503_until_the_scheduler_runs(model, tok):
+    import asyncio
+
+    app = create_app(Server(model, tok))  # the lifespan (which starts the scheduler) has not run
+
+    async def get_health():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.get("/health")
+
+    response = asyncio.run(get_health())
+    assert response.status_code == 503 and response.json()["status"] == "unavailable"
