@@ -186,6 +186,15 @@ def test_cancel_frees_the_row_and_the_queue(model, tok):
     assert waiting_rec.final.finish_reason in ("stop", "length")
 
 
+def test_warm_up_leaves_the_scheduler_empty_and_exact(model, tok):
+    scheduler = Scheduler(model, tok, max_batch=2)
+    scheduler.warm_up()
+    assert scheduler.batch_size == 0 and scheduler.generated_tokens_total == 0
+    request, recorder = make_request(tok, "你好", [], max_new_tokens=10, do_sample=False)
+    run_all(scheduler, {0: [request]})
+    assert recorder.final.full_text == model.chat(tok, "你好", [], do_sample=False, max_new_tokens=10)[0]
+
+
 def test_bad_requests_are_refused_at_submit(model, tok):
     scheduler = Scheduler(model, tok, context_length=32)
     with pytest.raises(ValueError, match="context length 32"):

@@ -324,6 +324,18 @@ class Scheduler:
             self._cancelled.add(request.id)
             self._wake.notify()
 
+    def warm_up(self) -> None:
+        """Run one short greedy request through prefill and decode before serving (this compiles the
+        decode step where it is compiled, so the first client does not wait for that)."""
+        request = Request(self.tokenizer.encode("你好"), SamplingParams(max_new_tokens=2, do_sample=False),
+                          lambda event: None)
+        self.submit(request)
+        while self.step():
+            pass
+        self.prompt_tokens_total = self.generated_tokens_total = self.steps_total = 0
+        with self._recent_lock:
+            self._recent.clear()
+
     def start(self) -> None:
         """Run the loop in a daemon thread."""
         self._stopping = False

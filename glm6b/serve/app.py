@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import sys
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -230,4 +231,8 @@ def serve(model: str, adapter: str | None = None, quantize: str | None = None, d
     loaded, tokenizer, name = load_for_serving(model, adapter, quantize, dtype, device)
     server = Server(loaded, tokenizer, model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                     max_tokens=max_tokens)
+    compiling = ", compiling the decode step" if server.scheduler.engine.compiled else ""
+    print(f"glm6b serve: warming up {name} ({max_batch} rows of {server.context_length} tokens{compiling})",
+          file=sys.stderr, flush=True)
+    server.scheduler.warm_up()
     uvicorn.run(create_app(server), host=host, port=port, log_level="info")
