@@ -13,12 +13,20 @@ import torch
 
 from .checkpoint import hf
 from .inference.chat import chat, stream_chat
+from .inference.engine import default_device
 from .inference.generation import generate
 from .model import ChatGLMForConditionalGeneration
 
 
 class ChatGLM(ChatGLMForConditionalGeneration):
-    """ChatGLM-6B with the methods of THUDM's model class; its parameters and outputs are the math class's."""
+    """ChatGLM-6B with the methods of THUDM's model class; its parameters and outputs are the math class's.
+
+    Attributes:
+        compile_default: the decode step's compile setting when a call leaves `compile` at "auto"
+            (set by `load_model(compile=...)`; see glm6b.inference.engine).
+    """
+
+    compile_default: bool | str = "auto"
 
     def chat(self, tokenizer, query: str, history=None, **kwargs):
         """Answer `query` given earlier (query, response) rounds; see `glm6b.inference.chat.chat`."""
@@ -37,15 +45,24 @@ class ChatGLM(ChatGLMForConditionalGeneration):
         hf.save_pretrained(self, directory, **kwargs)
 
 
-def load_model(path: str | os.PathLike, **kwargs) -> ChatGLM:
+def load_model(path: str | os.PathLike, device=None, compile: bool | str = "auto", **kwargs) -> ChatGLM:
     """Load a ChatGLM-6B checkpoint as a `ChatGLM` (chat/generate/save_pretrained included).
 
     Args:
         path: the model folder, or a MindSpore / MindFormers `.ckpt` file (config.json beside it,
             else `config=...`, else the built-in `glm_6b` preset; see glm6b.checkpoint.mindspore).
-        **kwargs: see `glm6b.checkpoint.hf.load_model` (dtype, device, config, ptuning_checkpoint, ...).
+        device: where the parameters go; None means CUDA when available (bfloat16 there unless a
+            dtype is given), else the CPU (float32).
+        compile: the decode step's default for this model: True, False or "auto" (compiled on
+            CUDA and for large models on the CPU; see glm6b.inference.engine).
+        **kwargs: see `glm6b.checkpoint.hf.load_model` (dtype, quantize, config, ptuning_checkpoint, ...).
 
     Returns:
         The model in eval mode.
     """
-    return hf.load_model(path, model_class=ChatGLM, **kwargs)
+    if compile not in (True, False, "auto"):
+        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+    model = hf.load_model(path, model_class=ChatGLM, device=default_device() if device is None else device,
+                          **kwargs)
+    model.compile_default = compile
+    return model

@@ -4,6 +4,7 @@
     glm6b generate --model PATH --prompt "你好"
     glm6b generate --model PATH --input prompts.jsonl --output out.jsonl --max-new-tokens 64 --greedy
     glm6b quantize --model PATH --bits 4 --output PATH-int4   # THUDM's int4 layout; or --quantize int4 at load
+    glm6b serve --model PATH --port 8000              # OpenAI + THUDM api.py protocols and a web chat page
 
 Adding a subcommand: write `add_<name>_command(subparsers)` (its arguments, and
 `set_defaults(func=cmd_<name>)`) and `cmd_<name>(args) -> int`, then call the add function in
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_command(subparsers)
     add_quickstart_command(subparsers)
     add_convert_command(subparsers)
+    add_serve_command(subparsers)
     return parser
 
 
@@ -599,4 +601,57 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.adapter is not None:
         print("MindPet does not store the LoRA scale: set lora_rank and lora_alpha in the MindFormers pet_config "
               "to the adapter's r and lora_alpha", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------------- serve
+
+SERVE_MODULES = ("fastapi", "uvicorn", "sse_starlette", "prometheus_client")
+
+
+def add_serve_command(subparsers) -> None:
+    """`glm6b serve`: the HTTP server (OpenAI API, THUDM api.py protocol, web chat page, metrics)."""
+    p = subparsers.add_parser(
+        "serve", help="serve the model over HTTP: OpenAI API, THUDM api.py protocol, web chat page",
+        description="Serve a model with continuous batching: POST /v1/chat/completions, /v1/completions, "
+                    "GET /v1/models (OpenAI API), POST / (THUDM api.py), GET / (web chat page), GET /health, "
+                    "GET /metrics. Needs the serve extra: pip install 'glm6b[serve]'.")
+    p.add_argument("--model", required=True, metavar="NAME|PATH",
+                   help="model folder (HF THUDM/chatglm-6b files) or name (glm_6b, glm_6b_chat: looked up under "
+                        "$GLM6B_HOME, default ~/.cache/glm6b)")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="a PEFT LoRA adapter folder, merged in at load")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None, help="weight-only quantization at load")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="parameter dtype (default: float32 on CPU, "
+                                                                 "bfloat16 on CUDA)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API "
+                                                   "(default: $GLM6B_API_KEY; none when unset)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a batch row; more are refused with 429 (default 64)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="most tokens one request may generate (default: the model's context length)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Check the serve extra is installed, then load the model and serve until interrupted."""
+    import importlib.util
+
+    missing = [m for m in SERVE_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"the server needs the serve extra ({', '.join(missing)} missing): "
+                         f"pip install 'glm6b[serve]'")
+    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
+                             ("--max-tokens", args.max_tokens, 1), ("--port", args.port, 0)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    from .serve.app import serve
+
+    serve(args.model, adapter=args.adapter, quantize=args.quantize, dtype=args.dtype, device=args.device,
+          host=args.host, port=args.port, api_key=args.api_key or os.environ.get("GLM6B_API_KEY") or None,
+          max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens)
     return 0

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .generation import generate_steps, make_generation_config
+from .generation import generate, generate_steps, make_generation_config
 
 History = list[tuple[str, str]]
 
@@ -79,7 +79,8 @@ def chat(model, tokenizer, query: str, history: Sequence[Sequence[str]] | None =
         do_sample, top_p, temperature: sampling settings (the reference's chat defaults; top_k 50).
         drop_oldest: when the prompt does not fit, leave the oldest rounds out of it (they stay
             in the returned history) instead of raising.
-        **gen: other GenerationConfig fields (top_k, repetition_penalty, max_new_tokens, seed, ...).
+        **gen: other GenerationConfig fields (top_k, repetition_penalty, max_new_tokens, seed, num_beams,
+            length_penalty, early_stopping, compile, ...). Beam search needs do_sample=False.
 
     Returns:
         (response, new_history): the cleaned-up answer and a new list history + [(query, response)].
@@ -90,9 +91,7 @@ def chat(model, tokenizer, query: str, history: Sequence[Sequence[str]] | None =
     """
     history, input_ids, config = _prepare(model, tokenizer, query, history, max_length, do_sample, top_p,
                                           temperature, drop_oldest, gen)
-    ids = []
-    for next_tokens, _, _ in generate_steps(model, input_ids, config=config, tokenizer=tokenizer):
-        ids.append(int(next_tokens[0]))
+    ids = _generate_ids(model, tokenizer, input_ids, config)
     response = _decode_response(tokenizer, ids)
     return response, history + [(query, response)]
 
@@ -118,6 +117,10 @@ def stream_chat(model, tokenizer, query: str, history: Sequence[Sequence[str]] |
     """
     history, input_ids, config = _prepare(model, tokenizer, query, history, max_length, do_sample, top_p,
                                           temperature, drop_oldest, gen)
+    if config.num_beams > 1:  # beam search settles the answer only at the end
+        response = _decode_response(tokenizer, _generate_ids(model, tokenizer, input_ids, config))
+        yield response, history + [(query, response)]
+        return
     stop_ids = _stop_ids(model.config, config)
     ids: list[int] = []
     response = None  # the first step always yields: at least one new token is generated
@@ -179,6 +182,15 @@ def _fit_prompt(tokenizer, query: str, history: History, max_length: int, drop_o
     raise ValueError(
         f"the query alone is {len(ids)} tokens, which leaves no room for an answer within max_length={max_length}: "
         f"raise max_length or shorten the query")
+
+
+def _generate_ids(model, tokenizer, input_ids, config) -> list[int]:
+    """The answer's token ids, up to and including the first stop token."""
+    if config.num_beams == 1:
+        return [int(t[0]) for t, _, _ in generate_steps(model, input_ids, config=config, tokenizer=tokenizer)]
+    ids = generate(model, input_ids, generation_config=config, tokenizer=tokenizer)[0, input_ids.shape[1]:].tolist()
+    stops = [i for i, token in enumerate(ids) if token in _stop_ids(model.config, config)]
+    return ids[:stops[0] + 1] if stops else ids
 
 
 def _stop_ids(model_config, config) -> set[int]:

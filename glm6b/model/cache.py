@@ -1,4 +1,5 @@
-"""Key/value caches for decoding: a preallocated per-layer cache and the P-tuning prefix past."""
+"""Key/value caches for decoding: a growing per-layer cache, the static per-row cache of the decode
+engine, and the P-tuning prefix past."""
 
 from __future__ import annotations
 
@@ -68,3 +69,142 @@ class PrefixPast:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         return torch.cat([self.past[layer, 0], k], dim=2), torch.cat([self.past[layer, 1], v], dim=2)
+
+
+# ----------------------------------------------------------------------------------- static KV cache
+
+
+class StaticKVCache:
+    """Keys and values for a fixed batch of rows ("slots"), allocated once, with a position per row.
+
+    The decode engine's cache (glm6b.inference.engine builds on it). Shapes never change after
+    allocation, so a decode step over it compiles to one graph for every position:
+
+        keys, values  [L, B, nh, S, d]  keys stored already rotated; S = max_length slots per row
+        lengths       [B] int64         filled slots per row (the next token of row b goes to slot lengths[b])
+        visible       [B, S] bool       slots that later tokens of the row may attend to (real prompt
+                                        tokens and generated tokens; False for left padding and empty slots)
+
+    Each row is independent: `reset_rows` empties rows while the others keep decoding, and a row
+    view (`rows(slice)`) lets a prompt be prefilled into some rows only. A P-tuning prefix is
+    written once into the first P slots of every row (`fill_prefix`) and survives resets.
+
+    The model writes through it in two ways (see ChatGLMForConditionalGeneration.forward):
+    `input_pos` an int s: T new tokens of every row go to slots [s, s + T) and attention covers
+    slots [0, s + T) (prefill, one chunk at a time); `input_pos` a [B] tensor: one new token per row
+    goes to slot input_pos[b] and attention covers all S slots (decode; no host sync). The masks
+    are the caller's; `decode_mask` gives the decode step's and `advance` records its token.
+
+    Args:
+        config: model config (layers, heads, head dim).
+        batch_size: rows.
+        max_length: slots per row (prefix + prompt + new tokens).
+        dtype, device: of the stored keys/values (the model's activation dtype and device).
+    """
+
+    def __init__(self, config: ChatGLMConfig, batch_size: int, max_length: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (config.num_layers, batch_size, config.num_attention_heads, max_length, config.head_dim)
+        # Zeros, not empty: masked slots still enter the attention product (weight 0 times a NaN is NaN).
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, nh, S, d]
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
+        self.visible = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)  # [B, S]
+        self.prefix_length = 0
+
+    @classmethod
+    def _view(cls, keys, values, lengths, visible, prefix_length) -> StaticKVCache:
+        view = cls.__new__(cls)
+        view.keys, view.values, view.lengths, view.visible = keys, values, lengths, visible
+        view.prefix_length = prefix_length
+        return view
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[3]
+
+    def rows(self, rows: slice | int) -> StaticKVCache:
+        """A cache over some rows that shares this one's storage (writes go to the same tensors)."""
+        if isinstance(rows, int):
+            rows = slice(rows, rows + 1)
+        return StaticKVCache._view(self.keys[:, rows], self.values[:, rows], self.lengths[rows],
+                                   self.visible[rows], self.prefix_length)
+
+    def reset_rows(self, rows: slice | int | torch.Tensor | None = None) -> None:
+        """Empty rows (all by default), keeping the P-tuning prefix; the other rows are untouched."""
+        rows = slice(None) if rows is None else rows
+        self.lengths[rows] = self.prefix_length
+        self.visible[rows] = False
+        self.visible[rows, :self.prefix_length] = True
+
+    def reorder_rows(self, source_rows: torch.Tensor) -> None:
+        """Row i takes the keys, values, length and visibility of row source_rows[i] (in place)."""
+        for tensor, dim in ((self.keys, 1), (self.values, 1), (self.lengths, 0), (self.visible, 0)):
+            tensor.copy_(tensor.index_select(dim, source_rows))
+
+    def fill_prefix(self, past: torch.Tensor) -> None:
+        """Write a P-tuning past [L, 2, B, nh, P, d] into the first P slots of every row and reset them."""
+        prefix = past.shape[4]
+        self.keys[:, :, :, :prefix] = past[:, 0]
+        self.values[:, :, :, :prefix] = past[:, 1]
+        self.prefix_length = prefix
+        self.reset_rows()
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, input_pos: int | torch.Tensor):
+        """Store k, v [B, nh, T, d]; return the keys/values attention covers ([B, nh, S', d]).
+
+        Args:
+            input_pos: an int s (slots [s, s + T) of every row; returns slots [0, s + T)), or a
+                [B] int64 tensor with T = 1 (slot input_pos[b] of row b; returns all S slots).
+        """
+        keys, values = self.keys[layer], self.values[layer]  # [B, nh, S, d]
+        if isinstance(input_pos, int):
+            end = input_pos + k.shape[2]
+            if end > self.max_length:
+                raise InputError(f"the static KV cache holds {self.max_length} tokens per row; {end} were needed")
+            keys[:, :, input_pos:end] = k
+            values[:, :, input_pos:end] = v
+            return keys[:, :, :end], values[:, :, :end]
+        index = input_pos.view(-1, 1, 1, 1).expand(k.shape)  # [B, nh, 1, d]
+        keys.scatter_(2, index, k)
+        values.scatter_(2, index, v)
+        return keys, values
+
+    def update_range(self, layer: int, end: int):
+        """The keys/values of slots [0, end) of a layer, [B, nh, end, d] (after a chunked prefill)."""
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def record_prompt(self, start: int, visible: torch.Tensor) -> None:
+        """After prefilling T tokens at slots [start, start + T): which of them later tokens see.
+
+        Args:
+            start: first slot of the prompt (the prefix length for a fresh row).
+            visible: [B, T] bool, True at tokens that later tokens attend to (what the prompt's last
+                token sees: real tokens, not left padding).
+        """
+        end = start + visible.shape[1]
+        self.visible[:, start:end] = visible
+        self.lengths.fill_(end)
+
+    def next_slots(self) -> torch.Tensor:
+        """[B] the slot each row's next decoded token goes to (the last slot for a full row)."""
+        return self.lengths.clamp(max=self.max_length - 1)
+
+    def decode_mask(self) -> torch.Tensor:
+        """The decode step's mask [B, 1, 1, S] (True = masked): the visible slots plus the new token's own."""
+        own = torch.arange(self.max_length, device=self.lengths.device)[None, :] == self.next_slots()[:, None]
+        return ~(self.visible | own)[:, None, None, :]
+
+    def advance(self) -> None:
+        """After a decode step: the token just written becomes visible and every row moves on by one.
+
+        A full row stays full (its later tokens overwrite the last slot), so an idle row in a running
+        batch never indexes out of range; the engine stops rows before they fill up.
+        """
+        own = torch.arange(self.max_length, device=self.lengths.device)[None, :] == self.next_slots()[:, None]
+        self.visible |= own
+        self.lengths.add_(1).clamp_(max=self.max_length)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ChatGLMConfig
-from .cache import KVCache, PrefixPast
+from .cache import KVCache, PrefixPast, StaticKVCache
 from .masks import InputError, build_mask_and_positions
 
 # The reference's GLMBlock takes `num_layers` with a default of 28 and the model never passes
@@ -74,8 +74,21 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(h, 3 * h, dtype=dtype, device=device)
         self.dense = nn.Linear(h, h, dtype=dtype, device=device)
 
-    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None):
-        """x [B, T, H]; cos/sin: (absolute, block) pairs from `rotary_cos_sin`; mask [B, 1, T, S] or None."""
+    def forward(self, x, cos, sin, mask, kv_cache=None, input_pos=None):
+        """x [B, T, H]; cos/sin: (absolute, block) pairs from `rotary_cos_sin`; mask [B, 1, T, S] or None;
+        input_pos: where a StaticKVCache stores the new keys (see StaticKVCache.update)."""
+        q, k, v = self.rotated_qkv(x, cos, sin)
+        padded_queries = True
+        if isinstance(kv_cache, StaticKVCache):
+            k, v = kv_cache.update(self.layer_id, k, v, input_pos)  # [B, nh, S, d]
+            # A decode step's token always sees itself: no fully masked query, no host sync needed.
+            padded_queries = isinstance(input_pos, int)
+        elif kv_cache is not None:
+            k, v = kv_cache.update(self.layer_id, k, v)  # [B, nh, S, d]
+        return self.attend(q, k, v, mask, padded_queries)
+
+    def rotated_qkv(self, x, cos, sin):
+        """x [B, T, H] -> q, k, v [B, nh, T, d], q and k rotated by their 2D positions."""
         b, t, _ = x.shape
         d = self.head_dim
         # Fused rows are per-head interleaved: [nh, 3d] with q | k | v inside each head (spec 4.1).
@@ -89,14 +102,17 @@ class SelfAttention(nn.Module):
         k1, k2 = k.chunk(2, dim=-1)
         q = torch.cat([apply_rotary(q1, cos0, sin0), apply_rotary(q2, cos1, sin1)], dim=-1)
         k = torch.cat([apply_rotary(k1, cos0, sin0), apply_rotary(k2, cos1, sin1)], dim=-1)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_id, k, v)  # [B, nh, S, d]
-        context = attention(q, k, v, mask, coeff=float(self.layer_id + 1))
+        return q, k, v
+
+    def attend(self, q, k, v, mask, padded_queries: bool = True):
+        """Queries [B, nh, T, d] over keys/values [B, nh, S, d] -> the projected output [B, T, H]."""
+        b, _, t, _ = q.shape
+        context = attention(q, k, v, mask, coeff=float(self.layer_id + 1), padded_queries=padded_queries)
         context = context.transpose(1, 2).reshape(b, t, -1)  # [B, T, nh * d], heads concatenated
         return self.dense(context)
 
 
-def attention(q, k, v, mask: torch.Tensor | None, coeff: float) -> torch.Tensor:
+def attention(q, k, v, mask: torch.Tensor | None, coeff: float, padded_queries: bool = True) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v with the reference's layer scaling and -10000 masking.
 
     The reference divides q by sqrt(d) * coeff and multiplies the float32 scores by coeff again
@@ -106,8 +122,12 @@ def attention(q, k, v, mask: torch.Tensor | None, coeff: float) -> torch.Tensor:
 
     Args:
         q [B, nh, T, d], k and v [B, nh, S, d]; mask [B, 1, T, S] bool, True = masked, or None.
+        padded_queries: False promises that no query row is fully masked (a decode step); the mask
+            is then used as it is, with none of the data-dependent checks that sync with the device.
     """
     q = q / (math.sqrt(q.shape[-1]) * coeff)
+    if not padded_queries:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else ~mask, scale=coeff)
     if mask is None or not mask.any():
         return F.scaled_dot_product_attention(q, k, v, scale=coeff)
     fully_masked = mask.all(dim=-1, keepdim=True)  # [B, 1, T, 1]
@@ -119,8 +139,14 @@ def attention(q, k, v, mask: torch.Tensor | None, coeff: float) -> torch.Tensor:
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
-    """tanh-approximate GELU in the reference's factored form x * (1 + 0.044715 x^2)."""
-    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))
+    """tanh-approximate GELU: the reference's 0.5 x (1 + tanh(0.79788456 x (1 + 0.044715 x^2))).
+
+    PyTorch's fused kernel computes the same function in one pass (rounded once, where the
+    reference's eight elementwise ops round after each); on the golden model the logits move by
+    under 2e-7 of their largest magnitude, and a long prompt's prefill spends about a seventh less
+    time outside its matrix products.
+    """
+    return F.gelu(x, approximate="tanh")
 
 
 class GLU(nn.Module):
@@ -146,11 +172,37 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=eps, dtype=dtype, device=device)
         self.mlp = GLU(config, dtype=dtype, device=device)
 
-    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None):
+    def forward(self, x, cos, sin, mask, kv_cache=None, input_pos=None):
         a = self.input_layernorm(x)
-        h = a * RESIDUAL_ALPHA + self.attention(a, cos, sin, mask, kv_cache)
+        h = a * RESIDUAL_ALPHA + self.attention(a, cos, sin, mask, kv_cache, input_pos)
         m = self.post_attention_layernorm(h)
         return m * RESIDUAL_ALPHA + self.mlp(m)
+
+    def forward_chunked(self, x, cos, sin, mask, kv_cache: StaticKVCache, input_pos: int, chunk_size: int):
+        """The same layer for a long prompt, C = chunk_size tokens at a time (prefill into a StaticKVCache).
+
+        A prefix-LM context attends in both directions, so a chunk's queries need the keys of later
+        chunks: first every chunk's keys/values go to the cache, then every chunk's queries attend
+        to all of them. Per-token work (projections, MLP) and the attention scores thus stay at
+        [B, C, ...] instead of [B, T, ...], and the results equal the unchunked layer's.
+        """
+        t = x.shape[1]
+        chunks = [slice(s, min(s + chunk_size, t)) for s in range(0, t, chunk_size)]
+        (cos0, cos1), (sin0, sin1) = cos, sin
+        normed, queries = [], []
+        for c in chunks:
+            a = self.input_layernorm(x[:, c])
+            q, k, v = self.attention.rotated_qkv(a, (cos0[:, :, c], cos1[:, :, c]), (sin0[:, :, c], sin1[:, :, c]))
+            kv_cache.update(self.attention.layer_id, k, v, input_pos + c.start)
+            normed.append(a)
+            queries.append(q)
+        keys, values = kv_cache.update_range(self.attention.layer_id, input_pos + t)  # [B, nh, P+T, d]
+        out = []
+        for c, a, q in zip(chunks, normed, queries):
+            h = a * RESIDUAL_ALPHA + self.attention.attend(q, keys, values, mask[:, :, c])
+            m = self.post_attention_layernorm(h)
+            out.append(m * RESIDUAL_ALPHA + self.mlp(m))
+        return torch.cat(out, dim=1)
 
 
 class PrefixEncoder(nn.Module):
@@ -194,6 +246,9 @@ class ChatGLMModel(nn.Module):
             self.prefix_encoder = PrefixEncoder(config, device=device)
             self.prefix_dropout = nn.Dropout(0.1)
         self.gradient_checkpointing = False
+        # Python floats, not a tensor: built into a compiled graph as exact constants (a traced
+        # .half().float() round trip is dropped by the compiler, which would change the angles).
+        self.rotary_inv_freq = tuple(rotary_inv_freq(config.head_dim // 2, device="cpu").tolist())
 
     def prefix_past(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
         """The P-tuning past for every layer: [L, 2 (key, value), B, nh, P, d]."""
@@ -205,11 +260,12 @@ class ChatGLMModel(nn.Module):
         past = self.prefix_dropout(past)
         return past.permute(2, 3, 0, 4, 1, 5)  # [L, 2, B, nh, P, d]
 
-    def forward(self, input_ids=None, position_ids=None, attention_mask=None, kv_cache: KVCache | None = None,
-                inputs_embeds=None, output_hidden_states: bool = False):
-        """Run the blocks. Masks/positions must already be built (see ChatGLMForConditionalGeneration)."""
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, kv_cache=None,
+                inputs_embeds=None, output_hidden_states: bool = False, input_pos=None, chunk_size=None):
+        """Run the blocks. Masks/positions must already be built (see ChatGLMForConditionalGeneration).
+        chunk_size: prefill a StaticKVCache in chunks of that many tokens (GLMBlock.forward_chunked)."""
         x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, H]
-        inv_freq = rotary_inv_freq(self.config.head_dim // 2, device=x.device)  # each half-head rotates
+        inv_freq = torch.tensor(self.rotary_inv_freq, device=x.device)  # each half-head rotates
         cos0, sin0 = rotary_cos_sin(position_ids[:, 0], inv_freq, x.dtype)
         cos1, sin1 = rotary_cos_sin(position_ids[:, 1], inv_freq, x.dtype)
         cos, sin = (cos0, cos1), (sin0, sin1)
@@ -219,8 +275,10 @@ class ChatGLMModel(nn.Module):
                 hidden_states.append(x)
             if self.gradient_checkpointing and self.training and not isinstance(kv_cache, KVCache):
                 x = checkpoint(layer, x, cos, sin, attention_mask, kv_cache, use_reentrant=False)
+            elif chunk_size is not None and isinstance(input_pos, int) and x.shape[1] > chunk_size:
+                x = layer.forward_chunked(x, cos, sin, attention_mask, kv_cache, input_pos, chunk_size)
             else:
-                x = layer(x, cos, sin, attention_mask, kv_cache)
+                x = layer(x, cos, sin, attention_mask, kv_cache, input_pos)
         x = self.final_layernorm(x)
         if output_hidden_states:
             hidden_states.append(x)
@@ -234,7 +292,7 @@ class CausalLMOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
-    kv_cache: KVCache | None = None
+    kv_cache: KVCache | StaticKVCache | None = None
 
 
 class ChatGLMForConditionalGeneration(nn.Module):
@@ -278,10 +336,12 @@ class ChatGLMForConditionalGeneration(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | StaticKVCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         last_token_only: bool = False,
+        input_pos: int | torch.Tensor | None = None,
+        prefill_chunk_size: int | None = None,
         **unused,
     ) -> CausalLMOutput:
         """Logits (and the loss when labels are given) for a batch.
@@ -296,11 +356,27 @@ class ChatGLMForConditionalGeneration(nn.Module):
             labels: [B, T] targets; position t's logits predict labels[t + 1]; -100 is ignored.
             kv_cache: a KVCache; the new keys/values are appended and attention covers the
                 cached ones too. With P-tuning an empty cache is first filled with the prefix.
+                Or a StaticKVCache (the decode engine's): then input_pos, position_ids and a
+                [B, 1, T, S'] bool attention_mask over the slots attended are required, and
+                nothing is derived or checked, so that the call never syncs with the device (the
+                caller fills the prefix and records lengths; see glm6b.inference.engine).
             inputs_embeds: [B, T, H] instead of input_ids (then masks/positions must be given).
             output_hidden_states: also return the input of every layer and the final output.
             last_token_only: compute logits for the last position only (generation's prefill).
+            input_pos: with a StaticKVCache, where the new tokens go: an int s (slots [s, s + T)
+                of every row) or a [B] int64 tensor (one token per row, at slot input_pos[b]).
+            prefill_chunk_size: with a StaticKVCache and an int input_pos, process the prompt this
+                many tokens at a time (same results, smaller activations; GLMBlock.forward_chunked).
         """
         c = self.config
+        if isinstance(kv_cache, StaticKVCache):
+            if input_pos is None or position_ids is None or attention_mask is None or attention_mask.dim() != 4:
+                raise InputError("with a StaticKVCache, pass input_pos, position_ids and a [B, 1, T, S] attention_mask")
+            x, _ = self.transformer(input_ids, position_ids, attention_mask, kv_cache, inputs_embeds,
+                                    input_pos=input_pos, chunk_size=prefill_chunk_size)
+            if last_token_only:
+                x = x[:, -1:]
+            return CausalLMOutput(logits=self.lm_head(x), kv_cache=kv_cache)
         source = input_ids if input_ids is not None else inputs_embeds
         if source is None:
             raise InputError("forward needs input_ids or inputs_embeds")

@@ -1,0 +1,184 @@
+"""Tests of glm6b.inference.engine and the static KV cache: golden greedy through prefill + decode steps
+(eager, chunked, compiled), rows joining and leaving a running batch, defaults."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glm6b.inference.engine import DecodeEngine, prompt_inputs, should_compile
+from glm6b.inference.generation import generate
+from glm6b.model import StaticKVCache
+
+from helpers import assert_close_rel, golden_cases, golden_tensor
+
+BATCH = golden_cases()["generate_batch_greedy"]
+
+
+def _greedy(engine, input_ids, attention_mask, position_ids, steps):
+    """Greedy tokens [R, steps] and the logits of every step [steps, R, V] through the engine."""
+    logits = engine.prefill(input_ids, attention_mask, position_ids)
+    tokens, scores = [], []
+    for step in range(steps):
+        scores.append(logits.float())
+        tokens.append(logits.argmax(-1))
+        if step < steps - 1:
+            logits = engine.decode(tokens[-1])
+    return torch.stack(tokens, dim=1), torch.stack(scores)
+
+
+@pytest.mark.parametrize("chunk", [512, 4], ids=["one-pass", "chunked"])
+def test_golden_batch_greedy_through_the_engine(model, tok, chunk):
+    batch = tok(BATCH["texts"], padding=True, return_tensors="pt")
+    n = BATCH["max_new_tokens"]
+    engine = DecodeEngine(model, 3, batch["input_ids"].shape[1] + n, compile=False, prefill_chunk_size=chunk)
+    tokens, scores = _greedy(engine, batch["input_ids"], batch["attention_mask"], batch["position_ids"], n)
+    assert torch.cat([batch["input_ids"], tokens], dim=1).tolist() == BATCH["sequences"]
+    assert_close_rel(scores, golden_tensor(BATCH["step_scores"]), what="step scores")
+
+
+@torch.inference_mode()
+def test_chunked_prefill_fills_the_same_cache(model, tok):
+    """Chunks of 3 tokens (with left padding inside the first chunk) give the cache and logits of one pass."""
+    batch = tok(["你好", "Write a short poem about the ocean."], padding=True, return_tensors="pt")
+    args = (batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    one, chunked = (DecodeEngine(model, 2, 64, compile=False, prefill_chunk_size=c) for c in (512, 3))
+    assert_close_rel(chunked.prefill(*args), one.prefill(*args), what="prefill logits")
+    real = ~batch["attention_mask"][:, 0, -1, :]  # [B, T] what the last token sees: the real tokens
+    width = batch["input_ids"].shape[1]
+    # Keys of real tokens (padding keys are never attended to) and the recorded state agree.
+    keys_one = one.cache.keys[:, :, :, :width].permute(1, 3, 0, 2, 4)[real]
+    keys_chunked = chunked.cache.keys[:, :, :, :width].permute(1, 3, 0, 2, 4)[real]
+    assert_close_rel(keys_chunked, keys_one, what="cached keys")
+    assert torch.equal(chunked.cache.lengths, torch.full((2,), width))
+    assert torch.equal(chunked.cache.visible, one.cache.visible)
+    assert torch.equal(chunked.positions, one.positions)
+
+
+@torch.inference_mode()
+def test_rows_join_and_leave_a_running_batch(model, tok):
+    """Continuous batching: a prompt prefilled into a free row while another row is mid-decode, and a
+    row freed and refilled, each produce exactly the tokens of generating that prompt alone."""
+    texts = ["你好", "Write a short poem about the ocean.", "北京是中国的首都"]
+    steps = 8
+    alone = {t: generate(model, torch.tensor([tok.encode(t)]), max_new_tokens=steps, compile=False)[0, -steps:]
+             for t in texts}
+
+    def prompt(text):
+        ids = torch.tensor([tok.encode(text)])
+        return (ids, *prompt_inputs(model, ids))
+
+    engine = DecodeEngine(model, 2, 64, compile=False)
+    streams = {0: [engine.prefill(*prompt(texts[0]), rows=0).argmax(-1)], 1: []}
+    feed = torch.full((2,), model.config.pad_token_id)  # row 1 is idle: it decodes pads nobody reads
+    for step in range(steps - 1):
+        if step == 3:  # row 1 joins while row 0 is at its fourth token
+            streams[1].append(engine.prefill(*prompt(texts[1]), rows=1).argmax(-1))
+        feed[0] = streams[0][-1][0]
+        if streams[1]:
+            feed[1] = streams[1][-1][0]
+        logits = engine.decode(feed)
+        streams[0].append(logits[0:1].argmax(-1))
+        if step >= 3:
+            streams[1].append(logits[1:2].argmax(-1))
+    assert torch.cat(streams[0]).tolist() == alone[texts[0]].tolist()
+    assert torch.cat(streams[1]).tolist() == alone[texts[1]][:len(streams[1])].tolist()
+
+    # Row 0 leaves; a third prompt takes its place while row 1 goes on.
+    engine.reset_rows(0)
+    assert engine.cache.lengths[0].item() == 0 and not engine.cache.visible[0].any()
+    streams[0] = [engine.prefill(*prompt(texts[2]), rows=0).argmax(-1)]
+    while len(streams[0]) < steps:
+        logits = engine.decode(torch.cat([streams[0][-1], streams[1][-1]]))
+        streams[0].append(logits[0:1].argmax(-1))
+        streams[1].append(logits[1:2].argmax(-1))
+    assert torch.cat(streams[0]).tolist() == alone[texts[2]].tolist()
+
+
+@torch.inference_mode()
+def test_a_full_row_stays_in_range(model, tok):
+    ids = torch.tensor([tok.encode("你好")])
+    engine = DecodeEngine(model, 1, ids.shape[1] + 1, compile=False)
+    slots = engine.max_length
+    logits = engine.prefill(ids, *prompt_inputs(model, ids))
+    for _ in range(slots - ids.shape[1] + 2):  # past the last slot
+        logits = engine.decode(logits.argmax(-1))
+    assert engine.cache.lengths.item() == slots
+    assert torch.isfinite(logits).all()
+
+
+def test_static_cache_slots_are_per_row(model):
+    cache = StaticKVCache(model.config, 3, 16, torch.float32, "cpu")
+    cache.lengths.copy_(torch.tensor([2, 5, 16]))
+    assert cache.next_slots().tolist() == [2, 5, 15]
+    mask = cache.decode_mask()[:, 0, 0]  # True = masked; nothing is visible yet but the new token
+    assert (~mask).nonzero().tolist() == [[0, 2], [1, 5], [2, 15]]
+    cache.advance()
+    assert cache.lengths.tolist() == [3, 6, 16]
+    assert cache.visible.nonzero().tolist() == [[0, 2], [1, 5], [2, 15]]
+    cache.reset_rows(1)
+    assert cache.lengths.tolist() == [3, 0, 16] and not cache.visible[1].any()
+
+
+def test_compile_setting(model):
+    assert should_compile(model, "auto") is False  # a tiny model on the CPU runs eagerly
+    assert should_compile(model, True) is True
+    with pytest.raises(ValueError, match="compile"):
+        should_compile(model, "yes")
+    with pytest.raises(ValueError, match="compile"):
+        generate(model, torch.tensor([[5, 801, 804]]), max_new_tokens=2, compile="yes")
+
+
+@pytest.mark.slow
+def test_compiled_step_golden_and_no_recompiles(model, tok):
+    """The compiled decode step gives the golden greedy tokens and scores, with one graph for all
+    positions (a recompile per position would show up as more unique graphs)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    batch = tok(BATCH["texts"], padding=True, return_tensors="pt")
+    n = BATCH["max_new_tokens"]
+    engine = DecodeEngine(model, 3, batch["input_ids"].shape[1] + n, compile=True)
+    assert engine.compiled
+    tokens, scores = _greedy(engine, batch["input_ids"], batch["attention_mask"], batch["position_ids"], n)
+    assert torch.cat([batch["input_ids"], tokens], dim=1).tolist() == BATCH["sequences"]
+    assert_close_rel(scores, golden_tensor(BATCH["step_scores"]), what="compiled step scores")
+    assert counters["stats"]["unique_graphs"] == 1
+    # generate() with compile=True reuses the graph (same rows and slot bucket): still one graph.
+    out = generate(model, **batch, max_new_tokens=n, compile=True)
+    assert out.tolist() == BATCH["sequences"]
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.cuda
+def test_cuda_compiled_equals_eager_bf16(tok):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from glm6b import load_model
+    from helpers import GOLDEN
+
+    model = load_model(GOLDEN, dtype=torch.bfloat16, device="cuda")
+    batch = tok(BATCH["texts"], padding=True, return_tensors="pt").to("cuda")
+    eager = generate(model, **batch, max_new_tokens=8, compile=False)
+    compiled = generate(model, **batch, max_new_tokens=8, compile=True)
+    assert torch.equal(eager, compiled)
+
+
+def test_frozen_bf16_step_is_rebuilt_after_weights_change(monkeypatch):
+    """A frozen (bf16 CPU) compiled step holds its own weights: changing the model's weights in place
+    must drop the compiled graphs before the next engine runs (checked without compiling)."""
+    from glm6b.config import ChatGLMConfig
+    from glm6b.model import ChatGLMForConditionalGeneration
+
+    model = ChatGLMForConditionalGeneration(ChatGLMConfig.from_name("tiny"), dtype=torch.bfloat16).eval()
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    assert DecodeEngine(model, 1, 8, compile=True).frozen
+    DecodeEngine(model, 1, 8, compile=True)
+    assert resets == []  # same weights: the compiled graphs stay
+    with torch.no_grad():
+        model.transformer.layers[0].mlp.dense_h_to_4h.weight.add_(1.0)
+    DecodeEngine(model, 1, 8, compile=True)
+    assert resets == [1]
+    assert not DecodeEngine(model.float(), 1, 8, compile=True).frozen  # float32 weights are not frozen
