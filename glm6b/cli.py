@@ -144,10 +144,15 @@ def _sampling_options(args: argparse.Namespace) -> dict:
 
 
 def _load(args: argparse.Namespace):
-    """(model, tokenizer) of --model; the tokenizer first, since it fails fast on a wrong folder."""
-    from .auto import AutoModel, AutoTokenizer
+    """(model, tokenizer) of --model; the tokenizer first, checked against config.json before the weights load."""
+    from .auto import AutoModel, AutoTokenizer, resolve_model_path
+    from .config import ChatGLMConfig
+    from .tokenizer import check_tokenizer_matches
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    config_path = resolve_model_path(args.model) / "config.json"
+    if config_path.is_file():
+        check_tokenizer_matches(tokenizer, ChatGLMConfig.from_json_file(config_path), args.model)
     model = AutoModel.from_pretrained(args.model, dtype=args.dtype, device=args.device)
     return model, tokenizer
 
@@ -171,10 +176,13 @@ def add_chat_command(subparsers) -> None:
 def cmd_chat(args: argparse.Namespace) -> int:
     """Run the chat loop: stream each answer, then report its speed on stderr."""
     from .inference.chat import stream_chat
+    from .tokenizer import check_text
 
     model, tokenizer = _load(args)
     options = _sampling_options(args)
     history: list[tuple[str, str]] = []
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused by the tokenizer, not fatal
+        sys.stdin.reconfigure(errors="surrogateescape")
     print("ChatGLM-6B: type a message; 'clear' resets the history, 'exit' quits.")
     while True:
         try:
@@ -193,12 +201,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print("ChatGLM-6B: ", end="", flush=True)
         start, printed, tokens, response = time.perf_counter(), "", 0, ""
         try:
+            check_text(query, "the message")
             for response, new_history in stream_chat(model, tokenizer, query, history, max_length=args.max_length,
                                                      drop_oldest=True, **options):
                 tokens += 1
                 printed = _print_delta(printed, _stable_prefix(response))
-        except ValueError as e:  # e.g. the message alone is longer than --max-length
-            print(f"\nerror: {e}", file=sys.stderr)
+        except ValueError as e:  # e.g. the message alone is longer than --max-length, or not UTF-8
+            print(f"\nerror: {error_line(e)} (the conversation so far is kept)", file=sys.stderr)
             continue
         if _print_delta(printed, response) != response:  # the end rewrote printed text (rare): show it whole
             print("\n" + response, end="")
@@ -501,6 +510,7 @@ def add_eval_command(subparsers) -> None:
     parser.add_argument("--temperature", type=float, default=0.95, help="with --do-sample (default 0.95)")
     parser.add_argument("--top-p", type=float, default=0.7, help="with --do-sample (default 0.7)")
     parser.add_argument("--seed", type=int, default=None, help="with --do-sample: seed for sampling")
+    parser.add_argument("--skip-bad", action="store_true", help="skip and count malformed lines instead of stopping")
     parser.set_defaults(func=cmd_eval)
 
 
@@ -514,7 +524,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
              max_source_length=args.max_source_length, max_target_length=args.max_target_length,
              prompt_column=args.prompt_column, response_column=args.response_column,
-             dtype=args.dtype, device=args.device, **sampling)
+             dtype=args.dtype, device=args.device, skip_bad=args.skip_bad, **sampling)
     print(f"wrote {args.output_dir}/predictions.jsonl and metrics.json", file=sys.stderr)
     return 0
 

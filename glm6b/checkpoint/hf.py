@@ -226,8 +226,40 @@ def iter_checkpoint_tensors(folder: str | os.PathLike,
 # ----------------------------------------------------------------------------------- loading
 
 
+def check_device(device: torch.device | str | None) -> torch.device:
+    """The torch.device for `device` (None: cpu), checked to exist in this PyTorch build and machine.
+
+    Args:
+        device: "cpu", "cuda", "cuda:1", "mps", a torch.device, or None.
+
+    Returns:
+        The device.
+
+    Raises:
+        ValueError: an unknown device name, a CUDA device on a build or machine without CUDA (or
+            with fewer GPUs), an MPS device where MPS is unavailable.
+    """
+    try:
+        resolved = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r}: expected cpu, cuda, cuda:N or mps") from None
+    if resolved.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise ValueError(f"device {str(device)!r}: this PyTorch build ({torch.__version__}) has no CUDA "
+                             f"support; use --device cpu or install a CUDA build of PyTorch")
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError(f"device {str(device)!r}: no CUDA GPU is visible (CUDA_VISIBLE_DEVICES, driver); "
+                             f"use --device cpu")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {str(device)!r}: only {count} CUDA GPU(s) are visible (cuda:0 to cuda:{count - 1})")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: MPS is not available on this machine; use --device cpu")
+    return resolved
+
+
 def _resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
-    device = torch.device("cpu" if device is None else device)
+    device = check_device(device)
     if isinstance(dtype, str):
         name = dtype.removeprefix("torch.")
         dtype = getattr(torch, name, None)

@@ -42,12 +42,13 @@ import torch
 
 from ..auto import resolve_model_path
 from ..checkpoint.hf import load_model
+from ..config import ChatGLMConfig
 from ..io import atomic_write_text
 from ..train.data import DataConfig, DataError, ReadStats, iter_examples
 from ..inference.generation import GenerationConfig, generate, make_generation_config
 from ..train.lora import load_adapter
 from .metrics import METRIC_NAMES, compute_metrics
-from ..tokenizer import load_tokenizer
+from ..tokenizer import check_tokenizer_matches, load_tokenizer
 
 PREDICTIONS_NAME = "predictions.jsonl"
 METRICS_NAME = "metrics.json"
@@ -253,6 +254,7 @@ def run_eval(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    skip_bad: bool = False,
     **generation_kwargs,
 ) -> dict:
     """Evaluate (or just run) a checkpoint on an ADGEN-format jsonl file and write the results.
@@ -279,6 +281,7 @@ def run_eval(
         prompt_column, response_column: jsonl fields (ADGEN: "content", "summary").
         dtype, device: where and how to load the model (see glm6b.checkpoint.hf.load_model).
         progress: show a progress bar and print the results table.
+        skip_bad: skip (and count) malformed lines instead of stopping at the first one.
         **generation_kwargs: GenerationConfig fields (do_sample, temperature, top_p, top_k, seed, ...);
             greedy by default.
 
@@ -293,7 +296,7 @@ def run_eval(
     if mode not in ("eval", "predict"):
         raise ValueError(f"mode={mode!r}: expected 'eval' or 'predict'")
     data_config = DataConfig(max_source_length=max_source_length, max_target_length=max_target_length,
-                             prompt_column=prompt_column, response_column=response_column)
+                             prompt_column=prompt_column, response_column=response_column, skip_bad=skip_bad)
     if max_new_tokens is None:
         max_new_tokens = max_target_length
     # Check cheap things (data, options) before the expensive model load.
@@ -302,6 +305,7 @@ def run_eval(
 
     folder = resolve_model_path(model_path)
     tokenizer = load_tokenizer(folder)
+    check_tokenizer_matches(tokenizer, ChatGLMConfig.from_json_file(folder / "config.json"), model_path)
     generation = make_generation_config(generation, allowed_vocab_size=len(tokenizer))
     model = load_model(folder, dtype=dtype, device=device)
     if adapter is not None:
