@@ -396,7 +396,7 @@ def add_merge_checkpoint_command(subparsers) -> None:
 
 def cmd_merge_checkpoint(args: argparse.Namespace) -> int:
     """Merge and save."""
-    from .train.distributed import merge_checkpoint
+    from .train.export import merge_checkpoint
 
     folder = merge_checkpoint(args.input, args.output, base_model_path=args.base_model, dtype=args.dtype)
     print(f"wrote {folder}")
