@@ -444,7 +444,8 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     """Merge and save."""
     from .train.lora import merge_lora
 
-    print(f"wrote the merged model to {merge_lora(args.base, args.adapter, args.output, dtype=args.dtype, overwrite=args.overwrite)}")
+    folder = merge_lora(args.base, args.adapter, args.output, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote the merged model to {folder}")
     return 0
 
 
@@ -472,7 +473,7 @@ def add_merge_checkpoint_command(subparsers) -> None:
 
 def cmd_merge_checkpoint(args: argparse.Namespace) -> int:
     """Merge and save."""
-    from .train.distributed import merge_checkpoint
+    from .train.export import merge_checkpoint
 
     folder = merge_checkpoint(args.input, args.output, base_model_path=args.base_model, dtype=args.dtype,
                               overwrite=args.overwrite)

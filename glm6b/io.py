@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -47,3 +48,49 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], Any]) -> No
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write UTF-8 `text` to `path` atomically."""
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def staging_folder(folder: str | os.PathLike) -> Path:
+    """Create (empty) and return `<folder>.tmp`, the name a folder is written under before `commit_folder`."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by an interrupted write
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_folder(tmp: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Give a fully written `tmp` folder the name `folder`, replacing an older `folder` if any.
+
+    The old folder is first renamed to `<folder>.old`, so at every moment either the old or the new
+    complete folder exists under a known name.
+    """
+    tmp, folder = Path(tmp), Path(folder)
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, folder)
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield `<folder>.tmp` to fill; on success it becomes `folder`, on an exception it is removed.
+
+    Args:
+        folder: the final folder name (its parent is created if needed).
+
+    Yields:
+        The temporary folder (created, empty).
+    """
+    tmp = staging_folder(folder)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_folder(tmp, folder)

@@ -85,7 +85,7 @@ def test_data_parallel_matches_single_process(tmp_path, train_file, config, meth
 
 def test_sharded_checkpoint_resumes_on_one_process_and_merges(tmp_path, train_file):
     from glm6b import load_model
-    from glm6b.train.distributed import is_sharded_checkpoint
+    from glm6b.train.dcp import is_sharded_checkpoint
 
     out = tmp_path / "dp2"
     proc = torchrun(argv("lora.yaml", train_file, out, "parallel.data_parallel=2", "trainer.save_steps=2", steps=4))

@@ -92,7 +92,7 @@ def test_check_output_dir(tmp_path):
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
     """A run folder as a torchrun LoRA run leaves it: a sharded checkpoint, logs, final/."""
-    from glm6b.train import distributed as D
+    from glm6b.train import dcp as D
     from glm6b.train.lora import LoraArguments, apply_lora
     from glm6b import load_model
 

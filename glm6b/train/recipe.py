@@ -4,12 +4,12 @@ A recipe (configs/finetune.yaml, lora.yaml, infer.yaml, lora_infer.yaml) has a t
 and one mapping per section; every key is exactly a field name of that section's dataclass:
 
     method      full | lora | ptuning
-    model:      glm6b.train.trainer.ModelArguments
+    model:      glm6b.train.args.ModelArguments
     data:       glm6b.train.data.DataConfig
-    trainer:    glm6b.train.trainer.TrainingArguments
+    trainer:    glm6b.train.args.TrainingArguments
     lora:       glm6b.train.lora.LoraArguments
     generation: glm6b.inference.generation.GenerationConfig
-    parallel:   glm6b.train.distributed.ParallelConfig (data_parallel, model_parallel, pipeline_stage,
+    parallel:   glm6b.train.args.ParallelConfig (data_parallel, model_parallel, pipeline_stage,
                 micro_batch_num, optimizer_shard); checked against the process count by `run`
 
 An unknown key, a duplicated key or a value of the wrong type is a RecipeError naming the file, the
@@ -32,11 +32,10 @@ from typing import Any, Literal
 
 import yaml
 
+from .args import ModelArguments, ParallelConfig, TrainingArguments
 from .data import DataConfig
-from .distributed import ParallelConfig
 from ..inference.generation import GenerationConfig
 from .lora import LoraArguments
-from .trainer import ModelArguments, TrainingArguments
 
 Mode = Literal["train", "finetune", "eval", "predict"]
 MODES = ("train", "finetune", "eval", "predict")
@@ -379,7 +378,7 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
         raise RecipeError("predict needs prompts (--prompt TEXT) or data.eval_data (--eval-data FILE)")
     output_dir = Path(recipe.trainer.output_dir)
     if mode in ("train", "finetune"):
-        from . import distributed as D
+        from . import parallel as D
 
         pc = recipe.parallel
         pc.validate(D.get_world_size() if D.is_distributed() else int(os.environ.get("WORLD_SIZE", "1")),

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import torch
 
-from glm6b.train import distributed as D
+from glm6b.train import dcp as DCP
+from glm6b.train import export
+from glm6b.train import parallel as D
+from glm6b.train.args import ParallelConfig
 from glm6b.config import ChatGLMConfig
 from glm6b.model import ChatGLMForConditionalGeneration
 
@@ -152,7 +155,7 @@ def reference_forward_backward(lora: bool = False, targets: list[str] | None = N
 
 
 def _mesh(**layout):
-    config = D.ParallelConfig(**layout)
+    config = ParallelConfig(**layout)
     return config, D.build_mesh(config)
 
 
@@ -184,7 +187,7 @@ def tensor_parallel(info, out_dir: Path, lora: bool = False, steps: int = 3, che
     optimizer = make_optimizer(model)
     losses = train_steps(model, optimizer, global_batches(steps), mesh=mesh)
     if final_to is not None:
-        D.save_final_model(model, final_to)
+        export.save_final_model(model, final_to)
     return {"logits": out.logits.detach(), "loss": out.loss.item(), "grads": grads,
             "local_heads": block.attention.num_heads, "qkv_local_shape": tuple(qkv_weight.to_local().shape),
             "qkv_local_weight": qkv_local,
@@ -211,14 +214,14 @@ def data_parallel(info, out_dir: Path, kind: str = "full", shard: bool = True, m
               "wrapper": type(model).__name__}
     if save_to is not None:
         scheduler.step()
-        D.save_sharded({"model": model, "optimizer": optimizer, "scheduler": scheduler,
+        DCP.save_sharded({"model": model, "optimizer": optimizer, "scheduler": scheduler,
                         "trainer": {"global_step": steps, "seed": 42}, f"rank{info.rank}": {"rank": info.rank}},
                        save_to, tokenizer=GOLDEN, parallel_config=config)
         result["optimizer"] = optimizer_state(model, optimizer)
         result["scheduler"] = scheduler.state_dict()
         result["shards"] = sorted(p.name for p in Path(save_to).glob("*.distcp"))
     if final_to is not None:
-        D.save_final_model(model, final_to, tokenizer=GOLDEN)
+        export.save_final_model(model, final_to, tokenizer=GOLDEN)
     return result
 
 
@@ -231,7 +234,7 @@ def load_checkpoint(info, out_dir: Path, directory: str, model_parallel: int = 1
     optimizer = make_optimizer(model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "trainer": {}}
-    D.load_sharded(state, directory)
+    DCP.load_sharded(state, directory)
     return {"params": trainable_params(D.unwrap_parallel(model)), "optimizer": optimizer_state(model, optimizer),
             "scheduler": scheduler.state_dict(), "trainer": state["trainer"]}
 
@@ -247,8 +250,8 @@ def lora_reference_and_merge(info, out_dir: Path, checkpoint: str, base_dir: str
 
     reference = reference_training("lora")
     save_pretrained(tiny_model(), base_dir)
-    D.merge_checkpoint(checkpoint, merged_dir, base_model_path=base_dir)
-    D.merge_checkpoint(checkpoint, adapter_dir)
+    export.merge_checkpoint(checkpoint, merged_dir, base_model_path=base_dir)
+    export.merge_checkpoint(checkpoint, adapter_dir)
     merged = load_model(merged_dir)
     adapter_model = load_adapter(load_model(base_dir), adapter_dir)
     lora = {n: p.detach().clone() for n, p in adapter_model.named_parameters() if "lora_" in n}
