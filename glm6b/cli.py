@@ -62,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     previous = _install_sigterm_handler()
     try:
         return args.func(args) or 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # training stops on Ctrl-C with a checkpoint and says where (e's message)
         if _debug():
             raise
-        print(f"glm6b {args.command}: interrupted", file=sys.stderr)
+        print(f"glm6b {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
     except _Terminated:
         if _debug():

@@ -41,6 +41,22 @@ class LoraArguments:
     lora_dropout: float = 0.1
     target_modules: list[str] = field(default_factory=lambda: ["query_key_value"])
 
+    def __post_init__(self) -> None:
+        # Checked here, when the recipe is read, not by PEFT after the model has loaded.
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"lora: {message}")
+
+        need(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1,
+             f"r={self.r!r} must be a positive integer (the rank of the update)")
+        need(isinstance(self.lora_alpha, (int, float)) and not isinstance(self.lora_alpha, bool) and self.lora_alpha > 0,
+             f"lora_alpha={self.lora_alpha!r} must be a positive number")
+        need(isinstance(self.lora_dropout, (int, float)) and not isinstance(self.lora_dropout, bool)
+             and 0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        need(isinstance(self.target_modules, list) and len(self.target_modules) > 0
+             and all(isinstance(m, str) and m for m in self.target_modules),
+             f"target_modules={self.target_modules!r} must be a non-empty list of module names")
+
 
 def is_adapter_folder(path: str | os.PathLike) -> bool:
     """True if `path` is a folder holding a PEFT adapter_config.json."""
