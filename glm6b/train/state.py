@@ -36,8 +36,6 @@ RUN_NAME = "run.json"  # {"run_id": ...}: which run owns the folder; `latest` re
 # What a run writes into output_dir besides checkpoint-<step>/ (removed by overwrite_output_dir, nothing else is).
 RUN_FILES = ("final", "train_log.jsonl", "eval_log.jsonl", "training_args.json", "recipe.json", "loss.png",
              "tensorboard", RUN_NAME, "predictions.jsonl")
-# Files that show a folder holds a run (a lone recipe.json or training_args.json does not).
-_RUN_MARKERS = ("final", "train_log.jsonl", RUN_NAME)
 # Settings the restored state fixes: resuming with another value is refused (the data position,
 # the rows of each step and the shuffle order would no longer be those of the run).
 FIXED_ON_RESUME = ("per_device_train_batch_size", "gradient_accumulation_steps", "seed", "shuffle")
@@ -195,8 +193,9 @@ def run_contents(output_dir: Path) -> list[Path]:
 def prepare_run_folder(output_dir: str | os.PathLike, resume, overwrite: bool) -> None:
     """Refuse to start a new run in a folder that holds another run, unless told to resume or overwrite.
 
-    With `overwrite`, what earlier runs wrote (checkpoint-<step>/, final/, logs, run.json, ...) is
-    removed; other files in the folder are never touched.
+    A folder holds a run if it has a checkpoint-<step>/ or final/. With `overwrite`, what earlier runs
+    wrote (checkpoint-<step>/, final/, logs, run.json, ...) is removed; so are the logs of a run that
+    left nothing to resume. Other files in the folder are never touched.
 
     Args:
         output_dir: trainer.output_dir.
@@ -212,10 +211,9 @@ def prepare_run_folder(output_dir: str | os.PathLike, resume, overwrite: bool) -
     if resume:
         return
     contents = run_contents(output_dir)
-    holds_run = any(p.name in _RUN_MARKERS or CHECKPOINT_RE.match(p.name) for p in contents)
-    if not holds_run:
-        return
-    if overwrite:
+    # A run that left no checkpoint and no final/ (killed early) has nothing to resume: its files go.
+    holds_run = bool(list_checkpoints(output_dir)) or (output_dir / "final").exists()
+    if overwrite or not holds_run:
         for path in contents:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         return
