@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+from .extras import MissingExtraError
+
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, MissingExtraError) as e:
         print(f"glm6b {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..checkpoint.hf import PREFIX_ENCODER, CheckpointError, load_model, save_pretrained
 from ..config import ChatGLMConfig
+from ..extras import import_extra
 from ..io import atomic_folder
 from ..model import ChatGLMForConditionalGeneration
 from .dcp import (PEFT_PREFIX, _checkpoint_kind, _copy_tokenizer, _model_parts, _tied_keys, load_full_model_state,
@@ -127,7 +128,7 @@ def _merged_model(kind: str, tensors: dict[str, torch.Tensor], config: ChatGLMCo
 def _merged_lora_model(tensors: dict[str, torch.Tensor], config: ChatGLMConfig, input_dir: Path,
                        base_model_path) -> ChatGLMForConditionalGeneration:
     """Rebuild the PEFT model around the base, load the adapter tensors, merge (PEFT's merge_and_unload)."""
-    import peft
+    peft = import_extra("peft", "train", "merging a LoRA checkpoint")
 
     peft_config = peft.LoraConfig.from_pretrained(str(input_dir))
     if base_model_path is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.hf import CheckpointError, load_model, save_pretrained
+from ..extras import import_extra
 from ..tokenizer import load_tokenizer
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -60,8 +61,7 @@ def apply_lora(model: torch.nn.Module, args: LoraArguments, base_model_name_or_p
     Returns:
         The peft.PeftModel.
     """
-    import peft
-
+    peft = import_extra("peft", "train", "LoRA")
     if base_model_name_or_path is not None:
         # get_peft_model records the model's `name_or_path` attribute in adapter_config.json
         model.name_or_path = str(base_model_name_or_path)
@@ -90,8 +90,7 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike, is_trai
         what = "does not exist" if not adapter_dir.exists() else f"has no {ADAPTER_CONFIG_NAME}"
         raise CheckpointError(f"{adapter_dir}: {what}; expected a PEFT LoRA adapter folder "
                               f"({ADAPTER_CONFIG_NAME} + {ADAPTER_WEIGHTS_NAME})")
-    from peft import PeftModel
-
+    PeftModel = import_extra("peft", "train", "LoRA").PeftModel
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
 
 

@@ -247,8 +247,11 @@ def main_process_first() -> Iterator[None]:
             barrier()
 
 
-def all_reduce_mean(value: float | torch.Tensor, mesh=None) -> float:
-    """Mean of a scalar over the data-parallel ranks (all ranks if mesh is None), e.g. for the logged loss."""
+def all_reduce_sum(value: float | int | torch.Tensor, mesh=None) -> float:
+    """Sum of a scalar over the data-parallel ranks (all ranks if mesh is None; the value itself on one process).
+
+    Summed in float64, so token counts stay exact.
+    """
     tensor = torch.as_tensor(value, dtype=torch.float64).detach().clone()
     if not is_distributed():
         return float(tensor)
@@ -256,7 +259,15 @@ def all_reduce_mean(value: float | torch.Tensor, mesh=None) -> float:
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
     tensor = tensor.to(device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-    return float(tensor) / dist.get_world_size(group)
+    return float(tensor)
+
+
+def all_reduce_mean(value: float | torch.Tensor, mesh=None) -> float:
+    """Mean of a scalar over the data-parallel ranks (all ranks if mesh is None), e.g. for the logged loss."""
+    if not is_distributed():
+        return float(torch.as_tensor(value, dtype=torch.float64))
+    group = mesh.get_group("dp") if mesh is not None else None
+    return all_reduce_sum(value, mesh) / dist.get_world_size(group)
 
 
 # ----------------------------------------------------------------------------------- tensor parallel
