@@ -14,7 +14,7 @@ from ..inference.generation import GenerationConfig
 from .args import TrainerError
 from .data import RowDataset, render_prompt
 from .loss import causal_lm_loss, count_target_tokens
-from .parallel import unwrap_parallel
+from .parallel import local_heads_config, unwrap_parallel
 
 
 @torch.no_grad()
@@ -67,7 +67,8 @@ def generation_metrics(trainer, dataset: RowDataset) -> dict[str, float]:
     steps everywhere, so FSDP / tensor-parallel collectives line up); rank 0 records the result.
     Under the bf16 policy it runs in bf16 autocast: with FSDP2 the queries are then bf16 like the
     gathered weights, while the KV cache takes the float32 dtype of the sharded master weights;
-    autocast casts attention's inputs to one dtype.
+    autocast casts attention's inputs to one dtype. Under tensor parallelism the KV cache is sized
+    for this rank's heads (`local_heads_config`).
     """
     limit = trainer.args.eval_generation_samples
     examples = [ex for ex in getattr(dataset, "examples", None) or [] if getattr(ex, "answer", None)]
@@ -75,7 +76,7 @@ def generation_metrics(trainer, dataset: RowDataset) -> dict[str, float]:
         return {}
     examples = examples[:limit]
     dc = trainer.data_config
-    with trainer.autocast(generation=True):
+    with trainer.autocast(generation=True), local_heads_config(trainer.model):
         _, scores = evaluate_generation(
             unwrap_parallel(trainer.model), trainer.tokenizer, [ex.prompt for ex in examples],
             [ex.answer for ex in examples], batch_size=trainer.args.per_device_eval_batch_size,
@@ -114,7 +115,7 @@ def predict(trainer, input_data: str | list[str] | RowDataset, generation_config
     config = generation_config or trainer.generation_config or GenerationConfig(
         max_length=None, max_new_tokens=trainer.data_config.max_target_length)
     new_tokens = config.max_new_tokens if config.max_new_tokens is not None else trainer.data_config.max_target_length
-    with trainer.autocast(generation=True):
+    with trainer.autocast(generation=True), local_heads_config(trainer.model):
         predictions, _ = generate_predictions(
             unwrap_parallel(trainer.model), trainer.tokenizer, prompts,
             batch_size=batch_size or trainer.args.per_device_eval_batch_size,
