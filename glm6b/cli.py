@@ -22,6 +22,8 @@ import sys
 import threading
 import time
 
+from .extras import MissingExtraError
+
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"glm6b {args.command}: terminated (SIGTERM)", file=sys.stderr)
         return 143
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, MissingExtraError) as e:
         if _debug():
             raise
         print(f"glm6b {args.command}: error: {error_line(e)}", file=sys.stderr)

@@ -335,6 +335,26 @@ def test_fsdp_with_tensor_parallel_2d(tmp_path):
 # ----------------------------------------------------------------------------------- checkpoint errors
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+@pytest.mark.parametrize("layout,method", [
+    (dict(data_parallel=2), "lora"),  # DDP
+    (dict(data_parallel=2, optimizer_shard=True), "full"),  # FSDP2 (bf16: the mixed-precision policy)
+    (dict(model_parallel=2), "lora"),  # tensor parallel
+], ids=["ddp", "fsdp2", "tp"])
+def test_generation_during_training(pool, tmp_path, layout, method, bf16):
+    """eval_steps with BLEU/ROUGE and predict() on the parallelized model, in float32 and under bf16."""
+    from helpers import write_adgen_sample
+
+    data = write_adgen_sample(tmp_path / "train.json")
+    result = pool.run("dist_scripts.workers.trainer_with_generation", tmp_path / "job", timeout_s=2 * JOB_TIMEOUT_S,
+                      data_file=str(data), layout=layout, method=method, bf16=bf16)
+    assert [r["step"] for r in result["eval"]] == [1, 2]
+    for record in result["eval"]:
+        assert {"eval_loss", "bleu-4", "rouge-1", "rouge-2", "rouge-l"} <= record.keys()
+        assert record["eval_loss"] == record["eval_loss"] and record["eval_loss"] > 0  # finite, not NaN
+    assert len(result["predictions"]) == 2 and all(isinstance(t, str) for t in result["predictions"])
+
+
 def test_sharded_checkpoint_errors(tmp_path):
     model = workers.tiny_model()
     with pytest.raises(CheckpointError, match="expected a sharded \\(DCP\\) checkpoint"):

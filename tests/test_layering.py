@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "glm6b"
 LAYERS = {
     "io": 0,
     "safety": 0,
+    "extras": 0,
     "config": 0,
     "tokenizer": 1,
     "model.masks": 1,

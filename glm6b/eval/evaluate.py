@@ -255,6 +255,7 @@ def run_eval(
     device: torch.device | str | None = None,
     progress: bool = True,
     skip_bad: bool = False,
+    data_config: DataConfig | None = None,
     **generation_kwargs,
 ) -> dict:
     """Evaluate (or just run) a checkpoint on an ADGEN-format jsonl file and write the results.
@@ -281,7 +282,11 @@ def run_eval(
         prompt_column, response_column: jsonl fields (ADGEN: "content", "summary").
         dtype, device: where and how to load the model (see glm6b.checkpoint.hf.load_model).
         progress: show a progress bar and print the results table.
-        skip_bad: skip (and count) malformed lines instead of stopping at the first one.
+        skip_bad: skip (and count) malformed lines instead of stopping at the first one (ignored
+            when data_config is given: its own skip_bad applies).
+        data_config: the training run's data settings (source_prefix, history_column, columns,
+            lengths); when given, it replaces max_source_length, max_target_length, prompt_column and
+            response_column, so the prompts are exactly those the model was trained on.
         **generation_kwargs: GenerationConfig fields (do_sample, temperature, top_p, top_k, seed, ...);
             greedy by default.
 
@@ -295,10 +300,11 @@ def run_eval(
     """
     if mode not in ("eval", "predict"):
         raise ValueError(f"mode={mode!r}: expected 'eval' or 'predict'")
-    data_config = DataConfig(max_source_length=max_source_length, max_target_length=max_target_length,
-                             prompt_column=prompt_column, response_column=response_column, skip_bad=skip_bad)
+    if data_config is None:
+        data_config = DataConfig(max_source_length=max_source_length, max_target_length=max_target_length,
+                                 prompt_column=prompt_column, response_column=response_column, skip_bad=skip_bad)
     if max_new_tokens is None:
-        max_new_tokens = max_target_length
+        max_new_tokens = data_config.max_target_length
     # Check cheap things (data, options) before the expensive model load.
     examples, stats = read_eval_examples(data_path, data_config, mode)
     generation = make_generation_config(max_new_tokens=max_new_tokens, **generation_kwargs)
@@ -312,13 +318,14 @@ def run_eval(
         model = load_adapter(model, adapter)  # not merged
     prompts = [ex.prompt for ex in examples]
     predictions, timing = generate_predictions(model, tokenizer, prompts, batch_size=batch_size,
-                                               max_source_length=max_source_length, generation_config=generation,
+                                               max_source_length=data_config.max_source_length,
+                                               generation_config=generation,
                                                max_new_tokens=max_new_tokens, progress=progress)
 
     records = [{"prompt": p, "prediction": pred} for p, pred in zip(prompts, predictions)]
     summary: dict = {}
     if mode == "eval":
-        references = reference_texts(tokenizer, [ex.answer for ex in examples], max_target_length)
+        references = reference_texts(tokenizer, [ex.answer for ex in examples], data_config.max_target_length)
         scores = compute_metrics(predictions, references)
         for record, reference, example_scores in zip(records, references, scores["per_example"]):
             record["reference"] = reference
@@ -334,11 +341,13 @@ def run_eval(
             "adapter": None if adapter is None else str(adapter),
             "data": str(data_path),
             "batch_size": batch_size,
-            "max_source_length": max_source_length,
-            "max_target_length": max_target_length,
+            "max_source_length": data_config.max_source_length,
+            "max_target_length": data_config.max_target_length,
             "max_new_tokens": max_new_tokens,
-            "prompt_column": prompt_column,
-            "response_column": response_column,
+            "prompt_column": data_config.prompt_column,
+            "response_column": data_config.response_column,
+            "history_column": data_config.history_column,
+            "source_prefix": data_config.source_prefix,
             "dtype": str(unwrap_peft(model).dtype).removeprefix("torch."),
             "device": str(unwrap_peft(model).device),
             "generation": {k: v for k, v in asdict(generation).items() if k != "max_length"},

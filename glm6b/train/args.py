@@ -59,6 +59,10 @@ class TrainingArguments:
         per_device_train_batch_size: rows per micro-batch (alias: `batch_size`).
         per_device_eval_batch_size: rows per evaluation batch.
         gradient_accumulation_steps: micro-batches per optimizer step.
+        loss_normalization: "token" (default): a step's loss is the sum of the token losses of all
+            its micro-batches on all ranks divided by the step's target tokens, so it does not depend
+            on the batch size, the accumulation or the process count; "per_micro_batch": the mean of
+            per-micro-batch means (the older definition, for matching published curves).
         learning_rate: peak learning rate.
         lr_scheduler_type: "linear" (decay to 0), "cosine" (to 0) or "constant", after warmup.
         warmup_steps: linear warmup steps; if 0, warmup_ratio * total steps.
@@ -95,6 +99,7 @@ class TrainingArguments:
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
+    loss_normalization: Literal["token", "per_micro_batch"] = "token"
     learning_rate: float = 5e-5
     lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
     warmup_steps: int = 0
@@ -137,6 +142,8 @@ class TrainingArguments:
              f"lr_scheduler_type={self.lr_scheduler_type!r}: expected linear, cosine or constant")
         need(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         need(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
+        need(self.loss_normalization in ("token", "per_micro_batch"),
+             f"loss_normalization={self.loss_normalization!r}: expected token or per_micro_batch")
         need(not (self.bf16 and self.fp16), "bf16 and fp16 are exclusive")
         need(self.eval_generation_samples is None or self.eval_generation_samples >= 0,
              f"eval_generation_samples={self.eval_generation_samples} must be >= 0 (or null)")
@@ -166,7 +173,7 @@ class TrainerState:
         global_step: optimizer steps done.
         micro_batches: micro-batches consumed from the data stream (epoch * batches_per_epoch + index).
         epoch, batch_index: the same position as (epoch, batch within the epoch).
-        losses: training loss of every optimizer step so far (mean over its micro-batches).
+        losses: training loss of every optimizer step so far (see TrainingArguments.loss_normalization).
         log_history: the train_log.jsonl records so far.
         run_id: identifies the run; kept across resumes.
     """

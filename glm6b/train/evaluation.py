@@ -12,9 +12,9 @@ from ..eval.evaluate import evaluate_generation, generate_predictions
 from ..eval.metrics import METRIC_NAMES
 from ..inference.generation import GenerationConfig
 from .args import TrainerError
-from .data import IGNORE_INDEX, RowDataset, render_prompt
-from .loss import causal_lm_loss
-from .parallel import unwrap_parallel
+from .data import RowDataset, render_prompt
+from .loss import causal_lm_loss, count_target_tokens
+from .parallel import local_heads_config, unwrap_parallel
 
 
 @torch.no_grad()
@@ -29,7 +29,8 @@ def evaluate(trainer, eval_dataset: RowDataset | str | os.PathLike | None = None
         eval_dataset: a "train"-mode RowDataset or a path; None takes the trainer's eval_dataset.
 
     Returns:
-        {"step", "eval_loss" (mean over all target tokens), "eval_tokens", "eval_rows"} and, with
+        {"step", "eval_loss" (the sum of the token losses divided by the target tokens: the training
+        loss's definition), "eval_tokens", "eval_rows"} and, with
         generation metrics, "bleu-4", "rouge-1", "rouge-2", "rouge-l".
     """
     trainer.ensure_model()
@@ -48,10 +49,9 @@ def evaluate(trainer, eval_dataset: RowDataset | str | os.PathLike | None = None
             batch = dataset.collate([dataset[i] for i in range(start, min(start + bs, len(dataset)))])
             labels = batch["labels"].to(trainer.device)
             with trainer.autocast():
-                loss = causal_lm_loss(trainer.model(input_ids=batch["input_ids"].to(trainer.device)).logits, labels)
-            n = int((labels[:, 1:] != IGNORE_INDEX).sum())
-            total += loss.item() * n
-            tokens += n
+                logits = trainer.model(input_ids=batch["input_ids"].to(trainer.device)).logits
+                total += causal_lm_loss(logits, labels, reduction="sum").item()
+            tokens += count_target_tokens(labels)
     finally:
         trainer.model.train(was_training)
     result = {"step": trainer.state.global_step, "eval_loss": total / max(tokens, 1), "eval_tokens": tokens,
@@ -59,11 +59,16 @@ def evaluate(trainer, eval_dataset: RowDataset | str | os.PathLike | None = None
     result.update(generation_metrics(trainer, dataset))
     return result
 
+
 def generation_metrics(trainer, dataset: RowDataset) -> dict[str, float]:
     """BLEU-4 / ROUGE-1/2/L of greedy answers for the first eval_generation_samples examples with an answer.
 
     Every rank runs it (with identical data and weights, greedy decoding takes the same number of
     steps everywhere, so FSDP / tensor-parallel collectives line up); rank 0 records the result.
+    Under the bf16 policy it runs in bf16 autocast: with FSDP2 the queries are then bf16 like the
+    gathered weights, while the KV cache takes the float32 dtype of the sharded master weights;
+    autocast casts attention's inputs to one dtype. Under tensor parallelism the KV cache is sized
+    for this rank's heads (`local_heads_config`).
     """
     limit = trainer.args.eval_generation_samples
     examples = [ex for ex in getattr(dataset, "examples", None) or [] if getattr(ex, "answer", None)]
@@ -71,11 +76,14 @@ def generation_metrics(trainer, dataset: RowDataset) -> dict[str, float]:
         return {}
     examples = examples[:limit]
     dc = trainer.data_config
-    _, scores = evaluate_generation(
-        unwrap_parallel(trainer.model), trainer.tokenizer, [ex.prompt for ex in examples], [ex.answer for ex in examples],
-        batch_size=trainer.args.per_device_eval_batch_size, max_new_tokens=dc.max_target_length,
-        max_source_length=dc.max_source_length, max_target_length=dc.max_target_length, progress=False)
+    with trainer.autocast(generation=True), local_heads_config(trainer.model):
+        _, scores = evaluate_generation(
+            unwrap_parallel(trainer.model), trainer.tokenizer, [ex.prompt for ex in examples],
+            [ex.answer for ex in examples], batch_size=trainer.args.per_device_eval_batch_size,
+            max_new_tokens=dc.max_target_length, max_source_length=dc.max_source_length,
+            max_target_length=dc.max_target_length, progress=False)
     return {name: scores[name] for name in METRIC_NAMES}
+
 
 def predict(trainer, input_data: str | list[str] | RowDataset, generation_config: GenerationConfig | None = None,
             batch_size: int | None = None, history: list | None = None) -> list[str]:
@@ -107,8 +115,10 @@ def predict(trainer, input_data: str | list[str] | RowDataset, generation_config
     config = generation_config or trainer.generation_config or GenerationConfig(
         max_length=None, max_new_tokens=trainer.data_config.max_target_length)
     new_tokens = config.max_new_tokens if config.max_new_tokens is not None else trainer.data_config.max_target_length
-    predictions, _ = generate_predictions(
-        trainer.model, trainer.tokenizer, prompts, batch_size=batch_size or trainer.args.per_device_eval_batch_size,
-        max_source_length=trainer.data_config.max_source_length, max_new_tokens=new_tokens,
-        generation_config=config, progress=not trainer.args.disable_tqdm)
+    with trainer.autocast(generation=True), local_heads_config(trainer.model):
+        predictions, _ = generate_predictions(
+            unwrap_parallel(trainer.model), trainer.tokenizer, prompts,
+            batch_size=batch_size or trainer.args.per_device_eval_batch_size,
+            max_source_length=trainer.data_config.max_source_length, max_new_tokens=new_tokens,
+            generation_config=config, progress=not trainer.args.disable_tqdm)
     return predictions

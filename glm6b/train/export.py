@@ -15,6 +15,7 @@ from torch import nn
 from ..checkpoint.hf import (MODEL_FOLDER_FILES, MODEL_FOLDER_PREFIXES, PREFIX_ENCODER, CheckpointError,
                              estimate_model_bytes, load_model, save_pretrained)
 from ..config import ChatGLMConfig
+from ..extras import import_extra
 from ..io import atomic_folder
 from ..model import ChatGLMForConditionalGeneration
 from ..safety import check_output_dir, folder_bytes
@@ -138,7 +139,7 @@ def _merged_model(kind: str, tensors: dict[str, torch.Tensor], config: ChatGLMCo
 def _merged_lora_model(tensors: dict[str, torch.Tensor], config: ChatGLMConfig, input_dir: Path,
                        base_model_path) -> ChatGLMForConditionalGeneration:
     """Rebuild the PEFT model around the base, load the adapter tensors, merge (PEFT's merge_and_unload)."""
-    import peft
+    peft = import_extra("peft", "train", "merging a LoRA checkpoint")
 
     peft_config = peft.LoraConfig.from_pretrained(str(input_dir))
     if base_model_path is not None:

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..extras import import_extra
 from ..io import atomic_path, atomic_write_text
 
 LOG_NAME = "train_log.jsonl"
@@ -85,8 +86,7 @@ def plot_losses(losses: list[float], path: str | os.PathLike, log_history: list[
         log_history: logged records ("step", "loss"), drawn as the smoothed curve.
         eval_history: evaluation records ("step", "eval_loss").
     """
-    import matplotlib
-
+    matplotlib = import_extra("matplotlib", "train", "the loss plot (loss.png)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

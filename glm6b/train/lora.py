@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.hf import CheckpointError, load_model, save_pretrained
+from ..extras import import_extra
 from ..tokenizer import load_tokenizer
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -77,8 +78,7 @@ def apply_lora(model: torch.nn.Module, args: LoraArguments, base_model_name_or_p
     Returns:
         The peft.PeftModel.
     """
-    import peft
-
+    peft = import_extra("peft", "train", "LoRA")
     if base_model_name_or_path is not None:
         # get_peft_model records the model's `name_or_path` attribute in adapter_config.json
         model.name_or_path = str(base_model_name_or_path)
@@ -105,7 +105,7 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike, is_trai
     """
     adapter_dir = Path(adapter_dir)
     check_adapter_folder(adapter_dir)
-    from peft import PeftModel
+    PeftModel = import_extra("peft", "train", "LoRA").PeftModel
 
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)

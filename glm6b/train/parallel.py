@@ -247,8 +247,11 @@ def main_process_first() -> Iterator[None]:
             barrier()
 
 
-def all_reduce_mean(value: float | torch.Tensor, mesh=None) -> float:
-    """Mean of a scalar over the data-parallel ranks (all ranks if mesh is None), e.g. for the logged loss."""
+def all_reduce_sum(value: float | int | torch.Tensor, mesh=None) -> float:
+    """Sum of a scalar over the data-parallel ranks (all ranks if mesh is None; the value itself on one process).
+
+    Summed in float64, so token counts stay exact.
+    """
     tensor = torch.as_tensor(value, dtype=torch.float64).detach().clone()
     if not is_distributed():
         return float(tensor)
@@ -256,7 +259,15 @@ def all_reduce_mean(value: float | torch.Tensor, mesh=None) -> float:
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
     tensor = tensor.to(device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-    return float(tensor) / dist.get_world_size(group)
+    return float(tensor)
+
+
+def all_reduce_mean(value: float | torch.Tensor, mesh=None) -> float:
+    """Mean of a scalar over the data-parallel ranks (all ranks if mesh is None), e.g. for the logged loss."""
+    if not is_distributed():
+        return float(torch.as_tensor(value, dtype=torch.float64))
+    group = mesh.get_group("dp") if mesh is not None else None
+    return all_reduce_sum(value, mesh) / dist.get_world_size(group)
 
 
 # ----------------------------------------------------------------------------------- tensor parallel
@@ -337,6 +348,30 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
         parallelize_module(block, tp_mesh, tensor_parallel_plan(block))
         block.attention.num_heads = heads // tp  # heads held by this rank
     return model
+
+
+@contextlib.contextmanager
+def local_heads_config(model: nn.Module) -> Iterator[None]:
+    """Inside the block, `model.config` gives this rank's attention heads (tensor parallelism).
+
+    Each tensor-parallel rank holds num_attention_heads / tp heads, and generation sizes its KV
+    cache from `model.config` ([layers, batch, heads, length, head_dim]). The ChatGLM model's own
+    `config` attribute is swapped for one with the local head count and the same head_dim; the
+    blocks keep the original config object, and nothing else is changed. A no-op without tensor
+    parallelism.
+    """
+    base = unwrap_model(model)
+    blocks = [m for m in base.modules() if isinstance(m, GLMBlock)]
+    config = base.config
+    local = blocks[0].attention.num_heads if blocks else config.num_attention_heads
+    if local == config.num_attention_heads:
+        yield
+        return
+    base.config = config.replace(num_attention_heads=local, hidden_size=local * config.head_dim)
+    try:
+        yield
+    finally:
+        base.config = config
 
 
 # ----------------------------------------------------------------------------------- FSDP2 / DDP

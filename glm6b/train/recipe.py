@@ -338,10 +338,8 @@ def _run_generation_eval(recipe: Recipe) -> dict[str, Any]:
         sampling["repetition_penalty"] = gen.repetition_penalty
     summary = run_eval(margs.load_checkpoint, data.eval_data, recipe.trainer.output_dir, adapter=margs.adapter,
                        mode="eval", batch_size=recipe.trainer.per_device_eval_batch_size,
-                       max_new_tokens=gen.max_new_tokens, max_source_length=data.max_source_length,
-                       max_target_length=data.max_target_length, prompt_column=data.prompt_column,
-                       response_column=data.response_column, dtype=margs.dtype, device=margs.device,
-                       progress=not recipe.trainer.disable_tqdm, **sampling)
+                       max_new_tokens=gen.max_new_tokens, data_config=data, dtype=margs.dtype,
+                       device=margs.device, progress=not recipe.trainer.disable_tqdm, **sampling)
     output_dir = Path(recipe.trainer.output_dir)
     return {**{k: v for k, v in summary.items() if k not in ("timing", "settings")},
             "output": str(output_dir / "predictions.jsonl"), "metrics": str(output_dir / "metrics.json")}

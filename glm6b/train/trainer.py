@@ -58,7 +58,7 @@ from .args import (METHODS, Method, ModelArguments, ParallelConfig, TrainerError
 from .data import DataConfig, RowDataset, load_dataset
 from .lora import LoraArguments, apply_lora, load_adapter
 from .logs import NullLog, TrainLog, plot_losses
-from .loss import causal_lm_loss
+from .loss import causal_lm_loss, count_target_tokens
 from .export import save_final_model
 from .parallel import unwrap_model
 
@@ -342,10 +342,15 @@ class Trainer:
         bs = self.args.per_device_train_batch_size * dp
         return rows // bs + (1 if rows % bs >= dp else 0)
 
-    def autocast(self):
-        """The bf16 / fp16 autocast context of args (a no-op without them, and under FSDP2)."""
-        if not (self.args.bf16 or self.args.fp16) or (self.mesh is not None and self.parallel_config.optimizer_shard):
-            # under FSDP2 its mixed-precision policy casts (see parallelize_model)
+    def autocast(self, generation: bool = False):
+        """The bf16 / fp16 autocast context of args (a no-op without them).
+
+        Under FSDP2 training forwards run without it (the mixed-precision policy casts the weights);
+        generation uses it there too, so the float32 KV cache and the bf16 queries meet in one dtype.
+        """
+        if not (self.args.bf16 or self.args.fp16):
+            return nullcontext()
+        if self.mesh is not None and self.parallel_config.optimizer_shard and not generation:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.args.bf16 else torch.float16)
 
@@ -480,7 +485,6 @@ class Trainer:
                 indent=2) + "\n")
         log = TrainLog(output_dir, args.tensorboard, self.state.global_step if resume else None) if main else NullLog()
         trainable = [p for _, p in self._trainable()]
-        pad_id = self.tokenizer.pad_token_id
         stream = self._micro_batches(dataset, self.state.micro_batches)
         self.model.train()
 
@@ -494,29 +498,7 @@ class Trainer:
         try:
             stop.__enter__()
             while self.state.global_step < total_steps:
-                step_loss, step_tokens = 0.0, 0
-                accum = args.gradient_accumulation_steps
-                for i in range(accum):
-                    batch = next(stream)
-                    input_ids = batch["input_ids"].to(self.device)
-                    labels = batch["labels"].to(self.device)
-                    with P.no_sync(self.model, enabled=i < accum - 1):
-                        with self.autocast():
-                            loss = causal_lm_loss(self.model(input_ids=input_ids).logits, labels)
-                        scaled = loss / accum  # DDP / FSDP2 average over the data-parallel ranks
-                        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-                    step_loss += loss.item() / args.gradient_accumulation_steps
-                    step_tokens += int((input_ids != pad_id).sum())
-                    self.state.micro_batches += 1
-                    self.state.epoch, self.state.batch_index = divmod(self.state.micro_batches, per_epoch)
-                if self.scaler:
-                    self.scaler.unscale_(self.optimizer)
-                max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else float("inf")
-                grad_norm = float(P.clip_grad_norm_(trainable, max_norm))
-                if self.mesh is not None:
-                    step_loss = P.all_reduce_mean(step_loss, self.mesh)
-                    step_tokens = round(P.all_reduce_mean(step_tokens, self.mesh)
-                                        * P.data_parallel_rank_and_size(self.mesh)[1])
+                step_loss, step_tokens, grad_norm = self._forward_backward(stream, trainable, per_epoch)
                 lr = self.optimizer.param_groups[0]["lr"]
                 if self.scaler:
                     self.scaler.step(self.optimizer)
@@ -572,6 +554,54 @@ class Trainer:
                 eval_history = [json.loads(line) for line in log.eval_path.read_text().splitlines() if line.strip()]
             plot_losses(self.state.losses, output_dir / "loss.png", self.state.log_history, eval_history)
         return TrainOutput(self.state.global_step, list(self.state.losses), output_dir, final_dir, record)
+
+    def _forward_backward(self, stream: Iterator[dict[str, torch.Tensor]], trainable: list[nn.Parameter],
+                          per_epoch: int) -> tuple[float, int, float]:
+        """One optimizer step's micro-batches: forward, backward, gradient clipping.
+
+        With loss_normalization "token", each micro-batch's summed token loss is divided by the
+        target tokens of the whole step on every data-parallel rank (counted first, one all-reduce),
+        times the data-parallel size that DDP / FSDP2 divide the gradients by again: the gradient
+        is that of sum(token losses) / tokens, whatever the split.
+
+        Returns:
+            (the step's loss, the step's non-pad input tokens on all ranks, the gradient norm before clipping).
+        """
+        args = self.args
+        accum = args.gradient_accumulation_steps
+        batches = [next(stream) for _ in range(accum)]
+        dp = P.data_parallel_rank_and_size(self.mesh)[1]
+        by_token = args.loss_normalization == "token"
+        step_targets = P.all_reduce_sum(sum(count_target_tokens(b["labels"]) for b in batches), self.mesh)
+        pad_id = self.tokenizer.pad_token_id
+        step_loss, step_tokens = 0.0, 0
+        for i, batch in enumerate(batches):
+            input_ids = batch["input_ids"].to(self.device)
+            labels = batch["labels"].to(self.device)
+            with P.no_sync(self.model, enabled=i < accum - 1):
+                with self.autocast():
+                    logits = self.model(input_ids=input_ids).logits
+                    if by_token:
+                        loss = causal_lm_loss(logits, labels, reduction="sum")
+                        scaled = loss * (dp / max(step_targets, 1))
+                    else:
+                        loss = causal_lm_loss(logits, labels)
+                        scaled = loss / accum  # DDP / FSDP2 average over the data-parallel ranks
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            step_loss += loss.item() if by_token else loss.item() / accum
+            step_tokens += int((input_ids != pad_id).sum())
+            self.state.micro_batches += 1
+            self.state.epoch, self.state.batch_index = divmod(self.state.micro_batches, per_epoch)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else float("inf")
+        grad_norm = float(P.clip_grad_norm_(trainable, max_norm))
+        step_tokens = round(P.all_reduce_sum(step_tokens, self.mesh))
+        if by_token:
+            step_loss = P.all_reduce_sum(step_loss, self.mesh) / max(step_targets, 1)
+        else:
+            step_loss = P.all_reduce_sum(step_loss, self.mesh) / dp
+        return step_loss, step_tokens, grad_norm
 
     def _build_optimizer(self, lr_lambda: Callable[[int], float]) -> None:
         """AdamW over the trainable parameters only; weight decay on matrices, not on biases/LayerNorms."""

@@ -264,3 +264,30 @@ def lora_reference_and_merge(info, out_dir: Path, checkpoint: str, base_dir: str
     return {"reference": reference, "merged": {n: p.detach().clone() for n, p in merged.named_parameters()},
             "expected_merged": expected_merged, "adapter": lora, "final": final,
             "adapter_files": sorted(p.name for p in Path(adapter_dir).iterdir())}
+
+
+def trainer_with_generation(info, out_dir: Path, data_file: str, layout: dict, method: str, bf16: bool) -> dict:
+    """The real Trainer under a layout: 2 steps with an evaluation that generates (BLEU/ROUGE) after each,
+    then predict(); returns the eval records and the predictions."""
+    import json
+
+    from glm6b.tokenizer import load_tokenizer
+    from glm6b.train.args import ModelArguments, TrainingArguments
+    from glm6b.train.data import DataConfig
+    from glm6b.train.lora import LoraArguments
+    from glm6b.train.trainer import Trainer
+
+    output = Path(out_dir) / "run"
+    trainer = Trainer(
+        model_args=ModelArguments(load_checkpoint=str(GOLDEN), dtype="float32"), tokenizer=load_tokenizer(GOLDEN),
+        method=method, lora_config=LoraArguments(**LORA), data_config=DataConfig(max_source_length=24, max_target_length=8),
+        train_dataset=data_file, eval_dataset=data_file, parallel_config=ParallelConfig(**layout),
+        args=TrainingArguments(output_dir=str(output), max_steps=2, per_device_train_batch_size=1, eval_steps=1,
+                               eval_generation_samples=2, per_device_eval_batch_size=2, bf16=bf16, save_steps=None,
+                               logging_steps=1, tensorboard=False, disable_tqdm=True, learning_rate=LR))
+    trainer.train()
+    predictions = trainer.predict(["类型#裙*颜色#红色", "类型#裤"])
+    if not D.is_main_process():
+        return {}
+    records = [json.loads(line) for line in (output / "eval_log.jsonl").read_text().splitlines()]
+    return {"eval": records, "predictions": predictions}
