@@ -20,6 +20,7 @@ import torch
 
 from ..checkpoint.hf import CheckpointError, load_model, save_pretrained
 from ..extras import import_extra
+from ..io import atomic_folder
 from ..tokenizer import load_tokenizer
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -196,5 +197,6 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, output_dir: 
         merged = merged.to(getattr(torch, str(save_dtype).removeprefix("torch.")))
         merged.tie_weights()
     output_dir = Path(output_dir)
-    save_pretrained(merged, output_dir, tokenizer=load_tokenizer(base))
+    with atomic_folder(output_dir) as tmp:  # a full disk or a kill leaves no half-written model folder
+        save_pretrained(merged, tmp, tokenizer=load_tokenizer(base))
     return output_dir
