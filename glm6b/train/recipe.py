@@ -371,7 +371,7 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
     from ..checkpoint.hf import check_device
     from ..io import atomic_write_text
     from .data import JsonlDataset
-    from .state import list_checkpoints, prepare_run_folder, remove_unfinished_run
+    from .state import prepare_run_folder, remove_unfinished_run
     from .trainer import Trainer
 
     if mode not in MODES:
@@ -416,6 +416,7 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
             trainer = Trainer(model_args=recipe.model, args=args, train_dataset=data.train_data,
                               eval_dataset=data.eval_data, method=recipe.method, lora_config=recipe.lora,
                               data_config=data, generation_config=recipe.generation, parallel_config=pc)
+            trainer.records["recipe.json"] = recipe_to_dict(recipe)  # written when training starts
             if mode == "train":
                 out = trainer.train()
             else:
@@ -425,10 +426,6 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
                 remove_unfinished_run(output_dir, existed)
             raise
         finally:
-            # Recorded once the run has produced something (beside training_args.json, which the trainer writes).
-            if D.is_main_process() and (list_checkpoints(output_dir) or (output_dir / "final").is_dir()):
-                atomic_write_text(output_dir / "recipe.json", json.dumps(recipe_to_dict(recipe), indent=2,
-                                                                         ensure_ascii=False) + "\n")
             D.cleanup()
         return {"mode": mode, "method": recipe.method, "steps": out.global_step, "world_size": info.world_size,
                 "final_loss": out.losses[-1] if out.losses else None, "output": str(out.final_dir)}

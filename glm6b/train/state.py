@@ -240,7 +240,8 @@ def remove_unfinished_run(output_dir: str | os.PathLike, existed: bool) -> None:
 def hyperparameters(trainer) -> dict[str, Any]:
     """The settings a checkpoint records, to check a resume against (FIXED_ON_RESUME + APPLIED_ON_RESUME)."""
     values = {key: getattr(trainer.args, key) for key in FIXED_ON_RESUME + APPLIED_ON_RESUME}
-    values["train_data"] = str(getattr(trainer.train_dataset, "path", "")) or None
+    path = getattr(trainer.train_dataset, "path", None) or getattr(trainer.train_dataset, "folder", None)
+    values["train_data"] = os.path.abspath(path) if path else None
     values["dataset_rows"] = len(trainer.train_dataset)
     return values
 
@@ -255,12 +256,14 @@ def check_resume(trainer, folder: Path, recorded: dict[str, Any]) -> dict[str, l
         TrainerError: a FIXED_ON_RESUME setting, the data file or its row count changed.
     """
     ours = hyperparameters(trainer)
-    for key in FIXED_ON_RESUME + ("dataset_rows",):
+    for key in FIXED_ON_RESUME:
         if key in recorded and recorded[key] != ours[key]:
             raise TrainerError(f"resuming {folder}: trainer.{key} = {ours[key]!r} but the checkpoint was written "
                                f"with {recorded[key]!r}, which its data position and batches depend on; resume "
-                               f"with {key} = {recorded[key]!r}, or start a new run".replace("trainer.dataset_rows",
-                                                                                              "the training data's row count"))
+                               f"with {key} = {recorded[key]!r}, or start a new run")
+    if "dataset_rows" in recorded and recorded["dataset_rows"] != ours["dataset_rows"]:
+        raise TrainerError(f"resuming {folder}: the training data has {ours['dataset_rows']} rows but the checkpoint "
+                           f"was trained on {recorded['dataset_rows']}; resume with the same data, or start a new run")
     if recorded.get("train_data") and ours["train_data"] and Path(recorded["train_data"]) != Path(ours["train_data"]):
         raise TrainerError(f"resuming {folder}: data.train_data = {ours['train_data']} but the checkpoint was "
                            f"trained on {recorded['train_data']}; resume with the same data, or start a new run "
