@@ -38,7 +38,8 @@ def run_args(train_file, out, *sets: str, steps: int = 3, lr: str = "1e-3") -> l
     args = ["run", "--config", str(CONFIGS / "finetune.yaml"), "--mode", "finetune", "--load-checkpoint", str(GOLDEN),
             "--train-data", str(train_file), "--output-dir", str(out), "--max-steps", str(steps),
             "--batch-size", "1", "--learning-rate", lr]
-    for item in ("trainer.logging_steps=1", "trainer.warmup_steps=0", "trainer.save_steps=1", "data.max_source_length=24",
+    for item in ("trainer.logging_steps=1", "trainer.warmup_steps=0", "trainer.save_steps=1",
+                 "data.max_source_length=24",
                  "trainer.bf16=false", "trainer.gradient_accumulation_steps=1", "model.dtype=float32",
                  "trainer.tensorboard=false", "trainer.disable_tqdm=true", "trainer.gradient_checkpointing=false",
                  "lora.lora_dropout=0.0", *sets):

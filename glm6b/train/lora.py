@@ -51,8 +51,8 @@ class LoraArguments:
 
         need(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1,
              f"r={self.r!r} must be a positive integer (the rank of the update)")
-        need(isinstance(self.lora_alpha, (int, float)) and not isinstance(self.lora_alpha, bool) and self.lora_alpha > 0,
-             f"lora_alpha={self.lora_alpha!r} must be a positive number")
+        need(isinstance(self.lora_alpha, (int, float)) and not isinstance(self.lora_alpha, bool)
+             and self.lora_alpha > 0, f"lora_alpha={self.lora_alpha!r} must be a positive number")
         need(isinstance(self.lora_dropout, (int, float)) and not isinstance(self.lora_dropout, bool)
              and 0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
         need(isinstance(self.target_modules, list) and len(self.target_modules) > 0

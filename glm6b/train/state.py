@@ -268,7 +268,8 @@ def check_resume(trainer, folder: Path, recorded: dict[str, Any]) -> dict[str, l
         raise TrainerError(f"resuming {folder}: data.train_data = {ours['train_data']} but the checkpoint was "
                            f"trained on {recorded['train_data']}; resume with the same data, or start a new run "
                            f"(--load-checkpoint on its weights)")
-    return {key: [recorded[key], ours[key]] for key in APPLIED_ON_RESUME if key in recorded and recorded[key] != ours[key]}
+    return {key: [recorded[key], ours[key]] for key in APPLIED_ON_RESUME
+            if key in recorded and recorded[key] != ours[key]}
 
 
 def apply_schedule(trainer, lr_lambda) -> None:
@@ -341,7 +342,8 @@ def _load_sharded_checkpoint(trainer, folder: Path) -> dict[str, list]:
                            f"{state.get('global_batch')}; resume with the same global batch, or start a new run")
     recorded = json.loads(state["hyperparameters"]) if isinstance(state.get("hyperparameters"), str) else {}
     # the per-device batch and accumulation may change with the world size (the global batch is checked above)
-    recorded = {k: v for k, v in recorded.items() if k not in ("per_device_train_batch_size", "gradient_accumulation_steps")}
+    recorded = {k: v for k, v in recorded.items()
+                if k not in ("per_device_train_batch_size", "gradient_accumulation_steps")}
     changes = check_resume(trainer, folder, recorded)
     sched = dict(request["scheduler"])
     sched["lr_lambdas"] = [None] * len(trainer.optimizer.param_groups)
