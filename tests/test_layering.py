@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "glm6b"
 # Modules not listed by full name take the layer of their nearest listed parent package.
 LAYERS = {
     "io": 0,
+    "safety": 0,
     "extras": 0,
     "config": 0,
     "tokenizer": 1,

@@ -42,12 +42,13 @@ import torch
 
 from ..auto import resolve_model_path
 from ..checkpoint.hf import load_model
+from ..config import ChatGLMConfig
 from ..io import atomic_write_text
 from ..train.data import DataConfig, DataError, ReadStats, iter_examples
 from ..inference.generation import GenerationConfig, generate, make_generation_config
 from ..train.lora import load_adapter
 from .metrics import METRIC_NAMES, compute_metrics
-from ..tokenizer import load_tokenizer
+from ..tokenizer import check_tokenizer_matches, load_tokenizer
 
 PREDICTIONS_NAME = "predictions.jsonl"
 METRICS_NAME = "metrics.json"
@@ -253,6 +254,7 @@ def run_eval(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    skip_bad: bool = False,
     data_config: DataConfig | None = None,
     **generation_kwargs,
 ) -> dict:
@@ -280,6 +282,8 @@ def run_eval(
         prompt_column, response_column: jsonl fields (ADGEN: "content", "summary").
         dtype, device: where and how to load the model (see glm6b.checkpoint.hf.load_model).
         progress: show a progress bar and print the results table.
+        skip_bad: skip (and count) malformed lines instead of stopping at the first one (ignored
+            when data_config is given: its own skip_bad applies).
         data_config: the training run's data settings (source_prefix, history_column, columns,
             lengths); when given, it replaces max_source_length, max_target_length, prompt_column and
             response_column, so the prompts are exactly those the model was trained on.
@@ -298,7 +302,7 @@ def run_eval(
         raise ValueError(f"mode={mode!r}: expected 'eval' or 'predict'")
     if data_config is None:
         data_config = DataConfig(max_source_length=max_source_length, max_target_length=max_target_length,
-                                 prompt_column=prompt_column, response_column=response_column)
+                                 prompt_column=prompt_column, response_column=response_column, skip_bad=skip_bad)
     if max_new_tokens is None:
         max_new_tokens = data_config.max_target_length
     # Check cheap things (data, options) before the expensive model load.
@@ -307,6 +311,7 @@ def run_eval(
 
     folder = resolve_model_path(model_path)
     tokenizer = load_tokenizer(folder)
+    check_tokenizer_matches(tokenizer, ChatGLMConfig.from_json_file(folder / "config.json"), model_path)
     generation = make_generation_config(generation, allowed_vocab_size=len(tokenizer))
     model = load_model(folder, dtype=dtype, device=device)
     if adapter is not None:

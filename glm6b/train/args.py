@@ -81,7 +81,12 @@ class TrainingArguments:
             glm6b.eval.evaluate.evaluate_generation (None or 0: the loss only).
         save_steps: write checkpoint-<step>/ every this many steps (None: no intermediate checkpoints).
         save_total_limit: keep only the last N checkpoints (None keeps all).
-        resume_from_checkpoint: a checkpoint folder, or "latest" for the newest one in output_dir.
+        resume_from_checkpoint: a checkpoint folder, or "latest" for the newest one of this run in
+            output_dir (a corrupt one falls back to the one before). The batch size, accumulation,
+            seed, shuffle and data must be those of the checkpoint; a changed learning rate, schedule,
+            max_steps or AdamW setting applies from the restored step on (and is logged).
+        overwrite_output_dir: start a new run in an output_dir that holds one (its checkpoints, logs
+            and final/ are deleted; other files are kept). Without it (or a resume) that is refused.
         shuffle: shuffle the training rows every epoch.
         dataloader_num_workers: worker processes for batching (0: in the training process).
         tensorboard: also log to output_dir/tensorboard.
@@ -114,6 +119,7 @@ class TrainingArguments:
     save_steps: int | None = 500
     save_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
+    overwrite_output_dir: bool = False
     shuffle: bool = True
     dataloader_num_workers: int = 0
     tensorboard: bool = True
@@ -142,6 +148,12 @@ class TrainingArguments:
         need(self.eval_generation_samples is None or self.eval_generation_samples >= 0,
              f"eval_generation_samples={self.eval_generation_samples} must be >= 0 (or null)")
         need(self.learning_rate >= 0, f"learning_rate={self.learning_rate} must be >= 0")
+        need(self.max_grad_norm >= 0, f"max_grad_norm={self.max_grad_norm} must be >= 0 (0 disables clipping)")
+        need(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,
+             f"adam_beta1={self.adam_beta1}, adam_beta2={self.adam_beta2} must be in [0, 1)")
+        need(self.adam_epsilon > 0, f"adam_epsilon={self.adam_epsilon} must be positive")
+        need(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
+        need(self.dataloader_num_workers >= 0, f"dataloader_num_workers={self.dataloader_num_workers} must be >= 0")
 
     @property
     def batch_size(self) -> int:
@@ -163,6 +175,7 @@ class TrainerState:
         epoch, batch_index: the same position as (epoch, batch within the epoch).
         losses: training loss of every optimizer step so far (see TrainingArguments.loss_normalization).
         log_history: the train_log.jsonl records so far.
+        run_id: identifies the run; kept across resumes.
     """
 
     global_step: int = 0
@@ -172,6 +185,7 @@ class TrainerState:
     losses: list[float] = field(default_factory=list)
     rows_per_micro_batch: int = 0  # global rows per micro-batch (per-device batch x data parallel)
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    run_id: str = ""  # the run that wrote the state (output_dir/run.json); `latest` resumes only its checkpoints
 
 
 @dataclass

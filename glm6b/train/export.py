@@ -12,11 +12,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint.hf import PREFIX_ENCODER, CheckpointError, load_model, save_pretrained
+from ..checkpoint.hf import (MODEL_FOLDER_FILES, MODEL_FOLDER_PREFIXES, PREFIX_ENCODER, CheckpointError,
+                             estimate_model_bytes, load_model, save_pretrained)
 from ..config import ChatGLMConfig
 from ..extras import import_extra
 from ..io import atomic_folder
 from ..model import ChatGLMForConditionalGeneration
+from ..safety import check_output_dir, folder_bytes
 from .dcp import (PEFT_PREFIX, _checkpoint_kind, _copy_tokenizer, _model_parts, _tied_keys, load_full_model_state,
                   read_checkpoint_info)
 from .parallel import barrier, is_main_process
@@ -50,7 +52,7 @@ def _base_model_from_state(config: ChatGLMConfig, tensors: dict[str, torch.Tenso
 
 def merge_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathLike,
                      base_model_path: str | os.PathLike | None = None,
-                     dtype: torch.dtype | str | None = None) -> Path:
+                     dtype: torch.dtype | str | None = None, overwrite: bool = False) -> Path:
     """Turn a sharded (DCP) checkpoint into a normal folder (MindFormers' transform_checkpoints step).
 
     Runs in one process, no process group (`glm6b merge-checkpoint --input DIR --output DIR
@@ -69,21 +71,30 @@ def merge_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathLike
 
     Args:
         input_dir: folder written by `save_sharded`.
-        output_dir: the folder to write (replaced if it exists).
+        output_dir: the folder to write. It must not be, contain or lie inside the checkpoint or the
+            base model (so the run folder holding the checkpoint is refused), and must be new or empty,
+            or, with `overwrite`, hold only an earlier merge's files (glm6b.safety.check_output_dir).
         base_model_path: base HF model folder, for checkpoints that hold only trainable tensors.
         dtype: dtype of the written weights (None: as stored, i.e. float32 master weights).
+        overwrite: replace an earlier merge's output in `output_dir`.
 
     Returns:
         The output folder.
 
     Raises:
         CheckpointError: not a sharded checkpoint, tensors that do not match, a missing base.
+        OutputError: an output that would destroy an input or other files, or cannot be written;
+            checked before any tensor is read.
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     info = read_checkpoint_info(input_dir)
     config = ChatGLMConfig.from_json_file(input_dir / "config.json")
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."))
+    writes_model = not info["trainable_only"] or base_model_path is not None
+    check_output_dir(output_dir, inputs=[input_dir, base_model_path], overwrite=overwrite,
+                     owned=MODEL_FOLDER_FILES, owned_prefixes=MODEL_FOLDER_PREFIXES,
+                     needed_bytes=estimate_model_bytes(config, dtype) if writes_model else folder_bytes(input_dir))
     tensors = load_full_model_state(input_dir)
     kind, has_base = info["kind"], not info["trainable_only"]
     if not has_base and base_model_path is None:
@@ -144,7 +155,12 @@ def _merged_lora_model(tensors: dict[str, torch.Tensor], config: ChatGLMConfig, 
     lora_tensors = {k: v for k, v in tensors.items() if ".lora_" in k}
     if not lora_tensors:
         raise CheckpointError(f"{input_dir}: a LoRA checkpoint without lora_A/lora_B tensors")
-    result = peft_model.load_state_dict(lora_tensors, strict=False)
+    try:
+        result = peft_model.load_state_dict(lora_tensors, strict=False)
+    except RuntimeError as e:
+        bad = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
+        raise CheckpointError(f"{input_dir}: the LoRA tensors do not fit the base model "
+                              f"{base_model_path or 'stored in the checkpoint'} ({bad})") from None
     if result.unexpected_keys:
         raise CheckpointError(f"{input_dir}: tensors not in the LoRA model: {result.unexpected_keys[:5]}")
     not_loaded = [k for k in result.missing_keys if ".lora_" in k]

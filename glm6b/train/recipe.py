@@ -164,8 +164,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         line = f", line {mark.line + 1}" if mark is not None else ""
         raise RecipeError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     tree: dict[str, Any] = {}
-    if root is None:
-        return tree
+    if root is None or isinstance(root, yaml.MappingNode) and not root.value:
+        raise RecipeError(f"{path}: the recipe is empty; expected at least 'method: full | lora | ptuning' and the "
+                          f"sections to set ({', '.join(SECTIONS)}), e.g. configs/lora.yaml")
     if not isinstance(root, yaml.MappingNode):
         raise RecipeError(f"{_where(str(path), root)}: a recipe is a mapping of sections "
                           f"(method, {', '.join(SECTIONS)})")
@@ -227,6 +228,11 @@ def _build_section(name: str, entries: dict[str, _Entry]) -> Any:
         raise RecipeError(f"{named[0] if named else name}: section '{name}': {e}") from None
 
 
+def _check_entry(section: str, key: str, entry: _Entry) -> None:
+    """Check one override's key and type (and the section's value checks with only that key set)."""
+    _build_section(section, {key: entry})
+
+
 def parse_override(text: str) -> tuple[str, str, Any]:
     """`section.key=value` (or `method=value`) -> (section, key, value parsed with yaml.safe_load).
 
@@ -262,6 +268,8 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
         RecipeError: unreadable file, unknown or duplicated key, wrong type, unsupported value.
     """
     tree = _read_yaml(Path(path)) if path is not None else {}
+    for name in SECTIONS:  # the file's own values are checked even where an override replaces them
+        _build_section(name, tree.get(name, {}))
     changes = [(f"--set {text}", *parse_override(text)) for text in overrides or []]
     for name, value in (flags or {}).items():
         if value is not None:
@@ -273,6 +281,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
             continue
         if section not in SECTIONS:
             raise RecipeError(f"{where}: unknown section {section!r}; known: method, {', '.join(SECTIONS)}")
+        _check_entry(section, key, _Entry(value, where))  # now: a later flag may replace this value
         tree.setdefault(section, {})
         tree[section] = {k: e for k, e in tree[section].items() if ALIASES.get((section, k), k) !=
                          ALIASES.get((section, key), key)}
@@ -359,8 +368,10 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
     Raises:
         RecipeError: a setting the mode needs is missing.
     """
+    from ..checkpoint.hf import check_device
     from ..io import atomic_write_text
     from .data import JsonlDataset
+    from .state import prepare_run_folder, remove_unfinished_run
     from .trainer import Trainer
 
     if mode not in MODES:
@@ -391,8 +402,15 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
         if pc.optimizer_shard and args.fp16:
             raise RecipeError("trainer.fp16 with parallel.optimizer_shard is not supported: use trainer.bf16 "
                               "(FSDP2 mixed precision)")
+        for name, path in (("data.train_data", data.train_data), ("data.eval_data", data.eval_data)):
+            if path is not None and not Path(path).exists():
+                raise RecipeError(f"{name} = {path}: no such file or folder")
+        check_device(recipe.model.device)
+        existed = output_dir.exists()
         info = D.init_distributed()
         try:
+            if D.is_main_process():  # before anything is written: never mix two runs in one folder
+                prepare_run_folder(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
             if info.world_size > 1 and recipe.model.device is None:
                 recipe.model.device = str(info.device)  # each rank on its own device
             trainer = Trainer(model_args=recipe.model, args=args, train_dataset=data.train_data,
@@ -406,6 +424,10 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
                 out = trainer.train()
             else:
                 out = trainer.finetune(recipe.model.load_checkpoint)
+        except BaseException:
+            if D.is_main_process():  # a run that left nothing to resume leaves no folder that looks like a run
+                remove_unfinished_run(output_dir, existed)
+            raise
         finally:
             D.cleanup()
         return {"mode": mode, "method": recipe.method, "steps": out.global_step, "world_size": info.world_size,

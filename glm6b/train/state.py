@@ -23,7 +23,7 @@ import torch
 
 from ..checkpoint.hf import (PREFIX_ENCODER, CheckpointError, iter_checkpoint_tensors, iter_file_tensors,
                              load_ptuning_state, save_pretrained, save_ptuning_checkpoint)
-from ..io import atomic_folder
+from ..io import atomic_folder, atomic_write_text
 from ..model import ChatGLMForConditionalGeneration
 from .args import TrainerError, TrainerState
 from .dcp import is_sharded_checkpoint, load_sharded, read_checkpoint_info, save_sharded
@@ -32,6 +32,16 @@ from .parallel import barrier, data_parallel_rank_and_size, get_rank, get_world_
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_NAME = "trainer_state.json"
+RUN_NAME = "run.json"  # {"run_id": ...}: which run owns the folder; `latest` resumes only its checkpoints
+# What a run writes into output_dir besides checkpoint-<step>/ (removed by overwrite_output_dir, nothing else is).
+RUN_FILES = ("final", "train_log.jsonl", "eval_log.jsonl", "training_args.json", "recipe.json", "loss.png",
+             "tensorboard", RUN_NAME, "predictions.jsonl")
+# Settings the restored state fixes: resuming with another value is refused (the data position,
+# the rows of each step and the shuffle order would no longer be those of the run).
+FIXED_ON_RESUME = ("per_device_train_batch_size", "gradient_accumulation_steps", "seed", "shuffle")
+# Settings a resume applies from the restored step on (schedule rebuilt, optimizer groups updated).
+APPLIED_ON_RESUME = ("learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "max_steps",
+                     "num_train_epochs", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm")
 
 
 def checkpoint_kind(path: Path) -> str:
@@ -86,10 +96,13 @@ def save_checkpoint(trainer) -> Path:
         rank = get_rank()
         save_sharded({"model": trainer.model, "optimizer": trainer.optimizer,
                       "scheduler": _scheduler_state(trainer.scheduler),
-                      "trainer_state": {**asdict(trainer.state), "method": trainer.method, "seed": trainer.args.seed,
-                                        "global_batch": global_batch(trainer)},
+                      "trainer_state": {**asdict(trainer.state), "method": trainer.method,
+                                        "global_batch": global_batch(trainer),
+                                        "hyperparameters": json.dumps(hyperparameters(trainer))},
                       f"rng_rank{rank}": _rng_state()},
                      folder, tokenizer=trainer.tokenizer, parallel_config=trainer.parallel_config)
+        if is_main_process():
+            write_run_id(folder, trainer.state.run_id)
         if trainer.args.save_total_limit and is_main_process():
             for old in list_checkpoints(output_dir)[:-trainer.args.save_total_limit]:
                 shutil.rmtree(old)
@@ -103,10 +116,7 @@ def save_checkpoint(trainer) -> Path:
             torch.save(trainer.scaler.state_dict(), tmp / "scaler.pt")
         torch.save(_rng_state(), tmp / "rng_state.pt")
         (tmp / STATE_NAME).write_text(json.dumps(
-            {**asdict(trainer.state), "method": trainer.method, "seed": trainer.args.seed,
-             "per_device_train_batch_size": trainer.args.per_device_train_batch_size,
-             "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
-             "dataset_rows": len(trainer.train_dataset)}, indent=2) + "\n")
+            {**asdict(trainer.state), "method": trainer.method, **hyperparameters(trainer)}, indent=2) + "\n")
     if trainer.args.save_total_limit:
         for old in list_checkpoints(output_dir)[:-trainer.args.save_total_limit]:
             shutil.rmtree(old)
@@ -115,16 +125,189 @@ def save_checkpoint(trainer) -> Path:
 
 def find_checkpoint(trainer, resume: str | os.PathLike) -> Path:
     """The checkpoint folder `resume` names: a checkpoint-<step> folder, or "latest" in output_dir."""
+    return resume_candidates(trainer, resume)[0]
+
+
+def resume_candidates(trainer, resume: str | os.PathLike) -> list[Path]:
+    """The checkpoints to try, best first: [the folder `resume` names], or for "latest" the run's own
+    checkpoint-<step> folders in output_dir, newest first (a corrupt one falls back to the one before).
+
+    Checkpoints of another run (another run id than output_dir/run.json) are never picked.
+
+    Raises:
+        CheckpointError: no such checkpoint.
+    """
     if str(resume) in ("latest", "True", "true"):
-        found = list_checkpoints(Path(trainer.args.output_dir))
+        output_dir = Path(trainer.args.output_dir)
+        run_id = read_run_id(output_dir)
+        found, foreign = [], []
+        for folder in reversed(list_checkpoints(output_dir)):
+            owner = checkpoint_run_id(folder)
+            (foreign if run_id is not None and owner is not None and owner != run_id else found).append(folder)
+        if foreign:
+            warnings.warn(f"ignoring {', '.join(p.name for p in foreign)} in {output_dir}: written by another run "
+                          f"than {output_dir / RUN_NAME} records", stacklevel=3)
         if not found:
-            raise CheckpointError(f"resume_from_checkpoint='latest': no checkpoint-<step> folder in "
-                                  f"{trainer.args.output_dir}")
-        return found[-1]
+            raise CheckpointError(f"resume_from_checkpoint='latest': no checkpoint-<step> folder of this run in "
+                                  f"{output_dir}")
+        return found
     path = Path(resume)
     if not (path / STATE_NAME).is_file() and not is_sharded_checkpoint(path):
         raise CheckpointError(f"{path}: not a training checkpoint (no {STATE_NAME})")
-    return path
+    return [path]
+
+
+def checkpoint_run_id(folder: Path) -> str | None:
+    """The run id a checkpoint records (None for one written before run ids, or unreadable)."""
+    for name in (STATE_NAME, RUN_NAME):
+        try:
+            value = json.loads((folder / name).read_text(encoding="utf-8")).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if value:
+            return value
+    return None
+
+
+def read_run_id(output_dir: Path) -> str | None:
+    """The run id in output_dir/run.json, or None."""
+    try:
+        return json.loads((Path(output_dir) / RUN_NAME).read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def write_run_id(output_dir: Path, run_id: str) -> None:
+    """Record the run that owns output_dir (output_dir/run.json)."""
+    atomic_write_text(Path(output_dir) / RUN_NAME, json.dumps({"run_id": run_id}) + "\n")
+
+
+def run_contents(output_dir: Path) -> list[Path]:
+    """What earlier runs wrote into output_dir: checkpoint-<step>/ folders and RUN_FILES."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    return list_checkpoints(output_dir) + [output_dir / name for name in RUN_FILES if (output_dir / name).exists()]
+
+
+def prepare_run_folder(output_dir: str | os.PathLike, resume, overwrite: bool) -> None:
+    """Refuse to start a new run in a folder that holds another run, unless told to resume or overwrite.
+
+    A folder holds a run if it has a checkpoint-<step>/ or final/. With `overwrite`, what earlier runs
+    wrote (checkpoint-<step>/, final/, logs, run.json, ...) is removed; so are the logs of a run that
+    left nothing to resume. Other files in the folder are never touched.
+
+    Args:
+        output_dir: trainer.output_dir.
+        resume: the resume_from_checkpoint setting (a run that resumes may use its folder).
+        overwrite: trainer.overwrite_output_dir.
+
+    Raises:
+        TrainerError: the folder holds a run and neither resume nor overwrite is set.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise TrainerError(f"trainer.output_dir {output_dir} is a file; expected a folder")
+    if resume:
+        return
+    contents = run_contents(output_dir)
+    # A run that left no checkpoint and no final/ (killed early) has nothing to resume: its files go.
+    holds_run = bool(list_checkpoints(output_dir)) or (output_dir / "final").exists()
+    if overwrite or not holds_run:
+        for path in contents:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return
+    state = "a finished run (final/)" if (output_dir / "final").exists() else "a run"
+    shown = ", ".join(p.name for p in contents[:4]) + (", ..." if len(contents) > 4 else "")
+    raise TrainerError(f"trainer.output_dir {output_dir} already holds {state} ({shown}); continue it with "
+                       f"--set trainer.resume_from_checkpoint=latest, start over with --set "
+                       f"trainer.overwrite_output_dir=true (deletes its checkpoints, logs and final/), or choose "
+                       f"another --output-dir")
+
+
+def remove_unfinished_run(output_dir: str | os.PathLike, existed: bool) -> None:
+    """After a failed run: if it left nothing to resume (no checkpoint, no final/), remove what it wrote
+    (and the folder, if the run created it and it is now empty), so the folder does not look like a run."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir() or list_checkpoints(output_dir) or (output_dir / "final").exists():
+        return
+    for path in run_contents(output_dir):
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    if not existed and not any(output_dir.iterdir()):
+        output_dir.rmdir()
+
+
+def hyperparameters(trainer) -> dict[str, Any]:
+    """The settings a checkpoint records, to check a resume against (FIXED_ON_RESUME + APPLIED_ON_RESUME)."""
+    values = {key: getattr(trainer.args, key) for key in FIXED_ON_RESUME + APPLIED_ON_RESUME}
+    values["train_data"] = str(getattr(trainer.train_dataset, "path", "")) or None
+    values["dataset_rows"] = len(trainer.train_dataset)
+    return values
+
+
+def check_resume(trainer, folder: Path, recorded: dict[str, Any]) -> dict[str, list]:
+    """Compare this run's settings with those `folder` was written with.
+
+    Returns:
+        {setting: [old, new]} for the APPLIED_ON_RESUME settings that changed (the caller applies them).
+
+    Raises:
+        TrainerError: a FIXED_ON_RESUME setting, the data file or its row count changed.
+    """
+    ours = hyperparameters(trainer)
+    for key in FIXED_ON_RESUME + ("dataset_rows",):
+        if key in recorded and recorded[key] != ours[key]:
+            raise TrainerError(f"resuming {folder}: trainer.{key} = {ours[key]!r} but the checkpoint was written "
+                               f"with {recorded[key]!r}, which its data position and batches depend on; resume "
+                               f"with {key} = {recorded[key]!r}, or start a new run".replace("trainer.dataset_rows",
+                                                                                              "the training data's row count"))
+    if recorded.get("train_data") and ours["train_data"] and Path(recorded["train_data"]) != Path(ours["train_data"]):
+        raise TrainerError(f"resuming {folder}: data.train_data = {ours['train_data']} but the checkpoint was "
+                           f"trained on {recorded['train_data']}; resume with the same data, or start a new run "
+                           f"(--load-checkpoint on its weights)")
+    return {key: [recorded[key], ours[key]] for key in APPLIED_ON_RESUME if key in recorded and recorded[key] != ours[key]}
+
+
+def apply_schedule(trainer, lr_lambda) -> None:
+    """After a resume: this run's learning rate, schedule and AdamW settings from the restored step on.
+
+    The restored optimizer carries the old run's lr / betas / eps / weight decay and the scheduler its
+    base learning rate; here they take this run's values, and the lr of the next step is this run's
+    schedule at the restored step (so a longer max_steps continues the decay instead of stepping at lr 0).
+    """
+    args = trainer.args
+    step = trainer.scheduler.last_epoch
+    trainer.scheduler.base_lrs = [args.learning_rate for _ in trainer.optimizer.param_groups]
+    trainer.scheduler.lr_lambdas = [lr_lambda for _ in trainer.optimizer.param_groups]
+    for i, group in enumerate(trainer.optimizer.param_groups):
+        group["initial_lr"] = args.learning_rate
+        group["lr"] = args.learning_rate * lr_lambda(step)
+        group["betas"] = (args.adam_beta1, args.adam_beta2)
+        group["eps"] = args.adam_epsilon
+        if i == 0:  # the decay group (see Trainer._build_optimizer)
+            group["weight_decay"] = args.weight_decay
+    trainer.scheduler._last_lr = [group["lr"] for group in trainer.optimizer.param_groups]
+
+
+def load_resume_checkpoint(trainer, resume) -> tuple[Path, dict[str, list]]:
+    """Restore the checkpoint `resume` names; for "latest", a corrupt newest checkpoint falls back to the
+    one before it, with a warning.
+
+    Returns:
+        (the folder restored, {setting: [old, new]} of the settings that changed, see check_resume).
+
+    Raises:
+        CheckpointError: no usable checkpoint. TrainerError: a setting the checkpoint fixes changed.
+    """
+    candidates = resume_candidates(trainer, resume)
+    for i, folder in enumerate(candidates):
+        try:
+            return folder, load_checkpoint(trainer, folder)
+        except CheckpointError as e:
+            if i + 1 == len(candidates):
+                raise
+            warnings.warn(f"{folder} cannot be restored ({e}); falling back to {candidates[i + 1].name}", stacklevel=3)
+    raise AssertionError("unreachable")
 
 
 def global_batch(trainer) -> int:
@@ -133,7 +316,7 @@ def global_batch(trainer) -> int:
             * data_parallel_rank_and_size(trainer.mesh)[1])
 
 
-def _load_sharded_checkpoint(trainer, folder: Path) -> None:
+def _load_sharded_checkpoint(trainer, folder: Path) -> dict[str, list]:
     """Resume from a save_sharded checkpoint, with this run's world size (DCP reshards)."""
     rank = get_rank()
     keys = read_checkpoint_info(folder)["keys"]
@@ -149,10 +332,14 @@ def _load_sharded_checkpoint(trainer, folder: Path) -> None:
     if state["method"] != trainer.method:
         raise TrainerError(f"{folder} was written by a {state['method']!r} run; this run's method is "
                            f"{trainer.method!r}")
-    if state.get("global_batch") != global_batch(trainer) or state.get("seed") != trainer.args.seed:
-        warnings.warn(f"resuming {folder} with a global batch of {global_batch(trainer)} rows and seed "
-                      f"{trainer.args.seed} (written with {state.get('global_batch')} and {state.get('seed')}): the "
-                      f"run will not continue exactly", stacklevel=4)
+    if state.get("global_batch") != global_batch(trainer):
+        raise TrainerError(f"resuming {folder}: {global_batch(trainer)} rows per optimizer step (per-device batch x "
+                           f"accumulation x data parallel) but the checkpoint was written with "
+                           f"{state.get('global_batch')}; resume with the same global batch, or start a new run")
+    recorded = json.loads(state["hyperparameters"]) if isinstance(state.get("hyperparameters"), str) else {}
+    # the per-device batch and accumulation may change with the world size (the global batch is checked above)
+    recorded = {k: v for k, v in recorded.items() if k not in ("per_device_train_batch_size", "gradient_accumulation_steps")}
+    changes = check_resume(trainer, folder, recorded)
     sched = dict(request["scheduler"])
     sched["lr_lambdas"] = [None] * len(trainer.optimizer.param_groups)
     trainer.scheduler.load_state_dict(sched)
@@ -160,6 +347,7 @@ def _load_sharded_checkpoint(trainer, folder: Path) -> None:
         _set_rng_state(request[f"rng_rank{rank}"])
     trainer.state = TrainerState(**{k: state[k] for k in asdict(TrainerState()) if k in state})
     _convert_position(trainer)
+    return changes
 
 
 def _convert_position(trainer) -> None:
@@ -174,20 +362,26 @@ def _convert_position(trainer) -> None:
     trainer.state.rows_per_micro_batch = rows
 
 
-def load_checkpoint(trainer, folder: Path) -> None:
-    """Restore weights, optimizer, scheduler, RNG and data position from a local or sharded checkpoint."""
+def load_checkpoint(trainer, folder: Path) -> dict[str, list]:
+    """Restore weights, optimizer, scheduler, RNG and data position from a local or sharded checkpoint.
+
+    Returns:
+        {setting: [old, new]} for the settings this run changes and applies from here (see check_resume).
+
+    Raises:
+        CheckpointError: a missing, truncated or corrupt file (the message names it).
+        TrainerError: another method, or a setting the checkpoint fixes changed.
+    """
     if is_sharded_checkpoint(folder):
-        _load_sharded_checkpoint(trainer, folder)
-        return
-    state = json.loads((folder / STATE_NAME).read_text())
-    if state["method"] != trainer.method:
-        raise TrainerError(f"{folder} was written by a {state['method']!r} run; this run's method is "
+        return _load_sharded_checkpoint(trainer, folder)
+    try:
+        state = json.loads((folder / STATE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder / STATE_NAME}: cannot read the trainer state ({e})") from None
+    if state.get("method") != trainer.method:
+        raise TrainerError(f"{folder} was written by a {state.get('method')!r} run; this run's method is "
                            f"{trainer.method!r}")
-    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "seed"):
-        ours = trainer.args.seed if key == "seed" else getattr(trainer.args, key)
-        if state[key] != ours:
-            warnings.warn(f"resuming {folder} with {key}={ours} (it was written with {state[key]}): "
-                          f"the run will not continue exactly", stacklevel=4)
+    changes = check_resume(trainer, folder, state)
     base = unwrap_model(trainer.model)
     if trainer.method == "full":
         copy_weights(base, folder)
@@ -195,18 +389,33 @@ def load_checkpoint(trainer, folder: Path) -> None:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        result = set_peft_model_state_dict(trainer.model, load_file(folder / ADAPTER_WEIGHTS_NAME))
+        weights = folder / ADAPTER_WEIGHTS_NAME
+        try:
+            tensors = load_file(weights)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+            raise CheckpointError(f"{weights} is missing, truncated or corrupt ({e})") from None
+        result = set_peft_model_state_dict(trainer.model, tensors)
         if getattr(result, "unexpected_keys", None):
             raise CheckpointError(f"{folder}: adapter tensors not in this model: {result.unexpected_keys[:5]}")
     else:
         load_ptuning_state(base, folder)
-    trainer.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=trainer.device,
-                                                 weights_only=True))
-    trainer.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    trainer.optimizer.load_state_dict(_load_pt(folder / "optimizer.pt", map_location=trainer.device))
+    trainer.scheduler.load_state_dict(_load_pt(folder / "scheduler.pt"))
     if trainer.scaler is not None and (folder / "scaler.pt").is_file():
-        trainer.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
-    _set_rng_state(torch.load(folder / "rng_state.pt", weights_only=True))
+        trainer.scaler.load_state_dict(_load_pt(folder / "scaler.pt"))
+    _set_rng_state(_load_pt(folder / "rng_state.pt"))
     trainer.state = TrainerState(**{k: state[k] for k in asdict(TrainerState()) if k in state})
+    return changes
+
+
+def _load_pt(path: Path, **kwargs) -> Any:
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except Exception as e:  # noqa: BLE001 - unpickling and zip errors come in many types
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise CheckpointError(f"{path} is truncated or corrupt ({reason[:200]})") from None
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

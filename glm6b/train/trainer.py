@@ -30,8 +30,11 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -85,6 +88,17 @@ def enable_input_require_grads(model: nn.Module) -> torch.utils.hooks.RemovableH
 
 
 
+def _empty_data_message(dataset) -> str:
+    """Why a training dataset has no rows, naming its file and what was skipped."""
+    stats = getattr(dataset, "stats", None)
+    where = getattr(dataset, "path", None) or "train_dataset"
+    if stats is None:
+        return f"{where}: no training rows"
+    return (f"{where}: no training rows: {stats.lines} non-blank line(s) read, {stats.skipped_empty} with an empty "
+            f"prompt or answer, {stats.skipped_bad} malformed line(s) skipped (check data.prompt_column / "
+            f"data.response_column and the file's contents)")
+
+
 def _lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup:
@@ -98,6 +112,47 @@ def _lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
 
     return factor
 
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on Ctrl-C / SIGTERM after saving a checkpoint; the message says where."""
+
+
+class StopRequest:
+    """While active, the first Ctrl-C (SIGINT) or SIGTERM only sets `requested`: the loop finishes its
+    step, saves a checkpoint and stops. The previous handlers are back in place at once, so a second
+    signal stops immediately (temporary files are still removed by their writers' cleanup).
+
+    Args:
+        enabled: install the handlers (only on one process, in the main thread; under torchrun the
+            ranks could not agree on the step to stop at).
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self._restore()
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        print(f"\n{name}: saving a checkpoint after this step, then stopping (press Ctrl-C again to stop now)",
+              file=sys.stderr, flush=True)
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        if self.enabled:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
 
 
 class Trainer:
@@ -322,6 +377,9 @@ class Trainer:
         path = Path(checkpoint)
         if not path.is_dir():
             raise CheckpointError(f"fine-tuning checkpoint {path} is not a folder")
+        # Seed before anything random is built here (a fresh prefix encoder, LoRA's A matrices), as
+        # `train` does for the models it builds: same seed, same run.
+        set_seed(self.args.seed)
         kind = checkpoints.checkpoint_kind(path)
         if kind != "full" and kind != self.method:
             raise TrainerError(f"{path} is a {kind} checkpoint but the method is {self.method!r}")
@@ -385,27 +443,45 @@ class Trainer:
         self.train_dataset = self.resolve_dataset(self.train_dataset)
         self.eval_dataset = self.resolve_dataset(self.eval_dataset)
         dataset = self.train_dataset
-        if dataset is None or len(dataset) == 0:
+        if dataset is None:
             raise TrainerError("no training data: pass train_dataset (or set data.train_data)")
+        if len(dataset) == 0:
+            raise TrainerError(_empty_data_message(dataset))
         if dataset.mode != "train":
             raise TrainerError("train_dataset holds evaluation rows; build it with mode='train'")
         output_dir = Path(args.output_dir)
+        resume = resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint
+        if main:
+            checkpoints.prepare_run_folder(output_dir, resume, args.overwrite_output_dir)
+        P.barrier()
         output_dir.mkdir(parents=True, exist_ok=True)
 
         per_epoch = self.batches_per_epoch(len(dataset))
         total_steps = args.max_steps or math.ceil(args.num_train_epochs * per_epoch / args.gradient_accumulation_steps)
         warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
-        self._build_optimizer(_lr_lambda(args.lr_scheduler_type, warmup, total_steps))
+        lr_lambda = _lr_lambda(args.lr_scheduler_type, warmup, total_steps)
+        self._build_optimizer(lr_lambda)
 
-        resume = resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint
         self.state = TrainerState()
+        resumed: dict[str, Any] = {}
         if resume:
-            checkpoints.load_checkpoint(self, checkpoints.find_checkpoint(self, resume))
+            folder, changes = checkpoints.load_resume_checkpoint(self, resume)
+            checkpoints.apply_schedule(self, lr_lambda)
+            resumed = {"resumed_from": str(folder), "resumed_at_step": self.state.global_step,
+                       "changed_on_resume": changes}
+            if changes and main:
+                print(f"resuming {folder} at step {self.state.global_step} with changed settings, applied from "
+                      f"here on: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items()),
+                      file=sys.stderr)
+        if not self.state.run_id:
+            self.state.run_id = uuid.uuid4().hex
         self.state.rows_per_micro_batch = args.per_device_train_batch_size * P.data_parallel_rank_and_size(self.mesh)[1]
         if main:
+            checkpoints.write_run_id(output_dir, self.state.run_id)
             atomic_write_text(output_dir / "training_args.json", json.dumps(
                 {"method": self.method, "args": asdict(args), "lora": asdict(self.lora_config),
-                 "model": asdict(self.model_args), "parallel": asdict(pc), "world_size": info.world_size},
+                 "model": asdict(self.model_args), "parallel": asdict(pc), "world_size": info.world_size,
+                 "run_id": self.state.run_id, **resumed},
                 indent=2) + "\n")
         log = TrainLog(output_dir, args.tensorboard, self.state.global_step if resume else None) if main else NullLog()
         trainable = [p for _, p in self._trainable()]
@@ -418,7 +494,9 @@ class Trainer:
                    disable=args.disable_tqdm or not main, file=sys.stderr, dynamic_ncols=True)
         window_losses, window_tokens, window_start = [], 0, time.perf_counter()
         record: dict[str, Any] = {}
+        stop = StopRequest(enabled=info.world_size == 1)
         try:
+            stop.__enter__()
             while self.state.global_step < total_steps:
                 step_loss, step_tokens, grad_norm = self._forward_backward(stream, trainable, per_epoch)
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -453,7 +531,15 @@ class Trainer:
                     self.save_checkpoint()
                 for callback in self.callbacks:
                     callback(self, {**record, "step": step, "loss": step_loss})
+                if stop.requested:
+                    folder = output_dir / f"checkpoint-{step}"
+                    if not (args.save_steps and step % args.save_steps == 0):
+                        folder = self.save_checkpoint()
+                    raise TrainingInterrupted(
+                        f"stopped at step {step} of {total_steps}; checkpoint saved in {folder}; continue with "
+                        f"--set trainer.resume_from_checkpoint=latest (same output_dir)")
         finally:
+            stop.__exit__(None, None, None)
             bar.close()
             log.close()
 
