@@ -142,6 +142,7 @@ def step_ratio_child(case: dict) -> dict:
     from glm6b.train.trainer import Trainer, TrainingArguments
 
     torch.manual_seed(0)
+    torch.backends.mkldnn.enabled = case["onednn"]
     config = ChatGLMConfig.from_name("glm_6b").replace(num_layers=case["layers"])
     model = ChatGLMForConditionalGeneration(config, dtype=torch.bfloat16, device="meta")
     model.to_empty(device="cpu")
@@ -165,6 +166,9 @@ def step_ratio_child(case: dict) -> dict:
                                                  learning_rate=1e-4, save_steps=None, logging_steps=10**6,
                                                  tensorboard=False, disable_tqdm=True, gradient_checkpointing=True))
         trainer._prepare_for_training()
+        if not case["fast_frozen_backward"]:
+            for module in trainer.model.modules():
+                module.__dict__.pop("forward", None)  # back to the class's forward: PyTorch's own backward
         forward = []
         with torch.no_grad():
             for _ in range(case["steps"]):
@@ -209,6 +213,10 @@ def main() -> None:
     parser.add_argument("--step-ratio", action="store_true",
                         help="only time a LoRA step against a forward pass of the same batch (bf16, glm_6b width)")
     parser.add_argument("--layers", type=int, default=2, help="layers of the --step-ratio model (default 2)")
+    parser.add_argument("--no-onednn", action="store_true",
+                        help="disable PyTorch's oneDNN matmuls, as on a CPU without AVX512-BF16/AMX (--step-ratio)")
+    parser.add_argument("--no-fast-frozen-backward", action="store_true",
+                        help="keep PyTorch's own bf16 backward of the frozen linears (--step-ratio)")
     parser.add_argument("--big", default="glm_6b_4layers",
                         help="preset of the single LoRA step: glm_6b (measured), glm_6b_4layers (scaled to 28 "
                              "layers), or none")
@@ -218,10 +226,13 @@ def main() -> None:
         print(json.dumps(step_ratio_child(case) if case.get("kind") == "step_ratio" else child(case)))
         return
     if args.step_ratio:
-        case = dict(kind="step_ratio", layers=args.layers, batch_size=1, seq_len=args.seq_len, steps=3)
+        case = dict(kind="step_ratio", layers=args.layers, batch_size=1, seq_len=args.seq_len, steps=3,
+                    onednn=not args.no_onednn, fast_frozen_backward=not args.no_fast_frozen_backward)
         r = run_case(case)
-        print(f"{'layers':>6}  {'batch':>9}  {'forward s':>9}  {'LoRA step s':>11}  {'step/forward':>12}")
-        print(f"{r['layers']:>6}  {'1 x ' + str(r['seq_len']):>9}  {r['forward_s']:>9.2f}  {r['step_s']:>11.2f}  "
+        print(f"{'layers':>6}  {'batch':>9}  {'oneDNN':>6}  {'fast frozen bwd':>15}  {'forward s':>9}  "
+              f"{'LoRA step s':>11}  {'step/forward':>12}")
+        print(f"{r['layers']:>6}  {'1 x ' + str(r['seq_len']):>9}  {str(r['onednn']):>6}  "
+              f"{str(r['fast_frozen_backward']):>15}  {r['forward_s']:>9.2f}  {r['step_s']:>11.2f}  "
               f"{r['step_s'] / r['forward_s']:>12.2f}")
         print(f"step/forward: {r['step_s'] / r['forward_s']:.2f}")
         return
