@@ -199,6 +199,21 @@ def test_finetune_is_deterministic_and_ctrl_c_resume_equals_a_straight_run(tmp_p
     assert [r["loss"] for r in log(stopped)] == reference
 
 
+@pytest.mark.parametrize("method,sets", [METHODS[0], METHODS[3]])
+def test_train_mode_from_a_preset_is_deterministic(tmp_path, capsys, train_file, method, sets):
+    """`--mode train` builds a random model from model.preset: the seed fixes it too."""
+    sets = (f"method={method}", "trainer.save_steps=null", "model.preset=tiny", f"model.tokenizer={GOLDEN}", *sets)
+    losses = []
+    for name in ("first", "second"):
+        args = run_args(train_file, tmp_path / name, *sets, steps=2)
+        args[args.index("finetune")] = "train"
+        at = args.index("--load-checkpoint")
+        del args[at:at + 2]
+        assert cli(capsys, args)[0] == 0
+        losses.append([r["loss"] for r in log(tmp_path / name)])
+    assert losses[0] == losses[1]
+
+
 # ----------------------------------------------------------------------------------- case 6: faults
 
 

@@ -371,6 +371,7 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
     from ..checkpoint.hf import check_device
     from ..io import atomic_write_text
     from .data import JsonlDataset
+    from ..safety import check_writable
     from .state import prepare_run_folder, remove_unfinished_run
     from .trainer import Trainer
 
@@ -406,6 +407,7 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
             if path is not None and not Path(path).exists():
                 raise RecipeError(f"{name} = {path}: no such file or folder")
         check_device(recipe.model.device)
+        check_writable(output_dir, "trainer.output_dir")
         existed = output_dir.exists()
         info = D.init_distributed()
         try:
