@@ -35,7 +35,7 @@ STATE_NAME = "trainer_state.json"
 RUN_NAME = "run.json"  # {"run_id": ...}: which run owns the folder; `latest` resumes only its checkpoints
 # What a run writes into output_dir besides checkpoint-<step>/ (removed by overwrite_output_dir, nothing else is).
 RUN_FILES = ("final", "train_log.jsonl", "eval_log.jsonl", "training_args.json", "recipe.json", "loss.png",
-             "tensorboard", RUN_NAME, "predictions.jsonl")
+             "tensorboard", RUN_NAME)
 # Settings the restored state fixes: resuming with another value is refused (the data position,
 # the rows of each step and the shuffle order would no longer be those of the run).
 FIXED_ON_RESUME = ("per_device_train_batch_size", "gradient_accumulation_steps", "seed", "shuffle")
