@@ -312,3 +312,19 @@ def test_disk_full_while_merging_is_one_line_and_leaves_nothing(tmp_path, capsys
     code, err = run_cli(capsys, *args)
     assert code == 2 and "no space left on the device while writing model.safetensors" in one_error_line(err)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_temporaries_of_killed_processes_are_removed_by_the_next_write(tmp_path):
+    """SIGKILL runs no cleanup: the next write of the same file removes what the dead process left,
+    and keeps what a live process is writing."""
+    from glm6b.io import atomic_write_text
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.jsonl.{dead.pid}-0123456789ab.tmp"
+    live = tmp_path / f".out.jsonl.{os.getpid()}-0123456789ab.tmp"
+    other = tmp_path / f".other.jsonl.{dead.pid}-0123456789ab.tmp"
+    for path in (stale, live, other):
+        path.write_text("partial")
+    atomic_write_text(tmp_path / "out.jsonl", "done\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "out.jsonl"])

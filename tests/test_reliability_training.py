@@ -341,3 +341,17 @@ def test_run_killed_at_random_points_ends_with_the_weights_of_a_straight_run(tmp
     assert final.keys() == expected.keys()
     assert all(torch.equal(final[k], expected[k]) for k in expected)
     assert [r["step"] for r in log(out)][-1] == steps
+
+
+def test_too_little_free_space_is_refused_before_training(tmp_path, capsys, train_file, monkeypatch):
+    import collections
+
+    import glm6b.safety as safety
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(safety.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    out = tmp_path / "out"
+    code, err = cli(capsys, run_args(train_file, out))
+    line = one_error_line(err)
+    assert code == 2 and f"trainer.output_dir {out}: the output needs about" in line and "1000 B is free" in line
+    assert not out.exists()

@@ -314,6 +314,12 @@ def load_resume_checkpoint(trainer, resume) -> tuple[Path, dict[str, list]]:
     raise AssertionError("unreachable")
 
 
+def estimate_checkpoint_bytes(trainer) -> int:
+    """Disk space of one checkpoint plus final/: the trained weights twice and AdamW's two moments."""
+    trained = sum(p.numel() * p.dtype.itemsize for _, p in trainer._trainable())
+    return 4 * trained
+
+
 def global_batch(trainer) -> int:
     """Rows per optimizer step over all data-parallel ranks."""
     return (trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps

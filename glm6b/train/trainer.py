@@ -50,6 +50,7 @@ from ..config import ChatGLMConfig
 from ..inference.generation import GenerationConfig
 from ..io import atomic_write_text
 from ..model import ChatGLMForConditionalGeneration
+from ..safety import check_writable
 from ..tokenizer import check_tokenizer_matches, load_tokenizer
 from . import evaluation, state as checkpoints
 from . import parallel as P
@@ -469,6 +470,8 @@ class Trainer:
         warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
         lr_lambda = _lr_lambda(args.lr_scheduler_type, warmup, total_steps)
         self._build_optimizer(lr_lambda)
+        if main:  # room for one checkpoint and final/, before the first step
+            check_writable(output_dir, "trainer.output_dir", needed_bytes=checkpoints.estimate_checkpoint_bytes(self))
 
         self.state = TrainerState()
         resumed: dict[str, Any] = {}
