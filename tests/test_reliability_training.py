@@ -355,3 +355,20 @@ def test_too_little_free_space_is_refused_before_training(tmp_path, capsys, trai
     line = one_error_line(err)
     assert code == 2 and f"trainer.output_dir {out}: the output needs about" in line and "1000 B is free" in line
     assert not out.exists()
+
+
+def test_resume_into_another_runs_folder_is_refused_and_pruning_spares_it(tmp_path, capsys, train_file):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert cli(capsys, run_args(train_file, first, steps=2))[0] == 0
+    assert cli(capsys, run_args(train_file, second, steps=2))[0] == 0
+    before = snapshot(second)
+    code, err = cli(capsys, run_args(train_file, second, f"trainer.resume_from_checkpoint={first / 'checkpoint-2'}",
+                                     steps=3))
+    assert code == 2 and "holds another run than the checkpoint" in one_error_line(err)
+    assert snapshot(second) == before
+    # save_total_limit prunes only the run's own checkpoints, never a foreign one lying in its folder
+    shutil.copytree(first / "checkpoint-1", second / "checkpoint-0")
+    with pytest.warns(UserWarning, match="ignoring checkpoint-0"):
+        assert cli(capsys, run_args(train_file, second, "trainer.resume_from_checkpoint=latest",
+                                    "trainer.save_total_limit=1", steps=4))[0] == 0
+    assert sorted(p.name for p in second.glob("checkpoint-*")) == ["checkpoint-0", "checkpoint-4"]

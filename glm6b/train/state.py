@@ -104,7 +104,7 @@ def save_checkpoint(trainer) -> Path:
         if is_main_process():
             write_run_id(folder, trainer.state.run_id)
         if trainer.args.save_total_limit and is_main_process():
-            for old in list_checkpoints(output_dir)[:-trainer.args.save_total_limit]:
+            for old in own_checkpoints(output_dir, trainer.state.run_id)[:-trainer.args.save_total_limit]:
                 shutil.rmtree(old)
         barrier()
         return folder
@@ -118,9 +118,15 @@ def save_checkpoint(trainer) -> Path:
         (tmp / STATE_NAME).write_text(json.dumps(
             {**asdict(trainer.state), "method": trainer.method, **hyperparameters(trainer)}, indent=2) + "\n")
     if trainer.args.save_total_limit:
-        for old in list_checkpoints(output_dir)[:-trainer.args.save_total_limit]:
+        for old in own_checkpoints(output_dir, trainer.state.run_id)[:-trainer.args.save_total_limit]:
             shutil.rmtree(old)
     return folder
+
+
+def own_checkpoints(output_dir: Path, run_id: str) -> list[Path]:
+    """The checkpoint-<step> folders of output_dir written by run `run_id`, oldest first (what
+    save_total_limit may prune: never another run's)."""
+    return [p for p in list_checkpoints(output_dir) if checkpoint_run_id(p) == run_id]
 
 
 def find_checkpoint(trainer, resume: str | os.PathLike) -> Path:
@@ -208,11 +214,17 @@ def prepare_run_folder(output_dir: str | os.PathLike, resume, overwrite: bool) -
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise TrainerError(f"trainer.output_dir {output_dir} is a file; expected a folder")
-    if resume:
-        return
-    contents = run_contents(output_dir)
     # A run that left no checkpoint and no final/ (killed early) has nothing to resume: its files go.
     holds_run = bool(list_checkpoints(output_dir)) or (output_dir / "final").exists()
+    if resume:
+        theirs, ours = read_run_id(output_dir), None
+        if str(resume) not in ("latest", "True", "true"):
+            ours = checkpoint_run_id(Path(resume))
+        if holds_run and theirs and ours and theirs != ours:
+            raise TrainerError(f"trainer.output_dir {output_dir} holds another run than the checkpoint {resume} "
+                               f"(see {RUN_NAME}); resume into that checkpoint's own folder or a new one")
+        return
+    contents = run_contents(output_dir)
     if overwrite or not holds_run:
         for path in contents:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
