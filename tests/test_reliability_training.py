@@ -257,6 +257,9 @@ def test_disk_full_while_saving_a_checkpoint_is_one_line(tmp_path, capsys, train
     (("trainer.max_grad_norm=-1",), (), "max_grad_norm=-1.0 must be >= 0 (0 disables clipping)"),
     (("trainer.max_steps=abc",), ("--max-steps", "3"), "'trainer.max_steps' = 'abc': expected int | null"),
     (("model.device=cuda:7",), (), "device 'cuda:7'"),
+    (("model.pre_seq_len=0",), (), "model.pre_seq_len = 0: expected a positive integer"),
+    (("model.preset=huge",), (), "model.preset = 'huge': expected one of"),
+    (("data.skip_bad=false",), ("--train-data", str(GOLDEN / "cases.json")), "line 1: not valid JSON"),
 ])
 def test_recipe_values_are_checked_before_the_model_loads(tmp_path, capsys, train_file, monkeypatch, sets, flags,
                                                           message):
