@@ -392,13 +392,15 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 def add_run_command(subparsers) -> None:
     """`glm6b run`: train, fine-tune, evaluate or predict from a YAML recipe."""
     parser = subparsers.add_parser(
-        "run", help="train / finetune / eval / predict from a YAML recipe (configs/*.yaml)",
+        "run", help="train / finetune / eval / predict from a YAML recipe (finetune, lora, infer, lora_infer, or a file)",
         description="Run a recipe. Keys are the fields of glm6b.train.recipe's section dataclasses; --set "
                     "section.key=value (value parsed as YAML) and the short flags override the file.")
-    parser.add_argument("--config", required=True, metavar="YAML", help="the recipe, e.g. configs/lora.yaml")
+    parser.add_argument("--config", required=True, metavar="YAML",
+                        help="the recipe: a shipped one by name (finetune, lora, infer, lora_infer) or a YAML file")
     parser.add_argument("--mode", required=True, choices=("train", "finetune", "eval", "predict"),
                         help="train (from load_checkpoint or a random preset), finetune (load_checkpoint required), "
-                             "eval (teacher-forced loss on eval_data), predict (answers for --prompt or eval_data)")
+                             "eval (generate answers for eval_data and score them: BLEU-4, ROUGE-1/2/L), "
+                             "predict (answers for --prompt or eval_data)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one recipe key (repeatable)")
     parser.add_argument("--load-checkpoint", dest="load_checkpoint", metavar="PATH", help="= --set model.load_checkpoint")

@@ -623,6 +623,8 @@ def save_pretrained(model: ChatGLMForConditionalGeneration, directory: str | os.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for index in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME):  # an old index would point at shards being replaced
+        (directory / index).unlink(missing_ok=True)
     max_bytes = parse_size(max_shard_size)
     tensors = _tensors_to_save(model)
     shards = _plan_shards(tensors, max_bytes)

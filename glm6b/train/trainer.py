@@ -48,6 +48,7 @@ from torch import nn
 from ..checkpoint.hf import PREFIX_ENCODER, CheckpointError, load_model, load_ptuning_state
 from ..config import ChatGLMConfig
 from ..inference.generation import GenerationConfig
+from ..extras import import_extra
 from ..io import atomic_write_text
 from ..model import ChatGLMForConditionalGeneration
 from ..tokenizer import load_tokenizer
@@ -426,6 +427,9 @@ class Trainer:
         """
         args = self.args
         pc = self.parallel_config
+        import_extra("matplotlib", "train", "training (it draws loss.png)")  # fail before any work, not at the end
+        if self.method == "lora":
+            import_extra("peft", "train", "LoRA")
         info = P.init_distributed()  # no-op on one process; recipe.run also cleans up
         if pc.optimizer_shard and args.fp16:
             raise TrainerError("fp16 with parallel.optimizer_shard is not supported: use bf16 (FSDP2 mixed precision)")
