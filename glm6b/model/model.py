@@ -262,13 +262,15 @@ class ChatGLMForConditionalGeneration(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.word_embeddings.weight
 
+    # Read from the final LayerNorm, which is float in every checkpoint layout (THUDM's int4-qe
+    # stores the word embeddings as int8).
     @property
     def device(self) -> torch.device:
-        return self.transformer.word_embeddings.weight.device
+        return self.transformer.final_layernorm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.word_embeddings.weight.dtype
+        return self.transformer.final_layernorm.weight.dtype
 
     def forward(
         self,

@@ -80,6 +80,7 @@ SHORT_FLAGS = {
     "max_steps": "trainer.max_steps",
     "batch_size": "trainer.per_device_train_batch_size",
     "learning_rate": "trainer.learning_rate",
+    "quantize": "model.quantize",
 }
 
 
@@ -365,7 +366,8 @@ def _run_generation_eval(recipe: Recipe) -> dict[str, Any]:
     summary = run_eval(margs.load_checkpoint, data.eval_data, recipe.trainer.output_dir, adapter=margs.adapter,
                        mode="eval", batch_size=recipe.trainer.per_device_eval_batch_size,
                        max_new_tokens=gen.max_new_tokens, data_config=data, dtype=margs.dtype,
-                       device=margs.device, progress=not recipe.trainer.disable_tqdm, **sampling)
+                       device=margs.device, quantize=margs.quantize, progress=not recipe.trainer.disable_tqdm,
+                       **sampling)
     output_dir = Path(recipe.trainer.output_dir)
     return {**{k: v for k, v in summary.items() if k not in ("timing", "settings")},
             "output": str(output_dir / "predictions.jsonl"), "metrics": str(output_dir / "metrics.json")}
@@ -409,6 +411,9 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
         raise RecipeError("finetune needs model.load_checkpoint (use --load-checkpoint PATH)")
     if mode == "eval" and data.eval_data is None:
         raise RecipeError("data.eval_data is not set (use --eval-data FILE)")
+    if mode in ("train", "finetune") and recipe.model.quantize is not None and recipe.method == "full":
+        raise RecipeError(f"model.quantize = {recipe.model.quantize!r} with method full: a quantized base cannot "
+                          f"be trained itself; use method lora (QLoRA-style) or ptuning on it")
     if mode == "predict" and not prompts and data.eval_data is None:
         raise RecipeError("predict needs prompts (--prompt TEXT) or data.eval_data (--eval-data FILE)")
     output_dir = Path(recipe.trainer.output_dir)

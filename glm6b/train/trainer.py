@@ -242,7 +242,8 @@ class Trainer:
         if margs.load_checkpoint is not None:
             self.model = load_model(margs.load_checkpoint, dtype=dtype, device=device,
                                     ptuning_checkpoint=margs.ptuning_checkpoint, pre_seq_len=pre_seq_len,
-                                    prefix_projection=margs.prefix_projection if pre_seq_len else None)
+                                    prefix_projection=margs.prefix_projection if pre_seq_len else None,
+                                    quantize=margs.quantize)
         elif margs.preset is not None:
             config = ChatGLMConfig.from_name(margs.preset, pre_seq_len=pre_seq_len,
                                              prefix_projection=bool(pre_seq_len and margs.prefix_projection))
