@@ -48,7 +48,7 @@ LAYERS = {
     "train.loss": 25,
     "train.logs": 1,
     "train.parallel": 26,
-    "train.frozen_linear": 1,
+    "train.frozen_linear": 7,
     "train.dcp": 31,
     "train.export": 32,
     "train.state": 32,

@@ -51,6 +51,7 @@ from ..inference.generation import GenerationConfig
 from ..extras import import_extra
 from ..io import atomic_write_text
 from ..model import ChatGLMForConditionalGeneration
+from ..quant.linear import quantize_model
 from ..tokenizer import load_tokenizer
 from . import evaluation, state as checkpoints
 from . import parallel as P
@@ -255,6 +256,8 @@ class Trainer:
                 model.transformer.prefix_encoder.float()
                 if margs.ptuning_checkpoint:
                     load_ptuning_state(model, margs.ptuning_checkpoint)
+            if margs.quantize:
+                quantize_model(model, 4 if margs.quantize == "int4" else 8)
             self.model = model
         else:
             raise TrainerError("no model: pass model=..., set model.load_checkpoint (a model folder) or "
@@ -303,8 +306,9 @@ class Trainer:
             base.gradient_checkpointing_enable()
             if not base.get_input_embeddings().weight.requires_grad and self._hook is None:
                 self._hook = enable_input_require_grads(base)
-        if self.method != "full" and self.device.type == "cpu" and not onednn_bf16_matmul_available():
-            use_fast_frozen_backward(self.model)  # bf16 grad @ W is ~0.1 GFLOP/s without oneDNN
+        if self.method != "full":  # quantized layers need it; float ones on CPUs without oneDNN bf16 (~0.1 GFLOP/s)
+            use_fast_frozen_backward(self.model, float_linears=self.device.type == "cpu"
+                                     and not onednn_bf16_matmul_available())
         self.model.train()
         self._prepared = True
 
