@@ -455,7 +455,8 @@ def add_merge_lora_command(subparsers) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="dtype to merge and save in (default float32: exact; float16 halves the size)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace a model folder an earlier merge wrote to --output (other files are never deleted)")
+                        help="replace a model folder an earlier merge wrote to --output "
+                             "(other files are never deleted)")
     parser.set_defaults(func=cmd_merge_lora)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -279,3 +280,51 @@ def test_sigterm_during_generate_leaves_no_temporary(tmp_path, prompts):
     assert proc.returncode == 143, err
     assert "terminated" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["many.jsonl", "prompts.jsonl"]
+
+
+# ----------------------------------------------------------------------------------- case 6: faults while merging
+
+
+def test_corrupt_dcp_shard_is_one_line(tmp_path, capsys, run_folder):
+    broken = tmp_path / "checkpoint-2"
+    shutil.copytree(run_folder / "checkpoint-2", broken)
+    shard = next(broken.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    code, err = run_cli(capsys, "merge-checkpoint", "--input", broken, "--output", tmp_path / "merged")
+    assert code == 2 and str(broken) in one_error_line(err)
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.tmp").exists()
+
+
+@pytest.mark.parametrize("command", ["merge-lora", "merge-checkpoint"])
+def test_disk_full_while_merging_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch, run_folder, adapter,
+                                                               command):
+    import glm6b.checkpoint.hf as hf
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "model.safetensors")
+
+    monkeypatch.setattr(hf, "_write_shard", full)
+    out = tmp_path / "merged"
+    if command == "merge-lora":
+        args = ["merge-lora", "--base", GOLDEN, "--adapter", adapter, "--output", out]
+    else:
+        args = ["merge-checkpoint", "--input", run_folder / "checkpoint-2", "--output", out, "--base-model", GOLDEN]
+    code, err = run_cli(capsys, *args)
+    assert code == 2 and "no space left on the device while writing model.safetensors" in one_error_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_temporaries_of_killed_processes_are_removed_by_the_next_write(tmp_path):
+    """SIGKILL runs no cleanup: the next write of the same file removes what the dead process left,
+    and keeps what a live process is writing."""
+    from glm6b.io import atomic_write_text
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.jsonl.{dead.pid}-0123456789ab.tmp"
+    live = tmp_path / f".out.jsonl.{os.getpid()}-0123456789ab.tmp"
+    other = tmp_path / f".other.jsonl.{dead.pid}-0123456789ab.tmp"
+    for path in (stale, live, other):
+        path.write_text("partial")
+    atomic_write_text(tmp_path / "out.jsonl", "done\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "out.jsonl"])

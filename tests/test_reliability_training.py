@@ -38,7 +38,8 @@ def run_args(train_file, out, *sets: str, steps: int = 3, lr: str = "1e-3") -> l
     args = ["run", "--config", str(CONFIGS / "finetune.yaml"), "--mode", "finetune", "--load-checkpoint", str(GOLDEN),
             "--train-data", str(train_file), "--output-dir", str(out), "--max-steps", str(steps),
             "--batch-size", "1", "--learning-rate", lr]
-    for item in ("trainer.logging_steps=1", "trainer.warmup_steps=0", "trainer.save_steps=1", "data.max_source_length=24",
+    for item in ("trainer.logging_steps=1", "trainer.warmup_steps=0", "trainer.save_steps=1",
+                 "data.max_source_length=24",
                  "trainer.bf16=false", "trainer.gradient_accumulation_steps=1", "model.dtype=float32",
                  "trainer.tensorboard=false", "trainer.disable_tqdm=true", "trainer.gradient_checkpointing=false",
                  "lora.lora_dropout=0.0", *sets):
@@ -135,8 +136,7 @@ def test_changing_a_setting_the_checkpoint_fixes_is_refused(tmp_path, capsys, tr
     before = snapshot(out)
     code, err = cli(capsys, run_args(train_file, out, "trainer.resume_from_checkpoint=latest", change, steps=3))
     assert code == 2 and message in one_error_line(err)
-    assert {k: v for k, v in snapshot(out).items() if k != "recipe.json"} == \
-        {k: v for k, v in before.items() if k != "recipe.json"}
+    assert snapshot(out) == before
 
 
 def test_changing_the_data_file_is_refused(tmp_path, capsys, train_file):
@@ -197,6 +197,21 @@ def test_finetune_is_deterministic_and_ctrl_c_resume_equals_a_straight_run(tmp_p
     monkeypatch.setattr(T, "causal_lm_loss", T.causal_lm_loss)
     assert cli(capsys, run_args(train_file, stopped, *sets, "trainer.resume_from_checkpoint=latest", steps=4))[0] == 0
     assert [r["loss"] for r in log(stopped)] == reference
+
+
+@pytest.mark.parametrize("method,sets", [METHODS[0], METHODS[3]])
+def test_train_mode_from_a_preset_is_deterministic(tmp_path, capsys, train_file, method, sets):
+    """`--mode train` builds a random model from model.preset: the seed fixes it too."""
+    sets = (f"method={method}", "trainer.save_steps=null", "model.preset=tiny", f"model.tokenizer={GOLDEN}", *sets)
+    losses = []
+    for name in ("first", "second"):
+        args = run_args(train_file, tmp_path / name, *sets, steps=2)
+        args[args.index("finetune")] = "train"
+        at = args.index("--load-checkpoint")
+        del args[at:at + 2]
+        assert cli(capsys, args)[0] == 0
+        losses.append([r["loss"] for r in log(tmp_path / name)])
+    assert losses[0] == losses[1]
 
 
 # ----------------------------------------------------------------------------------- case 6: faults
@@ -326,3 +341,34 @@ def test_run_killed_at_random_points_ends_with_the_weights_of_a_straight_run(tmp
     assert final.keys() == expected.keys()
     assert all(torch.equal(final[k], expected[k]) for k in expected)
     assert [r["step"] for r in log(out)][-1] == steps
+
+
+def test_too_little_free_space_is_refused_before_training(tmp_path, capsys, train_file, monkeypatch):
+    import collections
+
+    import glm6b.safety as safety
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(safety.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    out = tmp_path / "out"
+    code, err = cli(capsys, run_args(train_file, out))
+    line = one_error_line(err)
+    assert code == 2 and f"trainer.output_dir {out}: the output needs about" in line and "1000 B is free" in line
+    assert not out.exists()
+
+
+def test_resume_into_another_runs_folder_is_refused_and_pruning_spares_it(tmp_path, capsys, train_file):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert cli(capsys, run_args(train_file, first, steps=2))[0] == 0
+    assert cli(capsys, run_args(train_file, second, steps=2))[0] == 0
+    before = snapshot(second)
+    code, err = cli(capsys, run_args(train_file, second, f"trainer.resume_from_checkpoint={first / 'checkpoint-2'}",
+                                     steps=3))
+    assert code == 2 and "holds another run than the checkpoint" in one_error_line(err)
+    assert snapshot(second) == before
+    # save_total_limit prunes only the run's own checkpoints, never a foreign one lying in its folder
+    shutil.copytree(first / "checkpoint-1", second / "checkpoint-0")
+    with pytest.warns(UserWarning, match="ignoring checkpoint-0"):
+        assert cli(capsys, run_args(train_file, second, "trainer.resume_from_checkpoint=latest",
+                                    "trainer.save_total_limit=1", steps=4))[0] == 0
+    assert sorted(p.name for p in second.glob("checkpoint-*")) == ["checkpoint-0", "checkpoint-4"]

@@ -259,7 +259,8 @@ def check_device(device: torch.device | str | None) -> torch.device:
             raise ValueError(f"device {str(device)!r}: no CUDA GPU is visible (CUDA_VISIBLE_DEVICES, driver); "
                              f"use --device cpu")
         if resolved.index is not None and resolved.index >= count:
-            raise ValueError(f"device {str(device)!r}: only {count} CUDA GPU(s) are visible (cuda:0 to cuda:{count - 1})")
+            raise ValueError(f"device {str(device)!r}: only {count} CUDA GPU(s) are visible "
+                             f"(cuda:0 to cuda:{count - 1})")
     elif resolved.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {str(device)!r}: MPS is not available on this machine; use --device cpu")
     return resolved

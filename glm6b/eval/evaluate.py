@@ -44,6 +44,7 @@ from ..auto import resolve_model_path
 from ..checkpoint.hf import load_model
 from ..config import ChatGLMConfig
 from ..io import atomic_write_text
+from ..safety import OutputError, check_output_file
 from ..train.data import DataConfig, DataError, ReadStats, iter_examples
 from ..inference.generation import GenerationConfig, generate, make_generation_config
 from ..train.lora import load_adapter
@@ -308,7 +309,12 @@ def run_eval(
                                  prompt_column=prompt_column, response_column=response_column, skip_bad=skip_bad)
     if max_new_tokens is None:
         max_new_tokens = data_config.max_target_length
-    # Check cheap things (data, options) before the expensive model load.
+    # Check cheap things (outputs, data, options) before the expensive model load.
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise OutputError(f"--output-dir {output_dir} is a file; expected a folder")
+    if Path(output_dir).is_dir():  # e.g. the data file itself named predictions.jsonl in that folder
+        for name in ("predictions.jsonl", "metrics.json"):
+            check_output_file(Path(output_dir) / name, inputs=[data_path], flag="--output-dir")
     examples, stats = read_eval_examples(data_path, data_config, mode)
     generation = make_generation_config(max_new_tokens=max_new_tokens, **generation_kwargs)
 

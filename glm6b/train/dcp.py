@@ -309,8 +309,11 @@ def _read_entries(directory: str | os.PathLike, keys: set[str]) -> dict[str, Any
     # dict from the checkpoint's own metadata (full shapes). The private _load_state_dict fills
     # `loaded` itself (dcp.load would fill a copy). no_dist: no collective, so one rank may call it
     # alone (e.g. a merge at the end of a distributed run).
-    _load_state_dict(loaded, storage_reader=dcp.FileSystemReader(str(directory)),
-                     planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    try:
+        _load_state_dict(loaded, storage_reader=dcp.FileSystemReader(str(directory)),
+                         planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
+        raise CheckpointError(f"{directory}: a shard is missing, truncated or corrupt ({_dcp_reason(e)})") from None
     return loaded
 
 

@@ -20,6 +20,7 @@ import torch
 
 from ..checkpoint.hf import CheckpointError, load_model, save_pretrained
 from ..extras import import_extra
+from ..io import atomic_folder
 from ..tokenizer import load_tokenizer
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -50,8 +51,8 @@ class LoraArguments:
 
         need(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1,
              f"r={self.r!r} must be a positive integer (the rank of the update)")
-        need(isinstance(self.lora_alpha, (int, float)) and not isinstance(self.lora_alpha, bool) and self.lora_alpha > 0,
-             f"lora_alpha={self.lora_alpha!r} must be a positive number")
+        need(isinstance(self.lora_alpha, (int, float)) and not isinstance(self.lora_alpha, bool)
+             and self.lora_alpha > 0, f"lora_alpha={self.lora_alpha!r} must be a positive number")
         need(isinstance(self.lora_dropout, (int, float)) and not isinstance(self.lora_dropout, bool)
              and 0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
         need(isinstance(self.target_modules, list) and len(self.target_modules) > 0
@@ -212,5 +213,6 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, output_dir: 
         merged = merged.to(getattr(torch, str(save_dtype).removeprefix("torch.")))
         merged.tie_weights()
     output_dir = Path(output_dir)
-    save_pretrained(merged, output_dir, tokenizer=load_tokenizer(base))
+    with atomic_folder(output_dir) as tmp:  # a full disk or a kill leaves no half-written model folder
+        save_pretrained(merged, tmp, tokenizer=load_tokenizer(base))
     return output_dir

@@ -399,6 +399,7 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
     from ..checkpoint.hf import check_device
     from ..io import atomic_write_text
     from .data import JsonlDataset
+    from ..safety import check_writable
     from .state import prepare_run_folder, remove_unfinished_run
     from .trainer import Trainer
 
@@ -437,6 +438,7 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
             if path is not None and not Path(path).exists():
                 raise RecipeError(f"{name} = {path}: no such file or folder")
         check_device(recipe.model.device)
+        check_writable(output_dir, "trainer.output_dir")
         existed = output_dir.exists()
         info = D.init_distributed()
         try:
@@ -447,10 +449,7 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
             trainer = Trainer(model_args=recipe.model, args=args, train_dataset=data.train_data,
                               eval_dataset=data.eval_data, method=recipe.method, lora_config=recipe.lora,
                               data_config=data, generation_config=recipe.generation, parallel_config=pc)
-            if D.is_main_process():
-                output_dir.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(output_dir / "recipe.json", json.dumps(recipe_to_dict(recipe), indent=2,
-                                                                         ensure_ascii=False) + "\n")
+            trainer.records["recipe.json"] = recipe_to_dict(recipe)  # written when training starts
             if mode == "train":
                 out = trainer.train()
             else:

@@ -35,7 +35,7 @@ STATE_NAME = "trainer_state.json"
 RUN_NAME = "run.json"  # {"run_id": ...}: which run owns the folder; `latest` resumes only its checkpoints
 # What a run writes into output_dir besides checkpoint-<step>/ (removed by overwrite_output_dir, nothing else is).
 RUN_FILES = ("final", "train_log.jsonl", "eval_log.jsonl", "training_args.json", "recipe.json", "loss.png",
-             "tensorboard", RUN_NAME, "predictions.jsonl")
+             "tensorboard", RUN_NAME)
 # Settings the restored state fixes: resuming with another value is refused (the data position,
 # the rows of each step and the shuffle order would no longer be those of the run).
 FIXED_ON_RESUME = ("per_device_train_batch_size", "gradient_accumulation_steps", "seed", "shuffle")
@@ -104,7 +104,7 @@ def save_checkpoint(trainer) -> Path:
         if is_main_process():
             write_run_id(folder, trainer.state.run_id)
         if trainer.args.save_total_limit and is_main_process():
-            for old in list_checkpoints(output_dir)[:-trainer.args.save_total_limit]:
+            for old in own_checkpoints(output_dir, trainer.state.run_id)[:-trainer.args.save_total_limit]:
                 shutil.rmtree(old)
         barrier()
         return folder
@@ -118,9 +118,15 @@ def save_checkpoint(trainer) -> Path:
         (tmp / STATE_NAME).write_text(json.dumps(
             {**asdict(trainer.state), "method": trainer.method, **hyperparameters(trainer)}, indent=2) + "\n")
     if trainer.args.save_total_limit:
-        for old in list_checkpoints(output_dir)[:-trainer.args.save_total_limit]:
+        for old in own_checkpoints(output_dir, trainer.state.run_id)[:-trainer.args.save_total_limit]:
             shutil.rmtree(old)
     return folder
+
+
+def own_checkpoints(output_dir: Path, run_id: str) -> list[Path]:
+    """The checkpoint-<step> folders of output_dir written by run `run_id`, oldest first (what
+    save_total_limit may prune: never another run's)."""
+    return [p for p in list_checkpoints(output_dir) if checkpoint_run_id(p) == run_id]
 
 
 def find_checkpoint(trainer, resume: str | os.PathLike) -> Path:
@@ -208,11 +214,17 @@ def prepare_run_folder(output_dir: str | os.PathLike, resume, overwrite: bool) -
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise TrainerError(f"trainer.output_dir {output_dir} is a file; expected a folder")
-    if resume:
-        return
-    contents = run_contents(output_dir)
     # A run that left no checkpoint and no final/ (killed early) has nothing to resume: its files go.
     holds_run = bool(list_checkpoints(output_dir)) or (output_dir / "final").exists()
+    if resume:
+        theirs, ours = read_run_id(output_dir), None
+        if str(resume) not in ("latest", "True", "true"):
+            ours = checkpoint_run_id(Path(resume))
+        if holds_run and theirs and ours and theirs != ours:
+            raise TrainerError(f"trainer.output_dir {output_dir} holds another run than the checkpoint {resume} "
+                               f"(see {RUN_NAME}); resume into that checkpoint's own folder or a new one")
+        return
+    contents = run_contents(output_dir)
     if overwrite or not holds_run:
         for path in contents:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -240,7 +252,8 @@ def remove_unfinished_run(output_dir: str | os.PathLike, existed: bool) -> None:
 def hyperparameters(trainer) -> dict[str, Any]:
     """The settings a checkpoint records, to check a resume against (FIXED_ON_RESUME + APPLIED_ON_RESUME)."""
     values = {key: getattr(trainer.args, key) for key in FIXED_ON_RESUME + APPLIED_ON_RESUME}
-    values["train_data"] = str(getattr(trainer.train_dataset, "path", "")) or None
+    path = getattr(trainer.train_dataset, "path", None) or getattr(trainer.train_dataset, "folder", None)
+    values["train_data"] = os.path.abspath(path) if path else None
     values["dataset_rows"] = len(trainer.train_dataset)
     return values
 
@@ -255,17 +268,20 @@ def check_resume(trainer, folder: Path, recorded: dict[str, Any]) -> dict[str, l
         TrainerError: a FIXED_ON_RESUME setting, the data file or its row count changed.
     """
     ours = hyperparameters(trainer)
-    for key in FIXED_ON_RESUME + ("dataset_rows",):
+    for key in FIXED_ON_RESUME:
         if key in recorded and recorded[key] != ours[key]:
             raise TrainerError(f"resuming {folder}: trainer.{key} = {ours[key]!r} but the checkpoint was written "
                                f"with {recorded[key]!r}, which its data position and batches depend on; resume "
-                               f"with {key} = {recorded[key]!r}, or start a new run".replace("trainer.dataset_rows",
-                                                                                              "the training data's row count"))
+                               f"with {key} = {recorded[key]!r}, or start a new run")
+    if "dataset_rows" in recorded and recorded["dataset_rows"] != ours["dataset_rows"]:
+        raise TrainerError(f"resuming {folder}: the training data has {ours['dataset_rows']} rows but the checkpoint "
+                           f"was trained on {recorded['dataset_rows']}; resume with the same data, or start a new run")
     if recorded.get("train_data") and ours["train_data"] and Path(recorded["train_data"]) != Path(ours["train_data"]):
         raise TrainerError(f"resuming {folder}: data.train_data = {ours['train_data']} but the checkpoint was "
                            f"trained on {recorded['train_data']}; resume with the same data, or start a new run "
                            f"(--load-checkpoint on its weights)")
-    return {key: [recorded[key], ours[key]] for key in APPLIED_ON_RESUME if key in recorded and recorded[key] != ours[key]}
+    return {key: [recorded[key], ours[key]] for key in APPLIED_ON_RESUME
+            if key in recorded and recorded[key] != ours[key]}
 
 
 def apply_schedule(trainer, lr_lambda) -> None:
@@ -310,6 +326,12 @@ def load_resume_checkpoint(trainer, resume) -> tuple[Path, dict[str, list]]:
     raise AssertionError("unreachable")
 
 
+def estimate_checkpoint_bytes(trainer) -> int:
+    """Disk space of one checkpoint plus final/: the trained weights twice and AdamW's two moments."""
+    trained = sum(p.numel() * p.dtype.itemsize for _, p in trainer._trainable())
+    return 4 * trained
+
+
 def global_batch(trainer) -> int:
     """Rows per optimizer step over all data-parallel ranks."""
     return (trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
@@ -338,7 +360,8 @@ def _load_sharded_checkpoint(trainer, folder: Path) -> dict[str, list]:
                            f"{state.get('global_batch')}; resume with the same global batch, or start a new run")
     recorded = json.loads(state["hyperparameters"]) if isinstance(state.get("hyperparameters"), str) else {}
     # the per-device batch and accumulation may change with the world size (the global batch is checked above)
-    recorded = {k: v for k, v in recorded.items() if k not in ("per_device_train_batch_size", "gradient_accumulation_steps")}
+    recorded = {k: v for k, v in recorded.items()
+                if k not in ("per_device_train_batch_size", "gradient_accumulation_steps")}
     changes = check_resume(trainer, folder, recorded)
     sched = dict(request["scheduler"])
     sched["lr_lambdas"] = [None] * len(trainer.optimizer.param_groups)

@@ -52,7 +52,8 @@ from ..extras import import_extra
 from ..io import atomic_write_text
 from ..model import ChatGLMForConditionalGeneration
 from ..quant.linear import quantize_model
-from ..tokenizer import load_tokenizer
+from ..safety import check_writable
+from ..tokenizer import check_tokenizer_matches, load_tokenizer
 from . import evaluation, state as checkpoints
 from . import parallel as P
 from .args import (METHODS, Method, ModelArguments, ParallelConfig, TrainerError, TrainerState, TrainingArguments,
@@ -94,7 +95,7 @@ def enable_input_require_grads(model: nn.Module) -> torch.utils.hooks.RemovableH
 def _empty_data_message(dataset) -> str:
     """Why a training dataset has no rows, naming its file and what was skipped."""
     stats = getattr(dataset, "stats", None)
-    where = getattr(dataset, "path", None) or "train_dataset"
+    where = getattr(dataset, "path", None) or getattr(dataset, "folder", None) or "train_dataset"
     if stats is None:
         return f"{where}: no training rows"
     return (f"{where}: no training rows: {stats.lines} non-blank line(s) read, {stats.skipped_empty} with an empty "
@@ -220,6 +221,9 @@ class Trainer:
         self._hook = None
         self.parallel_config = parallel_config or ParallelConfig()
         self.mesh = None
+        # Extra JSON files written into output_dir beside training_args.json once training starts
+        # (glm6b run adds recipe.json), so a refused or failed start never leaves them behind.
+        self.records: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------ model
 
@@ -275,6 +279,8 @@ class Trainer:
                 raise TrainerError("no tokenizer: pass tokenizer=... or set model.tokenizer (a folder with "
                                    "ice_text.model)")
             self.tokenizer = load_tokenizer(source)
+        check_tokenizer_matches(self.tokenizer, unwrap_model(self.model).config,
+                                self.model_args.load_checkpoint or self.model_args.preset)
 
     def _prepare_for_training(self) -> None:
         """Freeze / wrap the model for the method, enable gradient checkpointing, set train mode."""
@@ -473,6 +479,8 @@ class Trainer:
         warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
         lr_lambda = _lr_lambda(args.lr_scheduler_type, warmup, total_steps)
         self._build_optimizer(lr_lambda)
+        if main:  # room for one checkpoint and final/, before the first step
+            check_writable(output_dir, "trainer.output_dir", needed_bytes=checkpoints.estimate_checkpoint_bytes(self))
 
         self.state = TrainerState()
         resumed: dict[str, Any] = {}
@@ -495,6 +503,8 @@ class Trainer:
                  "model": asdict(self.model_args), "parallel": asdict(pc), "world_size": info.world_size,
                  "run_id": self.state.run_id, **resumed},
                 indent=2) + "\n")
+            for name, data in self.records.items():
+                atomic_write_text(output_dir / name, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         log = TrainLog(output_dir, args.tensorboard, self.state.global_step if resume else None) if main else NullLog()
         trainable = [p for _, p in self._trainable()]
         stream = self._micro_batches(dataset, self.state.micro_batches)
