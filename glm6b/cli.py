@@ -3,6 +3,7 @@
     glm6b chat --model glm_6b                      # interactive, streaming, keeps history
     glm6b generate --model PATH --prompt "你好"
     glm6b generate --model PATH --input prompts.jsonl --output out.jsonl --max-new-tokens 64 --greedy
+    glm6b quantize --model PATH --bits 4 --output PATH-int4   # THUDM's int4 layout; or --quantize int4 at load
 
 Adding a subcommand: write `add_<name>_command(subparsers)` (its arguments, and
 `set_defaults(func=cmd_<name>)`) and `cmd_<name>(args) -> int`, then call the add function in
@@ -25,6 +26,7 @@ import time
 from .extras import MissingExtraError
 
 DTYPES = ("float32", "float16", "bfloat16")
+QUANTIZE_CHOICES = ("int8", "int4")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_lora_command(subparsers)
     add_merge_checkpoint_command(subparsers)
     add_eval_command(subparsers)
+    add_quantize_command(subparsers)
     add_quickstart_command(subparsers)
     return parser
 
@@ -133,6 +136,15 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="parameter dtype (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    _add_quantize_arguments(parser)
+
+
+def _add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                        help="weight-only quantize the block Linear layers while loading (THUDM's per-row int8/int4); "
+                             "folders already quantized (quantization_bit in config.json) load quantized without it")
+    parser.add_argument("--quantize-embeddings", dest="quantize_embeddings", action="store_true",
+                        help="with --quantize: also the word embeddings and lm_head (THUDM's int4-qe)")
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -155,7 +167,8 @@ def _load(args: argparse.Namespace):
     config_path = resolve_model_path(args.model) / "config.json"
     if config_path.is_file():
         check_tokenizer_matches(tokenizer, ChatGLMConfig.from_json_file(config_path), args.model)
-    model = AutoModel.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    model = AutoModel.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                                      quantize_embeddings=args.quantize_embeddings)
     return model, tokenizer
 
 
@@ -392,13 +405,15 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 def add_run_command(subparsers) -> None:
     """`glm6b run`: train, fine-tune, evaluate or predict from a YAML recipe."""
     parser = subparsers.add_parser(
-        "run", help="train / finetune / eval / predict from a YAML recipe (configs/*.yaml)",
+        "run", help="train / finetune / eval / predict from a YAML recipe (finetune, lora, infer, lora_infer, or a file)",
         description="Run a recipe. Keys are the fields of glm6b.train.recipe's section dataclasses; --set "
                     "section.key=value (value parsed as YAML) and the short flags override the file.")
-    parser.add_argument("--config", required=True, metavar="YAML", help="the recipe, e.g. configs/lora.yaml")
+    parser.add_argument("--config", required=True, metavar="YAML",
+                        help="the recipe: a shipped one by name (finetune, lora, infer, lora_infer) or a YAML file")
     parser.add_argument("--mode", required=True, choices=("train", "finetune", "eval", "predict"),
                         help="train (from load_checkpoint or a random preset), finetune (load_checkpoint required), "
-                             "eval (teacher-forced loss on eval_data), predict (answers for --prompt or eval_data)")
+                             "eval (generate answers for eval_data and score them: BLEU-4, ROUGE-1/2/L), "
+                             "predict (answers for --prompt or eval_data)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one recipe key (repeatable)")
     parser.add_argument("--load-checkpoint", dest="load_checkpoint", metavar="PATH", help="= --set model.load_checkpoint")
@@ -409,6 +424,8 @@ def add_run_command(subparsers) -> None:
     parser.add_argument("--batch-size", dest="batch_size", type=int, help="= --set trainer.per_device_train_batch_size")
     parser.add_argument("--learning-rate", dest="learning_rate", type=float, help="= --set trainer.learning_rate")
     parser.add_argument("--prompt", action="append", default=None, help="predict mode: a prompt (repeatable)")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                        help="eval / predict: = --set model.quantize (weight-only int8/int4 at load)")
     parser.set_defaults(func=cmd_run)
 
 
@@ -528,8 +545,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
              max_source_length=args.max_source_length, max_target_length=args.max_target_length,
              prompt_column=args.prompt_column, response_column=args.response_column,
-             dtype=args.dtype, device=args.device, skip_bad=args.skip_bad, **sampling)
+             dtype=args.dtype, device=args.device, skip_bad=args.skip_bad, quantize=args.quantize,
+             quantize_embeddings=args.quantize_embeddings, **sampling)
     print(f"wrote {args.output_dir}/predictions.jsonl and metrics.json", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------------- quantize
+
+
+def add_quantize_command(subparsers) -> None:
+    """`glm6b quantize`: write a model folder in THUDM's int8/int4 layout."""
+    parser = subparsers.add_parser(
+        "quantize", help="write a weight-only int8/int4 copy of a model folder (THUDM's chatglm-6b-int4/-int8 layout)",
+        description="Quantize the four Linear layers of every block per output row (THUDM's formula) and write "
+                    "config.json with quantization_bit, pytorch_model.bin with int8 weight + float16 weight_scale "
+                    "per layer, and the input's tokenizer files. The folder loads directly (glm6b.load_model, "
+                    "--model) and with THUDM's own code.")
+    parser.add_argument("--model", required=True, metavar="PATH", help="float model folder (HF THUDM/chatglm-6b files)")
+    parser.add_argument("--bits", required=True, type=int, choices=(4, 8), help="4 or 8")
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder to write")
+    parser.add_argument("--embeddings", action="store_true",
+                        help="also quantize the word embeddings and the tied lm_head (THUDM's int4-qe)")
+    parser.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Quantize and save."""
+    from .quant.folder import quantize_folder
+
+    print(f"wrote {quantize_folder(args.model, args.output, args.bits, embeddings=args.embeddings)}")
     return 0
 
 

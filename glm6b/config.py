@@ -36,7 +36,8 @@ class ChatGLMConfig:
     gmask_token_id: int = 130001  # [gMASK]
     pad_token_id: int = 3  # <pad>
     use_cache: bool = True
-    quantization_bit: int = 0
+    quantization_bit: int = 0  # 4 or 8: THUDM's weight-only quantized layout (chatglm-6b-int4/-int8)
+    quantization_embeddings: bool = False  # THUDM's int4-qe: word embeddings (and the tied lm_head) quantized too
     pre_seq_len: int | None = None  # P-tuning v2 prefix length
     prefix_projection: bool = False  # P-tuning v2 MLP re-parameterisation
     torch_dtype: str | None = "float16"  # informative only: the dtype the weights were saved in
@@ -91,8 +92,11 @@ class ChatGLMConfig:
             value = getattr(self, key)
             need(isinstance(value, int) and 0 <= value < self.vocab_size, key,
                  f"a token id in [0, vocab_size={self.vocab_size})")
-        need(self.quantization_bit == 0, "quantization_bit",
-             "0: quantized checkpoints are not supported; load the float16 weights")
+        need(self.quantization_bit in (0, 4, 8) and not isinstance(self.quantization_bit, bool), "quantization_bit",
+             "0 (float weights), 4 or 8 (THUDM's quantized layout)")
+        need(isinstance(self.quantization_embeddings, bool), "quantization_embeddings", "true or false")
+        need(not self.quantization_embeddings or self.quantization_bit != 0, "quantization_embeddings",
+             "false when quantization_bit is 0")
         need(self.pre_seq_len is None or (isinstance(self.pre_seq_len, int) and self.pre_seq_len > 0),
              "pre_seq_len", "null or a positive integer")
 
@@ -136,7 +140,7 @@ class ChatGLMConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        for key in ("pre_seq_len", "quantization_bit"):  # the real config.json omits these when unused
+        for key in ("pre_seq_len", "quantization_bit", "quantization_embeddings"):  # omitted when unused
             if not data[key]:
                 data.pop(key)
         if not data["prefix_projection"] and "pre_seq_len" not in data:

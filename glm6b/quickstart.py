@@ -28,6 +28,7 @@ from .checkpoint.hf import MODEL_FOLDER_FILES, MODEL_FOLDER_PREFIXES, find_weigh
 from .config import ChatGLMConfig
 from .train.data import DataConfig
 from .eval.evaluate import evaluate_generation
+from .extras import import_extra
 from .io import atomic_folder, atomic_write_text
 from .safety import check_output_dir
 from .train.lora import LoraArguments
@@ -170,6 +171,8 @@ def run_quickstart(settings: QuickstartSettings) -> dict:
     start = time.perf_counter()
     defaults = METHOD_DEFAULTS[settings.method]
     steps = settings.steps if settings.steps is not None else defaults["steps"]
+    for module, extra in (("matplotlib", "train"), ("peft", "train"), ("jieba", "eval"), ("rouge_chinese", "eval")):
+        import_extra(module, extra, "glm6b quickstart")  # before minutes of work, not after them
     tokenizer = load_tokenizer(DEFAULT_ASSETS)
     base_dir = build_base_model(settings, tokenizer)
     dev = read_adgen_jsonl(DEFAULT_ASSETS / "adgen" / "dev.json")[: settings.eval_examples]

@@ -28,7 +28,8 @@ def test_glm_6b_preset_is_the_real_shape():
 
 @pytest.mark.parametrize("field, value, message", [
     ("position_encoding_2d", False, "2D rotary"),
-    ("quantization_bit", 4, "quantized checkpoints are not supported"),
+    ("quantization_bit", 3, "0 \\(float weights\\), 4 or 8"),
+    ("quantization_embeddings", True, "false when quantization_bit is 0"),
     ("num_attention_heads", 5, "multiple of num_attention_heads"),
     ("bos_token_id", 10**6, "token id in"),
     ("pre_seq_len", 0, "positive integer"),

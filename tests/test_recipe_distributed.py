@@ -21,7 +21,7 @@ if not (dist.is_available() and dist.is_gloo_available()):
 pytestmark = pytest.mark.distributed
 torch.set_num_threads(1)
 ROOT = Path(__file__).parent.parent
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "glm6b" / "configs"
 
 
 @pytest.fixture(scope="module")

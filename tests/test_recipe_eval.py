@@ -12,7 +12,7 @@ from glm6b.tokenizer import load_tokenizer
 from glm6b.train.trainer import Trainer, TrainingArguments
 from helpers import GOLDEN, golden_cases
 
-CONFIGS = Path(__file__).parent.parent / "configs"
+CONFIGS = Path(__file__).parent.parent / "glm6b" / "configs"
 METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
 
 torch.set_num_threads(1)

@@ -26,7 +26,7 @@ from helpers import GOLDEN, write_adgen_sample
 from glm6b.cli import main
 
 ROOT = Path(__file__).parent.parent
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "glm6b" / "configs"
 
 
 @pytest.fixture(scope="module")

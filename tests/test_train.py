@@ -13,7 +13,7 @@ from glm6b.tokenizer import load_tokenizer
 from glm6b.train.trainer import Trainer, TrainingArguments
 from helpers import GOLDEN, assert_close_rel, golden_cases, write_adgen_sample
 
-CONFIGS = Path(__file__).parent.parent / "configs"
+CONFIGS = Path(__file__).parent.parent / "glm6b" / "configs"
 DATA = DataConfig(max_source_length=24, max_target_length=20)
 
 

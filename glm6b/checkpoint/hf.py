@@ -40,6 +40,8 @@ from torch import nn
 from ..config import ChatGLMConfig
 from ..io import atomic_write, atomic_write_text
 from ..model import ChatGLMForConditionalGeneration, PrefixEncoder
+from ..quant.linear import QuantizedEmbedding, QuantizedLinear, quantize_model, tie_quantized_lm_head
+from ..quant.thudm import quantize_to_thudm
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -59,6 +61,11 @@ MODEL_FOLDER_FILES = (CONFIG_NAME, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, W
                       "README.md")
 MODEL_FOLDER_PREFIXES = ("model-", "pytorch_model-")
 PREFIX_ENCODER = "transformer.prefix_encoder."
+
+
+def is_weight_file(name: str) -> bool:
+    """Whether a file name is one of the weight-file names a saved model folder can hold."""
+    return _WEIGHT_FILE_RE.match(name) is not None
 _HF_FILES = "config.json, pytorch_model-*.bin or *.safetensors, ice_text.model, tokenizer_config.json"
 
 
@@ -280,14 +287,16 @@ def _ignored_name(name: str, config: ChatGLMConfig) -> bool:
     """Checkpoint tensors dropped on load: the rotary buffers and the (tied) lm_head."""
     if name.endswith(".rotary_emb.inv_freq"):
         return True
-    return config.tie_word_embeddings and name == "lm_head.weight"
+    # A tied lm_head is the embeddings: its weight (and, in THUDM's int4-qe, weight_scale) are copies.
+    return config.tie_word_embeddings and name in ("lm_head.weight", "lm_head.weight_scale")
 
 
 def _expected_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor the model needs from a checkpoint: parameters and persistent buffers (tied lm_head excluded)."""
     expected = dict(model.named_parameters(remove_duplicate=False))
-    if model.config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
+    if model.config.tie_word_embeddings:  # lm_head.weight (and a quantized head's weight_scale) are the embeddings'
+        for name in [name for name in expected if name.startswith("lm_head.")]:
+            expected.pop(name)
     for module_name, module in model.named_modules():
         for leaf, buf in module.named_buffers(recurse=False):
             if buf is not None and leaf not in module._non_persistent_buffers_set:
@@ -330,9 +339,14 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 def _load_file_into(model: nn.Module, path: Path, expected: dict[str, torch.Tensor], loaded: set[str],
                     unexpected: list[str], device: torch.device, origin: str,
                     rename: Callable[[str], str] = lambda name: name,
-                    skip: Callable[[str], bool] = lambda name: False) -> None:
-    """Copy the tensors of one file into `model`: check name and shape, cast and move each on its own."""
-    with contextlib.closing(iter_file_tensors(path, skip)) as tensors:
+                    skip: Callable[[str], bool] = lambda name: False,
+                    convert: Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]] | None = None) -> None:
+    """Copy the tensors of one file into `model`: check name and shape, cast and move each on its own.
+
+    `convert` may turn one file tensor into several (quantizing a float weight at load).
+    """
+    with contextlib.closing(iter_file_tensors(path, skip)) as file_tensors:
+        tensors = file_tensors if convert is None else (pair for n, t in file_tensors for pair in convert(n, t))
         for raw_name, tensor in tensors:
             name = rename(raw_name)
             target = expected.get(name)
@@ -344,7 +358,10 @@ def _load_file_into(model: nn.Module, path: Path, expected: dict[str, torch.Tens
                                       f"expected {_shape(target.shape)} from {origin}")
             if target.is_floating_point() and not tensor.is_floating_point():
                 raise CheckpointError(f"{path}: tensor {raw_name} is {tensor.dtype}, expected floating point "
-                                      f"(quantized checkpoints are not supported)")
+                                      f"(a quantized tensor, but {origin} has no quantization_bit)")
+            if not target.is_floating_point() and tensor.dtype != target.dtype:
+                raise CheckpointError(f"{path}: tensor {raw_name} is {tensor.dtype}, expected {target.dtype} "
+                                      f"({origin} sets quantization_bit: THUDM's quantized layout)")
             if name in loaded:
                 raise CheckpointError(f"{path}: tensor {raw_name} was already loaded from another file")
             # copy=True: the parameter owns its memory, never a view of the (memory-mapped) file.
@@ -398,6 +415,46 @@ def _load_prefix_encoder(model: nn.Module, weights: Path, device: torch.device, 
                               f"({origin}): {_name_list(unexpected)}")
 
 
+def _quantize_bits(quantize: str | int | None) -> int:
+    names = {None: 0, "none": 0, "int8": 8, "int4": 4, 8: 8, 4: 4}
+    key = quantize.lower() if isinstance(quantize, str) else quantize
+    if key not in names or isinstance(quantize, bool):
+        raise ValueError(f"quantize = {quantize!r}: expected None, 'int8' or 'int4'")
+    return names[key]
+
+
+def _setup_quantization(model: nn.Module, folder: Path, quantize, quantize_embeddings: bool):
+    """Swap in quantized layers (on meta) for a quantized folder or a `quantize=` request.
+
+    Returns the per-tensor `convert` for `_load_file_into` that quantizes float weights as they are
+    read, or None when the folder already holds THUDM's int8 tensors (or nothing is quantized).
+    """
+    config = model.config
+    want = _quantize_bits(quantize)
+    if config.quantization_bit:
+        if want and want != config.quantization_bit:
+            raise CheckpointError(f"{folder / CONFIG_NAME}: the weights are quantized to {config.quantization_bit} "
+                                  f"bits (quantization_bit); cannot load them as int{want} (quantize the float "
+                                  f"weights instead)")
+        quantize_model(model, config.quantization_bit, embeddings=config.quantization_embeddings)
+        return None
+    if not want:
+        if quantize_embeddings:
+            raise ValueError("quantize_embeddings=True needs quantize='int8' or 'int4'")
+        return None
+    quantize_model(model, want, embeddings=quantize_embeddings)
+    targets = {f"{name}.weight" for name, module in model.named_modules()
+               if isinstance(module, (QuantizedLinear, QuantizedEmbedding))}
+
+    def convert(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if name not in targets or not tensor.is_floating_point() or tensor.dim() != 2:
+            return [(name, tensor)]
+        weight, scale = quantize_to_thudm(tensor, want)
+        return [(name, weight), (name.removesuffix("weight") + "weight_scale", scale)]
+
+    return convert
+
+
 def load_model(
     path: str | os.PathLike,
     dtype: torch.dtype | str | None = None,
@@ -407,6 +464,8 @@ def load_model(
     prefix_projection: bool | None = None,
     strict: bool = True,
     model_class: type[ChatGLMForConditionalGeneration] = ChatGLMForConditionalGeneration,
+    quantize: str | int | None = None,
+    quantize_embeddings: bool = False,
 ) -> ChatGLMForConditionalGeneration:
     """Load a ChatGLM-6B model from a HF-layout folder (see the module docstring for the layouts).
 
@@ -431,6 +490,13 @@ def load_model(
         strict: raise on checkpoint tensors the model does not have (besides the ignored rotary
             buffers and tied lm_head). Missing tensors always raise.
         model_class: the class to build (`glm6b.api.ChatGLM` adds chat/generate to the math class).
+        quantize: "int8" or "int4" (or 8, 4): weight-only quantize the four Linear layers of every
+            block with THUDM's formula while loading a float folder, tensor by tensor (see
+            `glm6b.quant`). A folder in THUDM's quantized layout (config.json ``quantization_bit``:
+            chatglm-6b-int8, -int4, -int4-qe or a `glm6b quantize` output) loads quantized without
+            it; asking for another bit width than the folder's is an error.
+        quantize_embeddings: with `quantize`, also quantize the word embeddings and the tied lm_head
+            (THUDM's int4-qe scheme).
 
     Returns:
         The model in eval mode, lm_head tied to the word embeddings when config.tie_word_embeddings.
@@ -464,6 +530,8 @@ def load_model(
         config = config.replace(**changes)
 
     model = model_class(config, dtype=dtype, device="meta")
+    convert = _setup_quantization(model, folder, quantize, quantize_embeddings)
+    config = model.config
     expected = _expected_tensors(model)
     base_expected = expected
     if ptuning_weights is not None:  # the prefix encoder comes from the P-tuning file, not the base
@@ -474,7 +542,8 @@ def load_model(
         return _ignored_name(name, config) or (ptuning_weights is not None and name.startswith(PREFIX_ENCODER))
 
     for file in files:
-        _load_file_into(model, file, base_expected, loaded, unexpected, device, "config.json", skip=skip)
+        _load_file_into(model, file, base_expected, loaded, unexpected, device, "config.json", skip=skip,
+                        convert=convert)
 
     missing = [name for name in base_expected if name not in loaded]
     prefix_names = [name for name in base_expected if name.startswith(PREFIX_ENCODER)]
@@ -494,6 +563,7 @@ def load_model(
         _load_prefix_encoder(model, ptuning_weights, device, strict)
 
     model.tie_weights()
+    tie_quantized_lm_head(model)
     still_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:
         raise CheckpointError(f"{folder}: {len(still_meta)} tensor(s) were not loaded: {_name_list(still_meta)}")
@@ -557,12 +627,18 @@ def parse_size(size: int | str) -> int:
 
 
 def _tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters to store (no buffers; the tied lm_head only once, as the word embeddings)."""
+    """The parameters to store (no buffers; the tied lm_head only once, as the word embeddings).
+
+    Quantized layers are stored in THUDM's layout, whatever layout their kernel keeps in memory.
+    """
     tensors = {}
     for name, param in model.named_parameters():  # remove_duplicate: a tied lm_head.weight is skipped
-        if model.config.tie_word_embeddings and name == "lm_head.weight":
+        if model.config.tie_word_embeddings and name.startswith("lm_head."):
             continue
         tensors[name] = param.detach()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear) and f"{name}.weight" in tensors:
+            tensors[f"{name}.weight"] = module.thudm_weight()
     return tensors
 
 
@@ -597,7 +673,7 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], safe: bool) -> No
 
 
 def _model_config_json(model: nn.Module) -> str:
-    dtype_name = str(model.transformer.word_embeddings.weight.dtype).removeprefix("torch.")
+    dtype_name = str(model.transformer.final_layernorm.weight.dtype).removeprefix("torch.")
     return model.config.replace(torch_dtype=dtype_name).to_json_string()
 
 
@@ -624,6 +700,8 @@ def save_pretrained(model: ChatGLMForConditionalGeneration, directory: str | os.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for index in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME):  # an old index would point at shards being replaced
+        (directory / index).unlink(missing_ok=True)
     max_bytes = parse_size(max_shard_size)
     tensors = _tensors_to_save(model)
     shards = _plan_shards(tensors, max_bytes)

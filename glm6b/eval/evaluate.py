@@ -257,6 +257,8 @@ def run_eval(
     progress: bool = True,
     skip_bad: bool = False,
     data_config: DataConfig | None = None,
+    quantize: str | None = None,
+    quantize_embeddings: bool = False,
     **generation_kwargs,
 ) -> dict:
     """Evaluate (or just run) a checkpoint on an ADGEN-format jsonl file and write the results.
@@ -288,6 +290,7 @@ def run_eval(
         data_config: the training run's data settings (source_prefix, history_column, columns,
             lengths); when given, it replaces max_source_length, max_target_length, prompt_column and
             response_column, so the prompts are exactly those the model was trained on.
+        quantize, quantize_embeddings: weight-only int8/int4 at load (see glm6b.checkpoint.hf.load_model).
         **generation_kwargs: GenerationConfig fields (do_sample, temperature, top_p, top_k, seed, ...);
             greedy by default.
 
@@ -319,7 +322,7 @@ def run_eval(
     tokenizer = load_tokenizer(folder)
     check_tokenizer_matches(tokenizer, ChatGLMConfig.from_json_file(folder / "config.json"), model_path)
     generation = make_generation_config(generation, allowed_vocab_size=len(tokenizer))
-    model = load_model(folder, dtype=dtype, device=device)
+    model = load_model(folder, dtype=dtype, device=device, quantize=quantize, quantize_embeddings=quantize_embeddings)
     if adapter is not None:
         model = load_adapter(model, adapter)  # not merged
     prompts = [ex.prompt for ex in examples]
@@ -356,6 +359,7 @@ def run_eval(
             "source_prefix": data_config.source_prefix,
             "dtype": str(unwrap_peft(model).dtype).removeprefix("torch."),
             "device": str(unwrap_peft(model).device),
+            "quantization_bit": unwrap_peft(model).config.quantization_bit,
             "generation": {k: v for k, v in asdict(generation).items() if k != "max_length"},
         },
     })

@@ -35,6 +35,10 @@ class ModelArguments:
         prefix_projection: P-tuning v2 MLP re-parameterisation of the prefix.
         ptuning_checkpoint: trained prefix encoder to load (THUDM P-tuning folder or file).
         adapter: trained LoRA adapter folder to load (PEFT format).
+        quantize: "int8" or "int4": weight-only quantize the base at load (glm6b.quant). LoRA and
+            P-tuning then train on top of the quantized layers (QLoRA-style: the adapter is an
+            ordinary PEFT adapter that also loads on the float base); eval and predict use it too.
+            A THUDM-layout quantized folder (config.json quantization_bit) loads quantized anyway.
     """
 
     load_checkpoint: str | None = None
@@ -46,6 +50,7 @@ class ModelArguments:
     prefix_projection: bool = False
     ptuning_checkpoint: str | None = None
     adapter: str | None = None
+    quantize: Literal["int8", "int4"] | None = None
 
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in PRESETS:

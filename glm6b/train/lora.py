@@ -86,7 +86,23 @@ def apply_lora(model: torch.nn.Module, args: LoraArguments, base_model_name_or_p
     config = peft.LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                              target_modules=list(args.target_modules),
                              base_model_name_or_path=getattr(model, "name_or_path", None))
-    return peft.get_peft_model(model, config)
+    return peft.get_peft_model(model, _with_quantized_layers(config, model))
+
+
+def _with_quantized_layers(config, model: torch.nn.Module):
+    """Let PEFT wrap glm6b's int8/int4 QuantizedLinear layers with its ordinary LoRA Linear (QLoRA-style).
+
+    PEFT's LoRA Linear computes base_layer(x) + lora_B(lora_A(x)) * scaling whatever the base layer
+    is, so the adapter's tensors and names are those of a float base: the adapter folder loads on
+    either. (Merging into a quantized base is not supported; merge into the float base.)
+    """
+    from ..quant.linear import QuantizedLinear
+
+    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        from peft.tuners.lora.layer import Linear as LoraLinear
+
+        config._register_custom_module({QuantizedLinear: LoraLinear})
+    return config
 
 
 def load_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike, is_trainable: bool = False):
@@ -106,10 +122,10 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike, is_trai
     """
     adapter_dir = Path(adapter_dir)
     check_adapter_folder(adapter_dir)
-    PeftModel = import_extra("peft", "train", "LoRA").PeftModel
-
+    peft = import_extra("peft", "train", "LoRA")
     try:
-        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+        config = _with_quantized_layers(peft.LoraConfig.from_pretrained(str(adapter_dir)), model)
+        return peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable, config=config)
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as e:  # safetensors, PEFT and load_state_dict each raise their own types

@@ -1,7 +1,8 @@
 """Recipes: YAML files whose sections are dataclasses, a strict loader, and `run` for `glm6b run`.
 
-A recipe (configs/finetune.yaml, lora.yaml, infer.yaml, lora_infer.yaml) has a top-level `method`
-and one mapping per section; every key is exactly a field name of that section's dataclass:
+A recipe (glm6b/configs/finetune.yaml, lora.yaml, infer.yaml, lora_infer.yaml: `--config lora` finds
+them by name) has a top-level `method` and one mapping per section; every key is exactly a field
+name of that section's dataclass:
 
     method      full | lora | ptuning
     model:      glm6b.train.args.ModelArguments
@@ -37,6 +38,8 @@ from .data import DataConfig
 from ..inference.generation import GenerationConfig
 from .lora import LoraArguments
 
+# The four recipes shipped inside the package (`--config lora` finds glm6b/configs/lora.yaml).
+PACKAGED_RECIPES = Path(__file__).resolve().parent.parent / "configs"
 Mode = Literal["train", "finetune", "eval", "predict"]
 MODES = ("train", "finetune", "eval", "predict")
 
@@ -77,6 +80,7 @@ SHORT_FLAGS = {
     "max_steps": "trainer.max_steps",
     "batch_size": "trainer.per_device_train_batch_size",
     "learning_rate": "trainer.learning_rate",
+    "quantize": "model.quantize",
 }
 
 
@@ -166,7 +170,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     if root is None or isinstance(root, yaml.MappingNode) and not root.value:
         raise RecipeError(f"{path}: the recipe is empty; expected at least 'method: full | lora | ptuning' and the "
-                          f"sections to set ({', '.join(SECTIONS)}), e.g. configs/lora.yaml")
+                          f"sections to set ({', '.join(SECTIONS)}), e.g. glm6b/configs/lora.yaml")
     if not isinstance(root, yaml.MappingNode):
         raise RecipeError(f"{_where(str(path), root)}: a recipe is a mapping of sections "
                           f"(method, {', '.join(SECTIONS)})")
@@ -252,12 +256,35 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section.strip(), key.strip(), value
 
 
+def recipe_path(name_or_path: str | os.PathLike) -> Path:
+    """The YAML file a --config value names: an existing file, else a recipe shipped with glm6b.
+
+    Args:
+        name_or_path: a path, or "finetune", "lora", "infer", "lora_infer" (".yaml" optional).
+
+    Returns:
+        The file's path.
+
+    Raises:
+        RecipeError: neither a file nor a shipped recipe.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = PACKAGED_RECIPES / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in PACKAGED_RECIPES.glob("*.yaml")))
+    raise RecipeError(f"--config {name_or_path}: no such file, and not a recipe shipped with glm6b ({names})")
+
+
 def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None,
                 flags: dict[str, Any] | None = None) -> Recipe:
     """Read a recipe file, apply overrides, and build the section dataclasses with strict checks.
 
     Args:
-        path: the YAML file (None: all defaults).
+        path: the YAML file, or the name of a recipe shipped with glm6b ("finetune", "lora",
+            "infer", "lora_infer"; see `recipe_path`). None: all defaults.
         overrides: "section.key=value" strings (values parsed as YAML), applied in order.
         flags: short command-line flags {name: value} (see SHORT_FLAGS); None values are ignored.
 
@@ -267,7 +294,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
     Raises:
         RecipeError: unreadable file, unknown or duplicated key, wrong type, unsupported value.
     """
-    tree = _read_yaml(Path(path)) if path is not None else {}
+    tree = _read_yaml(recipe_path(path)) if path is not None else {}
     for name in SECTIONS:  # the file's own values are checked even where an override replaces them
         _build_section(name, tree.get(name, {}))
     changes = [(f"--set {text}", *parse_override(text)) for text in overrides or []]
@@ -339,7 +366,8 @@ def _run_generation_eval(recipe: Recipe) -> dict[str, Any]:
     summary = run_eval(margs.load_checkpoint, data.eval_data, recipe.trainer.output_dir, adapter=margs.adapter,
                        mode="eval", batch_size=recipe.trainer.per_device_eval_batch_size,
                        max_new_tokens=gen.max_new_tokens, data_config=data, dtype=margs.dtype,
-                       device=margs.device, progress=not recipe.trainer.disable_tqdm, **sampling)
+                       device=margs.device, quantize=margs.quantize, progress=not recipe.trainer.disable_tqdm,
+                       **sampling)
     output_dir = Path(recipe.trainer.output_dir)
     return {**{k: v for k, v in summary.items() if k not in ("timing", "settings")},
             "output": str(output_dir / "predictions.jsonl"), "metrics": str(output_dir / "metrics.json")}
@@ -384,6 +412,9 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
         raise RecipeError("finetune needs model.load_checkpoint (use --load-checkpoint PATH)")
     if mode == "eval" and data.eval_data is None:
         raise RecipeError("data.eval_data is not set (use --eval-data FILE)")
+    if mode in ("train", "finetune") and recipe.model.quantize is not None and recipe.method == "full":
+        raise RecipeError(f"model.quantize = {recipe.model.quantize!r} with method full: a quantized base cannot "
+                          f"be trained itself; use method lora (QLoRA-style) or ptuning on it")
     if mode == "predict" and not prompts and data.eval_data is None:
         raise RecipeError("predict needs prompts (--prompt TEXT) or data.eval_data (--eval-data FILE)")
     output_dir = Path(recipe.trainer.output_dir)

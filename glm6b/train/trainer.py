@@ -48,8 +48,10 @@ from torch import nn
 from ..checkpoint.hf import PREFIX_ENCODER, CheckpointError, load_model, load_ptuning_state
 from ..config import ChatGLMConfig
 from ..inference.generation import GenerationConfig
+from ..extras import import_extra
 from ..io import atomic_write_text
 from ..model import ChatGLMForConditionalGeneration
+from ..quant.linear import quantize_model
 from ..safety import check_writable
 from ..tokenizer import check_tokenizer_matches, load_tokenizer
 from . import evaluation, state as checkpoints
@@ -245,7 +247,8 @@ class Trainer:
         if margs.load_checkpoint is not None:
             self.model = load_model(margs.load_checkpoint, dtype=dtype, device=device,
                                     ptuning_checkpoint=margs.ptuning_checkpoint, pre_seq_len=pre_seq_len,
-                                    prefix_projection=margs.prefix_projection if pre_seq_len else None)
+                                    prefix_projection=margs.prefix_projection if pre_seq_len else None,
+                                    quantize=margs.quantize)
         elif margs.preset is not None:
             config = ChatGLMConfig.from_name(margs.preset, pre_seq_len=pre_seq_len,
                                              prefix_projection=bool(pre_seq_len and margs.prefix_projection))
@@ -257,6 +260,8 @@ class Trainer:
                 model.transformer.prefix_encoder.float()
                 if margs.ptuning_checkpoint:
                     load_ptuning_state(model, margs.ptuning_checkpoint)
+            if margs.quantize:
+                quantize_model(model, 4 if margs.quantize == "int4" else 8)
             self.model = model
         else:
             raise TrainerError("no model: pass model=..., set model.load_checkpoint (a model folder) or "
@@ -307,8 +312,9 @@ class Trainer:
             base.gradient_checkpointing_enable()
             if not base.get_input_embeddings().weight.requires_grad and self._hook is None:
                 self._hook = enable_input_require_grads(base)
-        if self.method != "full" and self.device.type == "cpu" and not onednn_bf16_matmul_available():
-            use_fast_frozen_backward(self.model)  # bf16 grad @ W is ~0.1 GFLOP/s without oneDNN
+        if self.method != "full":  # quantized layers need it; float ones on CPUs without oneDNN bf16 (~0.1 GFLOP/s)
+            use_fast_frozen_backward(self.model, float_linears=self.device.type == "cpu"
+                                     and not onednn_bf16_matmul_available())
         self.model.train()
         self._prepared = True
 
@@ -432,6 +438,9 @@ class Trainer:
         """
         args = self.args
         pc = self.parallel_config
+        import_extra("matplotlib", "train", "training (it draws loss.png)")  # fail before any work, not at the end
+        if self.method == "lora":
+            import_extra("peft", "train", "LoRA")
         info = P.init_distributed()  # no-op on one process; recipe.run also cleans up
         if pc.optimizer_shard and args.fp16:
             raise TrainerError("fp16 with parallel.optimizer_shard is not supported: use bf16 (FSDP2 mixed precision)")

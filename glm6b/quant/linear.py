@@ -1,0 +1,405 @@
+"""Weight-only int8/int4 layers in THUDM's layout, the stock PyTorch kernel each one uses per device,
+and `quantize_model`, which swaps them into a built model from outside (the model code knows nothing
+of quantization).
+
+State dict: a `QuantizedLinear` / `QuantizedEmbedding` holds exactly THUDM's tensors under THUDM's
+names, ``weight`` (int8 [out, in], or [out, in / 2] packed two per byte for 4 bits) and
+``weight_scale`` (float16 [out]), plus the float ``bias``; so the HF module names
+(``attention.query_key_value``, ...) and the files of chatglm-6b-int8/-int4/-int4-qe are unchanged.
+
+Kernels (chosen at the first forward for the input's device and dtype, see `QuantizedLinear`):
+
+* CPU, 8 bits: ``aten._weight_int8pack_mm`` on the stored int8 weight (no copy).
+* CPU, 4 bits: ``aten._weight_int4pack_mm_for_cpu`` on a copy made by
+  ``aten._convert_weight_to_int4pack_for_cpu``; THUDM's one scale per row is repeated over groups of
+  `CPU_INT4_GROUP` columns (the op takes groups of 32..256), with unsigned values q + 8 and zero 0.
+  Where that copy's byte order is known (blocks of 64 rows), it is written over the weight's own
+  bytes, so memory stays one int4 copy; the state dict converts it back to THUDM's order.
+* CUDA: ``aten._weight_int8pack_mm`` (8 bits) and ``aten._weight_int4pack_mm`` (4 bits, bfloat16
+  only), each checked once per layer against ``x @ dequantize(W).T``; a failing or missing op falls
+  back to de-quantizing into the input dtype and ``F.linear``.
+* Anything else: de-quantize (THUDM's formula) into the input dtype, then ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .thudm import check_bits, dequantize, pack_int4, quantize_to_thudm, unpack_int4, unpacked_weight
+
+# The four Linear layers of every block that THUDM quantizes (spec 4.12); names kept as in HF.
+QUANTIZED_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+# Columns per scale group for the CPU int4 kernel (it accepts 32, 64, 128, 256). Smaller groups
+# measured faster on one 16384x4096 matrix (benchmarks/quantize.py), but each group holds a
+# (scale, zero) pair: 32 costs 25 % more bytes than the int4 weight itself, 128 about 6 %.
+CPU_INT4_GROUP = 128
+CUDA_INT4_GROUP = 128
+CUDA_INT4_INNER_K_TILES = 8
+_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # input dtypes the CPU int8/int4 ops take
+_CPU_INT4_BLOCK = 64  # rows per block in the CPU int4 kernel's layout (AVX-512 build)
+
+
+# ----------------------------------------------------------------------------------- CPU int4 layout
+
+
+def _cpu_int4_values(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """The unsigned values q + 8 as int32 [out, in], what the int4 pack ops take."""
+    return unpacked_weight(weight, bits).to(torch.int32) + 8
+
+
+def _blocked_to_thudm(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Invert the CPU kernel's blocked layout ([out/64, in, 32] bytes: low nibble row j, high nibble row
+    j + 32 of each 64-row block) back to THUDM's packed int8 [out, in / 2]."""
+    v = packed.view(torch.uint8).view(-1, in_features // 2, 2, _CPU_INT4_BLOCK // 2)
+    even, odd = v[:, :, 0], v[:, :, 1]  # columns 2c and 2c + 1: [blocks, in/2, 32]
+    top = ((even & 0x0F) << 4) | (odd & 0x0F)  # rows j: THUDM byte c = column 2c high, 2c + 1 low
+    bottom = (even & 0xF0) | (odd >> 4)  # rows j + 32
+    thudm = torch.stack((top, bottom), dim=1).transpose(-1, -2)  # [blocks, 2, 32, in/2]
+    return (thudm.reshape(out_features, in_features // 2) ^ 0x88).view(torch.int8)  # back to signed nibbles
+
+
+def _thudm_to_blocked(weight: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """THUDM's packed int8 [out, in / 2] straight to the CPU kernel's blocked layout (uint8, same shape),
+    in uint8 arithmetic: what ``_convert_weight_to_int4pack_for_cpu`` returns, without int32 temporaries."""
+    half = _CPU_INT4_BLOCK // 2
+    u = (weight.view(torch.uint8) ^ 0x88).view(-1, 2, half, in_features // 2)  # nibbles q + 8; [blocks, 2, 32, in/2]
+    top, bottom = u[:, 0], u[:, 1]  # rows j and j + 32 of each block; byte c holds columns 2c (high), 2c + 1 (low)
+    even = (top >> 4) | (bottom & 0xF0)  # column 2c: low nibble row j, high nibble row j + 32
+    odd = (top & 0x0F) | (bottom << 4)  # column 2c + 1
+    blocked = torch.stack((even, odd), dim=-1).view(-1, half, in_features)  # [blocks, 32, in]
+    return blocked.transpose(1, 2).contiguous().view(out_features, in_features // 2)  # [blocks, in, 32]
+
+
+_BLOCKED_LAYOUT_CHECKED: dict[int, bool] = {}
+
+
+def _cpu_int4_layout_is_blocked(out_features: int) -> bool:
+    """Whether this PyTorch build lays out int4pack copies of `out_features` rows in 64-row blocks
+    (checked once per row count on a small matrix against the op itself, so the direct conversions
+    both ways are used only where they are exact)."""
+    if out_features % _CPU_INT4_BLOCK:
+        return False
+    if out_features not in _BLOCKED_LAYOUT_CHECKED:
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randint(-7, 8, (out_features, 64), dtype=torch.int8, generator=gen)
+        try:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32) + 8, 1)
+            ok = (torch.equal(_thudm_to_blocked(pack_int4(q), out_features, 64), packed.view(torch.uint8))
+                  and torch.equal(_blocked_to_thudm(packed, out_features, 64), pack_int4(q)))
+        except (RuntimeError, ValueError):
+            ok = False
+        _BLOCKED_LAYOUT_CHECKED[out_features] = ok
+    return _BLOCKED_LAYOUT_CHECKED[out_features]
+
+
+def _cpu_int4_group(in_features: int) -> int:
+    """CPU_INT4_GROUP if it divides in_features, else the largest group size the op accepts that does (0: none)."""
+    for group in (CPU_INT4_GROUP, 256, 128, 64, 32):
+        if in_features % group == 0:
+            return group
+    return 0
+
+
+def _scales_and_zeros(weight_scale: torch.Tensor, in_features: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """[in / group, out, 2]: THUDM's row scale repeated for every group, zero point 0 (value = (u - 8) * scale)."""
+    scale = weight_scale.to(dtype)[None, :].expand(in_features // group, -1)
+    return torch.stack((scale, torch.zeros_like(scale)), dim=-1).contiguous()
+
+
+# ----------------------------------------------------------------------------------- modules
+
+
+class QuantizedLinear(nn.Module):
+    """``y = x @ dequantize(weight).T + bias`` with THUDM's int8/int4 weight and per-row float16 scale.
+
+    The kernel-specific copy is built at the first forward for a (device, dtype) and rebuilt when the
+    weight is replaced; `prepare` builds it ahead. Parameters never require gradients (weight-only
+    quantization is for inference; a LoRA adapter can wrap the layer by its HF name).
+
+    Args:
+        in_features, out_features: as nn.Linear.
+        bits: 4 or 8.
+        bias: whether the layer has a bias (kept in float, `dtype`).
+        dtype: the bias dtype. device: where the tensors go ("meta" to fill later).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = True, dtype=None, device=None):
+        super().__init__()
+        check_bits(bits)
+        if bits == 4 and in_features % 2:
+            raise ValueError(f"4-bit quantization needs an even in_features, got {in_features}")
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        cols = in_features // 2 if bits == 4 else in_features
+        self.weight = nn.Parameter(torch.empty(out_features, cols, dtype=torch.int8, device=device),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=torch.float16, device=device),
+                                         requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+        # False for an lm_head sharing its weight with a QuantizedEmbedding: its bytes must stay THUDM's.
+        self.allow_in_place = True
+        self._kernel: tuple | None = None
+        self._kernel_key: tuple | None = None
+        self._kernel_of: tuple = (None, None)  # the (weight, weight_scale) the kernel copy was built from
+        # The parameter whose bytes were overwritten with the CPU int4 kernel layout (None: THUDM's bytes).
+        self._in_place_of: nn.Parameter | None = None
+
+    @property
+    def _in_place(self) -> bool:
+        return self._in_place_of is not None and self._in_place_of is self.weight
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int) -> "QuantizedLinear":
+        """Quantize an nn.Linear with THUDM's formula (the bias is kept as it is)."""
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, bits, bias=linear.bias is not None,
+                    dtype=w.dtype, device=w.device)
+        if w.is_meta:
+            return layer
+        with torch.no_grad():
+            q, scale = quantize_to_thudm(w.detach(), bits)
+            layer.weight.data = q
+            layer.weight_scale.data = scale
+            if linear.bias is not None:
+                layer.bias.data = linear.bias.detach().clone()
+        return layer
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"bias={self.bias is not None}")
+
+    # ------------------------------------------------------------------ THUDM view
+
+    def thudm_weight(self) -> torch.Tensor:
+        """The weight in THUDM's layout (int8 [out, in] or packed [out, in / 2]), whatever kernel holds it."""
+        if self._in_place:
+            return _blocked_to_thudm(self.weight.detach(), self.out_features, self.in_features)
+        return self.weight.detach()
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """THUDM's de-quantized weight: float16 [out, in]."""
+        return dequantize(self.thudm_weight(), self.weight_scale.detach(), self.bits)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._in_place:
+            destination[prefix + "weight"] = self.thudm_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The incoming weight is in THUDM's layout: copy it over ours as such, rebuild kernels later.
+        self._in_place_of = None
+        self._kernel = self._kernel_key = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ------------------------------------------------------------------ kernels
+
+    def prepare(self, device: torch.device | str, dtype: torch.dtype) -> str:
+        """Build the kernel copy for inputs of `dtype` on `device` now; returns the kernel's name."""
+        self._ensure_kernel(torch.device(device), dtype)
+        return self._kernel[0]
+
+    def _ensure_kernel(self, device: torch.device, dtype: torch.dtype) -> None:
+        # Identity checks only (no id()/hashing), so a compiled forward keeps one graph.
+        if (self._kernel is not None and self._kernel_key == (device.type, dtype)
+                and self._kernel_of[0] is self.weight and self._kernel_of[1] is self.weight_scale):
+            return
+        with torch.no_grad():
+            self._kernel = self._build_kernel(device, dtype)
+        self._kernel_key = (device.type, dtype)
+        self._kernel_of = (self.weight, self.weight_scale)
+
+    def _build_kernel(self, device: torch.device, dtype: torch.dtype) -> tuple:
+        cpu_int4 = (device.type == "cpu" and dtype in _CPU_DTYPES and self.bits == 4
+                    and _cpu_int4_group(self.in_features) and self.out_features % 16 == 0)
+        if self._in_place and not cpu_int4:  # e.g. moved to CUDA: give the weight back THUDM's byte order
+            self.weight.copy_(self.thudm_weight())
+            self.__dict__["_in_place_of"] = None
+        if cpu_int4:
+            return self._build_cpu_int4(dtype)
+        if device.type == "cpu" and dtype in _CPU_DTYPES and self.bits == 8:
+            return ("int8pack", self.weight_scale.to(dtype))
+        if device.type == "cuda":
+            kernel = self._build_cuda(dtype)
+            if kernel is not None:
+                return kernel
+        return ("dequantize",)
+
+    def _build_cpu_int4(self, dtype: torch.dtype) -> tuple:
+        group = _cpu_int4_group(self.in_features)
+        scales = _scales_and_zeros(self.weight_scale, self.in_features, group, dtype)
+        if self._in_place:  # the weight already holds the kernel layout
+            return ("int4pack_cpu", self.weight.view(torch.uint8), scales, group)
+        if _cpu_int4_layout_is_blocked(self.out_features):
+            packed = _thudm_to_blocked(self.weight.detach(), self.out_features, self.in_features)
+            if self.allow_in_place:
+                self.weight.view(torch.uint8).copy_(packed)
+                self.__dict__["_in_place_of"] = self.weight  # a plain reference, not a second registered parameter
+                return ("int4pack_cpu", self.weight.view(torch.uint8), scales, group)
+            return ("int4pack_cpu", packed, scales, group)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_cpu_int4_values(self.weight, 4), 1)
+        return ("int4pack_cpu", packed, scales, group)
+
+    def _build_cuda(self, dtype: torch.dtype) -> tuple | None:
+        try:
+            if self.bits == 8:
+                kernel = ("int8pack", self.weight_scale.to(dtype))
+            elif dtype == torch.bfloat16 and self.in_features % CUDA_INT4_GROUP == 0:
+                unsigned = (self.weight.view(torch.uint8) ^ 0x88).contiguous()  # q + 8 in both nibbles
+                packed = torch.ops.aten._convert_weight_to_int4pack(unsigned, CUDA_INT4_INNER_K_TILES)
+                kernel = ("int4pack_cuda", packed,
+                          _scales_and_zeros(self.weight_scale, self.in_features, CUDA_INT4_GROUP, dtype))
+            else:
+                return None
+            probe = torch.randn(2, self.in_features, device=self.weight.device, dtype=dtype)
+            got = self._run_kernel(kernel, probe).float()
+            want = probe.float() @ self.dequantized_weight().float().T
+            tol = 2e-2 if dtype != torch.float32 else 1e-4
+            if not torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item()):
+                return None
+            return kernel
+        except (RuntimeError, NotImplementedError, AttributeError):
+            return None
+
+    def _run_kernel(self, kernel: tuple, x2d: torch.Tensor) -> torch.Tensor:
+        kind = kernel[0]
+        if kind == "int8pack":
+            return torch.ops.aten._weight_int8pack_mm(x2d, self.weight, kernel[1])
+        if kind == "int4pack_cpu":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, kernel[1], kernel[3], kernel[2])
+        if kind == "int4pack_cuda":
+            return torch.ops.aten._weight_int4pack_mm(x2d, kernel[1], CUDA_INT4_GROUP, kernel[2])
+        return F.linear(x2d, self.dequantized_weight().to(x2d.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._ensure_kernel(x.device, x.dtype)
+        shape = x.shape
+        y = self._run_kernel(self._kernel, x.reshape(-1, shape[-1]).contiguous())
+        y = y.view(*shape[:-1], self.out_features)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+
+class QuantizedEmbedding(nn.Module):
+    """An embedding table stored as THUDM's int-quantized rows (int4-qe): a lookup de-quantizes its rows.
+
+    Args:
+        num_embeddings, embedding_dim: as nn.Embedding.
+        bits: 4 or 8.
+        dtype: the dtype lookups return. device: where the tensors go ("meta" to fill later).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, dtype=None, device=None):
+        super().__init__()
+        check_bits(bits)
+        self.num_embeddings, self.embedding_dim, self.bits = num_embeddings, embedding_dim, bits
+        self.dtype = dtype or torch.get_default_dtype()
+        cols = embedding_dim // 2 if bits == 4 else embedding_dim
+        self.weight = nn.Parameter(torch.empty(num_embeddings, cols, dtype=torch.int8, device=device),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(num_embeddings, dtype=torch.float16, device=device),
+                                         requires_grad=False)
+
+    @classmethod
+    def from_float(cls, embedding: nn.Embedding, bits: int) -> "QuantizedEmbedding":
+        """Quantize an nn.Embedding row by row with THUDM's formula; lookups return its dtype."""
+        w = embedding.weight
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, bits, dtype=w.dtype, device=w.device)
+        if not w.is_meta:
+            with torch.no_grad():
+                layer.weight.data, layer.weight_scale.data = quantize_to_thudm(w.detach(), bits)
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, dtype={self.dtype}"
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = dequantize(self.weight[input_ids.reshape(-1)], self.weight_scale[input_ids.reshape(-1)], self.bits)
+        return rows.to(self.dtype).view(*input_ids.shape, self.embedding_dim)
+
+
+# ----------------------------------------------------------------------------------- swapping
+
+
+def _replace(parent: nn.Module, dotted: str, new: nn.Module) -> None:
+    owner_name, _, leaf = dotted.rpartition(".")
+    setattr(parent.get_submodule(owner_name) if owner_name else parent, leaf, new)
+
+
+def tie_quantized_lm_head(model: nn.Module) -> None:
+    """Make a quantized lm_head share the quantized word embeddings' weight and scale (THUDM's int4-qe)."""
+    embedding = model.transformer.word_embeddings
+    head = model.lm_head
+    if isinstance(embedding, QuantizedEmbedding) and isinstance(head, QuantizedLinear):
+        head.allow_in_place = False
+        head.weight = embedding.weight
+        head.weight_scale = embedding.weight_scale
+        head._kernel = head._kernel_key = None
+
+
+def quantize_model(model: nn.Module, bits: int, embeddings: bool = False) -> nn.Module:
+    """Swap the four Linear layers of every block for `QuantizedLinear` (in place), as THUDM does.
+
+    Float weights are quantized with THUDM's formula layer by layer; a model on the meta device gets
+    empty quantized layers to fill from a checkpoint. The model's config records the scheme
+    (``quantization_bit``, ``quantization_embeddings``), so `save_pretrained` writes THUDM's layout.
+
+    Args:
+        model: a ChatGLMForConditionalGeneration (or subclass).
+        bits: 4 or 8.
+        embeddings: also quantize the word embeddings and the lm_head (tied to them, as THUDM's
+            chatglm-6b-int4-qe; an untied lm_head is quantized on its own).
+
+    Returns:
+        The same model.
+    """
+    check_bits(bits)
+    for block in model.transformer.layers:
+        for name in QUANTIZED_LINEARS:
+            layer = block.get_submodule(name)
+            if isinstance(layer, nn.Linear):
+                _replace(block, name, QuantizedLinear.from_float(layer, bits))
+    if embeddings:
+        tied = model.config.tie_word_embeddings
+        float_embedding = model.transformer.word_embeddings
+        if isinstance(float_embedding, nn.Embedding):
+            model.transformer.word_embeddings = QuantizedEmbedding.from_float(float_embedding, bits)
+        head = model.lm_head
+        if isinstance(head, nn.Linear):
+            if tied:
+                embedding = model.transformer.word_embeddings
+                model.lm_head = QuantizedLinear(embedding.embedding_dim, embedding.num_embeddings, bits, bias=False,
+                                                dtype=embedding.dtype, device=embedding.weight.device)
+            else:
+                model.lm_head = QuantizedLinear.from_float(head, bits)
+        if tied:
+            tie_quantized_lm_head(model)
+    config = model.config.replace(quantization_bit=bits, quantization_embeddings=bool(embeddings))
+    model.config = config
+    model.transformer.config = config
+    return model
+
+
+def prepare_kernels(model: nn.Module, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> dict[str, int]:
+    """Build every quantized layer's kernel copy now rather than at its first forward.
+
+    Args:
+        model: a model with quantized layers.
+        device, dtype: of the activations (default: the model's).
+
+    Returns:
+        How many layers use each kernel, e.g. {"int4pack_cpu": 112}.
+    """
+    device = torch.device(device) if device is not None else model.device
+    dtype = dtype or model.dtype
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            kind = module.prepare(device, dtype)
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+__all__ = ["QuantizedLinear", "QuantizedEmbedding", "quantize_model", "prepare_kernels", "tie_quantized_lm_head",
+           "QUANTIZED_LINEARS", "unpack_int4"]

@@ -1,0 +1,394 @@
+"""Weight-only int8/int4 quantization in THUDM's layout (glm6b.quant, quantized folders, `glm6b quantize`).
+
+THUDM's formula is written here again, independently, from spec formats.md §1, and the folders in
+THUDM's layout are built here with it (torch.save of int8 tensors, as THUDM ships them).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from glm6b import load_model
+from glm6b.checkpoint.hf import CheckpointError
+from glm6b.cli import main
+from glm6b.config import ConfigError
+from glm6b.inference.generation import generate
+from glm6b.quant.linear import QUANTIZED_LINEARS, QuantizedEmbedding, QuantizedLinear, quantize_model
+from glm6b.quant.thudm import dequantize, pack_int4, quantize_to_thudm, unpack_int4
+
+from helpers import GOLDEN, golden_cases, golden_tensor
+
+LINEAR_SUFFIXES = tuple(f".{name}.weight" for name in QUANTIZED_LINEARS)
+EMBEDDING = "transformer.word_embeddings.weight"
+
+
+# ----------------------------------------------------------------------------------- THUDM's formula, again
+
+
+def thudm_quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """formats.md §1 on the float16 weight, in float16 arithmetic, as THUDM's quantization.py does."""
+    w = weight.half()
+    scale = (w.abs().max(dim=-1).values / (2 ** (bits - 1) - 1)).half()
+    q = torch.round(w / scale[:, None]).to(torch.int8)
+    if bits == 4:
+        q = ((q[:, 0::2] << 4) | (q[:, 1::2] & 0x0F)).to(torch.int8)
+    return q, scale
+
+
+def thudm_dequantize(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 4:
+        high = weight >> 4
+        low = (weight << 4) >> 4
+        weight = torch.stack([high, low], dim=-1).reshape(weight.shape[0], -1)
+    return weight.half() * scale[:, None]
+
+
+def golden_state() -> dict[str, torch.Tensor]:
+    return load_file(GOLDEN / "model.safetensors")
+
+
+def thudm_folder(path: Path, bits: int, embeddings: bool = False) -> Path:
+    """A folder in THUDM's chatglm-6b-int{bits}(-qe) layout made from the golden checkpoint."""
+    path.mkdir(parents=True)
+    state = {}
+    for name, tensor in golden_state().items():
+        if name.endswith(LINEAR_SUFFIXES) or (embeddings and name == EMBEDDING):
+            state[name], state[name.removesuffix("weight") + "weight_scale"] = thudm_quantize(tensor, bits)
+        else:
+            state[name] = tensor.half()
+    if embeddings:  # THUDM's int4-qe saves the tied lm_head as the quantized embedding table again
+        state["lm_head.weight"], state["lm_head.weight_scale"] = state[EMBEDDING], state[EMBEDDING + "_scale"]
+    torch.save(state, path / "pytorch_model.bin")
+    config = json.loads((GOLDEN / "config.json").read_text())
+    config["quantization_bit"] = bits
+    if embeddings:
+        config["quantization_embeddings"] = True
+    (path / "config.json").write_text(json.dumps(config))
+    for name in ("ice_text.model", "tokenizer_config.json"):
+        shutil.copy(GOLDEN / name, path / name)
+    return path
+
+
+def dequantized_float_model(folder: Path, dtype: torch.dtype):
+    """A float model holding THUDM's de-quantized weights of `folder` (its other tensors as stored)."""
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    config = json.loads((folder / "config.json").read_text())
+    bits = config["quantization_bit"]
+    for name in [n for n in state if n.endswith(".weight_scale")]:
+        weight = name.removesuffix("_scale")
+        state[weight] = thudm_dequantize(state[weight], state.pop(name), bits)
+    model = load_model(GOLDEN, dtype=dtype)
+    # lm_head.weight is tied to the embeddings (the file's own copy is ignored on load, as by the reference).
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items() if k != "lm_head.weight"}, strict=False)
+    return model
+
+
+def golden_batch() -> dict[str, torch.Tensor]:
+    case = golden_cases()["forward_batch"]
+    return {"input_ids": torch.tensor(case["input_ids"]), "attention_mask": golden_tensor(case["attention_mask"]),
+            "position_ids": golden_tensor(case["position_ids"])}
+
+
+def greedy_tokens(model) -> list[list[int]]:
+    case = golden_cases()["generate_single_greedy"]
+    return [generate(model, torch.tensor(item["input_ids"]).view(1, -1), max_new_tokens=case["max_new_tokens"],
+                     do_sample=False)[0].tolist() for item in case["items"]]
+
+
+# ----------------------------------------------------------------------------------- the layout
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_matches_thudms_formula_bit_for_bit(bits):
+    for name, tensor in golden_state().items():
+        if name.endswith(LINEAR_SUFFIXES) or name == EMBEDDING:
+            ours_w, ours_s = quantize_to_thudm(tensor, bits)
+            ref_w, ref_s = thudm_quantize(tensor, bits)
+            assert torch.equal(ours_s, ref_s), name
+            assert torch.equal(ours_w, ref_w), name
+            assert torch.equal(dequantize(ours_w, ours_s, bits), thudm_dequantize(ref_w, ref_s, bits)), name
+
+
+def test_int4_packing_high_nibble_first_and_round_trip():
+    q = torch.tensor([[-7, 7, 0, -1, 3, -8]], dtype=torch.int8)
+    packed = pack_int4(q)
+    # (q0 << 4) | (q1 & 0xF): -7 -> 0x9 high, 7 -> 0x7 low = 0x97 (as int8: -105)
+    assert packed.tolist() == [[0x97 - 256, 0x0F, 0x3 << 4 | 0x8]]
+    assert torch.equal(unpack_int4(packed), q)
+    values = torch.randint(-8, 8, (64, 128), dtype=torch.int8)
+    assert torch.equal(unpack_int4(pack_int4(values)), values)
+
+
+# ----------------------------------------------------------------------------------- kernels
+
+
+def random_layer(bits: int, out_features: int, in_features: int, bias: bool = True) -> QuantizedLinear:
+    gen = torch.Generator().manual_seed(out_features * 7 + in_features + bits)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=gen) * 0.05)
+        if bias:
+            linear.bias.copy_(torch.randn(out_features, generator=gen) * 0.1)
+    return QuantizedLinear.from_float(linear, bits)
+
+
+def exact_reference(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    """x @ (q * scale).T + bias in float64: what the kernels compute up to their own rounding."""
+    from glm6b.quant.thudm import unpacked_weight
+
+    w = unpacked_weight(layer.thudm_weight(), layer.bits).double() * layer.weight_scale.double()[:, None]
+    y = x.double() @ w.T
+    return y + layer.bias.double() if layer.bias is not None else y
+
+
+@pytest.mark.parametrize("bits, kernel", [(8, "int8pack"), (4, "int4pack_cpu")])
+@pytest.mark.parametrize("shape", [(128, 256), (384, 128), (128, 320), (48, 64)])
+def test_cpu_kernel_equals_x_times_dequantized_weight(bits, kernel, shape):
+    layer = random_layer(bits, *shape)
+    x = torch.randn(3, 5, shape[1], generator=torch.Generator().manual_seed(1))
+    want = exact_reference(layer, x)
+    assert layer.prepare("cpu", torch.float32) == kernel
+    got = layer(x)
+    assert got.shape == (3, 5, shape[0]) and got.dtype == torch.float32
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    for dtype, rel in ((torch.bfloat16, 2e-2), (torch.float16, 3e-3)):
+        got = layer(x.to(dtype))
+        assert got.dtype == dtype
+        assert (got.double() - want).abs().max() <= rel * want.abs().max(), dtype
+
+
+def test_fallback_dequantizes_into_the_input_dtype():
+    layer = random_layer(4, 64, 62)  # 62 columns: no group size of the int4 op divides it
+    x = torch.randn(2, 62, dtype=torch.float64)
+    assert layer.prepare("cpu", torch.float64) == "dequantize"
+    want = x @ layer.dequantized_weight().double().T + layer.bias.double()
+    assert torch.allclose(layer(x), want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(192, 256), (64, 4096)])
+def test_direct_int4_layout_conversion_equals_the_op(shape):
+    from glm6b.quant.linear import _blocked_to_thudm, _cpu_int4_layout_is_blocked, _thudm_to_blocked
+
+    if not _cpu_int4_layout_is_blocked(shape[0]):
+        pytest.skip("this PyTorch build does not use the 64-row blocked int4 layout (the op's copy is used)")
+    q = torch.randint(-8, 8, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(3))
+    by_op = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32) + 8, 1)
+    assert torch.equal(_thudm_to_blocked(pack_int4(q), *shape), by_op.view(torch.uint8))
+    assert torch.equal(_blocked_to_thudm(by_op, *shape), pack_int4(q))
+
+
+def test_int4_kernel_layout_in_place_keeps_thudm_state_dict():
+    layer = random_layer(4, 128, 256)
+    thudm = layer.weight.detach().clone()
+    layer.prepare("cpu", torch.float32)
+    if layer._in_place:  # the kernel's copy was written over the weight's bytes: one int4 copy in memory
+        assert not torch.equal(layer.weight.detach(), thudm)
+    assert torch.equal(layer.thudm_weight(), thudm)
+    assert torch.equal(layer.state_dict()["weight"], thudm)
+    x = torch.randn(2, 256)
+    before = layer(x)
+    # Loading THUDM bytes back (in-place layout or not) gives the same layer.
+    fresh = QuantizedLinear(256, 128, 4)
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh(x), before)
+    layer.load_state_dict(layer.state_dict())
+    assert torch.equal(layer.thudm_weight(), thudm)
+    assert torch.equal(layer(x), before)
+    # Another kernel (here: float64 inputs, de-quantized) gets THUDM's bytes back in the weight itself.
+    layer.prepare("cpu", torch.float32)
+    assert layer.prepare("cpu", torch.float64) == "dequantize"
+    assert not layer._in_place and torch.equal(layer.weight.detach(), thudm)
+    # (the de-quantized path rounds q * scale to float16 as THUDM does; the int4 kernel does not)
+    assert (layer(x.double()) - before.double()).abs().max() <= 2e-3 * before.abs().max()
+
+
+def test_quantized_layers_keep_the_hf_names(model):
+    quantized = load_model(GOLDEN, dtype=torch.float32, quantize="int4")
+    for block in quantized.transformer.layers:
+        for name in QUANTIZED_LINEARS:
+            assert isinstance(block.get_submodule(name), QuantizedLinear)
+    names = set(quantized.state_dict())
+    for name in model.state_dict():
+        if name.endswith(LINEAR_SUFFIXES):
+            assert name in names and name + "_scale" in names
+        elif name != "lm_head.weight":
+            assert name in names
+    quantized_params = [p for m in quantized.modules() if isinstance(m, QuantizedLinear) for p in m.parameters()]
+    assert quantized_params and not any(p.requires_grad for p in quantized_params)
+
+
+# ----------------------------------------------------------------------------------- THUDM folders
+
+
+@pytest.mark.parametrize("bits, embeddings", [(8, False), (4, False), (4, True)], ids=["int8", "int4", "int4-qe"])
+def test_thudm_folder_loads_and_matches_a_float_model_of_its_dequantized_weights(tmp_path, bits, embeddings):
+    folder = thudm_folder(tmp_path / "q", bits, embeddings)
+    stored = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    quantized = load_model(folder, dtype=torch.float32)
+    assert quantized.config.quantization_bit == bits
+    assert quantized.config.quantization_embeddings == embeddings
+    for name, module in quantized.named_modules():
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)) and name != "lm_head":
+            weight = module.thudm_weight() if isinstance(module, QuantizedLinear) else module.weight
+            assert torch.equal(weight, stored[name + ".weight"]), name
+            assert torch.equal(module.weight_scale, stored[name + ".weight_scale"]), name
+    assert isinstance(quantized.transformer.word_embeddings, QuantizedEmbedding) == embeddings
+    if embeddings:  # the tied lm_head is the quantized embedding table
+        assert quantized.lm_head.weight is quantized.transformer.word_embeddings.weight
+        assert quantized.lm_head.weight_scale is quantized.transformer.word_embeddings.weight_scale
+
+    reference = dequantized_float_model(folder, torch.float32)
+    batch = golden_batch()
+    with torch.no_grad():
+        ours = quantized(**batch).logits
+        want = reference(**batch).logits
+    # The kernels multiply by q * scale in float32; THUDM rounds that product to float16 first.
+    assert (ours - want).abs().max() <= 2e-3 * want.abs().max()
+    assert greedy_tokens(quantized) == greedy_tokens(reference)
+
+    bf16 = load_model(folder, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ours = bf16(**batch).logits.float()
+        want = dequantized_float_model(folder, torch.bfloat16)(**batch).logits.float()
+    assert (ours - want).abs().max() <= 5e-2 * want.abs().max()
+
+
+def test_quantize_at_load_equals_the_thudm_folder(tmp_path):
+    folder = thudm_folder(tmp_path / "q", 4, embeddings=True)
+    from_folder = load_model(folder, dtype=torch.float32)
+    at_load = load_model(GOLDEN, dtype=torch.float32, quantize="int4", quantize_embeddings=True)
+    assert at_load.config.quantization_bit == 4
+    state_a, state_b = from_folder.state_dict(), at_load.state_dict()
+    assert set(state_a) == set(state_b)
+    for name in state_a:
+        assert torch.equal(state_a[name], state_b[name].to(state_a[name].dtype)), name
+
+
+def test_quantize_model_on_a_built_model(model):
+    quantized = load_model(GOLDEN, dtype=torch.float32)
+    quantize_model(quantized, 8)
+    assert quantized.config.quantization_bit == 8
+    at_load = load_model(GOLDEN, dtype=torch.float32, quantize="int8")
+    batch = golden_batch()
+    with torch.no_grad():
+        assert torch.equal(quantized(**batch).logits, at_load(**batch).logits)
+    assert model.config.quantization_bit == 0  # the shared fixture's config is untouched
+
+
+def test_glm6b_quantize_round_trips(tmp_path, capsys):
+    out = tmp_path / "int4"
+    assert main(["quantize", "--model", str(GOLDEN), "--bits", "4", "--output", str(out)]) == 0
+    assert (out / "pytorch_model.bin").is_file() and not list(out.glob("*.safetensors.index.json"))
+    for name in ("ice_text.model", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (GOLDEN / name).read_bytes()
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_bit"] == 4 and "quantization_embeddings" not in config
+    stored = torch.load(out / "pytorch_model.bin", weights_only=True)
+    for name, tensor in golden_state().items():
+        if name.endswith(LINEAR_SUFFIXES):
+            ref_w, ref_s = thudm_quantize(tensor, 4)
+            assert stored[name].dtype == torch.int8 and torch.equal(stored[name], ref_w), name
+            assert stored[name + "_scale"].dtype == torch.float16 and torch.equal(stored[name + "_scale"], ref_s)
+        elif name != "lm_head.weight" and not name.endswith("inv_freq"):  # tied / recomputed: not saved
+            assert torch.equal(stored[name], tensor.half()), name
+    loaded = load_model(out, dtype=torch.float32)
+    loaded(torch.tensor([[5, 6, 801, 804]]))  # the kernels' in-memory layout must not leak into a save
+    loaded.save_pretrained(tmp_path / "again", safe_serialization=False)
+    again = torch.load(tmp_path / "again" / "pytorch_model.bin", weights_only=True)
+    assert set(again) == set(stored)
+    assert all(torch.equal(again[name], stored[name]) for name in stored if name.endswith(LINEAR_SUFFIXES))
+
+
+def test_cli_quantize_flag_loads_quantized(capsys):
+    from glm6b.inference.pipelines import OUTPUT_KEY, TextGenerationPipeline
+    from glm6b.tokenizer import load_tokenizer
+
+    args = ["generate", "--model", str(GOLDEN), "--prompt", "你好", "--max-new-tokens", "6", "--greedy"]
+    assert main(args + ["--quantize", "int4"]) == 0
+    printed = capsys.readouterr().out
+    pipe = TextGenerationPipeline(load_model(GOLDEN, quantize="int4"), load_tokenizer(GOLDEN), max_new_tokens=6,
+                                  do_sample=False)
+    assert printed == pipe("你好")[0][OUTPUT_KEY][0] + "\n"
+    assert main(args + ["--quantize-embeddings"]) == 2  # needs --quantize
+    assert "quantize_embeddings=True needs quantize" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["eval", "predict"])
+def test_run_and_eval_commands_take_quantize(tmp_path, mode, capsys):
+    configs = Path(__file__).parent.parent / "glm6b" / "configs"
+    data = tmp_path / "dev.json"
+    rows = [{"content": ex["prompt"], "summary": ex["answer"]} for ex in golden_cases()["train_adgen"]["examples"]]
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    argv = ["run", "--config", str(configs / "infer.yaml"), "--mode", mode, "--load-checkpoint", str(GOLDEN),
+            "--eval-data", str(data), "--output-dir", str(tmp_path / "run"), "--quantize", "int8",
+            "--set", "generation.max_new_tokens=3", "--set", "data.max_source_length=24",
+            "--set", "data.max_target_length=8", "--set", "trainer.disable_tqdm=true", "--set", "model.dtype=float32"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert len((tmp_path / "run" / "predictions.jsonl").read_text().splitlines()) == len(rows)
+    if mode == "eval":
+        assert json.loads((tmp_path / "run" / "metrics.json").read_text())["settings"]["quantization_bit"] == 8
+        assert main(["eval", "--model", str(GOLDEN), "--data", str(data), "--output-dir", str(tmp_path / "ev"),
+                     "--quantize", "int4", "--max-new-tokens", "3", "--max-source-length", "24"]) == 0
+        assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["settings"]["quantization_bit"] == 4
+    else:
+        train = ["run", "--config", str(configs / "finetune.yaml"), "--mode", "finetune", "--load-checkpoint",
+                 str(GOLDEN), "--train-data", str(data), "--output-dir", str(tmp_path / "ft"), "--quantize", "int4"]
+        assert main(train) == 2  # LoRA and P-tuning train on a quantized base; full fine-tuning cannot
+        assert "model.quantize = 'int4' with method full" in capsys.readouterr().err
+        from glm6b.train.trainer import ModelArguments, Trainer, TrainingArguments
+
+        trainer = Trainer(model_args=ModelArguments(load_checkpoint=str(GOLDEN), dtype="float32", quantize="int8"),
+                          args=TrainingArguments(output_dir=str(tmp_path / "t"), tensorboard=False, disable_tqdm=True))
+        trainer.ensure_model()
+        assert isinstance(trainer.model.transformer.layers[0].attention.query_key_value, QuantizedLinear)
+
+
+# ----------------------------------------------------------------------------------- errors
+
+
+def test_quantized_config_errors(tmp_path):
+    folder = thudm_folder(tmp_path / "q", 4)
+    with pytest.raises(CheckpointError, match=r"config\.json: the weights are quantized to 4 bits.*int8"):
+        load_model(folder, quantize="int8")
+    with pytest.raises(ValueError, match=r"quantize = 'int3': expected None, 'int8' or 'int4'"):
+        load_model(GOLDEN, quantize="int3")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_bit": 2}))
+    with pytest.raises(ConfigError, match=r"'quantization_bit' = 2: expected 0 \(float weights\), 4 or 8"):
+        load_model(folder)
+    # A float folder whose config.json claims int8: the float tensors are refused, not cast.
+    float_folder = tmp_path / "f"
+    shutil.copytree(GOLDEN, float_folder)
+    config = json.loads((float_folder / "config.json").read_text())
+    (float_folder / "config.json").write_text(json.dumps({**config, "quantization_bit": 8}))
+    with pytest.raises(CheckpointError, match=r"dense\.weight is torch\.float16, expected torch\.int8 \(config\.json sets quantization_bit"):
+        load_model(float_folder)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cuda_kernel_equals_x_times_dequantized_weight(bits):
+    layer = random_layer(bits, 256, 512).cuda()
+    x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
+    want = exact_reference(layer, x)
+    got = layer(x)
+    assert layer._kernel[0] in ("int8pack", "int4pack_cuda", "dequantize")
+    assert (got.double() - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_linear_traces_as_one_graph(bits):
+    """A compiled decode step (fullgraph) can hold quantized layers once their kernels are built."""
+    layer = random_layer(bits, 128, 256)
+    x = torch.randn(2, 256)
+    want = layer(x)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), want)
