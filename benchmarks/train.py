@@ -5,6 +5,7 @@
     python benchmarks/train.py --big glm_6b                     # measure the real 6B shape (~14 GB RAM on CPU)
     python benchmarks/train.py --big glm_6b_4layers             # measure 4 layers, scale to 28 (an estimate)
     python benchmarks/train.py --device cuda --big glm_6b       # on a GPU: max_memory_allocated
+    python benchmarks/train.py --step-ratio --layers 2          # LoRA step / forward, glm_6b width, bf16
 
 Every case runs the real Trainer path (glm6b.train.trainer: method setup, gradient checkpointing, AdamW over
 the trainable parameters only) on random weights built on the meta device, then `to_empty` + init, in
@@ -55,36 +56,11 @@ def child(case: dict) -> dict:
     import torch
 
     from glm6b.config import ChatGLMConfig
-    from glm6b.train.data import DataConfig, RowDataset
     from glm6b.train.trainer import ModelArguments, Trainer, TrainingArguments
 
     torch.manual_seed(0)
     device = torch.device(case["device"])
     config = ChatGLMConfig.from_name(case["preset"])
-
-    class Rows(RowDataset):
-        """Random ADGEN-shaped rows: half prompt, half answer."""
-
-        def __init__(self, n: int, length: int):
-            self.mode, self.config = "train", DataConfig(max_source_length=length // 2,
-                                                         max_target_length=length - length // 2)
-            self.special_ids = {"pad": config.pad_token_id, "bos": config.bos_token_id,
-                                "mask": config.mask_token_id, "gmask": config.gmask_token_id}
-            g = torch.Generator().manual_seed(0)
-            prompt, answer = length // 2 - 1, length - length // 2 - 2
-            self.rows = []
-            for _ in range(n):
-                ids = torch.randint(10, min(20000, config.mask_token_id), (prompt + answer,), generator=g).tolist()
-                input_ids = ids[:prompt] + [config.gmask_token_id, config.bos_token_id] + ids[prompt:] + \
-                    [config.eos_token_id]
-                labels = [-100] * (prompt + 1) + input_ids[prompt + 1:]
-                self.rows.append({"input_ids": torch.tensor(input_ids).numpy(), "labels": torch.tensor(labels).numpy()})
-
-        def __len__(self):
-            return len(self.rows)
-
-        def __getitem__(self, i):
-            return self.rows[i]
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -106,7 +82,7 @@ def child(case: dict) -> dict:
         model_args = ModelArguments(preset=case["preset"], dtype=case["dtype"], device=str(device),
                                     pre_seq_len=case["pre_seq_len"] if method == "ptuning" else None)
         trainer = Trainer(model_args=model_args, tokenizer=_Tokenizer(config.pad_token_id), args=args,
-                          train_dataset=Rows(case["batch_size"] * case["steps"], case["seq_len"]), method=method,
+                          train_dataset=_random_rows(config, case["batch_size"] * case["steps"], case["seq_len"]), method=method,
                           callbacks=[clock])
         trainer._prepare_for_training()
         last[0] = time.perf_counter()
@@ -121,6 +97,89 @@ def child(case: dict) -> dict:
     tokens = case["batch_size"] * case["seq_len"]
     return {**case, "peak_bytes": peak, "trainable": trainable, "params": total,
             "step_s": sum(steady) / len(steady), "tokens_per_s": tokens / (sum(steady) / len(steady))}
+
+
+def _random_rows(config, n: int, length: int):
+    """A training RowDataset of n random ADGEN-shaped rows of `length` tokens: half prompt, half answer."""
+    import torch
+
+    from glm6b.train.data import DataConfig, RowDataset
+
+    class Rows(RowDataset):
+        def __init__(self):
+            self.mode, self.config = "train", DataConfig(max_source_length=length // 2,
+                                                         max_target_length=length - length // 2)
+            self.special_ids = {"pad": config.pad_token_id, "bos": config.bos_token_id,
+                                "mask": config.mask_token_id, "gmask": config.gmask_token_id}
+            g = torch.Generator().manual_seed(0)
+            prompt, answer = length // 2 - 1, length - length // 2 - 2
+            self.rows = []
+            for _ in range(n):
+                ids = torch.randint(10, min(20000, config.mask_token_id), (prompt + answer,), generator=g).tolist()
+                input_ids = ids[:prompt] + [config.gmask_token_id, config.bos_token_id] + ids[prompt:] + \
+                    [config.eos_token_id]
+                labels = [-100] * (prompt + 1) + input_ids[prompt + 1:]
+                self.rows.append({"input_ids": torch.tensor(input_ids).numpy(), "labels": torch.tensor(labels).numpy()})
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            return self.rows[i]
+
+    return Rows()
+
+
+def step_ratio_child(case: dict) -> dict:
+    """Time one forward pass and one LoRA step (forward + backward with gradient checkpointing + AdamW on the
+    adapters) of the same batch, on a glm_6b-width model with case["layers"] layers and a bf16 frozen base."""
+    import tempfile
+
+    import torch
+
+    from glm6b.config import ChatGLMConfig
+    from glm6b.model import ChatGLMForConditionalGeneration
+    from glm6b.train.trainer import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    torch.backends.mkldnn.enabled = case["onednn"]
+    config = ChatGLMConfig.from_name("glm_6b").replace(num_layers=case["layers"])
+    model = ChatGLMForConditionalGeneration(config, dtype=torch.bfloat16, device="meta")
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    model.init_weights()
+    rows = _random_rows(config, case["batch_size"], case["seq_len"])
+    batch = rows.collate([rows[i] for i in range(len(rows))])
+    times: list[float] = []
+    last = [0.0]
+
+    def clock(trainer, record):
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(model=model, tokenizer=_Tokenizer(config.pad_token_id), method="lora", callbacks=[clock],
+                          train_dataset=rows,
+                          args=TrainingArguments(output_dir=out, max_steps=case["steps"],
+                                                 per_device_train_batch_size=case["batch_size"], shuffle=False,
+                                                 learning_rate=1e-4, save_steps=None, logging_steps=10**6,
+                                                 tensorboard=False, disable_tqdm=True, gradient_checkpointing=True))
+        trainer._prepare_for_training()
+        if not case["fast_frozen_backward"]:
+            for module in trainer.model.modules():
+                module.__dict__.pop("forward", None)  # back to the class's forward: PyTorch's own backward
+        forward = []
+        with torch.no_grad():
+            for _ in range(case["steps"]):
+                start = time.perf_counter()
+                trainer.model(input_ids=batch["input_ids"])
+                forward.append(time.perf_counter() - start)
+        last[0] = time.perf_counter()
+        trainer.train()
+    # The fastest of the repeats (after a warm-up one): on a shared machine the least disturbed run is the
+    # closest to the cost itself.
+    return {**case, "forward_s": min(forward[1:] or forward), "step_s": min(times[1:] or times)}
 
 
 def run_case(case: dict) -> dict:
@@ -151,12 +210,31 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--pre-seq-len", type=int, default=16, help="P-tuning prefix length (default 16)")
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    parser.add_argument("--step-ratio", action="store_true",
+                        help="only time a LoRA step against a forward pass of the same batch (bf16, glm_6b width)")
+    parser.add_argument("--layers", type=int, default=2, help="layers of the --step-ratio model (default 2)")
+    parser.add_argument("--no-onednn", action="store_true",
+                        help="disable PyTorch's oneDNN matmuls, as on a CPU without AVX512-BF16/AMX (--step-ratio)")
+    parser.add_argument("--no-fast-frozen-backward", action="store_true",
+                        help="keep PyTorch's own bf16 backward of the frozen linears (--step-ratio)")
     parser.add_argument("--big", default="glm_6b_4layers",
                         help="preset of the single LoRA step: glm_6b (measured), glm_6b_4layers (scaled to 28 "
                              "layers), or none")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+        case = json.loads(args.child)
+        print(json.dumps(step_ratio_child(case) if case.get("kind") == "step_ratio" else child(case)))
+        return
+    if args.step_ratio:
+        case = dict(kind="step_ratio", layers=args.layers, batch_size=1, seq_len=args.seq_len, steps=3,
+                    onednn=not args.no_onednn, fast_frozen_backward=not args.no_fast_frozen_backward)
+        r = run_case(case)
+        print(f"{'layers':>6}  {'batch':>9}  {'oneDNN':>6}  {'fast frozen bwd':>15}  {'forward s':>9}  "
+              f"{'LoRA step s':>11}  {'step/forward':>12}")
+        print(f"{r['layers']:>6}  {'1 x ' + str(r['seq_len']):>9}  {str(r['onednn']):>6}  "
+              f"{str(r['fast_frozen_backward']):>15}  {r['forward_s']:>9.2f}  {r['step_s']:>11.2f}  "
+              f"{r['step_s'] / r['forward_s']:>12.2f}")
+        print(f"step/forward: {r['step_s'] / r['forward_s']:.2f}")
         return
 
     rows = []

@@ -33,6 +33,8 @@ _EXPORTS = {
     "compute_metrics": "eval.metrics",
     "evaluate_generation": "eval.evaluate",
     "run_eval": "eval.evaluate",
+    "adgen_train_features": "train.data",
+    "adgen_eval_features": "train.data",
 }
 
 __all__ = sorted(_EXPORTS)

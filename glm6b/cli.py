@@ -16,10 +16,16 @@ ValueError: `main` prints them as one line on stderr and returns exit code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+from pathlib import Path
+import signal
 import sys
+import threading
 import time
+
+from .extras import MissingExtraError
 
 DTYPES = ("float32", "float16", "bfloat16")
 QUANTIZE_CHOICES = ("int8", "int4")
@@ -50,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line.
 
+    Every expected failure (a bad file, field or flag, a corrupt checkpoint, a full disk, a missing
+    device, Ctrl-C) ends as one line on stderr naming what was wrong and exit code 2 (130 for Ctrl-C,
+    143 for SIGTERM), without a traceback; `GLM6B_DEBUG=1` shows the traceback instead. SIGTERM is
+    turned into an exit that runs the cleanup code, so no temporary file is left behind.
+
     Args:
         argv: the arguments (without the program name); None reads sys.argv.
 
@@ -57,14 +68,66 @@ def main(argv: list[str] | None = None) -> int:
         The exit code: 0 on success, 2 on a usage or input error (printed as one line on stderr).
     """
     args = build_parser().parse_args(argv)
+    previous = _install_sigterm_handler()
     try:
         return args.func(args) or 0
-    except (OSError, ValueError) as e:
-        print(f"glm6b {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
+    except KeyboardInterrupt as e:  # training stops on Ctrl-C with a checkpoint and says where (e's message)
+        if _debug():
+            raise
+        print(f"glm6b {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
+    except _Terminated:
+        if _debug():
+            raise
+        print(f"glm6b {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    except (OSError, ValueError, MissingExtraError) as e:
+        if _debug():
+            raise
+        print(f"glm6b {args.command}: error: {error_line(e)}", file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(SystemExit):
+    """Raised by the SIGTERM handler: unwinds the stack (finally blocks, temporary-file cleanup)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated(143)
+
+
+def _install_sigterm_handler():
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _debug() -> bool:
+    return os.environ.get("GLM6B_DEBUG", "") not in ("", "0")
+
+
+def error_line(e: BaseException) -> str:
+    """One line describing an expected failure: the file, field or flag, and what was expected.
+
+    Args:
+        e: an OSError or ValueError (the package's errors derive from ValueError).
+
+    Returns:
+        The message without newlines; OSErrors name their file and, for a full disk, what to do.
+    """
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        where = f" while writing {e.filename}" if e.filename else ""
+        text = f"no space left on the device{where}; free space or choose another output folder"
+    elif isinstance(e, OSError) and e.strerror and e.filename:
+        text = f"{e.filename}: {e.strerror}"
+    elif isinstance(e, UnicodeError):
+        text = f"text that is not valid UTF-8 ({e})"
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
 
 
 # ----------------------------------------------------------------------------------- shared arguments
@@ -106,11 +169,17 @@ def _sampling_options(args: argparse.Namespace) -> dict:
 
 
 def _load(args: argparse.Namespace):
-    """(model, tokenizer) of --model; the tokenizer first, since it fails fast on a wrong folder."""
-    from .auto import AutoModel, AutoTokenizer
+    """(model, tokenizer) of --model; the tokenizer first, checked against config.json before the weights load."""
+    from .auto import AutoModel, AutoTokenizer, resolve_model_path
+    from .config import ChatGLMConfig
+    from .tokenizer import check_tokenizer_matches
 
     tokenizer = AutoTokenizer.from_pretrained(getattr(args, "tokenizer", None) or args.model)
     extra = {"config": args.config} if getattr(args, "config", None) else {}
+    model_path = resolve_model_path(args.model)  # a folder, or a MindSpore .ckpt file
+    config_path = Path(args.config) if extra else (model_path.parent if model_path.is_file() else model_path) / "config.json"
+    if config_path.is_file():
+        check_tokenizer_matches(tokenizer, ChatGLMConfig.from_json_file(config_path), args.model)
     model = AutoModel.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
                                       quantize_embeddings=args.quantize_embeddings, **extra)
     return model, tokenizer
@@ -136,10 +205,13 @@ def add_chat_command(subparsers) -> None:
 def cmd_chat(args: argparse.Namespace) -> int:
     """Run the chat loop: stream each answer, then report its speed on stderr."""
     from .inference.chat import stream_chat
+    from .tokenizer import check_text
 
     model, tokenizer = _load(args)
     options = _sampling_options(args)
     history: list[tuple[str, str]] = []
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused by the tokenizer, not fatal
+        sys.stdin.reconfigure(errors="surrogateescape")
     print("ChatGLM-6B: type a message; 'clear' resets the history, 'exit' quits.")
     while True:
         try:
@@ -158,12 +230,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print("ChatGLM-6B: ", end="", flush=True)
         start, printed, tokens, response = time.perf_counter(), "", 0, ""
         try:
+            check_text(query, "the message")
             for response, new_history in stream_chat(model, tokenizer, query, history, max_length=args.max_length,
                                                      drop_oldest=True, **options):
                 tokens += 1
                 printed = _print_delta(printed, _stable_prefix(response))
-        except ValueError as e:  # e.g. the message alone is longer than --max-length
-            print(f"\nerror: {e}", file=sys.stderr)
+        except ValueError as e:  # e.g. the message alone is longer than --max-length, or not UTF-8
+            print(f"\nerror: {error_line(e)} (the conversation so far is kept)", file=sys.stderr)
             continue
         if _print_delta(printed, response) != response:  # the end rewrote printed text (rare): show it whole
             print("\n" + response, end="")
@@ -225,8 +298,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("--input needs --output FILE")
     if args.prompt is not None and args.output is not None:
         raise ValueError("--output goes with --input; with --prompt the continuation is printed")
-    if args.output is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        raise ValueError(f"{args.output}: its folder does not exist")
+    if args.output is not None:  # before the model loads: an output that cannot be written fails now
+        from .safety import check_output_file
+
+        check_output_file(args.output, inputs=[args.input, args.model])
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.input, args.prompt_field)
 
     from tqdm import tqdm
@@ -345,13 +420,15 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 def add_run_command(subparsers) -> None:
     """`glm6b run`: train, fine-tune, evaluate or predict from a YAML recipe."""
     parser = subparsers.add_parser(
-        "run", help="train / finetune / eval / predict from a YAML recipe (configs/*.yaml)",
+        "run", help="train / finetune / eval / predict from a YAML recipe (finetune, lora, infer, lora_infer, or a file)",
         description="Run a recipe. Keys are the fields of glm6b.train.recipe's section dataclasses; --set "
                     "section.key=value (value parsed as YAML) and the short flags override the file.")
-    parser.add_argument("--config", required=True, metavar="YAML", help="the recipe, e.g. configs/lora.yaml")
+    parser.add_argument("--config", required=True, metavar="YAML",
+                        help="the recipe: a shipped one by name (finetune, lora, infer, lora_infer) or a YAML file")
     parser.add_argument("--mode", required=True, choices=("train", "finetune", "eval", "predict"),
                         help="train (from load_checkpoint or a random preset), finetune (load_checkpoint required), "
-                             "eval (teacher-forced loss on eval_data), predict (answers for --prompt or eval_data)")
+                             "eval (generate answers for eval_data and score them: BLEU-4, ROUGE-1/2/L), "
+                             "predict (answers for --prompt or eval_data)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one recipe key (repeatable)")
     parser.add_argument("--load-checkpoint", dest="load_checkpoint", metavar="PATH", help="= --set model.load_checkpoint")
@@ -392,6 +469,9 @@ def add_merge_lora_command(subparsers) -> None:
     parser.add_argument("--output", required=True, metavar="DIR", help="folder to write")
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="dtype to merge and save in (default float32: exact; float16 halves the size)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a model folder an earlier merge wrote to --output "
+                             "(other files are never deleted)")
     parser.set_defaults(func=cmd_merge_lora)
 
 
@@ -399,7 +479,8 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     """Merge and save."""
     from .train.lora import merge_lora
 
-    print(f"wrote the merged model to {merge_lora(args.base, args.adapter, args.output, dtype=args.dtype)}")
+    folder = merge_lora(args.base, args.adapter, args.output, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote the merged model to {folder}")
     return 0
 
 
@@ -415,7 +496,10 @@ def add_merge_checkpoint_command(subparsers) -> None:
                     "adapter folder, or with --base-model the merged HF folder; P-tuning -> the THUDM folder, or "
                     "with --base-model an HF folder with the prefix encoder.")
     parser.add_argument("--input", required=True, metavar="DIR", help="sharded checkpoint folder")
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder to write (replaced)")
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="folder to write: new or empty (not the run folder or the checkpoint itself)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a folder an earlier merge wrote to --output (other files are never deleted)")
     parser.add_argument("--base-model", dest="base_model", metavar="DIR", default=None,
                         help="base HF model folder (for checkpoints that hold only the trained tensors)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the written weights (default: as stored)")
@@ -424,9 +508,10 @@ def add_merge_checkpoint_command(subparsers) -> None:
 
 def cmd_merge_checkpoint(args: argparse.Namespace) -> int:
     """Merge and save."""
-    from .train.distributed import merge_checkpoint
+    from .train.export import merge_checkpoint
 
-    folder = merge_checkpoint(args.input, args.output, base_model_path=args.base_model, dtype=args.dtype)
+    folder = merge_checkpoint(args.input, args.output, base_model_path=args.base_model, dtype=args.dtype,
+                              overwrite=args.overwrite)
     print(f"wrote {folder}")
     return 0
 
@@ -461,6 +546,7 @@ def add_eval_command(subparsers) -> None:
     parser.add_argument("--temperature", type=float, default=0.95, help="with --do-sample (default 0.95)")
     parser.add_argument("--top-p", type=float, default=0.7, help="with --do-sample (default 0.7)")
     parser.add_argument("--seed", type=int, default=None, help="with --do-sample: seed for sampling")
+    parser.add_argument("--skip-bad", action="store_true", help="skip and count malformed lines instead of stopping")
     parser.set_defaults(func=cmd_eval)
 
 
@@ -474,7 +560,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
              max_source_length=args.max_source_length, max_target_length=args.max_target_length,
              prompt_column=args.prompt_column, response_column=args.response_column,
-             dtype=args.dtype, device=args.device, quantize=args.quantize,
+             dtype=args.dtype, device=args.device, skip_bad=args.skip_bad, quantize=args.quantize,
              quantize_embeddings=args.quantize_embeddings, **sampling)
     print(f"wrote {args.output_dir}/predictions.jsonl and metrics.json", file=sys.stderr)
     return 0

@@ -61,8 +61,25 @@ class ChatGLMConfig:
             if not ok:
                 raise ConfigError(f"config field '{key}' = {getattr(self, key)!r}: expected {expected}")
 
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        # Types first, so that the value checks below never compare a string or a bool with a number.
+        for key in _BOOL_FIELDS:
+            need(isinstance(getattr(self, key), bool), key, "true or false (a JSON boolean, not a string)")
+        for key in _INT_FIELDS:
+            need(is_int(getattr(self, key)), key, "an integer")
+        need(isinstance(self.layernorm_epsilon, (int, float)) and not isinstance(self.layernorm_epsilon, bool),
+             "layernorm_epsilon", "a positive number")
+        need(self.pre_seq_len is None or is_int(self.pre_seq_len), "pre_seq_len", "null or a positive integer")
+        need(self.torch_dtype is None or isinstance(self.torch_dtype, str), "torch_dtype",
+             "null or a dtype name such as \"float16\"")
+        need(self.model_type == "chatglm", "model_type",
+             "\"chatglm\" (a ChatGLM-6B config.json); other model families are not supported")
+        need(isinstance(self.architectures, list) and all(isinstance(a, str) for a in self.architectures),
+             "architectures", "a list of class names")
         for key in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "inner_hidden_size"):
-            need(isinstance(getattr(self, key), int) and getattr(self, key) > 0, key, "a positive integer")
+            need(getattr(self, key) > 0, key, "a positive integer")
         need(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
              f"a multiple of num_attention_heads ({self.num_attention_heads})")
         # 2D RoPE rotates each half of a head with pairs (i, i + d/4): d must be a multiple of 4.
@@ -136,6 +153,11 @@ class ChatGLMConfig:
     def replace(self, **changes: Any) -> "ChatGLMConfig":
         return dataclasses.replace(self, **changes)
 
+
+_BOOL_FIELDS = ("position_encoding_2d", "use_cache", "prefix_projection", "tie_word_embeddings")
+_INT_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "inner_hidden_size",
+               "max_sequence_length", "bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id",
+               "pad_token_id", "quantization_bit")
 
 # Named presets. `glm_6b` is the real THUDM/chatglm-6b shape (6.2B parameters); the small ones keep
 # the real special-token layout scaled down so that tests and benchmarks run on a laptop CPU.

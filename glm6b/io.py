@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -26,7 +28,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         The temporary path to write (not created yet).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    remove_stale_temporaries(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -38,6 +41,40 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files `atomic_path` left beside `path` in processes that no longer run
+    (killed with SIGKILL, or a power loss: no cleanup code ran). Those of live processes are kept.
+
+    Args:
+        path: the final file name.
+
+    Returns:
+        The files removed.
+    """
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)-[0-9a-f]+\.tmp$")
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for candidate in path.parent.iterdir():
+        match = pattern.match(candidate.name)
+        if match and not _process_alive(int(match.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                candidate.unlink()
+                removed.append(candidate)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], Any]) -> None:
     """Call `write_fn(tmp_path)` and atomically rename the result to `path` (see `atomic_path`)."""
     with atomic_path(path) as tmp:
@@ -47,3 +84,49 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], Any]) -> No
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write UTF-8 `text` to `path` atomically."""
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def staging_folder(folder: str | os.PathLike) -> Path:
+    """Create (empty) and return `<folder>.tmp`, the name a folder is written under before `commit_folder`."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by an interrupted write
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_folder(tmp: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Give a fully written `tmp` folder the name `folder`, replacing an older `folder` if any.
+
+    The old folder is first renamed to `<folder>.old`, so at every moment either the old or the new
+    complete folder exists under a known name.
+    """
+    tmp, folder = Path(tmp), Path(folder)
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, folder)
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield `<folder>.tmp` to fill; on success it becomes `folder`, on an exception it is removed.
+
+    Args:
+        folder: the final folder name (its parent is created if needed).
+
+    Yields:
+        The temporary folder (created, empty).
+    """
+    tmp = staging_folder(folder)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_folder(tmp, folder)

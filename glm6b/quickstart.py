@@ -24,11 +24,13 @@ from pathlib import Path
 import torch
 
 from .api import load_model
-from .checkpoint.hf import save_pretrained
+from .checkpoint.hf import MODEL_FOLDER_FILES, MODEL_FOLDER_PREFIXES, find_weight_files, save_pretrained
 from .config import ChatGLMConfig
 from .train.data import DataConfig
 from .eval.evaluate import evaluate_generation
-from .io import atomic_write_text
+from .extras import import_extra
+from .io import atomic_folder, atomic_write_text
+from .safety import check_output_dir
 from .train.lora import LoraArguments
 from .model import ChatGLMForConditionalGeneration
 from .sample_data import DEFAULT_ASSETS, chat_pairs, read_adgen_jsonl
@@ -60,6 +62,14 @@ class QuickstartSettings:
     batch_size: int = 16
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.method not in METHOD_DEFAULTS:
+            raise ValueError(f"--method {self.method!r}: expected one of {', '.join(METHOD_DEFAULTS)}")
+        for flag, value in (("--steps", self.steps), ("--pretrain-steps", self.pretrain_steps),
+                            ("--eval-examples", self.eval_examples), ("--batch-size", self.batch_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{flag} {value}: expected a positive integer")
+
 
 # Per-method learning rate and default step count, tuned on the default model.
 METHOD_DEFAULTS = {
@@ -77,7 +87,7 @@ def _training_args(settings: QuickstartSettings, output_dir: Path, steps: int, l
     return TrainingArguments(output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=settings.batch_size,
                              learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(steps // 20, 1),
                              weight_decay=0.0, seed=settings.seed, logging_steps=10, save_steps=None,
-                             tensorboard=tensorboard)
+                             tensorboard=tensorboard, overwrite_output_dir=True)  # quickstart's own folders
 
 
 def write_pretraining_data(path: Path, train_examples: list[dict[str, str]]) -> None:
@@ -97,9 +107,13 @@ def write_pretraining_data(path: Path, train_examples: list[dict[str, str]]) -> 
 def build_base_model(settings: QuickstartSettings, tokenizer) -> Path:
     """The pre-trained default base model as an HF folder (made once, then reused)."""
     base_dir = Path(settings.output_dir) / "base"
-    if (base_dir / "config.json").is_file():
+    problem = _incomplete_model_folder(base_dir)
+    if problem is None:
         print(f"Reusing the pre-trained base model in {base_dir}")
         return base_dir
+    if base_dir.exists():  # left by an interrupted earlier version: rebuild it, but never over foreign files
+        check_output_dir(base_dir, overwrite=True, owned=MODEL_FOLDER_FILES, owned_prefixes=MODEL_FOLDER_PREFIXES)
+        print(f"{base_dir} is incomplete ({problem}); building it again")
     config = ChatGLMConfig.from_json_file(DEFAULT_ASSETS / "config.json")
     torch.manual_seed(settings.seed)
     model = ChatGLMForConditionalGeneration(config)
@@ -114,8 +128,22 @@ def build_base_model(settings: QuickstartSettings, tokenizer) -> Path:
     trainer = Trainer(model=model, tokenizer=tokenizer, method="full", data_config=data, train_dataset=str(data_path),
                       args=_training_args(settings, work, settings.pretrain_steps, 3e-3, tensorboard=False))
     trainer.train()
-    save_pretrained(model, base_dir, tokenizer=tokenizer)
+    with atomic_folder(base_dir) as tmp:  # a kill while saving leaves no half-written base/
+        save_pretrained(model, tmp, tokenizer=tokenizer)
     return base_dir
+
+
+def _incomplete_model_folder(folder: Path) -> str | None:
+    """None if `folder` is a complete model folder (config, weights, tokenizer), else what is wrong."""
+    if not folder.is_dir():
+        return "missing"
+    try:
+        find_weight_files(folder)
+        ChatGLMConfig.from_json_file(folder / "config.json")
+    except ValueError as e:
+        return str(e)
+    missing = [name for name in ("ice_text.model", "tokenizer_config.json") if not (folder / name).is_file()]
+    return f"no {', '.join(missing)}" if missing else None
 
 
 def _load(base_dir: Path, method: str) -> ChatGLMForConditionalGeneration:
@@ -140,11 +168,11 @@ def run_quickstart(settings: QuickstartSettings) -> dict:
     Returns:
         {"method", "before": metrics, "after": metrics, "samples", "chat", "seconds", "output_dir"}.
     """
-    if settings.method not in METHOD_DEFAULTS:
-        raise ValueError(f"method {settings.method!r}: expected one of {', '.join(METHOD_DEFAULTS)}")
     start = time.perf_counter()
     defaults = METHOD_DEFAULTS[settings.method]
-    steps = settings.steps or defaults["steps"]
+    steps = settings.steps if settings.steps is not None else defaults["steps"]
+    for module, extra in (("matplotlib", "train"), ("peft", "train"), ("jieba", "eval"), ("rouge_chinese", "eval")):
+        import_extra(module, extra, "glm6b quickstart")  # before minutes of work, not after them
     tokenizer = load_tokenizer(DEFAULT_ASSETS)
     base_dir = build_base_model(settings, tokenizer)
     dev = read_adgen_jsonl(DEFAULT_ASSETS / "adgen" / "dev.json")[: settings.eval_examples]

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from .config import ChatGLMConfig
 from .io import atomic_write, atomic_write_text
 
 VOCAB_NAME = "ice_text.model"
@@ -79,6 +80,24 @@ def _preprocess(text: str) -> str:
         for n in range(MAX_BLANK_LENGTH, 1, -1):
             text = text.replace(" " * n, f"<|blank_{n}|>")
     return text
+
+
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(text: str, what: str = "text") -> None:
+    """Refuse text that cannot be encoded as UTF-8: lone surrogates, which is what bytes that are not
+    UTF-8 become when read with errors="surrogateescape" (command-line arguments, some terminals).
+
+    Raises:
+        TokenizerError: one line giving the position and the offending code point or byte.
+    """
+    match = _SURROGATE_RE.search(text)
+    if match:
+        code = ord(match.group())
+        shown = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise TokenizerError(f"{what} is not valid UTF-8 / Unicode text: {shown} at character {match.start()}; "
+                             f"pass UTF-8 text")
 
 
 def _postprocess(text: str) -> str:
@@ -463,6 +482,7 @@ class ChatGLMTokenizer:
         return [(part, bool(i % 2)) for i, part in enumerate(parts) if part]
 
     def _chunk_pieces(self, chunk: str) -> list[str]:
+        check_text(chunk)
         if self.remove_space:
             chunk = " ".join(chunk.strip().split())
         if self.do_lower_case:
@@ -827,6 +847,31 @@ def _convert(result: BatchEncoding, return_tensors: str | None, batched: bool) -
         else:
             out[key] = array
     return out
+
+
+def check_tokenizer_matches(tokenizer: ChatGLMTokenizer, config: ChatGLMConfig, model_source: Any = None) -> None:
+    """Check that a tokenizer belongs to a model: every id it produces has an embedding row, and its
+    special tokens ([MASK], [gMASK], <sop>, <eop>, <pad>) have the ids the model's config.json gives.
+
+    Args:
+        tokenizer: the tokenizer.
+        config: the model's config.
+        model_source: where the model came from, for the message (a folder or a name).
+
+    Raises:
+        TokenizerError: one line naming the tokenizer, the model and the first mismatch.
+    """
+    where = f"tokenizer {tokenizer.name_or_path or '(given)'} and model {model_source or '(given)'}"
+    if tokenizer.vocab_size > config.vocab_size:
+        raise TokenizerError(f"{where} do not belong together: the tokenizer has {tokenizer.vocab_size} ids but "
+                             f"the model's vocab_size is {config.vocab_size}; load the tokenizer files of the "
+                             f"model's own folder")
+    for name in ("mask", "gmask", "bos", "eos", "pad"):
+        ours, theirs = getattr(tokenizer, f"{name}_token_id"), getattr(config, f"{name}_token_id")
+        if ours != theirs:
+            raise TokenizerError(f"{where} do not belong together: the tokenizer's {name} token id is {ours}, "
+                                 f"the model's config.json has {name}_token_id = {theirs}; load the tokenizer "
+                                 f"files of the model's own folder")
 
 
 def load_tokenizer(path: str | os.PathLike) -> ChatGLMTokenizer:

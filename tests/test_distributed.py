@@ -1,4 +1,4 @@
-"""glm6b.train.distributed on CPU with gloo: TP / FSDP2 / DDP equal one process, DCP checkpoints reshard and merge.
+"""glm6b.train.parallel, .dcp and .export on CPU with gloo: TP / FSDP2 / DDP equal one process, DCP checkpoints reshard and merge.
 
 The multi-process tests share one pool of 2 spawned processes (torchrun's environment, gloo) and
 send it one job per test (see tests/dist_scripts/harness.py); the jobs are in
@@ -28,7 +28,10 @@ if not (dist.is_available() and dist.is_gloo_available()):
 from dist_scripts import workers  # noqa: E402
 from dist_scripts.harness import ProcessPool  # noqa: E402
 
-from glm6b.train import distributed as D  # noqa: E402
+from glm6b.train import dcp as DCP  # noqa: E402
+from glm6b.train import export  # noqa: E402
+from glm6b.train import parallel as D  # noqa: E402
+from glm6b.train.args import ParallelConfig  # noqa: E402
 from glm6b.checkpoint.hf import CheckpointError, load_model  # noqa: E402
 from glm6b.config import ChatGLMConfig, ConfigError  # noqa: E402
 
@@ -87,7 +90,7 @@ def assert_same_losses(ours: list[float], ref: list[float], rel: float = 1e-5) -
     (dict(model_parallel=2), 2, dict(pre_seq_len=4), "P-tuning"),
 ])
 def test_invalid_parallel_config_is_a_clear_error(layout, world, model_changes, message):
-    config = D.ParallelConfig(**layout)
+    config = ParallelConfig(**layout)
     with pytest.raises(ConfigError) as excinfo:
         config.validate(world, ChatGLMConfig.from_name("tiny", **model_changes))
     assert message in str(excinfo.value)
@@ -95,13 +98,13 @@ def test_invalid_parallel_config_is_a_clear_error(layout, world, model_changes, 
 
 def test_valid_parallel_configs():
     tiny = ChatGLMConfig.from_name("tiny")
-    D.ParallelConfig().validate(1, tiny)
-    D.ParallelConfig(data_parallel=8, optimizer_shard=True, micro_batch_num=4).validate(8, tiny)
-    D.ParallelConfig(data_parallel=2, model_parallel=4, optimizer_shard=True).validate(8, tiny)
-    D.ParallelConfig(data_parallel=4).validate(4, tiny.replace(pre_seq_len=8))
-    assert D.ParallelConfig.from_dict({"data_parallel": 2, "optimizer_shard": True}).world_size == 2
+    ParallelConfig().validate(1, tiny)
+    ParallelConfig(data_parallel=8, optimizer_shard=True, micro_batch_num=4).validate(8, tiny)
+    ParallelConfig(data_parallel=2, model_parallel=4, optimizer_shard=True).validate(8, tiny)
+    ParallelConfig(data_parallel=4).validate(4, tiny.replace(pre_seq_len=8))
+    assert ParallelConfig.from_dict({"data_parallel": 2, "optimizer_shard": True}).world_size == 2
     with pytest.raises(ConfigError, match="unknown key.*expert_parallel"):
-        D.ParallelConfig.from_dict({"expert_parallel": 2})
+        ParallelConfig.from_dict({"expert_parallel": 2})
 
 
 def test_qkv_row_chunks_hold_whole_heads():
@@ -127,7 +130,7 @@ def test_single_process_is_a_no_op(monkeypatch):
     info = D.init_distributed()
     assert (info.rank, info.world_size, D.get_world_size(), D.is_main_process()) == (0, 1, 1, True)
     D.barrier()
-    config = D.ParallelConfig()
+    config = ParallelConfig()
     mesh = D.build_mesh(config)
     assert mesh is None
     model = workers.tiny_model()
@@ -137,7 +140,7 @@ def test_single_process_is_a_no_op(monkeypatch):
     assert D.rank_zero_only(lambda: 7)() == 7
     assert D.data_parallel_shard(range(5), mesh) == [0, 1, 2, 3, 4]
     with pytest.raises(ConfigError, match="must equal the number of processes, which is 1"):
-        D.build_mesh(D.ParallelConfig(data_parallel=2))
+        D.build_mesh(ParallelConfig(data_parallel=2))
 
 
 # ----------------------------------------------------------------------------------- 2 processes
@@ -191,7 +194,7 @@ def test_ddp_matches_single_process(pool, tmp_path):
     assert_same_params(result["params"], reference["params"])
     model = workers.tiny_model()
     optimizer = workers.make_optimizer(model)
-    D.load_sharded({"model": model, "optimizer": optimizer}, checkpoint)
+    DCP.load_sharded({"model": model, "optimizer": optimizer}, checkpoint)
     assert_same_tensors(workers.trainable_params(model), result["params"], rel=0, what="DDP -> 1 process:")
 
 
@@ -217,7 +220,7 @@ def test_sharded_checkpoint_reshards_and_merges(pool, tmp_path):
                      kind="full", shard=True, steps=1, save_to=str(two_rank_dir))
     assert saved["shards"] == ["__0_0.distcp", "__1_0.distcp"]
     assert not two_rank_dir.with_name("fsdp2-step1.tmp").exists()
-    info = D.read_checkpoint_info(two_rank_dir)
+    info = DCP.read_checkpoint_info(two_rank_dir)
     assert (info["kind"], info["trainable_only"], info["world_size"]) == ("full", False, 2)
     assert info["parallel"]["optimizer_shard"] is True
     assert info["keys"] == ["model", "optimizer", "rank0", "rank1", "scheduler", "trainer"]
@@ -230,9 +233,9 @@ def test_sharded_checkpoint_reshards_and_merges(pool, tmp_path):
     optimizer = workers.make_optimizer(model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "trainer": {}}
-    D.load_sharded(state, two_rank_dir)
+    DCP.load_sharded(state, two_rank_dir)
     assert state["trainer"] == {"global_step": 1, "seed": 42}
-    assert D.load_sharded({"model": model, "rank1": None}, two_rank_dir)["rank1"] == {"rank": 1}  # rank 1's own
+    assert DCP.load_sharded({"model": model, "rank1": None}, two_rank_dir)["rank1"] == {"rank": 1}  # rank 1's own
     assert scheduler.state_dict()["last_epoch"] == saved["scheduler"]["last_epoch"] == 1
     assert_same_tensors(workers.trainable_params(model), saved["params"], rel=0, what="1-process load:")
     loaded_optimizer = workers.optimizer_state(model, optimizer)
@@ -240,7 +243,7 @@ def test_sharded_checkpoint_reshards_and_merges(pool, tmp_path):
         assert_same_tensors(loaded_optimizer[name], st, rel=0, what=f"optimizer state {name}:")
 
     # merge -> HF folder.
-    merged = D.merge_checkpoint(two_rank_dir, tmp_path / "merged")
+    merged = export.merge_checkpoint(two_rank_dir, tmp_path / "merged")
     assert sorted(p.name for p in merged.iterdir()) == ["config.json", "ice_text.model", "model.safetensors",
                                                        "tokenizer_config.json"]
     reloaded = load_model(merged)
@@ -250,7 +253,7 @@ def test_sharded_checkpoint_reshards_and_merges(pool, tmp_path):
     # 1 process -> 2 ranks in another layout (tensor parallel).
     optimizer.step()  # a state the 2-rank run never had
     one_dir = tmp_path / "single"
-    D.save_sharded({"model": model, "optimizer": optimizer, "scheduler": scheduler, "trainer": {"global_step": 2}},
+    DCP.save_sharded({"model": model, "optimizer": optimizer, "scheduler": scheduler, "trainer": {"global_step": 2}},
                    one_dir)
     assert [p.name for p in one_dir.glob("*.distcp")] == ["__0_0.distcp"]
     loaded = pool.run("dist_scripts.workers.load_checkpoint", tmp_path / "job2", timeout_s=JOB_TIMEOUT_S,
@@ -269,10 +272,10 @@ def test_fsdp_lora_matches_single_process_and_merges(pool, tmp_path):
     result = pool.run("dist_scripts.workers.data_parallel", tmp_path / "job1", timeout_s=JOB_TIMEOUT_S,
                       kind="lora", shard=True, checkpointing=True, save_to=str(checkpoint),
                       final_to=str(tmp_path / "final"))
-    info = D.read_checkpoint_info(checkpoint)
+    info = DCP.read_checkpoint_info(checkpoint)
     assert (info["kind"], info["trainable_only"]) == ("lora", True)
     assert (checkpoint / "adapter_config.json").is_file()
-    stored = D.load_full_model_state(checkpoint)
+    stored = DCP.load_full_model_state(checkpoint)
     assert stored and all(".lora_" in name for name in stored)  # no frozen base, no tied lm_head
     merge = pool.run("dist_scripts.workers.lora_reference_and_merge", tmp_path / "job2", timeout_s=JOB_TIMEOUT_S,
                      checkpoint=str(checkpoint), base_dir=str(tmp_path / "base"),
@@ -325,31 +328,51 @@ def test_fsdp_with_tensor_parallel_2d(tmp_path):
     assert_same_losses(result["losses"], reference["losses"])
     assert_same_params(result["params"], reference["params"])
     model = workers.tiny_model()
-    D.load_sharded({"model": model}, checkpoint)
+    DCP.load_sharded({"model": model}, checkpoint)
     assert_same_tensors(workers.trainable_params(model), result["params"], rel=0, what="2-D -> 1 process:")
 
 
 # ----------------------------------------------------------------------------------- checkpoint errors
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+@pytest.mark.parametrize("layout,method", [
+    (dict(data_parallel=2), "lora"),  # DDP
+    (dict(data_parallel=2, optimizer_shard=True), "full"),  # FSDP2 (bf16: the mixed-precision policy)
+    (dict(model_parallel=2), "lora"),  # tensor parallel
+], ids=["ddp", "fsdp2", "tp"])
+def test_generation_during_training(pool, tmp_path, layout, method, bf16):
+    """eval_steps with BLEU/ROUGE and predict() on the parallelized model, in float32 and under bf16."""
+    from helpers import write_adgen_sample
+
+    data = write_adgen_sample(tmp_path / "train.json")
+    result = pool.run("dist_scripts.workers.trainer_with_generation", tmp_path / "job", timeout_s=2 * JOB_TIMEOUT_S,
+                      data_file=str(data), layout=layout, method=method, bf16=bf16)
+    assert [r["step"] for r in result["eval"]] == [1, 2]
+    for record in result["eval"]:
+        assert {"eval_loss", "bleu-4", "rouge-1", "rouge-2", "rouge-l"} <= record.keys()
+        assert record["eval_loss"] == record["eval_loss"] and record["eval_loss"] > 0  # finite, not NaN
+    assert len(result["predictions"]) == 2 and all(isinstance(t, str) for t in result["predictions"])
+
+
 def test_sharded_checkpoint_errors(tmp_path):
     model = workers.tiny_model()
     with pytest.raises(CheckpointError, match="expected a sharded \\(DCP\\) checkpoint"):
-        D.load_sharded({"model": model}, GOLDEN)
+        DCP.load_sharded({"model": model}, GOLDEN)
     with pytest.raises(CheckpointError, match="does not exist"):
-        D.merge_checkpoint(tmp_path / "nothing", tmp_path / "out")
-    directory = D.save_sharded({"model": model}, tmp_path / "ckpt")
+        export.merge_checkpoint(tmp_path / "nothing", tmp_path / "out")
+    directory = DCP.save_sharded({"model": model}, tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match="has no optimizer"):
-        D.load_sharded({"model": model, "optimizer": workers.make_optimizer(model)}, directory)
+        DCP.load_sharded({"model": model, "optimizer": workers.make_optimizer(model)}, directory)
     with pytest.raises(CheckpointError, match="is a full checkpoint; the model to load it into is ptuning"):
-        D.load_sharded({"model": workers.tiny_model(pre_seq_len=4)}, directory)
+        DCP.load_sharded({"model": workers.tiny_model(pre_seq_len=4)}, directory)
     other = ChatGLMConfig.from_name("tiny", inner_hidden_size=256)
     with pytest.raises(CheckpointError, match="cannot load the sharded checkpoint into this model"):
-        D.load_sharded({"model": type(model)(other)}, directory)
+        DCP.load_sharded({"model": type(model)(other)}, directory)
     # A second save replaces the folder atomically and leaves no .tmp / .old behind.
-    D.save_sharded({"model": model, "step": 3}, directory)
+    DCP.save_sharded({"model": model, "step": 3}, directory)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
-    assert json.loads((directory / D.CHECKPOINT_INFO_NAME).read_text())["keys"] == ["model", "step"]
+    assert json.loads((directory / DCP.CHECKPOINT_INFO_NAME).read_text())["keys"] == ["model", "step"]
 
 
 def test_ptuning_checkpoint_merges(tmp_path):
@@ -362,24 +385,24 @@ def test_ptuning_checkpoint_merges(tmp_path):
     model = workers.tiny_model(pre_seq_len=4)
     with torch.no_grad():
         model.transformer.prefix_encoder.embedding.weight.add_(1.0)  # "trained"
-    directory = D.save_sharded({"model": model}, tmp_path / "ckpt", tokenizer=GOLDEN)
-    info = D.read_checkpoint_info(directory)
+    directory = DCP.save_sharded({"model": model}, tmp_path / "ckpt", tokenizer=GOLDEN)
+    info = DCP.read_checkpoint_info(directory)
     assert (info["kind"], info["trainable_only"]) == ("ptuning", True)
     prefix = model.transformer.prefix_encoder.embedding.weight.detach()
 
-    folder = D.merge_checkpoint(directory, tmp_path / "ptuning")
+    folder = export.merge_checkpoint(directory, tmp_path / "ptuning")
     assert {"pytorch_model.bin", "config.json", "ice_text.model"} <= {p.name for p in folder.iterdir()}
     loaded = load_model(base_dir, ptuning_checkpoint=folder)
     assert torch.equal(loaded.transformer.prefix_encoder.embedding.weight, prefix)
 
-    full = D.merge_checkpoint(directory, tmp_path / "full", base_model_path=base_dir, dtype="bfloat16")
+    full = export.merge_checkpoint(directory, tmp_path / "full", base_model_path=base_dir, dtype="bfloat16")
     loaded = load_model(full, dtype=torch.float32)
     assert loaded.config.pre_seq_len == 4
     assert torch.equal(loaded.transformer.prefix_encoder.embedding.weight, prefix.bfloat16().float())
     expected = workers.tiny_model().transformer.layers[1].mlp.dense_4h_to_h.weight.bfloat16().float()
     assert torch.equal(loaded.transformer.layers[1].mlp.dense_4h_to_h.weight, expected)
 
-    full_only = D.save_sharded({"model": workers.tiny_model()}, tmp_path / "trainable", trainable_only=True)
+    full_only = DCP.save_sharded({"model": workers.tiny_model()}, tmp_path / "trainable", trainable_only=True)
     with pytest.raises(CheckpointError, match="pass base_model_path"):
-        D.merge_checkpoint(full_only, tmp_path / "nope")
+        export.merge_checkpoint(full_only, tmp_path / "nope")
     assert not (tmp_path / "nope").exists() and not (tmp_path / "nope.tmp").exists()

@@ -338,7 +338,7 @@ def test_cli_quantize_flag_loads_quantized(capsys):
 
 @pytest.mark.parametrize("mode", ["eval", "predict"])
 def test_run_and_eval_commands_take_quantize(tmp_path, mode, capsys):
-    configs = Path(__file__).parent.parent / "configs"
+    configs = Path(__file__).parent.parent / "glm6b" / "configs"
     data = tmp_path / "dev.json"
     rows = [{"content": ex["prompt"], "summary": ex["answer"]} for ex in golden_cases()["train_adgen"]["examples"]]
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -354,10 +354,10 @@ def test_run_and_eval_commands_take_quantize(tmp_path, mode, capsys):
                      "--quantize", "int4", "--max-new-tokens", "3", "--max-source-length", "24"]) == 0
         assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["settings"]["quantization_bit"] == 4
     else:
-        train = ["run", "--config", str(configs / "lora.yaml"), "--mode", "finetune", "--load-checkpoint",
+        train = ["run", "--config", str(configs / "finetune.yaml"), "--mode", "finetune", "--load-checkpoint",
                  str(GOLDEN), "--train-data", str(data), "--output-dir", str(tmp_path / "ft"), "--quantize", "int4"]
-        assert main(train) == 2
-        assert "model.quantize = 'int4' is for eval and predict only" in capsys.readouterr().err
+        assert main(train) == 2  # LoRA and P-tuning train on a quantized base; full fine-tuning cannot
+        assert "model.quantize = 'int4' with method full" in capsys.readouterr().err
         from glm6b.train.trainer import ModelArguments, Trainer, TrainingArguments
 
         trainer = Trainer(model_args=ModelArguments(load_checkpoint=str(GOLDEN), dtype="float32", quantize="int8"),

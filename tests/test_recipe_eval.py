@@ -12,7 +12,7 @@ from glm6b.tokenizer import load_tokenizer
 from glm6b.train.trainer import Trainer, TrainingArguments
 from helpers import GOLDEN, golden_cases
 
-CONFIGS = Path(__file__).parent.parent / "configs"
+CONFIGS = Path(__file__).parent.parent / "glm6b" / "configs"
 METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
 
 torch.set_num_threads(1)
@@ -91,3 +91,30 @@ def test_run_eval_mode_uses_the_recipe_sampling_settings(tmp_path, adgen_file, c
     used = json.loads((tmp_path / "metrics.json").read_text())["settings"]["generation"]
     assert used["do_sample"] is True and used["temperature"] == 0.5 and used["top_k"] == 3
     assert used["seed"] == 7 and used["repetition_penalty"] == 1.2
+
+
+def test_run_eval_mode_scores_the_prompt_the_model_was_trained_on(tmp_path, capsys):
+    """Train a LoRA adapter with a source prefix and a history column, then `run --mode eval` it with the
+    same recipe: the prompts it generates from carry the prefix and the history, as in training."""
+    from glm6b.cli import main
+    from glm6b.train.data import render_prompt
+
+    rows = [{"content": "类型#裤*颜色#黑色", "summary": "黑色裤子百搭。", "history": [["你好", "你好！"]]},
+            {"content": "类型#上衣*风格#复古", "summary": "复古上衣很好看。", "history": []}]
+    data_file = tmp_path / "chat.json"
+    data_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    shared = ["--config", str(CONFIGS / "lora.yaml"), "--load-checkpoint", str(GOLDEN),
+              "--set", "data.source_prefix=广告：", "--set", "data.history_column=history",
+              "--set", "data.max_source_length=40", "--set", "data.max_target_length=8",
+              "--set", "trainer.disable_tqdm=true", "--set", "model.dtype=float32", "--set", "trainer.tensorboard=false"]
+    assert main(["run", "--mode", "finetune", "--train-data", str(data_file), "--output-dir", str(tmp_path / "train"),
+                 "--max-steps", "2", "--batch-size", "2", "--set", "trainer.save_steps=null", *shared]) == 0
+    adapter = tmp_path / "train" / "final"
+    assert main(["run", "--mode", "eval", "--eval-data", str(data_file), "--output-dir", str(tmp_path / "eval"),
+                 "--set", f"model.adapter={adapter}", "--set", "generation.max_new_tokens=4", *shared]) == 0, \
+        capsys.readouterr().err
+    records = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == [render_prompt(r["content"], r["history"], "广告：") for r in rows]
+    assert records[0]["prompt"].startswith("广告：[Round 0]")
+    settings = json.loads((tmp_path / "eval" / "metrics.json").read_text())["settings"]
+    assert settings["source_prefix"] == "广告：" and settings["history_column"] == "history"

@@ -13,7 +13,7 @@ from glm6b.tokenizer import load_tokenizer
 from glm6b.train.trainer import Trainer, TrainingArguments
 from helpers import GOLDEN, assert_close_rel, golden_cases, write_adgen_sample
 
-CONFIGS = Path(__file__).parent.parent / "configs"
+CONFIGS = Path(__file__).parent.parent / "glm6b" / "configs"
 DATA = DataConfig(max_source_length=24, max_target_length=20)
 
 
@@ -238,3 +238,59 @@ def test_recipe_errors_name_file_line_and_key(tmp_path, capsys):
     assert (overridden.trainer.learning_rate, overridden.trainer.batch_size, overridden.trainer.max_steps) == (1e-4, 2, 5)
     assert main(["run", "--config", str(recipe), "--mode", "train", "--train-data", "x.json"]) == 2
     assert "must equal the number of processes, which is 1" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def varied_rows(tok, tmp_path_factory):
+    """32 ADGEN-style rows whose answers have different token counts."""
+    from glm6b.sample_data import make_adgen_examples, write_adgen_jsonl
+
+    path = tmp_path_factory.mktemp("varied") / "train.json"
+    write_adgen_jsonl(path, make_adgen_examples(32, seed=3))
+    dataset = JsonlDataset(path, tok, DataConfig(max_source_length=24, max_target_length=40))
+    targets = {int((torch.as_tensor(dataset[i]["labels"]) != -100).sum()) for i in range(len(dataset))}
+    assert len(targets) > 3  # the split matters only when rows differ in target length
+    return dataset
+
+
+def _step_gradients(tmp_path, tok, dataset, batch, accum, normalization):
+    """Losses of 2 steps over the same 32 rows, and the gradients each optimizer step applied."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    grads = []
+
+    def keep(optimizer, *_):
+        grads.append([p.grad.detach().clone() for group in optimizer.param_groups for p in group["params"]])
+
+    handle = register_optimizer_step_pre_hook(keep)
+    try:
+        trainer = Trainer(model=load_model(GOLDEN, dtype=torch.float32), tokenizer=tok, method="full",
+                          train_dataset=dataset,
+                          args=args(tmp_path, max_steps=2, per_device_train_batch_size=batch,
+                                    gradient_accumulation_steps=accum, loss_normalization=normalization,
+                                    learning_rate=1e-3, max_grad_norm=0.0))
+        out = trainer.train()
+    finally:
+        handle.remove()
+    return out.losses, grads
+
+
+def test_token_normalised_loss_does_not_depend_on_the_micro_batch_split(tmp_path, tok, varied_rows):
+    losses_4x8, grads_4x8 = _step_gradients(tmp_path / "a", tok, varied_rows, 4, 8, "token")
+    losses_2x16, grads_2x16 = _step_gradients(tmp_path / "b", tok, varied_rows, 2, 16, "token")
+    assert all(abs(a - b) <= 2e-6 * abs(b) for a, b in zip(losses_4x8, losses_2x16)), (losses_4x8, losses_2x16)
+    for step_a, step_b in zip(grads_4x8, grads_2x16):
+        for a, b in zip(step_a, step_b):
+            assert_close_rel(a, b, rel=1e-4, what="gradient")
+    # The same loss as one micro-batch holding all 32 rows, which is what it claims to be.
+    whole, _ = _step_gradients(tmp_path / "c", tok, varied_rows, 32, 1, "token")
+    assert abs(whole[0] - losses_4x8[0]) <= 2e-6 * whole[0]
+    # The older definition (a mean of micro-batch means) does depend on the split.
+    old_4x8, _ = _step_gradients(tmp_path / "d", tok, varied_rows, 4, 8, "per_micro_batch")
+    old_2x16, _ = _step_gradients(tmp_path / "e", tok, varied_rows, 2, 16, "per_micro_batch")
+    assert abs(old_4x8[0] - old_2x16[0]) > 1e-5 * old_4x8[0]
+
+
+def test_loss_normalization_is_checked():
+    with pytest.raises(ValueError, match="loss_normalization='mean'"):
+        TrainingArguments(loss_normalization="mean")

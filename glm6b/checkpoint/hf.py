@@ -62,6 +62,12 @@ WEIGHT_LAYOUTS = (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME
 _WEIGHT_FILE_RE = re.compile(
     r"^(model\.safetensors|model\.safetensors\.index\.json|model-\d{5}-of-\d{5}\.safetensors"
     r"|pytorch_model\.bin|pytorch_model\.bin\.index\.json|pytorch_model-\d{5}-of-\d{5}\.bin)$")
+# What a saved model folder holds (weights, config, tokenizer, P-tuning and adapter files): the files
+# merge commands may replace with --overwrite (see glm6b.safety.check_output_dir).
+MODEL_FOLDER_FILES = (CONFIG_NAME, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME,
+                      "ice_text.model", "tokenizer_config.json", "adapter_config.json", "adapter_model.safetensors",
+                      "README.md")
+MODEL_FOLDER_PREFIXES = ("model-", "pytorch_model-")
 PREFIX_ENCODER = "transformer.prefix_encoder."
 _HF_FILES = "config.json, pytorch_model-*.bin or *.safetensors, ice_text.model, tokenizer_config.json"
 
@@ -233,8 +239,41 @@ def iter_checkpoint_tensors(folder: str | os.PathLike,
 # ----------------------------------------------------------------------------------- loading
 
 
+def check_device(device: torch.device | str | None) -> torch.device:
+    """The torch.device for `device` (None: cpu), checked to exist in this PyTorch build and machine.
+
+    Args:
+        device: "cpu", "cuda", "cuda:1", "mps", a torch.device, or None.
+
+    Returns:
+        The device.
+
+    Raises:
+        ValueError: an unknown device name, a CUDA device on a build or machine without CUDA (or
+            with fewer GPUs), an MPS device where MPS is unavailable.
+    """
+    try:
+        resolved = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r}: expected cpu, cuda, cuda:N or mps") from None
+    if resolved.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise ValueError(f"device {str(device)!r}: this PyTorch build ({torch.__version__}) has no CUDA "
+                             f"support; use --device cpu or install a CUDA build of PyTorch")
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError(f"device {str(device)!r}: no CUDA GPU is visible (CUDA_VISIBLE_DEVICES, driver); "
+                             f"use --device cpu")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {str(device)!r}: only {count} CUDA GPU(s) are visible "
+                             f"(cuda:0 to cuda:{count - 1})")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: MPS is not available on this machine; use --device cpu")
+    return resolved
+
+
 def _resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
-    device = torch.device("cpu" if device is None else device)
+    device = check_device(device)
     if isinstance(dtype, str):
         name = dtype.removeprefix("torch.")
         dtype = getattr(torch, name, None)
@@ -572,6 +611,23 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
+def estimate_model_bytes(config: ChatGLMConfig, dtype: torch.dtype | str | None = torch.float32) -> int:
+    """Bytes the weights of a model with `config` take when saved in `dtype` (the tied lm_head once).
+
+    Args:
+        config: the architecture.
+        dtype: the saved dtype (a torch.dtype or its name; None: float32).
+
+    Returns:
+        The size of the weight files, without the (small) config and tokenizer files.
+    """
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."))
+    element = torch.empty((), dtype=dtype or torch.float32).element_size()
+    model = ChatGLMForConditionalGeneration(config, device="meta")
+    return sum(t.numel() for t in _tensors_to_save(model).values()) * element
+
+
 def parse_size(size: int | str) -> int:
     """Bytes from an int or a string like "2GB" (10^9), "200KB", "1.5GiB" (2^30)."""
     if isinstance(size, int):
@@ -660,6 +716,8 @@ def save_pretrained(model: ChatGLMForConditionalGeneration, directory: str | os.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for index in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME):  # an old index would point at shards being replaced
+        (directory / index).unlink(missing_ok=True)
     max_bytes = parse_size(max_shard_size)
     tensors = _tensors_to_save(model)
     shards = _plan_shards(tensors, max_bytes)

@@ -42,12 +42,14 @@ import torch
 
 from ..auto import resolve_model_path
 from ..checkpoint.hf import load_model
+from ..config import ChatGLMConfig
 from ..io import atomic_write_text
+from ..safety import OutputError, check_output_file
 from ..train.data import DataConfig, DataError, ReadStats, iter_examples
 from ..inference.generation import GenerationConfig, generate, make_generation_config
 from ..train.lora import load_adapter
 from .metrics import METRIC_NAMES, compute_metrics
-from ..tokenizer import load_tokenizer
+from ..tokenizer import check_tokenizer_matches, load_tokenizer
 
 PREDICTIONS_NAME = "predictions.jsonl"
 METRICS_NAME = "metrics.json"
@@ -253,6 +255,8 @@ def run_eval(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    skip_bad: bool = False,
+    data_config: DataConfig | None = None,
     quantize: str | None = None,
     quantize_embeddings: bool = False,
     **generation_kwargs,
@@ -281,6 +285,11 @@ def run_eval(
         prompt_column, response_column: jsonl fields (ADGEN: "content", "summary").
         dtype, device: where and how to load the model (see glm6b.checkpoint.hf.load_model).
         progress: show a progress bar and print the results table.
+        skip_bad: skip (and count) malformed lines instead of stopping at the first one (ignored
+            when data_config is given: its own skip_bad applies).
+        data_config: the training run's data settings (source_prefix, history_column, columns,
+            lengths); when given, it replaces max_source_length, max_target_length, prompt_column and
+            response_column, so the prompts are exactly those the model was trained on.
         quantize, quantize_embeddings: weight-only int8/int4 at load (see glm6b.checkpoint.hf.load_model).
         **generation_kwargs: GenerationConfig fields (do_sample, temperature, top_p, top_k, seed, ...);
             greedy by default.
@@ -295,29 +304,37 @@ def run_eval(
     """
     if mode not in ("eval", "predict"):
         raise ValueError(f"mode={mode!r}: expected 'eval' or 'predict'")
-    data_config = DataConfig(max_source_length=max_source_length, max_target_length=max_target_length,
-                             prompt_column=prompt_column, response_column=response_column)
+    if data_config is None:
+        data_config = DataConfig(max_source_length=max_source_length, max_target_length=max_target_length,
+                                 prompt_column=prompt_column, response_column=response_column, skip_bad=skip_bad)
     if max_new_tokens is None:
-        max_new_tokens = max_target_length
-    # Check cheap things (data, options) before the expensive model load.
+        max_new_tokens = data_config.max_target_length
+    # Check cheap things (outputs, data, options) before the expensive model load.
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise OutputError(f"--output-dir {output_dir} is a file; expected a folder")
+    if Path(output_dir).is_dir():  # e.g. the data file itself named predictions.jsonl in that folder
+        for name in ("predictions.jsonl", "metrics.json"):
+            check_output_file(Path(output_dir) / name, inputs=[data_path], flag="--output-dir")
     examples, stats = read_eval_examples(data_path, data_config, mode)
     generation = make_generation_config(max_new_tokens=max_new_tokens, **generation_kwargs)
 
     folder = resolve_model_path(model_path)
     tokenizer = load_tokenizer(folder)
+    check_tokenizer_matches(tokenizer, ChatGLMConfig.from_json_file(folder / "config.json"), model_path)
     generation = make_generation_config(generation, allowed_vocab_size=len(tokenizer))
     model = load_model(folder, dtype=dtype, device=device, quantize=quantize, quantize_embeddings=quantize_embeddings)
     if adapter is not None:
         model = load_adapter(model, adapter)  # not merged
     prompts = [ex.prompt for ex in examples]
     predictions, timing = generate_predictions(model, tokenizer, prompts, batch_size=batch_size,
-                                               max_source_length=max_source_length, generation_config=generation,
+                                               max_source_length=data_config.max_source_length,
+                                               generation_config=generation,
                                                max_new_tokens=max_new_tokens, progress=progress)
 
     records = [{"prompt": p, "prediction": pred} for p, pred in zip(prompts, predictions)]
     summary: dict = {}
     if mode == "eval":
-        references = reference_texts(tokenizer, [ex.answer for ex in examples], max_target_length)
+        references = reference_texts(tokenizer, [ex.answer for ex in examples], data_config.max_target_length)
         scores = compute_metrics(predictions, references)
         for record, reference, example_scores in zip(records, references, scores["per_example"]):
             record["reference"] = reference
@@ -333,11 +350,13 @@ def run_eval(
             "adapter": None if adapter is None else str(adapter),
             "data": str(data_path),
             "batch_size": batch_size,
-            "max_source_length": max_source_length,
-            "max_target_length": max_target_length,
+            "max_source_length": data_config.max_source_length,
+            "max_target_length": data_config.max_target_length,
             "max_new_tokens": max_new_tokens,
-            "prompt_column": prompt_column,
-            "response_column": response_column,
+            "prompt_column": data_config.prompt_column,
+            "response_column": data_config.response_column,
+            "history_column": data_config.history_column,
+            "source_prefix": data_config.source_prefix,
             "dtype": str(unwrap_peft(model).dtype).removeprefix("torch."),
             "device": str(unwrap_peft(model).device),
             "quantization_bit": unwrap_peft(model).config.quantization_bit,

@@ -31,9 +31,12 @@ def _load_scorers():
     """Import jieba / rouge_chinese / nltk once, silencing jieba's dictionary-loading messages."""
     global _scorers
     if _scorers is None:
-        import jieba
-        from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
-        from rouge_chinese import Rouge
+        from ..extras import import_extra
+
+        jieba = import_extra("jieba", "eval", "BLEU-4 / ROUGE scoring")
+        bleu = import_extra("nltk.translate.bleu_score", "eval", "BLEU-4 / ROUGE scoring")
+        Rouge = import_extra("rouge_chinese", "eval", "BLEU-4 / ROUGE scoring").Rouge
+        sentence_bleu, SmoothingFunction = bleu.sentence_bleu, bleu.SmoothingFunction
 
         jieba.setLogLevel(logging.WARNING)  # jieba logs "Building prefix dict ..." to stderr at DEBUG
         _scorers = (jieba, Rouge(), sentence_bleu, SmoothingFunction().method3)

@@ -16,6 +16,7 @@ import os
 from collections.abc import Sequence
 
 from ..auto import AutoModel, AutoTokenizer
+from ..tokenizer import check_tokenizer_matches
 from .generation import generate, make_generation_config
 
 SUPPORTED_TASKS = ("text_generation",)
@@ -37,6 +38,7 @@ class TextGenerationPipeline:
     def __init__(self, model, tokenizer, batch_size: int = 8, **gen):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_tokenizer_matches(tokenizer, model.config)
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size

@@ -43,6 +43,10 @@ def build_mask_and_positions(
     t = torch.arange(length, device=device)
     pad = torch.zeros(batch, dtype=torch.long, device=device)
     if padding_mask is not None:
+        steps = padding_mask.to(torch.long).diff(dim=1)
+        if (steps < 0).any():  # a pad after a real token: right padding would shift every position
+            raise InputError(f"attention_mask row {int((steps < 0).any(dim=1).nonzero()[0])} has padding after real "
+                             f"tokens: ChatGLM-6B batches are left-padded (the tokenizer pads on the left)")
         pad = length - padding_mask.to(torch.long).sum(dim=1)
     real = t[None, :] >= pad[:, None]  # [B, T]
 

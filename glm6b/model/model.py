@@ -380,6 +380,9 @@ class ChatGLMForConditionalGeneration(nn.Module):
         source = input_ids if input_ids is not None else inputs_embeds
         if source is None:
             raise InputError("forward needs input_ids or inputs_embeds")
+        if unused:  # HF-style past_key_values / use_cache, or a typo: refuse rather than ignore
+            raise InputError(f"forward got unknown keyword argument(s) {', '.join(sorted(unused))}; the KV cache is "
+                             f"passed as kv_cache=KVCache(...) (there is no past_key_values / use_cache)")
         batch, length = source.shape[:2]
         first_call = kv_cache is None or kv_cache.length == 0
         padding_mask = None

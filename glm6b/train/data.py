@@ -276,7 +276,7 @@ def iter_examples(path: str | os.PathLike, config: DataConfig, stats: ReadStats 
             if problem is not None:
                 message = f"{path}, line {lineno}: {problem}"
                 if not skip_bad:
-                    raise DataError(message + " (pass --skip-bad / skip_bad=True to skip such lines)")
+                    raise DataError(message + " (to skip such lines: --skip-bad, or data.skip_bad: true in a recipe)")
                 stats.skipped_bad += 1
                 if len(stats.bad_lines) < 10:
                     stats.bad_lines.append(message)

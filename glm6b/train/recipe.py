@@ -1,15 +1,16 @@
 """Recipes: YAML files whose sections are dataclasses, a strict loader, and `run` for `glm6b run`.
 
-A recipe (configs/finetune.yaml, lora.yaml, infer.yaml, lora_infer.yaml) has a top-level `method`
-and one mapping per section; every key is exactly a field name of that section's dataclass:
+A recipe (glm6b/configs/finetune.yaml, lora.yaml, infer.yaml, lora_infer.yaml: `--config lora` finds
+them by name) has a top-level `method` and one mapping per section; every key is exactly a field
+name of that section's dataclass:
 
     method      full | lora | ptuning
-    model:      glm6b.train.trainer.ModelArguments
+    model:      glm6b.train.args.ModelArguments
     data:       glm6b.train.data.DataConfig
-    trainer:    glm6b.train.trainer.TrainingArguments
+    trainer:    glm6b.train.args.TrainingArguments
     lora:       glm6b.train.lora.LoraArguments
     generation: glm6b.inference.generation.GenerationConfig
-    parallel:   glm6b.train.distributed.ParallelConfig (data_parallel, model_parallel, pipeline_stage,
+    parallel:   glm6b.train.args.ParallelConfig (data_parallel, model_parallel, pipeline_stage,
                 micro_batch_num, optimizer_shard); checked against the process count by `run`
 
 An unknown key, a duplicated key or a value of the wrong type is a RecipeError naming the file, the
@@ -32,12 +33,13 @@ from typing import Any, Literal
 
 import yaml
 
+from .args import ModelArguments, ParallelConfig, TrainingArguments
 from .data import DataConfig
-from .distributed import ParallelConfig
 from ..inference.generation import GenerationConfig
 from .lora import LoraArguments
-from .trainer import ModelArguments, TrainingArguments
 
+# The four recipes shipped inside the package (`--config lora` finds glm6b/configs/lora.yaml).
+PACKAGED_RECIPES = Path(__file__).resolve().parent.parent / "configs"
 Mode = Literal["train", "finetune", "eval", "predict"]
 MODES = ("train", "finetune", "eval", "predict")
 
@@ -166,8 +168,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         line = f", line {mark.line + 1}" if mark is not None else ""
         raise RecipeError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     tree: dict[str, Any] = {}
-    if root is None:
-        return tree
+    if root is None or isinstance(root, yaml.MappingNode) and not root.value:
+        raise RecipeError(f"{path}: the recipe is empty; expected at least 'method: full | lora | ptuning' and the "
+                          f"sections to set ({', '.join(SECTIONS)}), e.g. glm6b/configs/lora.yaml")
     if not isinstance(root, yaml.MappingNode):
         raise RecipeError(f"{_where(str(path), root)}: a recipe is a mapping of sections "
                           f"(method, {', '.join(SECTIONS)})")
@@ -229,6 +232,11 @@ def _build_section(name: str, entries: dict[str, _Entry]) -> Any:
         raise RecipeError(f"{named[0] if named else name}: section '{name}': {e}") from None
 
 
+def _check_entry(section: str, key: str, entry: _Entry) -> None:
+    """Check one override's key and type (and the section's value checks with only that key set)."""
+    _build_section(section, {key: entry})
+
+
 def parse_override(text: str) -> tuple[str, str, Any]:
     """`section.key=value` (or `method=value`) -> (section, key, value parsed with yaml.safe_load).
 
@@ -248,12 +256,35 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section.strip(), key.strip(), value
 
 
+def recipe_path(name_or_path: str | os.PathLike) -> Path:
+    """The YAML file a --config value names: an existing file, else a recipe shipped with glm6b.
+
+    Args:
+        name_or_path: a path, or "finetune", "lora", "infer", "lora_infer" (".yaml" optional).
+
+    Returns:
+        The file's path.
+
+    Raises:
+        RecipeError: neither a file nor a shipped recipe.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = PACKAGED_RECIPES / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in PACKAGED_RECIPES.glob("*.yaml")))
+    raise RecipeError(f"--config {name_or_path}: no such file, and not a recipe shipped with glm6b ({names})")
+
+
 def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None,
                 flags: dict[str, Any] | None = None) -> Recipe:
     """Read a recipe file, apply overrides, and build the section dataclasses with strict checks.
 
     Args:
-        path: the YAML file (None: all defaults).
+        path: the YAML file, or the name of a recipe shipped with glm6b ("finetune", "lora",
+            "infer", "lora_infer"; see `recipe_path`). None: all defaults.
         overrides: "section.key=value" strings (values parsed as YAML), applied in order.
         flags: short command-line flags {name: value} (see SHORT_FLAGS); None values are ignored.
 
@@ -263,7 +294,9 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
     Raises:
         RecipeError: unreadable file, unknown or duplicated key, wrong type, unsupported value.
     """
-    tree = _read_yaml(Path(path)) if path is not None else {}
+    tree = _read_yaml(recipe_path(path)) if path is not None else {}
+    for name in SECTIONS:  # the file's own values are checked even where an override replaces them
+        _build_section(name, tree.get(name, {}))
     changes = [(f"--set {text}", *parse_override(text)) for text in overrides or []]
     for name, value in (flags or {}).items():
         if value is not None:
@@ -275,6 +308,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
             continue
         if section not in SECTIONS:
             raise RecipeError(f"{where}: unknown section {section!r}; known: method, {', '.join(SECTIONS)}")
+        _check_entry(section, key, _Entry(value, where))  # now: a later flag may replace this value
         tree.setdefault(section, {})
         tree[section] = {k: e for k, e in tree[section].items() if ALIASES.get((section, k), k) !=
                          ALIASES.get((section, key), key)}
@@ -331,11 +365,9 @@ def _run_generation_eval(recipe: Recipe) -> dict[str, Any]:
         sampling["repetition_penalty"] = gen.repetition_penalty
     summary = run_eval(margs.load_checkpoint, data.eval_data, recipe.trainer.output_dir, adapter=margs.adapter,
                        mode="eval", batch_size=recipe.trainer.per_device_eval_batch_size,
-                       max_new_tokens=gen.max_new_tokens, max_source_length=data.max_source_length,
-                       max_target_length=data.max_target_length, prompt_column=data.prompt_column,
-                       response_column=data.response_column, dtype=margs.dtype, device=margs.device,
-                       quantize=margs.quantize,
-                       progress=not recipe.trainer.disable_tqdm, **sampling)
+                       max_new_tokens=gen.max_new_tokens, data_config=data, dtype=margs.dtype,
+                       device=margs.device, quantize=margs.quantize, progress=not recipe.trainer.disable_tqdm,
+                       **sampling)
     output_dir = Path(recipe.trainer.output_dir)
     return {**{k: v for k, v in summary.items() if k not in ("timing", "settings")},
             "output": str(output_dir / "predictions.jsonl"), "metrics": str(output_dir / "metrics.json")}
@@ -364,8 +396,11 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
     Raises:
         RecipeError: a setting the mode needs is missing.
     """
+    from ..checkpoint.hf import check_device
     from ..io import atomic_write_text
-    from .data import JsonlDataset
+    from .data import JsonlDataset, ReadStats, iter_examples
+    from ..safety import check_writable
+    from .state import prepare_run_folder, remove_unfinished_run
     from .trainer import Trainer
 
     if mode not in MODES:
@@ -377,14 +412,14 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
         raise RecipeError("finetune needs model.load_checkpoint (use --load-checkpoint PATH)")
     if mode == "eval" and data.eval_data is None:
         raise RecipeError("data.eval_data is not set (use --eval-data FILE)")
-    if mode in ("train", "finetune") and recipe.model.quantize is not None:
-        raise RecipeError(f"model.quantize = {recipe.model.quantize!r} is for eval and predict only (training a "
-                          f"quantized base is not supported)")
+    if mode in ("train", "finetune") and recipe.model.quantize is not None and recipe.method == "full":
+        raise RecipeError(f"model.quantize = {recipe.model.quantize!r} with method full: a quantized base cannot "
+                          f"be trained itself; use method lora (QLoRA-style) or ptuning on it")
     if mode == "predict" and not prompts and data.eval_data is None:
         raise RecipeError("predict needs prompts (--prompt TEXT) or data.eval_data (--eval-data FILE)")
     output_dir = Path(recipe.trainer.output_dir)
     if mode in ("train", "finetune"):
-        from . import distributed as D
+        from . import parallel as D
 
         pc = recipe.parallel
         pc.validate(D.get_world_size() if D.is_distributed() else int(os.environ.get("WORLD_SIZE", "1")),
@@ -399,21 +434,37 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
         if pc.optimizer_shard and args.fp16:
             raise RecipeError("trainer.fp16 with parallel.optimizer_shard is not supported: use trainer.bf16 "
                               "(FSDP2 mixed precision)")
+        for name, path in (("data.train_data", data.train_data), ("data.eval_data", data.eval_data)):
+            if path is not None and not Path(path).exists():
+                raise RecipeError(f"{name} = {path}: no such file or folder")
+        check_device(recipe.model.device)
+        check_writable(output_dir, "trainer.output_dir")
+        if Path(data.train_data).is_file():  # every line checked (and rows counted) before the model loads
+            stats = ReadStats()
+            if not any(True for _ in iter_examples(data.train_data, data, stats)):
+                raise RecipeError(f"data.train_data = {data.train_data}: no training rows: {stats.lines} non-blank "
+                                  f"line(s) read, {stats.skipped_empty} with an empty prompt or answer, "
+                                  f"{stats.skipped_bad} malformed line(s) skipped (check data.prompt_column / "
+                                  f"data.response_column and the file's contents)")
+        existed = output_dir.exists()
         info = D.init_distributed()
         try:
+            if D.is_main_process():  # before anything is written: never mix two runs in one folder
+                prepare_run_folder(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
             if info.world_size > 1 and recipe.model.device is None:
                 recipe.model.device = str(info.device)  # each rank on its own device
             trainer = Trainer(model_args=recipe.model, args=args, train_dataset=data.train_data,
                               eval_dataset=data.eval_data, method=recipe.method, lora_config=recipe.lora,
                               data_config=data, generation_config=recipe.generation, parallel_config=pc)
-            if D.is_main_process():
-                output_dir.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(output_dir / "recipe.json", json.dumps(recipe_to_dict(recipe), indent=2,
-                                                                         ensure_ascii=False) + "\n")
+            trainer.records["recipe.json"] = recipe_to_dict(recipe)  # written when training starts
             if mode == "train":
                 out = trainer.train()
             else:
                 out = trainer.finetune(recipe.model.load_checkpoint)
+        except BaseException:
+            if D.is_main_process():  # a run that left nothing to resume leaves no folder that looks like a run
+                remove_unfinished_run(output_dir, existed)
+            raise
         finally:
             D.cleanup()
         return {"mode": mode, "method": recipe.method, "steps": out.global_step, "world_size": info.world_size,

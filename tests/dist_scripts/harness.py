@@ -7,7 +7,7 @@ process count and send it one job per test:
         result = pool.run("dist_scripts.workers.fsdp_train", out_dir, timeout_s=60, steps=3)
 
 Each process gets torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on
-a free port) and calls `glm6b.train.distributed.init_distributed()`. A job runs `target(info, out_dir,
+a free port) and calls `glm6b.train.parallel.init_distributed()`. A job runs `target(info, out_dir,
 **kwargs)` on every rank; rank 0's return value is saved with torch.save and returned by `run`. If
 a rank fails, or the job exceeds its timeout, every process of the pool is killed (a rank may be
 stuck in a collective) and the error is raised with the failing rank's traceback; the next `run`
@@ -42,10 +42,10 @@ def _worker(rank: int, world_size: int, port: int, jobs, replies) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # N processes share few cores
-    from glm6b.train import distributed
+    from glm6b.train import parallel
 
     try:
-        info = distributed.init_distributed(timeout_s=60)
+        info = parallel.init_distributed(timeout_s=60)
     except BaseException:  # noqa: BLE001 - reported to the parent
         replies.put((rank, "error", traceback.format_exc()))
         return

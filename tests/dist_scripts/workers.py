@@ -13,7 +13,10 @@ from pathlib import Path
 
 import torch
 
-from glm6b.train import distributed as D
+from glm6b.train import dcp as DCP
+from glm6b.train import export
+from glm6b.train import parallel as D
+from glm6b.train.args import ParallelConfig
 from glm6b.config import ChatGLMConfig
 from glm6b.model import ChatGLMForConditionalGeneration
 
@@ -152,7 +155,7 @@ def reference_forward_backward(lora: bool = False, targets: list[str] | None = N
 
 
 def _mesh(**layout):
-    config = D.ParallelConfig(**layout)
+    config = ParallelConfig(**layout)
     return config, D.build_mesh(config)
 
 
@@ -184,7 +187,7 @@ def tensor_parallel(info, out_dir: Path, lora: bool = False, steps: int = 3, che
     optimizer = make_optimizer(model)
     losses = train_steps(model, optimizer, global_batches(steps), mesh=mesh)
     if final_to is not None:
-        D.save_final_model(model, final_to)
+        export.save_final_model(model, final_to)
     return {"logits": out.logits.detach(), "loss": out.loss.item(), "grads": grads,
             "local_heads": block.attention.num_heads, "qkv_local_shape": tuple(qkv_weight.to_local().shape),
             "qkv_local_weight": qkv_local,
@@ -211,14 +214,14 @@ def data_parallel(info, out_dir: Path, kind: str = "full", shard: bool = True, m
               "wrapper": type(model).__name__}
     if save_to is not None:
         scheduler.step()
-        D.save_sharded({"model": model, "optimizer": optimizer, "scheduler": scheduler,
+        DCP.save_sharded({"model": model, "optimizer": optimizer, "scheduler": scheduler,
                         "trainer": {"global_step": steps, "seed": 42}, f"rank{info.rank}": {"rank": info.rank}},
                        save_to, tokenizer=GOLDEN, parallel_config=config)
         result["optimizer"] = optimizer_state(model, optimizer)
         result["scheduler"] = scheduler.state_dict()
         result["shards"] = sorted(p.name for p in Path(save_to).glob("*.distcp"))
     if final_to is not None:
-        D.save_final_model(model, final_to, tokenizer=GOLDEN)
+        export.save_final_model(model, final_to, tokenizer=GOLDEN)
     return result
 
 
@@ -231,7 +234,7 @@ def load_checkpoint(info, out_dir: Path, directory: str, model_parallel: int = 1
     optimizer = make_optimizer(model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "trainer": {}}
-    D.load_sharded(state, directory)
+    DCP.load_sharded(state, directory)
     return {"params": trainable_params(D.unwrap_parallel(model)), "optimizer": optimizer_state(model, optimizer),
             "scheduler": scheduler.state_dict(), "trainer": state["trainer"]}
 
@@ -247,8 +250,8 @@ def lora_reference_and_merge(info, out_dir: Path, checkpoint: str, base_dir: str
 
     reference = reference_training("lora")
     save_pretrained(tiny_model(), base_dir)
-    D.merge_checkpoint(checkpoint, merged_dir, base_model_path=base_dir)
-    D.merge_checkpoint(checkpoint, adapter_dir)
+    export.merge_checkpoint(checkpoint, merged_dir, base_model_path=base_dir)
+    export.merge_checkpoint(checkpoint, adapter_dir)
     merged = load_model(merged_dir)
     adapter_model = load_adapter(load_model(base_dir), adapter_dir)
     lora = {n: p.detach().clone() for n, p in adapter_model.named_parameters() if "lora_" in n}
@@ -261,3 +264,30 @@ def lora_reference_and_merge(info, out_dir: Path, checkpoint: str, base_dir: str
     return {"reference": reference, "merged": {n: p.detach().clone() for n, p in merged.named_parameters()},
             "expected_merged": expected_merged, "adapter": lora, "final": final,
             "adapter_files": sorted(p.name for p in Path(adapter_dir).iterdir())}
+
+
+def trainer_with_generation(info, out_dir: Path, data_file: str, layout: dict, method: str, bf16: bool) -> dict:
+    """The real Trainer under a layout: 2 steps with an evaluation that generates (BLEU/ROUGE) after each,
+    then predict(); returns the eval records and the predictions."""
+    import json
+
+    from glm6b.tokenizer import load_tokenizer
+    from glm6b.train.args import ModelArguments, TrainingArguments
+    from glm6b.train.data import DataConfig
+    from glm6b.train.lora import LoraArguments
+    from glm6b.train.trainer import Trainer
+
+    output = Path(out_dir) / "run"
+    trainer = Trainer(
+        model_args=ModelArguments(load_checkpoint=str(GOLDEN), dtype="float32"), tokenizer=load_tokenizer(GOLDEN),
+        method=method, lora_config=LoraArguments(**LORA), data_config=DataConfig(max_source_length=24, max_target_length=8),
+        train_dataset=data_file, eval_dataset=data_file, parallel_config=ParallelConfig(**layout),
+        args=TrainingArguments(output_dir=str(output), max_steps=2, per_device_train_batch_size=1, eval_steps=1,
+                               eval_generation_samples=2, per_device_eval_batch_size=2, bf16=bf16, save_steps=None,
+                               logging_steps=1, tensorboard=False, disable_tqdm=True, learning_rate=LR))
+    trainer.train()
+    predictions = trainer.predict(["类型#裙*颜色#红色", "类型#裤"])
+    if not D.is_main_process():
+        return {}
+    records = [json.loads(line) for line in (output / "eval_log.jsonl").read_text().splitlines()]
+    return {"eval": records, "predictions": predictions}

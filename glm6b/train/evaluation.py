@@ -1,0 +1,124 @@
+"""Evaluation hooks of the Trainer: teacher-forced loss over an evaluation set, BLEU-4 / ROUGE of greedy
+answers, and `predict` (prompts rendered exactly like the training data)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ..eval.evaluate import evaluate_generation, generate_predictions
+from ..eval.metrics import METRIC_NAMES
+from ..inference.generation import GenerationConfig
+from .args import TrainerError
+from .data import RowDataset, render_prompt
+from .loss import causal_lm_loss, count_target_tokens
+from .parallel import local_heads_config, unwrap_parallel
+
+
+@torch.no_grad()
+def evaluate(trainer, eval_dataset: RowDataset | str | os.PathLike | None = None) -> dict[str, Any]:
+    """Teacher-forced loss over an evaluation set of training-format rows, plus generation scores.
+
+    When the rows come from a jsonl file with answers (a JsonlDataset: `.examples`) and
+    args.eval_generation_samples is set, the first that many examples are also answered greedily
+    and scored (BLEU-4, ROUGE-1/2/L) with glm6b.eval.evaluate.evaluate_generation.
+
+    Args:
+        eval_dataset: a "train"-mode RowDataset or a path; None takes the trainer's eval_dataset.
+
+    Returns:
+        {"step", "eval_loss" (the sum of the token losses divided by the target tokens: the training
+        loss's definition), "eval_tokens", "eval_rows"} and, with
+        generation metrics, "bleu-4", "rouge-1", "rouge-2", "rouge-l".
+    """
+    trainer.ensure_model()
+    dataset = trainer.resolve_dataset(eval_dataset if eval_dataset is not None else trainer.eval_dataset)
+    if dataset is None:
+        raise TrainerError("no evaluation data: pass eval_dataset (or set data.eval_data)")
+    if dataset.mode != "train":
+        raise TrainerError("evaluate() computes the teacher-forced loss: build eval_dataset with mode='train' "
+                           "(prompt + answer rows); generation metrics are in glm6b.eval.evaluate")
+    was_training = trainer.model.training
+    trainer.model.eval()
+    total, tokens = 0.0, 0
+    bs = trainer.args.per_device_eval_batch_size
+    try:
+        for start in range(0, len(dataset), bs):
+            batch = dataset.collate([dataset[i] for i in range(start, min(start + bs, len(dataset)))])
+            labels = batch["labels"].to(trainer.device)
+            with trainer.autocast():
+                logits = trainer.model(input_ids=batch["input_ids"].to(trainer.device)).logits
+                total += causal_lm_loss(logits, labels, reduction="sum").item()
+            tokens += count_target_tokens(labels)
+    finally:
+        trainer.model.train(was_training)
+    result = {"step": trainer.state.global_step, "eval_loss": total / max(tokens, 1), "eval_tokens": tokens,
+              "eval_rows": len(dataset)}
+    result.update(generation_metrics(trainer, dataset))
+    return result
+
+
+def generation_metrics(trainer, dataset: RowDataset) -> dict[str, float]:
+    """BLEU-4 / ROUGE-1/2/L of greedy answers for the first eval_generation_samples examples with an answer.
+
+    Every rank runs it (with identical data and weights, greedy decoding takes the same number of
+    steps everywhere, so FSDP / tensor-parallel collectives line up); rank 0 records the result.
+    Under the bf16 policy it runs in bf16 autocast: with FSDP2 the queries are then bf16 like the
+    gathered weights, while the KV cache takes the float32 dtype of the sharded master weights;
+    autocast casts attention's inputs to one dtype. Under tensor parallelism the KV cache is sized
+    for this rank's heads (`local_heads_config`).
+    """
+    limit = trainer.args.eval_generation_samples
+    examples = [ex for ex in getattr(dataset, "examples", None) or [] if getattr(ex, "answer", None)]
+    if not limit or not examples:
+        return {}
+    examples = examples[:limit]
+    dc = trainer.data_config
+    with trainer.autocast(generation=True), local_heads_config(trainer.model):
+        _, scores = evaluate_generation(
+            unwrap_parallel(trainer.model), trainer.tokenizer, [ex.prompt for ex in examples],
+            [ex.answer for ex in examples], batch_size=trainer.args.per_device_eval_batch_size,
+            max_new_tokens=dc.max_target_length, max_source_length=dc.max_source_length,
+            max_target_length=dc.max_target_length, progress=False)
+    return {name: scores[name] for name in METRIC_NAMES}
+
+
+def predict(trainer, input_data: str | list[str] | RowDataset, generation_config: GenerationConfig | None = None,
+            batch_size: int | None = None, history: list | None = None) -> list[str]:
+    """Generate an answer for each prompt (greedy unless the generation config samples).
+
+    Prompts are rendered like the training data (data.source_prefix + chat template), encoded
+    with max_source_length, left-padded in batches, and the new tokens decoded with
+    skip_special_tokens (as the reference's predictions).
+
+    Args:
+        input_data: a prompt, a list of prompts, or a "eval"/"train"-mode dataset built from
+            jsonl (its examples' prompts are used).
+        generation_config: overrides the trainer's generation_config.
+        batch_size: prompts per batch (default per_device_eval_batch_size).
+        history: earlier (query, response) pairs applied to every prompt.
+
+    Returns:
+        One text per prompt, in order.
+    """
+    trainer.ensure_model()
+    if isinstance(input_data, str):
+        prompts = [render_prompt(input_data, history, trainer.data_config.source_prefix)]
+    elif isinstance(input_data, RowDataset):
+        if not hasattr(input_data, "examples"):
+            raise TrainerError("predict() needs the prompt texts: pass a jsonl-backed dataset or a list of prompts")
+        prompts = [ex.prompt for ex in input_data.examples]
+    else:
+        prompts = [render_prompt(p, history, trainer.data_config.source_prefix) for p in input_data]
+    config = generation_config or trainer.generation_config or GenerationConfig(
+        max_length=None, max_new_tokens=trainer.data_config.max_target_length)
+    new_tokens = config.max_new_tokens if config.max_new_tokens is not None else trainer.data_config.max_target_length
+    with trainer.autocast(generation=True), local_heads_config(trainer.model):
+        predictions, _ = generate_predictions(
+            unwrap_parallel(trainer.model), trainer.tokenizer, prompts,
+            batch_size=batch_size or trainer.args.per_device_eval_batch_size,
+            max_source_length=trainer.data_config.max_source_length, max_new_tokens=new_tokens,
+            generation_config=config, progress=not trainer.args.disable_tqdm)
+    return predictions
