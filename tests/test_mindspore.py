@@ -482,7 +482,7 @@ def test_recipe_load_checkpoint_takes_a_ckpt(golden_state, tmp_path, capsys):
     outputs = []
     for model in (GOLDEN, ckpt):
         out = tmp_path / f"out-{len(outputs)}"
-        assert main(["run", "--config", str(GOLDEN.parent.parent / "configs" / "infer.yaml"), "--mode", "predict",
+        assert main(["run", "--config", "infer", "--mode", "predict",
                      "--load-checkpoint", str(model), "--prompt", "你好", "--output-dir", str(out),
                      "--set", "model.dtype=float32", "--set", "model.device=cpu",
                      "--set", "generation.max_new_tokens=4"]) == 0
