@@ -182,3 +182,25 @@ def test_frozen_bf16_step_is_rebuilt_after_weights_change(monkeypatch):
     DecodeEngine(model, 1, 8, compile=True)
     assert resets == [1]
     assert not DecodeEngine(model.float(), 1, 8, compile=True).frozen  # float32 weights are not frozen
+
+
+def test_ptuning_prefix_survives_chunks_and_row_resets():
+    """The P-tuning prefix sits in the first slots of every row: golden greedy through chunked
+    prefill, and again after the rows were reset and refilled."""
+    from glm6b import load_model
+    from helpers import GOLDEN
+
+    model = load_model(GOLDEN, dtype=torch.float32, device="cpu", ptuning_checkpoint=GOLDEN / "prefix_encoder.safetensors",
+                       pre_seq_len=4, prefix_projection=False)
+    case = golden_cases()["ptuning"]["generate_batch_greedy"]
+    forward = golden_cases()["forward_batch"]
+    ids = torch.tensor(forward["input_ids"])
+    mask, positions = golden_tensor(forward["attention_mask"]), golden_tensor(forward["position_ids"])
+    n = case["max_new_tokens"]
+    engine = DecodeEngine(model, ids.shape[0], ids.shape[1] + n, compile=False, prefill_chunk_size=3)
+    assert engine.cache.prefix_length == 4
+    for _ in range(2):
+        tokens, _ = _greedy(engine, ids, mask, positions, n)
+        assert torch.cat([ids, tokens], dim=1).tolist() == case["sequences"]
+        engine.reset_rows()
+        assert engine.cache.lengths.tolist() == [4] * ids.shape[0]
