@@ -131,7 +131,7 @@ class DecodeEngine:
         model: a ChatGLMForConditionalGeneration (in eval mode).
         batch_size: rows of the cache.
         max_length: slots per row needed (P-tuning prefix excluded, prompt and new tokens
-            included); rounded up to a multiple of SLOT_BUCKET.
+            included); when compiled, rounded up to a multiple of SLOT_BUCKET.
         compile: True, False or "auto" (see `should_compile`).
         prefill_chunk_size: prompt tokens per prefill forward.
 
@@ -148,7 +148,9 @@ class DecodeEngine:
         self.model = model
         config = model.config
         prefix = config.pre_seq_len or 0
-        slots = prefix + -(-max_length // SLOT_BUCKET) * SLOT_BUCKET
+        self.compiled = should_compile(model, compile)
+        # Compiled: round up so that other lengths reuse the graph; eager: attend to no more slots than needed.
+        slots = prefix + (-(-max_length // SLOT_BUCKET) * SLOT_BUCKET if self.compiled else max_length)
         device = model.device
         # All engine state is made and changed in inference mode (so the compiled step always sees
         # the same kind of tensors and never recompiles for that).
@@ -158,7 +160,6 @@ class DecodeEngine:
                 self.cache.fill_prefix(model.transformer.prefix_past(batch_size, model.dtype))
             self.positions = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
         self.prefill_chunk_size = prefill_chunk_size
-        self.compiled = should_compile(model, compile)
         self.frozen = self.compiled and device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16)
         if self.frozen:
             self._ensure_fresh_frozen_weights()
