@@ -129,6 +129,33 @@ def test_compile_setting(model):
         generate(model, torch.tensor([[5, 801, 804]]), max_new_tokens=2, compile="yes")
 
 
+def test_decode_step_is_one_graph_for_every_position(model, tok):
+    """Traced by dynamo (no inductor, so it is quick): the whole step is one graph without breaks
+    (fullgraph: no data-dependent Python branch, no .item()), reused at every position, and it
+    computes what the eager step computes."""
+    from glm6b.inference.engine import decode_step
+
+    graphs = []
+
+    def count_graphs(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    traced = torch.compile(decode_step, backend=count_graphs, fullgraph=True, dynamic=False)
+    batch = tok(BATCH["texts"], padding=True, return_tensors="pt")
+    n = BATCH["max_new_tokens"]
+    engines = [DecodeEngine(model, 3, batch["input_ids"].shape[1] + n, compile=False) for _ in range(2)]
+    with torch.inference_mode():
+        logits = [e.prefill(batch["input_ids"], batch["attention_mask"], batch["position_ids"]) for e in engines]
+        for _ in range(n - 1):
+            tokens = logits[0].argmax(-1)
+            logits = [engines[0].decode(tokens), traced(model, engines[1].cache, tokens.clone(), engines[1].positions)]
+            assert_close_rel(logits[1], logits[0], what="traced step")
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+
+
 @pytest.mark.slow
 def test_compiled_step_golden_and_no_recompiles(model, tok):
     """The compiled decode step gives the golden greedy tokens and scores, with one graph for all
@@ -182,3 +209,25 @@ def test_frozen_bf16_step_is_rebuilt_after_weights_change(monkeypatch):
     DecodeEngine(model, 1, 8, compile=True)
     assert resets == [1]
     assert not DecodeEngine(model.float(), 1, 8, compile=True).frozen  # float32 weights are not frozen
+
+
+def test_ptuning_prefix_survives_chunks_and_row_resets():
+    """The P-tuning prefix sits in the first slots of every row: golden greedy through chunked
+    prefill, and again after the rows were reset and refilled."""
+    from glm6b import load_model
+    from helpers import GOLDEN
+
+    model = load_model(GOLDEN, dtype=torch.float32, device="cpu", ptuning_checkpoint=GOLDEN / "prefix_encoder.safetensors",
+                       pre_seq_len=4, prefix_projection=False)
+    case = golden_cases()["ptuning"]["generate_batch_greedy"]
+    forward = golden_cases()["forward_batch"]
+    ids = torch.tensor(forward["input_ids"])
+    mask, positions = golden_tensor(forward["attention_mask"]), golden_tensor(forward["position_ids"])
+    n = case["max_new_tokens"]
+    engine = DecodeEngine(model, ids.shape[0], ids.shape[1] + n, compile=False, prefill_chunk_size=3)
+    assert engine.cache.prefix_length == 4
+    for _ in range(2):
+        tokens, _ = _greedy(engine, ids, mask, positions, n)
+        assert torch.cat([ids, tokens], dim=1).tolist() == case["sequences"]
+        engine.reset_rows()
+        assert engine.cache.lengths.tolist() == [4] * ids.shape[0]
