@@ -2,15 +2,21 @@
 
     # once: chatglm.cpp 0.4.2 built from source for this CPU, in its own venv
     python3 -m venv /work/venvs/cpp
-    /work/venvs/cpp/bin/pip install setuptools wheel cmake ninja torch==2.13.0 sentencepiece tabulate tqdm \
+    /work/venvs/cpp/bin/pip install setuptools wheel cmake torch==2.13.0 sentencepiece tabulate tqdm \
         transformers==4.33.3
-    pip download --no-deps --no-build-isolation --no-binary chatglm-cpp chatglm-cpp==0.4.2   # sdist; unpack it
-    # ninja-j2 = a wrapper running `ninja -j2 "$@"` (setup.py passes a bare -j to cmake --build)
+    /work/venvs/cpp/bin/pip download --no-deps --no-build-isolation --no-binary chatglm-cpp chatglm-cpp==0.4.2
+    tar xzf chatglm_cpp-0.4.2.tar.gz
+    # its setup.py runs `cmake --build . -j`, and when the `ninja` Python package is importable it
+    # appends that ninja as CMAKE_MAKE_PROGRAM after CMAKE_ARGS (so it wins); without that package
+    # and with CMAKE_GENERATOR=Ninja, a wrapper `ninja-j2` (exec ninja -j2 "$@") limits the jobs.
+    # ggml 0.4.2 has no GGML_NATIVE option (its GGML_AVX512* options are MSVC-only): on Linux it adds
+    # -mavx -mavx2 -mfma -mf16c -msse3 from /proc/cpuinfo, and CFLAGS=-march=native adds the rest
+    # (AVX-512, VNNI, BF16 here).
     CMAKE_GENERATOR=Ninja CFLAGS=-march=native CXXFLAGS=-march=native \
-    CMAKE_ARGS="-DCMAKE_POLICY_VERSION_MINIMUM=3.5 -DCMAKE_MAKE_PROGRAM=/work/venvs/ninja-j2 \
+    CMAKE_ARGS="-DCMAKE_POLICY_VERSION_MINIMUM=3.5 -DCMAKE_MAKE_PROGRAM=$PWD/ninja-j2 \
                 -DCMAKE_EXPORT_COMPILE_COMMANDS=ON" \
-        nice /work/venvs/cpp/bin/pip install -v --no-build-isolation --no-deps ./chatglm_cpp-0.4.2
-    # then record the flags the build really used (read back by this script as the "build" entry)
+        nice -n 10 /work/venvs/cpp/bin/pip install -v --no-build-isolation --no-deps ./chatglm_cpp-0.4.2
+    # then store the flags the build really used next to the venv (shown as "build" in the results)
     python benchmarks/compare_chatglm_cpp.py --record-build ./chatglm_cpp-0.4.2/build \
         --cpp-python /work/venvs/cpp/bin/python
 
@@ -190,11 +196,13 @@ def worker_prepare(spec: dict) -> dict:
     return result
 
 
-def glm6b_time_generation(model, input_ids, new_tokens: int) -> tuple[float, float, str]:
+def glm6b_time_generation(model, input_ids, new_tokens: int, capacity: int) -> tuple[float, float, str]:
     """(prefill s, decode s, how) of greedy decoding of `new_tokens` tokens that never stops early.
 
     Prefill = the prompt's forward and the first token's argmax; decode = new_tokens - 1 steps.
-    Uses the decode engine when glm6b has one, else the model's forward with a KVCache.
+    Uses the decode engine when glm6b has one, else the model's forward with a KVCache. The cache
+    holds `capacity` tokens per row, the same for warm-up and timed runs (a compiled decode step is
+    specialised to the cache's size).
     """
     import torch
     from glm6b.model import build_mask_and_positions
@@ -206,7 +214,7 @@ def glm6b_time_generation(model, input_ids, new_tokens: int) -> tuple[float, flo
         DecodeEngine = None
     with torch.inference_mode():
         if DecodeEngine is not None:
-            engine = DecodeEngine(model, batch_size=batch, max_length=length + new_tokens)
+            engine = DecodeEngine(model, batch_size=batch, max_length=capacity)
             start = time.perf_counter()
             mask, positions = build_mask_and_positions(input_ids, model.config)
             next_tokens = engine.prefill(input_ids, mask, positions).argmax(dim=-1)
@@ -218,7 +226,7 @@ def glm6b_time_generation(model, input_ids, new_tokens: int) -> tuple[float, flo
             from glm6b.model import KVCache
             start = time.perf_counter()
             mask, positions = build_mask_and_positions(input_ids, model.config)
-            cache = KVCache(model.config, batch, length + new_tokens, model.dtype, input_ids.device)
+            cache = KVCache(model.config, batch, capacity, model.dtype, input_ids.device)
             logits = model(input_ids, position_ids=positions, attention_mask=mask, kv_cache=cache,
                            last_token_only=True).logits[:, -1]
             next_tokens = logits.argmax(dim=-1)
@@ -253,16 +261,17 @@ def worker_glm6b(spec: dict) -> dict:
         raise
     load_s = time.perf_counter() - start
     prompt = torch.tensor(spec["prompt"])
-    glm6b_time_generation(model, prompt, spec["warmup_tokens"])  # warm-up (and compile), not timed
-    prefill_s, decode_s, how = glm6b_time_generation(model, prompt, spec["new_tokens"])
+    capacity = prompt.shape[1] + spec["new_tokens"]
+    glm6b_time_generation(model, prompt, spec["warmup_tokens"], capacity)  # warm-up (and compile), not timed
+    prefill_s, decode_s, how = glm6b_time_generation(model, prompt, spec["new_tokens"], capacity)
     steps = spec["new_tokens"] - 1
     result = {"status": "ok", "how": how, "load_s": load_s, "read_bytes_s": read_s, "weight_bytes": nbytes,
               "prefill_tokens_per_s": prompt.shape[1] / prefill_s, "decode_ms_per_token": 1000 * decode_s / steps,
               "peak_rss_gb": peak_rss_gb(), "threads": torch.get_num_threads(), "batch": []}
     for batch in spec.get("batch_sizes") or []:
         ids = torch.tensor(make_prompt(prompt.shape[1], spec["seed"] + batch, batch))
-        glm6b_time_generation(model, ids, spec["warmup_tokens"])
-        _, decode_s, _ = glm6b_time_generation(model, ids, spec["new_tokens"])
+        glm6b_time_generation(model, ids, spec["warmup_tokens"], capacity)
+        _, decode_s, _ = glm6b_time_generation(model, ids, spec["new_tokens"], capacity)
         result["batch"].append({"batch": batch, "decode_tokens_per_s": batch * steps / decode_s})
     return result
 
