@@ -440,7 +440,7 @@ def record_build(build_dir: Path, cpp_python: str) -> Path:
     if commands.exists():
         for entry in json.loads(commands.read_text()):
             for key, suffix in (("ggml_c", "/ggml.c"), ("chatglm_cpp", "/chatglm.cpp")):
-                if entry["file"].endswith(suffix) and key not in info:
+                if entry["file"].endswith(suffix) and key + "_compile" not in info:
                     command = entry.get("command") or " ".join(entry.get("arguments", []))
                     info[key + "_compile"] = " ".join(
                         a for a in command.split() if a.startswith(("-m", "-O", "-f", "-std", "-g", "-D")))
