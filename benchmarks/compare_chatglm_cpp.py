@@ -47,7 +47,8 @@ What it does:
    - chatglm.cpp: `Pipeline(path).model.generate_next_token(ids, None, gen_config, n_past, n_ctx)`,
      the loop chatglm.cpp's own generate runs, minus its <eop> check. chatglm.cpp 0.4.2 has no
      thread setting: it uses all hardware threads up to 4 (half of them above 4); with
-     `--threads` below the machine's count its process is pinned to that many cores.
+     `--threads` below the machine's count its process is pinned to that many cores. Its load
+     time is the Pipeline constructor's: it maps the file, and pages come in on first use.
    - glm6b: `glm6b.load_model(folder, dtype=torch.bfloat16[, quantize=...])`, then the decode
      engine (glm6b.inference.engine.DecodeEngine) where it exists, else the model's forward with
      a KVCache (as benchmarks/generate.py). Also batch 1 vs batch 8 decode tokens/s for int4, and
