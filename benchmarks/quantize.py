@@ -24,7 +24,8 @@ Tables:
    "kernels built" is the one-off conversion to the CPU kernels' layout (`prepare_kernels`; otherwise
    done by the first forward).
 4. decode: milliseconds per greedy decode step (KV cache, batch 1, 32-token prompt) of that random
-   model in bfloat16 and each quantized precision; with few layers the lm_head is a large share.
+   model in bfloat16 and each quantized precision, timed in interleaved rounds; with few layers the
+   lm_head is a large share.
 
 Speed numbers move with the machine's load: compare rows of one run only.
 """
@@ -251,34 +252,36 @@ def load_table(float_folder: Path, work: Path) -> None:
 
 
 @torch.inference_mode()
-def decode_table(folder: Path, layers: int, steps: int) -> None:
+def decode_table(folder: Path, layers: int, steps: int, rounds: int = 5) -> None:
+    """All precisions are held at once and timed in turns, round after round, so that a change in the
+    machine's load hits them alike; each round times `steps` decode steps of every model."""
     from glm6b.inference.generation import GenerationConfig, generate_steps
 
     print(f"\n## Decode step of the random glm_6b-shape model ({layers} of 28 layers), batch 1, bfloat16 "
-          f"activations (median of {steps} steps after a warm-up)\n")
+          f"activations (median over {rounds} interleaved rounds of {steps} steps)\n")
     print("| precision | ms per decode step | vs bf16 | kernels |")
     print("|-----------|--------------------|---------|---------|")
-    config = GenerationConfig(max_new_tokens=steps + 1, eos_token_id=-1)  # never stops early
-    base = None
+    models = {}
     for name, kwargs in [("bf16", {})] + SCHEMES:
         model = load_model(folder, dtype=torch.bfloat16, **kwargs)
-        kernels = prepare_kernels(model) if kwargs else {}
-        c = model.config
-        prompt = torch.cat([torch.randint(6, c.mask_token_id, (1, 30), generator=torch.Generator().manual_seed(2)),
-                            torch.tensor([[c.gmask_token_id, c.bos_token_id]])], dim=1)
-        for _ in generate_steps(model, prompt, config=GenerationConfig(max_new_tokens=2, eos_token_id=-1)):
-            pass
-        times, last = [], time.perf_counter()
-        for _ in generate_steps(model, prompt, config=config):
-            now = time.perf_counter()
-            times.append(now - last)
-            last = now
-        ms = statistics.median(times[1:]) * 1e3  # the first step includes the prefill
+        models[name] = (model, prepare_kernels(model) if kwargs else {})
+    c = next(iter(models.values()))[0].config
+    prompt = torch.cat([torch.randint(6, c.mask_token_id, (1, 30), generator=torch.Generator().manual_seed(2)),
+                        torch.tensor([[c.gmask_token_id, c.bos_token_id]])], dim=1)
+    config = GenerationConfig(max_new_tokens=steps + 1, eos_token_id=-1)  # -1: never stops early
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds + 1):  # the first round is a warm-up
+        for name, (model, _) in models.items():
+            stamps = [time.perf_counter()]
+            for _ in generate_steps(model, prompt, config=config):
+                stamps.append(time.perf_counter())
+            times[name].append(statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:])))  # after prefill
+    base = None
+    for name, (_, kernels) in models.items():
+        ms = statistics.median(times[name][1:]) * 1e3
         base = base or ms
         used = ", ".join(f"{k} x{v}" for k, v in kernels.items()) or "-"
         print(f"| {name} | {ms:.1f} | {base / ms:.2f}x | {used} |")
-        del model
-        gc.collect()
 
 
 # ----------------------------------------------------------------------------------- main
