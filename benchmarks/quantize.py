@@ -1,4 +1,4 @@
-"""Weight-only int8/int4: kernel speed, quality against bfloat16, and load time of a quantized folder.
+"""Weight-only int8/int4: kernel speed, quality against bfloat16, load time and decode steps.
 
     python benchmarks/quantize.py                      # all three tables, 2 threads, 2-layer glm_6b shape
     python benchmarks/quantize.py --only kernels       # or quality, load, decode
