@@ -1,7 +1,7 @@
-"""Weight-only int8/int4: kernel speed, quality against bfloat16, and load time of a quantized folder.
+"""Weight-only int8/int4: kernel speed, quality against bfloat16, load time and decode steps.
 
     python benchmarks/quantize.py                      # all three tables, 2 threads, 2-layer glm_6b shape
-    python benchmarks/quantize.py --only kernels       # or quality, or load
+    python benchmarks/quantize.py --only kernels       # or quality, load, decode
     python benchmarks/quantize.py --layers 4 --threads 2
 
 Tables:
@@ -23,6 +23,9 @@ Tables:
    bytes into fresh memory (page cache warm), the float folder, and quantizing at load from it.
    "kernels built" is the one-off conversion to the CPU kernels' layout (`prepare_kernels`; otherwise
    done by the first forward).
+4. decode: milliseconds per greedy decode step (KV cache, batch 1, 32-token prompt) of that random
+   model in bfloat16 and each quantized precision, timed in interleaved rounds; with few layers the
+   lm_head is a large share.
 
 Speed numbers move with the machine's load: compare rows of one run only.
 """
@@ -245,6 +248,42 @@ def load_table(float_folder: Path, work: Path) -> None:
     row("bf16, quantize='int4' at load", float_folder, dict(dtype=torch.bfloat16, quantize="int4"), kernels=False)
 
 
+# ----------------------------------------------------------------------------------- 4. decode
+
+
+@torch.inference_mode()
+def decode_table(folder: Path, layers: int, steps: int, rounds: int = 5) -> None:
+    """All precisions are held at once and timed in turns, round after round, so that a change in the
+    machine's load hits them alike; each round times `steps` decode steps of every model."""
+    from glm6b.inference.generation import GenerationConfig, generate_steps
+
+    print(f"\n## Decode step of the random glm_6b-shape model ({layers} of 28 layers), batch 1, bfloat16 "
+          f"activations (median over {rounds} interleaved rounds of {steps} steps)\n")
+    print("| precision | ms per decode step | vs bf16 | kernels |")
+    print("|-----------|--------------------|---------|---------|")
+    models = {}
+    for name, kwargs in [("bf16", {})] + SCHEMES:
+        model = load_model(folder, dtype=torch.bfloat16, **kwargs)
+        models[name] = (model, prepare_kernels(model) if kwargs else {})
+    c = next(iter(models.values()))[0].config
+    prompt = torch.cat([torch.randint(6, c.mask_token_id, (1, 30), generator=torch.Generator().manual_seed(2)),
+                        torch.tensor([[c.gmask_token_id, c.bos_token_id]])], dim=1)
+    config = GenerationConfig(max_new_tokens=steps + 1, eos_token_id=-1)  # -1: never stops early
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds + 1):  # the first round is a warm-up
+        for name, (model, _) in models.items():
+            stamps = [time.perf_counter()]
+            for _ in generate_steps(model, prompt, config=config):
+                stamps.append(time.perf_counter())
+            times[name].append(statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:])))  # after prefill
+    base = None
+    for name, (_, kernels) in models.items():
+        ms = statistics.median(times[name][1:]) * 1e3
+        base = base or ms
+        used = ", ".join(f"{k} x{v}" for k, v in kernels.items()) or "-"
+        print(f"| {name} | {ms:.1f} | {base / ms:.2f}x | {used} |")
+
+
 # ----------------------------------------------------------------------------------- main
 
 
@@ -263,7 +302,8 @@ def write_random_model(folder: Path, layers: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=("kernels", "quality", "load"), default=None)
+    parser.add_argument("--only", choices=("kernels", "quality", "load", "decode"), default=None)
+    parser.add_argument("--steps", type=int, default=8, help="decode: timed steps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layers", type=int, default=2, help="layers of the random glm_6b-shape model")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per row of the random model's input")
@@ -276,7 +316,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     if args.only in (None, "kernels"):
         kernel_table(args.repeats, args.lm_head)
-    if args.only in ("quality", "load", None):
+    if args.only in ("quality", "load", "decode", None):
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
             work = Path(tmp)
             write_random_model(work / "bf16", args.layers)
@@ -285,6 +325,8 @@ def main() -> None:
                 quality_table(work / "bf16", args.layers, args.seq_len)
             if args.only in (None, "load"):
                 load_table(work / "bf16", work)
+            if args.only in (None, "decode"):
+                decode_table(work / "bf16", args.layers, args.steps)
 
 
 if __name__ == "__main__":
