@@ -170,8 +170,10 @@ class StaticKVCache:
             values[:, :, input_pos:end] = v
             return keys[:, :, :end], values[:, :, :end]
         index = input_pos.view(-1, 1, 1, 1).expand(k.shape)  # [B, nh, 1, d]
-        keys.scatter_(2, index, k)
-        values.scatter_(2, index, v)
+        # Under autocast (bf16 generation with float32 master weights) k/v arrive in the autocast
+        # dtype; the slice writes above cast implicitly, scatter_ does not.
+        keys.scatter_(2, index, k.to(keys.dtype))
+        values.scatter_(2, index, v.to(values.dtype))
         return keys, values
 
     def update_range(self, layer: int, end: int):
