@@ -383,7 +383,8 @@ def add_preprocess_command(subparsers) -> None:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     """Encode --input into --output and report the counts."""
-    from .train.data import DataConfig, preprocess
+    from .train.data import DataConfig
+    from .train.preprocess import preprocess
     from .tokenizer import load_tokenizer
 
     config = DataConfig(max_source_length=args.max_source_length, max_target_length=args.max_target_length,

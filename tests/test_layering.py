@@ -40,6 +40,7 @@ LAYERS = {
     "inference.pipelines": 24,
     "inference": 20,
     "train.data": 24,
+    "train.preprocess": 25,
     "train.lora": 25,
     "eval.metrics": 1,
     "eval.evaluate": 30,

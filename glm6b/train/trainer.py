@@ -54,10 +54,11 @@ from . import parallel as P
 from .args import (METHODS, Method, ModelArguments, ParallelConfig, TrainerError, TrainerState, TrainingArguments,
                    TrainOutput)
 from .build import build_model, lr_lambda, prepare_model, set_seed
-from .data import DataConfig, RowDataset, load_dataset
+from .data import DataConfig, RowDataset
 from .lora import LoraArguments, load_adapter
 from .logs import NullLog, TrainLog, plot_losses
 from .loss import forward_backward
+from .preprocess import load_dataset
 from .export import save_final_model
 from .parallel import unwrap_model
 
