@@ -7,6 +7,7 @@
     python benchmarks/train.py --device cuda --big glm_6b       # on a GPU: max_memory_allocated
     python benchmarks/train.py --step-ratio --layers 2          # LoRA step / forward, glm_6b width, bf16
     python benchmarks/train.py --qlora int4                     # peak memory of a LoRA step on an int4 6B base
+    python benchmarks/train.py --kernels                        # GFLOP/s of the backward's grad @ W, bf16
 
 Every case runs the real Trainer path (glm6b.train.trainer: method setup, gradient checkpointing, AdamW over
 the trainable parameters only) on random weights built on the meta device, then `to_empty` + init, in
@@ -238,6 +239,36 @@ def qlora_child(case: dict) -> dict:
     return {**case, "peak_bytes": peak, "step_s": min(times), "losses": losses}
 
 
+def kernel_table(threads: int) -> None:
+    """GFLOP/s of the products a LoRA step's backward needs (grad @ W, W frozen [out, in]), bf16 on this CPU,
+    with and without oneDNN, against the float32 path of glm6b.train.frozen_linear."""
+    import torch
+
+    from glm6b.train.frozen_linear import frozen_grad_input
+
+    torch.set_num_threads(threads)
+    tokens, hidden, out = 128, 4096, 4096
+    x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
+    weight = torch.randn(out, hidden, dtype=torch.bfloat16)
+    grad = torch.randn(tokens, out, dtype=torch.bfloat16)
+    flops = 2 * tokens * hidden * out
+    cases = [("forward x @ W.T (F.linear)", lambda: torch.nn.functional.linear(x, weight)),
+             ("backward grad @ W (PyTorch bf16)", lambda: grad @ weight),
+             ("backward grad @ W (float32 slices)", lambda: frozen_grad_input(grad, weight))]
+    print(f"{'product':<38}  {'oneDNN':>6}  {'ms':>9}  {'GFLOP/s':>8}")
+    for onednn in (True, False):
+        torch.backends.mkldnn.enabled = onednn
+        for name, fn in cases:
+            fn()
+            start, runs = time.perf_counter(), 0
+            while runs < 2 or time.perf_counter() - start < 1.0:
+                fn()
+                runs += 1
+            seconds = (time.perf_counter() - start) / runs
+            print(f"{name:<38}  {str(onednn):>6}  {seconds * 1e3:9.1f}  {flops / seconds / 1e9:8.2f}", flush=True)
+    torch.backends.mkldnn.enabled = True
+
+
 def run_case(case: dict) -> dict:
     """Run `case` in a fresh process (so its peak memory is its own)."""
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)], capture_output=True, text=True)
@@ -269,6 +300,9 @@ def main() -> None:
     parser.add_argument("--step-ratio", action="store_true",
                         help="only time a LoRA step against a forward pass of the same batch (bf16, glm_6b width)")
     parser.add_argument("--layers", type=int, default=2, help="layers of the --step-ratio model (default 2)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="only time the backward's grad @ W products (bf16, with and without oneDNN)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for --kernels (default 2)")
     parser.add_argument("--qlora", choices=("int8", "int4"),
                         help="only measure LoRA steps on a quantized glm_6b-shape base (28 layers unless --layers)")
     parser.add_argument("--no-onednn", action="store_true",
@@ -284,6 +318,9 @@ def main() -> None:
         kind = case.get("kind")
         print(json.dumps(step_ratio_child(case) if kind == "step_ratio" else qlora_child(case) if kind == "qlora"
                          else child(case)))
+        return
+    if args.kernels:
+        kernel_table(args.threads)
         return
     if args.qlora:
         case = dict(kind="qlora", bits=4 if args.qlora == "int4" else 8, layers=args.layers if args.layers != 2 else 28,
