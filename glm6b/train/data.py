@@ -32,12 +32,14 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from ..inference.chat import build_prompt
+from ..model.masks import build_mask_and_positions
 
 Mode = Literal["train", "eval"]
 IGNORE_INDEX = -100
@@ -294,6 +296,8 @@ def prefix_lm_inputs(ids: Sequence[int], pad_count: int, total: int, bos_id: int
                      gmask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokenizer's attention_mask [1, T, T] and position_ids [2, T] for a left-padded row (spec §3.4).
 
+    The rule is glm6b.model.masks.build_mask_and_positions (tokenizer_rule=True), as the tokenizer uses it.
+
     Args:
         ids: the unpadded row.
         pad_count: pads put in front of it; total = pad_count + len(ids).
@@ -303,21 +307,13 @@ def prefix_lm_inputs(ids: Sequence[int], pad_count: int, total: int, bos_id: int
         (mask, positions): mask True = not visible (pads are invisible to every row), positions
         count from the first real token, the tokenizer's [MASK]-before-[gMASK] rule.
     """
-    ids = list(ids)
-    n = len(ids)
-    context = ids.index(bos_id) if bos_id in ids else n
-    visible = torch.ones(n, n, dtype=torch.bool).tril()
-    visible[:, :context] = True
-    mask = torch.ones(1, total, total, dtype=torch.bool)
-    mask[0, pad_count:, pad_count:] = ~visible
-    positions = torch.zeros(2, total, dtype=torch.long)
-    row = torch.arange(n)
-    mask_token = mask_id if mask_id in ids else gmask_id
-    if mask_token in ids:
-        row[context:] = ids.index(mask_token)
-    positions[0, pad_count:] = row
-    positions[1, pad_count + context:] = torch.arange(1, n - context + 1)
-    return mask, positions
+    row = torch.zeros(1, total, dtype=torch.long)
+    row[0, pad_count:] = torch.as_tensor(list(ids), dtype=torch.long)
+    real = torch.zeros(1, total, dtype=torch.long)
+    real[0, pad_count:] = 1
+    special = SimpleNamespace(bos_token_id=bos_id, mask_token_id=mask_id, gmask_token_id=gmask_id)
+    mask, positions = build_mask_and_positions(row, special, padding_mask=real, tokenizer_rule=True)
+    return mask[0], positions[0]
 
 
 class RowDataset(torch.utils.data.Dataset):
