@@ -19,9 +19,11 @@ model was built (so imports do not count). Rows are random ids shaped like ADGEN
 The big case is one LoRA step (batch 1, seq 128, r 8 on query_key_value) with bf16 frozen weights and
 gradient checkpointing: the "fits one 24 GB device" check. With --big glm_6b_4layers the 28-layer
 number is extrapolated linearly from 4 layers: peak(4) + 24 * (bytes of one layer's bf16 weights).
-On a CPU without bfloat16 matrix units (no AVX512-BF16/AMX) the backward pass's bf16 `grad @ W`
-products run on PyTorch's single-threaded generic kernel: the full 6B step took 7,986 s on a 2-core
-machine (peak 12.31 GiB). Pass --big none to skip it.
+Where PyTorch does not use oneDNN for bf16 matmuls (no AVX512-BF16/AMX), the backward pass's bf16
+`grad @ W` products ran on its generic kernel (--kernels: ~0.03-0.25 GFLOP/s) and the full 6B step
+took 7,986 s (peak 12.31 GiB); the Trainer now computes them in float32 slices there
+(glm6b.train.frozen_linear). --step-ratio [--no-onednn] measures a LoRA step against a forward
+pass; --qlora int4 the peak memory of a LoRA step on a quantized base. Pass --big none to skip the big case.
 """
 
 from __future__ import annotations
