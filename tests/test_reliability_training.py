@@ -163,6 +163,7 @@ def test_finetune_is_deterministic_and_ctrl_c_resume_equals_a_straight_run(tmp_p
                                                                            monkeypatch, method, sets):
     """Same seed, same losses (P-tuning used to draw its fresh prefix encoder before seeding), and a run
     stopped by Ctrl-C after step 2 (checkpoint saved) and resumed equals an uninterrupted run."""
+    import glm6b.train.loss as L
     import glm6b.train.trainer as T
 
     sets = (f"method={method}", "trainer.save_steps=null", *sets)
@@ -176,7 +177,7 @@ def test_finetune_is_deterministic_and_ctrl_c_resume_equals_a_straight_run(tmp_p
 
     def ctrl_c_after_step_2(self):  # the first Ctrl-C arrives during step 2
         real_step(self)
-        original = T.causal_lm_loss
+        original = L.causal_lm_loss
         calls = {"n": 0}
 
         def loss(*args, **kwargs):
@@ -185,7 +186,7 @@ def test_finetune_is_deterministic_and_ctrl_c_resume_equals_a_straight_run(tmp_p
                 os.kill(os.getpid(), signal.SIGINT)
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(T, "causal_lm_loss", loss)
+        monkeypatch.setattr(L, "causal_lm_loss", loss)  # the step's loss is computed in glm6b.train.loss
         return self
 
     monkeypatch.setattr(T.StopRequest, "__enter__", ctrl_c_after_step_2)
@@ -194,7 +195,7 @@ def test_finetune_is_deterministic_and_ctrl_c_resume_equals_a_straight_run(tmp_p
     assert code == 130 and "stopped at step 2 of 4; checkpoint saved in" in err and "Traceback" not in err
     assert [p.name for p in stopped.glob("checkpoint-*")] == ["checkpoint-2"]
     monkeypatch.setattr(T.StopRequest, "__enter__", real_step)
-    monkeypatch.setattr(T, "causal_lm_loss", T.causal_lm_loss)
+    monkeypatch.setattr(L, "causal_lm_loss", L.causal_lm_loss)
     assert cli(capsys, run_args(train_file, stopped, *sets, "trainer.resume_from_checkpoint=latest", steps=4))[0] == 0
     assert [r["loss"] for r in log(stopped)] == reference
 
