@@ -328,3 +328,14 @@ def test_temporaries_of_killed_processes_are_removed_by_the_next_write(tmp_path)
         path.write_text("partial")
     atomic_write_text(tmp_path / "out.jsonl", "done\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "out.jsonl"])
+
+
+def test_quantize_refuses_a_folder_with_other_files_or_holding_its_input(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    code, err = run_cli(capsys, "quantize", "--model", GOLDEN, "--output", mine, "--bits", "8")
+    assert code == 2 and "does not write (notes.txt)" in one_error_line(err)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    code, err = run_cli(capsys, "quantize", "--model", GOLDEN, "--output", GOLDEN.parent, "--bits", "8")
+    assert code == 2 and "contains the input" in one_error_line(err)

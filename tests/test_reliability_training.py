@@ -200,6 +200,38 @@ def test_finetune_is_deterministic_and_ctrl_c_resume_equals_a_straight_run(tmp_p
     assert [r["loss"] for r in log(stopped)] == reference
 
 
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("method,sets", METHODS)
+def test_crash_between_checkpoints_then_resume_equals_a_straight_run(tmp_path, capsys, train_file, monkeypatch,
+                                                                      method, sets):
+    """A run that dies in step 3 (checkpoint-2 saved, step 3's random draws made) and is resumed from
+    `latest` gives the uninterrupted run's losses: weights, optimizer, RNG and data position restored."""
+    import glm6b.train.trainer as T
+
+    sets = (f"method={method}", "trainer.save_steps=2", "lora.lora_dropout=0.1", *sets)
+    straight = tmp_path / "straight"
+    assert cli(capsys, run_args(train_file, straight, *sets, steps=4))[0] == 0
+    original, calls = T.causal_lm_loss, {"n": 0}
+
+    def crash_in_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Crash
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(T, "causal_lm_loss", crash_in_step_3)
+    crashed = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        main([str(a) for a in run_args(train_file, crashed, *sets, steps=4)])
+    assert [p.name for p in crashed.glob("checkpoint-*")] == ["checkpoint-2"]
+    monkeypatch.setattr(T, "causal_lm_loss", original)
+    assert cli(capsys, run_args(train_file, crashed, *sets, "trainer.resume_from_checkpoint=latest", steps=4))[0] == 0
+    assert [r["loss"] for r in log(crashed)] == [r["loss"] for r in log(straight)]
+
+
 @pytest.mark.parametrize("method,sets", [METHODS[0], METHODS[3]])
 def test_train_mode_from_a_preset_is_deterministic(tmp_path, capsys, train_file, method, sets):
     """`--mode train` builds a random model from model.preset: the seed fixes it too."""
@@ -258,6 +290,9 @@ def test_disk_full_while_saving_a_checkpoint_is_one_line(tmp_path, capsys, train
     (("trainer.max_grad_norm=-1",), (), "max_grad_norm=-1.0 must be >= 0 (0 disables clipping)"),
     (("trainer.max_steps=abc",), ("--max-steps", "3"), "'trainer.max_steps' = 'abc': expected int | null"),
     (("model.device=cuda:7",), (), "device 'cuda:7'"),
+    (("model.pre_seq_len=0",), (), "model.pre_seq_len = 0: expected a positive integer"),
+    (("model.preset=huge",), (), "model.preset = 'huge': expected one of"),
+    (("data.skip_bad=false",), ("--train-data", str(GOLDEN / "cases.json")), "line 1: not valid JSON"),
 ])
 def test_recipe_values_are_checked_before_the_model_loads(tmp_path, capsys, train_file, monkeypatch, sets, flags,
                                                           message):

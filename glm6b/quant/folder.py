@@ -10,6 +10,7 @@ import torch
 
 from ..checkpoint import hf
 from ..io import atomic_write
+from ..safety import check_output_dir
 
 
 def quantize_folder(model: str | os.PathLike, output: str | os.PathLike, bits: int, embeddings: bool = False,
@@ -39,6 +40,10 @@ def quantize_folder(model: str | os.PathLike, output: str | os.PathLike, bits: i
     source, output = Path(model), Path(output)
     if output.exists() and source.resolve() == output.resolve():
         raise hf.CheckpointError(f"output {output} is the input folder; write the quantized model elsewhere")
+    # Before the model loads: the output may hold an earlier quantization of this model, nothing else.
+    copied = {path.name for path in source.iterdir() if path.is_file()} if source.is_dir() else set()
+    check_output_dir(output, inputs=[source], overwrite=True, owned=set(hf.MODEL_FOLDER_FILES) | copied,
+                     owned_prefixes=hf.MODEL_FOLDER_PREFIXES)
     quantized = hf.load_model(source, dtype=torch.float16, quantize=f"int{bits}", quantize_embeddings=embeddings)
     hf.save_pretrained(quantized, output, max_shard_size=max_shard_size, safe_serialization=False)
     skip = {hf.CONFIG_NAME, hf.WEIGHTS_INDEX_NAME, hf.SAFE_WEIGHTS_INDEX_NAME}

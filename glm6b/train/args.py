@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import ChatGLMConfig, ConfigError
+from ..config import PRESETS, ChatGLMConfig, ConfigError
 
 
 Method = Literal["full", "lora", "ptuning"]
@@ -51,6 +51,13 @@ class ModelArguments:
     ptuning_checkpoint: str | None = None
     adapter: str | None = None
     quantize: Literal["int8", "int4"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"model.preset = {self.preset!r}: expected one of {', '.join(sorted(PRESETS))}")
+        if self.pre_seq_len is not None and (isinstance(self.pre_seq_len, bool)
+                                             or not isinstance(self.pre_seq_len, int) or self.pre_seq_len < 1):
+            raise ConfigError(f"model.pre_seq_len = {self.pre_seq_len!r}: expected a positive integer (or null)")
 
 
 @dataclass

@@ -398,7 +398,7 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
     """
     from ..checkpoint.hf import check_device
     from ..io import atomic_write_text
-    from .data import JsonlDataset
+    from .data import JsonlDataset, ReadStats, iter_examples
     from ..safety import check_writable
     from .state import prepare_run_folder, remove_unfinished_run
     from .trainer import Trainer
@@ -439,6 +439,13 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
                 raise RecipeError(f"{name} = {path}: no such file or folder")
         check_device(recipe.model.device)
         check_writable(output_dir, "trainer.output_dir")
+        if Path(data.train_data).is_file():  # every line checked (and rows counted) before the model loads
+            stats = ReadStats()
+            if not any(True for _ in iter_examples(data.train_data, data, stats)):
+                raise RecipeError(f"data.train_data = {data.train_data}: no training rows: {stats.lines} non-blank "
+                                  f"line(s) read, {stats.skipped_empty} with an empty prompt or answer, "
+                                  f"{stats.skipped_bad} malformed line(s) skipped (check data.prompt_column / "
+                                  f"data.response_column and the file's contents)")
         existed = output_dir.exists()
         info = D.init_distributed()
         try:
