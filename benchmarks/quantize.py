@@ -1,7 +1,7 @@
-"""Weight-only int8/int4: kernel speed, quality against bfloat16, and load time of a quantized folder.
+"""Weight-only int8/int4: kernel speed, quality against bfloat16, load time and decode steps.
 
     python benchmarks/quantize.py                      # all three tables, 2 threads, 2-layer glm_6b shape
-    python benchmarks/quantize.py --only kernels       # or quality, or load
+    python benchmarks/quantize.py --only kernels       # or quality, load, decode
     python benchmarks/quantize.py --layers 4 --threads 2
 
 Tables:
@@ -9,16 +9,23 @@ Tables:
 1. kernels: one matrix [out x in] times a bfloat16 input of 1 and 8 rows: ``F.linear`` on the
    bfloat16 weight against the stock ops glm6b.quant uses (``_weight_int8pack_mm``,
    ``_weight_int4pack_mm_for_cpu`` with each group size it accepts) and the `QuantizedLinear`
-   module as the model runs it. Median of --repeats calls after warm-up; "GB/s" counts the bytes
-   of the weight (and scales) read once per call.
+   module as the model runs it (with --lm-head also the 130528 x 4096 lm_head, module only). Median
+   of --repeats calls after warm-up; "GB/s" counts the bytes of the weight (and scales) read once
+   per call.
 2. quality: top-1 agreement with the bfloat16 model and the largest |logit difference| (also
    relative to the largest |logit|), for int8, int4 and int4 with the word embeddings and lm_head
    quantized (THUDM's int4-qe), on the golden checkpoint and inputs (tests/golden, cases.json
    forward_batch and generate_single_greedy prompts, real positions only) and on a random model of
    the glm_6b shape with --layers layers (width, heads and the 130528 vocabulary of the real one).
    The float32 row is the noise floor: bfloat16 against float32.
-3. load: time to load the random glm_6b-shape model quantized by `glm6b quantize`, against the time
-   to read the folder's bytes (page cache warm for both), and quantizing at load from the float folder.
+3. load: time to load the random glm_6b-shape model quantized by `glm6b quantize` (as bfloat16,
+   whose float16 embeddings are converted, and as float16), against the time to read the folder's
+   bytes into fresh memory (page cache warm), the float folder, and quantizing at load from it.
+   "kernels built" is the one-off conversion to the CPU kernels' layout (`prepare_kernels`; otherwise
+   done by the first forward).
+4. decode: milliseconds per greedy decode step (KV cache, batch 1, 32-token prompt) of that random
+   model in bfloat16 and each quantized precision, timed in interleaved rounds; with few layers the
+   lm_head is a large share.
 
 Speed numbers move with the machine's load: compare rows of one run only.
 """
@@ -49,6 +56,7 @@ from glm6b.quant.linear import QuantizedLinear, prepare_kernels  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "golden"
 SHAPES = [(4096, 4096), (16384, 4096), (4096, 16384)]  # [out, in]: dense, dense_h_to_4h, dense_4h_to_h
+LM_HEAD = (130528, 4096)
 SCHEMES = [("int8", dict(quantize="int8")), ("int4", dict(quantize="int4")),
            ("int4 + emb/lm_head", dict(quantize="int4", quantize_embeddings=True))]
 
@@ -68,29 +76,33 @@ def median_ms(fn, repeats: int) -> float:
 
 
 @torch.inference_mode()
-def kernel_table(repeats: int) -> None:
+def kernel_table(repeats: int, lm_head: bool) -> None:
     print("\n## Kernels: one [out x in] matrix, bfloat16 input, CPU, "
           f"{torch.get_num_threads()} threads (median ms per call; GB/s of weight bytes)\n")
     print(f"| {'out x in':>11} | rows | {'kernel':<36} | {'ms':>8} | {'GB/s':>6} | vs bf16 |")
     print(f"|{'-' * 13}|------|{'-' * 38}|{'-' * 10}|{'-' * 8}|---------|")
     gen = torch.Generator().manual_seed(0)
-    for out_f, in_f in SHAPES:
-        w = torch.randn(out_f, in_f, generator=gen, dtype=torch.float32).to(torch.bfloat16) * 0.02
-        q8 = torch.randint(-127, 128, (out_f, in_f), dtype=torch.int8, generator=gen)
-        s8 = torch.rand(out_f, generator=gen).to(torch.bfloat16)
-        u4 = torch.randint(0, 16, (out_f, in_f), dtype=torch.int32, generator=gen)
-        p4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u4, 1)
-        del u4
-        linear = torch.nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16)
-        with torch.no_grad():
-            linear.weight.copy_(w)
+    # The lm_head (130528 x 4096, tied to the embeddings) only through the module: its raw-op rows
+    # would need several GB of temporaries.
+    for out_f, in_f in SHAPES + ([LM_HEAD] if lm_head else []):
+        stock = (out_f, in_f) != LM_HEAD
+        w = torch.randn(out_f, in_f, generator=gen, dtype=torch.bfloat16) * 0.02
+        if stock:
+            q8 = torch.randint(-127, 128, (out_f, in_f), dtype=torch.int8, generator=gen)
+            s8 = torch.rand(out_f, generator=gen).to(torch.bfloat16)
+            u4 = torch.randint(0, 16, (out_f, in_f), dtype=torch.int32, generator=gen)
+            p4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u4, 1)
+            del u4
+        linear = torch.nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16, device="meta")
+        linear.weight = torch.nn.Parameter(w, requires_grad=False)
         modules = {bits: QuantizedLinear.from_float(linear, bits) for bits in (8, 4)}
         for rows in (1, 8):
             x = torch.randn(rows, in_f, generator=gen).to(torch.bfloat16)
-            cases = [("F.linear bf16", lambda: F.linear(x, w), out_f * in_f * 2),
-                     ("_weight_int8pack_mm", lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8),
-                      out_f * in_f + out_f * 2)]
-            for group in (32, 64, 128, 256):
+            cases = [("F.linear bf16", lambda: F.linear(x, w), out_f * in_f * 2)]
+            if stock:
+                cases.append(("_weight_int8pack_mm", lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8),
+                              out_f * in_f + out_f * 2))
+            for group in (32, 64, 128, 256) if stock else ():
                 sz = torch.rand(in_f // group, out_f, 2, generator=gen).to(torch.bfloat16)
                 cases.append((f"_weight_int4pack_mm g{group}",
                               lambda sz=sz, group=group: torch.ops.aten._weight_int4pack_mm_for_cpu(x, p4, group, sz),
@@ -106,7 +118,9 @@ def kernel_table(repeats: int) -> None:
                 base = base or ms
                 print(f"| {out_f:>5}x{in_f:<5} | {rows:>4} | {name:<36} | {ms:8.2f} | {nbytes / ms / 1e6:6.1f} | "
                       f"{base / ms:6.2f}x |")
-        del w, q8, p4, modules, linear
+        del w, modules, linear
+        if stock:
+            del q8, p4
         gc.collect()
 
 
@@ -179,45 +193,95 @@ def quality_table(random_folder: Path, layers: int, seq_len: int) -> None:
 # ----------------------------------------------------------------------------------- 3. load
 
 
-def read_bytes_seconds(folder: Path) -> float:
+def read_bytes_seconds(folder: Path, fresh: bool) -> float:
+    """Seconds to read every file of `folder`: into one reused 16 MB buffer (the page-cache copy
+    alone), or each file into newly allocated memory (what any loader pays: the pages are touched
+    for the first time)."""
     start = time.perf_counter()
     for path in folder.iterdir():
-        with open(path, "rb") as f:
-            while f.read(1 << 24):
-                pass
+        with open(path, "rb", buffering=0) as f:
+            if fresh:  # uninitialised memory, as a loader allocates its tensors
+                buffer = torch.empty(path.stat().st_size, dtype=torch.uint8)
+                view, done = memoryview(buffer.numpy()), 0
+                while done < len(view):  # one read() returns at most about 2 GB
+                    done += f.readinto(view[done:])
+                del buffer, view
+            else:
+                buffer = bytearray(1 << 24)
+                while f.readinto(buffer):
+                    pass
     return time.perf_counter() - start
 
 
 def load_table(float_folder: Path, work: Path) -> None:
     print("\n## Load time of the random glm_6b-shape model (page cache warm; median of 3)\n")
-    print("| folder | bytes | read bytes s | load s | load / read | kernels built s |")
-    print("|--------|-------|--------------|--------|-------------|-----------------|")
-    for bits in (8, 4):
-        folder = work / f"int{bits}"
-        quantize_folder(float_folder, folder, bits)
+    print("read: the folder's bytes into a reused buffer / into fresh memory (the floor for any loader).\n")
+    print("| folder | loaded as | bytes | read s | read fresh s | load s | load / read fresh | kernels built s |")
+    print("|--------|-----------|-------|--------|--------------|--------|-------------------|-----------------|")
+
+    def row(label: str, folder: Path, kwargs: dict, kernels: bool) -> None:
         size = sum(p.stat().st_size for p in folder.iterdir())
-        read_s = statistics.median(read_bytes_seconds(folder) for _ in range(3))
+        read_s = statistics.median(read_bytes_seconds(folder, fresh=False) for _ in range(3))
+        fresh_s = statistics.median(read_bytes_seconds(folder, fresh=True) for _ in range(3))
         loads, prep = [], []
-        for _ in range(3):
+        for _ in range(3 if kernels else 1):
             start = time.perf_counter()
-            model = load_model(folder, dtype=torch.bfloat16)
+            model = load_model(folder, **kwargs)
             loads.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            prepare_kernels(model)
-            prep.append(time.perf_counter() - start)
+            if kernels:
+                start = time.perf_counter()
+                prepare_kernels(model)
+                prep.append(time.perf_counter() - start)
             del model
             gc.collect()
         load_s = statistics.median(loads)
-        print(f"| int{bits} (glm6b quantize) | {size / 1e9:.2f} GB | {read_s:.2f} | {load_s:.2f} | "
-              f"{load_s / read_s:.2f}x | {statistics.median(prep):.2f} |")
-    size = sum(p.stat().st_size for p in float_folder.iterdir())
-    read_s = statistics.median(read_bytes_seconds(float_folder) for _ in range(3))
-    start = time.perf_counter()
-    model = load_model(float_folder, dtype=torch.bfloat16, quantize="int4")
-    load_s = time.perf_counter() - start
-    del model
-    print(f"| bf16 folder, quantize='int4' at load | {size / 1e9:.2f} GB | {read_s:.2f} | {load_s:.2f} | "
-          f"{load_s / read_s:.2f}x | - |")
+        dtype = str(kwargs["dtype"]).removeprefix("torch.")
+        print(f"| {label} | {dtype} | {size / 1e9:.2f} GB | {read_s:.2f} | {fresh_s:.2f} | {load_s:.2f} | "
+              f"{load_s / fresh_s:.2f}x | {f'{statistics.median(prep):.2f}' if prep else '-'} |")
+
+    row("bf16 (float)", float_folder, dict(dtype=torch.bfloat16), kernels=False)
+    for bits in (8, 4):
+        folder = work / f"int{bits}"
+        quantize_folder(float_folder, folder, bits)
+        for dtype in (torch.bfloat16, torch.float16):
+            row(f"int{bits} (glm6b quantize)", folder, dict(dtype=dtype), kernels=dtype == torch.bfloat16)
+    row("bf16, quantize='int4' at load", float_folder, dict(dtype=torch.bfloat16, quantize="int4"), kernels=False)
+
+
+# ----------------------------------------------------------------------------------- 4. decode
+
+
+@torch.inference_mode()
+def decode_table(folder: Path, layers: int, steps: int, rounds: int = 5) -> None:
+    """All precisions are held at once and timed in turns, round after round, so that a change in the
+    machine's load hits them alike; each round times `steps` decode steps of every model."""
+    from glm6b.inference.generation import GenerationConfig, generate_steps
+
+    print(f"\n## Decode step of the random glm_6b-shape model ({layers} of 28 layers), batch 1, bfloat16 "
+          f"activations (median over {rounds} interleaved rounds of {steps} steps)\n")
+    print("| precision | ms per decode step | vs bf16 | kernels |")
+    print("|-----------|--------------------|---------|---------|")
+    models = {}
+    for name, kwargs in [("bf16", {})] + SCHEMES:
+        model = load_model(folder, dtype=torch.bfloat16, **kwargs)
+        models[name] = (model, prepare_kernels(model) if kwargs else {})
+    c = next(iter(models.values()))[0].config
+    prompt = torch.cat([torch.randint(6, c.mask_token_id, (1, 30), generator=torch.Generator().manual_seed(2)),
+                        torch.tensor([[c.gmask_token_id, c.bos_token_id]])], dim=1)
+    config = GenerationConfig(max_new_tokens=steps + 1, eos_token_id=-1)  # -1: never stops early
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds + 1):  # the first round is a warm-up
+        for name, (model, _) in models.items():
+            stamps = [time.perf_counter()]
+            for _ in generate_steps(model, prompt, config=config):
+                stamps.append(time.perf_counter())
+            times[name].append(statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:])))  # after prefill
+    base = None
+    for name, (_, kernels) in models.items():
+        ms = statistics.median(times[name][1:]) * 1e3
+        base = base or ms
+        used = ", ".join(f"{k} x{v}" for k, v in kernels.items()) or "-"
+        print(f"| {name} | {ms:.1f} | {base / ms:.2f}x | {used} |")
 
 
 # ----------------------------------------------------------------------------------- main
@@ -238,18 +302,21 @@ def write_random_model(folder: Path, layers: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=("kernels", "quality", "load"), default=None)
+    parser.add_argument("--only", choices=("kernels", "quality", "load", "decode"), default=None)
+    parser.add_argument("--steps", type=int, default=8, help="decode: timed steps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layers", type=int, default=2, help="layers of the random glm_6b-shape model")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per row of the random model's input")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per kernel")
+    parser.add_argument("--lm-head", dest="lm_head", action="store_true",
+                        help="kernels: also the 130528 x 4096 lm_head (needs about 3 GB more memory)")
     parser.add_argument("--workdir", default=None, help="where the random model folders go (default: a temp dir)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     if args.only in (None, "kernels"):
-        kernel_table(args.repeats)
-    if args.only in ("quality", "load", None):
+        kernel_table(args.repeats, args.lm_head)
+    if args.only in ("quality", "load", "decode", None):
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
             work = Path(tmp)
             write_random_model(work / "bf16", args.layers)
@@ -258,6 +325,8 @@ def main() -> None:
                 quality_table(work / "bf16", args.layers, args.seq_len)
             if args.only in (None, "load"):
                 load_table(work / "bf16", work)
+            if args.only in (None, "decode"):
+                decode_table(work / "bf16", args.layers, args.steps)
 
 
 if __name__ == "__main__":

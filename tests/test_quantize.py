@@ -189,6 +189,7 @@ def test_int4_kernel_layout_in_place_keeps_thudm_state_dict():
     layer.prepare("cpu", torch.float32)
     if layer._in_place:  # the kernel's copy was written over the weight's bytes: one int4 copy in memory
         assert not torch.equal(layer.weight.detach(), thudm)
+        assert layer._kernel[1].untyped_storage().data_ptr() == layer.weight.untyped_storage().data_ptr()
     assert torch.equal(layer.thudm_weight(), thudm)
     assert torch.equal(layer.state_dict()["weight"], thudm)
     x = torch.randn(2, 256)
@@ -221,6 +222,22 @@ def test_quantized_layers_keep_the_hf_names(model):
             assert name in names
     quantized_params = [p for m in quantized.modules() if isinstance(m, QuantizedLinear) for p in m.parameters()]
     assert quantized_params and not any(p.requires_grad for p in quantized_params)
+
+
+def test_casting_a_quantized_model_keeps_the_float16_scales(tmp_path):
+    folder = thudm_folder(tmp_path / "q", 4, embeddings=True)
+    model = load_model(folder, dtype=torch.float32)
+    batch = golden_batch()
+    with torch.no_grad():
+        want = load_model(folder, dtype=torch.bfloat16)(**batch).logits
+        model(**batch)  # kernels built for float32 first
+        model.to(torch.bfloat16)
+        got = model(**batch).logits
+    assert got.dtype == torch.bfloat16 and model.transformer.word_embeddings.dtype == torch.bfloat16
+    for module in model.modules():
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+            assert module.weight.dtype == torch.int8 and module.weight_scale.dtype == torch.float16
+    assert torch.equal(got, want)
 
 
 # ----------------------------------------------------------------------------------- THUDM folders
@@ -367,7 +384,8 @@ def test_quantized_config_errors(tmp_path):
     shutil.copytree(GOLDEN, float_folder)
     config = json.loads((float_folder / "config.json").read_text())
     (float_folder / "config.json").write_text(json.dumps({**config, "quantization_bit": 8}))
-    with pytest.raises(CheckpointError, match=r"dense\.weight is torch\.float16, expected torch\.int8 \(config\.json sets quantization_bit"):
+    expected = r"dense\.weight is torch\.float16, expected torch\.int8 \(config\.json sets quantization_bit"
+    with pytest.raises(CheckpointError, match=expected):
         load_model(float_folder)
 
 

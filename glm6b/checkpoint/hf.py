@@ -14,6 +14,12 @@ memory is the loaded model plus (at most) the shard being read, never a second f
 ``.bin`` shards are opened with ``torch.load(weights_only=True, mmap=True)``: no arbitrary Python
 object is ever unpickled.
 
+A folder in THUDM's quantized layout (config.json ``quantization_bit`` 4 or 8, optionally
+``quantization_embeddings``: chatglm-6b-int8, -int4, -int4-qe, or a `glm6b quantize` output) is built
+with `glm6b.quant` layers swapped in on the meta device and filled from its int8 ``weight`` and float16
+``weight_scale`` tensors as they are; ``load_model(..., quantize="int8"|"int4")`` on a float folder
+quantizes each of those weights as it is read, so the float model is never held whole.
+
 Deliberate differences from the reference loader (spec 4.11, Appendix A.7):
 
 * A float32 checkpoint is *not* rounded to float16: tensors are cast straight to the requested dtype.
@@ -61,12 +67,12 @@ MODEL_FOLDER_FILES = (CONFIG_NAME, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, W
                       "README.md")
 MODEL_FOLDER_PREFIXES = ("model-", "pytorch_model-")
 PREFIX_ENCODER = "transformer.prefix_encoder."
+_HF_FILES = "config.json, pytorch_model-*.bin or *.safetensors, ice_text.model, tokenizer_config.json"
 
 
 def is_weight_file(name: str) -> bool:
     """Whether a file name is one of the weight-file names a saved model folder can hold."""
     return _WEIGHT_FILE_RE.match(name) is not None
-_HF_FILES = "config.json, pytorch_model-*.bin or *.safetensors, ice_text.model, tokenizer_config.json"
 
 
 class CheckpointError(ValueError):

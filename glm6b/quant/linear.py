@@ -10,11 +10,12 @@ names, ``weight`` (int8 [out, in], or [out, in / 2] packed two per byte for 4 bi
 Kernels (chosen at the first forward for the input's device and dtype, see `QuantizedLinear`):
 
 * CPU, 8 bits: ``aten._weight_int8pack_mm`` on the stored int8 weight (no copy).
-* CPU, 4 bits: ``aten._weight_int4pack_mm_for_cpu`` on a copy made by
-  ``aten._convert_weight_to_int4pack_for_cpu``; THUDM's one scale per row is repeated over groups of
-  `CPU_INT4_GROUP` columns (the op takes groups of 32..256), with unsigned values q + 8 and zero 0.
-  Where that copy's byte order is known (blocks of 64 rows), it is written over the weight's own
-  bytes, so memory stays one int4 copy; the state dict converts it back to THUDM's order.
+* CPU, 4 bits: ``aten._weight_int4pack_mm_for_cpu`` on the weight in the byte order of
+  ``aten._convert_weight_to_int4pack_for_cpu`` (unsigned values q + 8, zero point 0); THUDM's one
+  scale per row is repeated over groups of `CPU_INT4_GROUP` columns (the op takes groups of 32..256).
+  Where that byte order is known (64-row blocks, checked against the op once per row count) it is
+  computed from THUDM's bytes and written over them, so memory stays one int4 copy, and the state
+  dict converts it back; elsewhere the op makes a separate copy.
 * CUDA: ``aten._weight_int8pack_mm`` (8 bits) and ``aten._weight_int4pack_mm`` (4 bits, bfloat16
   only), each checked once per layer against ``x @ dequantize(W).T``; a failing or missing op falls
   back to de-quantizing into the input dtype and ``F.linear``.
@@ -27,13 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .thudm import check_bits, dequantize, pack_int4, quantize_to_thudm, unpack_int4, unpacked_weight
+from .thudm import check_bits, dequantize, pack_int4, quantize_to_thudm, unpacked_weight
 
 # The four Linear layers of every block that THUDM quantizes (spec 4.12); names kept as in HF.
 QUANTIZED_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-# Columns per scale group for the CPU int4 kernel (it accepts 32, 64, 128, 256). Smaller groups
-# measured faster on one 16384x4096 matrix (benchmarks/quantize.py), but each group holds a
-# (scale, zero) pair: 32 costs 25 % more bytes than the int4 weight itself, 128 about 6 %.
+# Columns per scale group for the CPU int4 kernel (it accepts 32, 64, 128, 256; any is exact for a
+# row scale). Each group holds a (scale, zero) pair: 32 costs 25 % more bytes than the int4 weight,
+# 128 about 6 %. benchmarks/quantize.py prints the speed of each; pick the fastest on your machine.
 CPU_INT4_GROUP = 128
 CUDA_INT4_GROUP = 128
 CUDA_INT4_INNER_K_TILES = 8
@@ -106,6 +107,15 @@ def _scales_and_zeros(weight_scale: torch.Tensor, in_features: int, group: int, 
     """[in / group, out, 2]: THUDM's row scale repeated for every group, zero point 0 (value = (u - 8) * scale)."""
     scale = weight_scale.to(dtype)[None, :].expand(in_features // group, -1)
     return torch.stack((scale, torch.zeros_like(scale)), dim=-1).contiguous()
+
+
+def _apply_keeping_scale(module: nn.Module, fn, recurse: bool) -> None:
+    """nn.Module._apply for a quantized layer: `.to(device)` moves everything, but a dtype cast
+    (`.half()`, `.to(torch.bfloat16)`) leaves ``weight_scale`` in THUDM's float16."""
+    scale = module.weight_scale.data  # the tensor itself: the parameter may be cast in place
+    nn.Module._apply(module, fn, recurse)
+    if module.weight_scale.dtype != scale.dtype:
+        module.weight_scale.data = scale.to(module.weight_scale.device)
 
 
 # ----------------------------------------------------------------------------------- modules
@@ -192,6 +202,14 @@ class QuantizedLinear(nn.Module):
         self._in_place_of = None
         self._kernel = self._kernel_key = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        in_place = self._in_place
+        _apply_keeping_scale(self, fn, recurse)
+        if in_place:  # the bytes moved with the weight (even if the parameter object was swapped)
+            self.__dict__["_in_place_of"] = self.weight
+        self._kernel = self._kernel_key = None  # rebuilt for the new device / dtype
+        return self
 
     # ------------------------------------------------------------------ kernels
 
@@ -313,6 +331,11 @@ class QuantizedEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, dtype={self.dtype}"
 
+    def _apply(self, fn, recurse=True):
+        _apply_keeping_scale(self, fn, recurse)
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype  # lookups follow a cast of the model
+        return self
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = dequantize(self.weight[input_ids.reshape(-1)], self.weight_scale[input_ids.reshape(-1)], self.bits)
         return rows.to(self.dtype).view(*input_ids.shape, self.embedding_dim)
@@ -402,4 +425,4 @@ def prepare_kernels(model: nn.Module, device: torch.device | str | None = None,
 
 
 __all__ = ["QuantizedLinear", "QuantizedEmbedding", "quantize_model", "prepare_kernels", "tie_quantized_lm_head",
-           "QUANTIZED_LINEARS", "unpack_int4"]
+           "QUANTIZED_LINEARS"]

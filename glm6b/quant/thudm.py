@@ -26,9 +26,9 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
     """Quantize a float matrix per output row with THUDM's formula.
 
     THUDM quantizes the float16 model, in float16 arithmetic: the weight is first rounded to float16,
-    ``scale = fp16(max|w| / qmax)`` and ``q = round(fp16(w / scale))``. Each float16 operation is done
-    here in float32 and rounded to float16, which gives the same correctly rounded results. A row of
-    zeros gets scale 0 and q 0 (THUDM would divide 0 by 0).
+    ``scale = fp16(max|w| / qmax)`` and ``q = round(fp16(w / scale))`` (PyTorch computes a float16
+    division in float32 and rounds it, on the CPU as on CUDA). A row of zeros gets scale 0 and q 0
+    (THUDM would divide 0 by 0).
 
     Args:
         weight: [out, in] float tensor.
@@ -44,10 +44,10 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
     scale = torch.empty(weight.shape[0], dtype=torch.float16, device=weight.device)
     for start in range(0, weight.shape[0], _ROWS_PER_CHUNK):  # float32 temporaries for a few rows at a time
         rows = slice(start, start + _ROWS_PER_CHUNK)
-        w = weight[rows].half().float()
-        scale[rows] = (w.abs().amax(dim=-1) / qmax).half()
-        divisor = torch.where(scale[rows] == 0, 1.0, scale[rows].float())
-        q[rows] = torch.round((w / divisor[:, None]).half().float()).clamp_(-qmax, qmax).to(torch.int8)
+        w = weight[rows].half()
+        scale[rows] = (w.abs().amax(dim=-1).float() / qmax).half()
+        divisor = torch.where(scale[rows] == 0, 1.0, scale[rows]).half()
+        q[rows] = torch.round(w / divisor[:, None]).clamp_(-qmax, qmax).to(torch.int8)  # float16 division
     return q, scale
 
 
