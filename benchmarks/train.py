@@ -6,6 +6,8 @@
     python benchmarks/train.py --big glm_6b_4layers             # measure 4 layers, scale to 28 (an estimate)
     python benchmarks/train.py --device cuda --big glm_6b       # on a GPU: max_memory_allocated
     python benchmarks/train.py --step-ratio --layers 2          # LoRA step / forward, glm_6b width, bf16
+    python benchmarks/train.py --qlora int4                     # peak memory of a LoRA step on an int4 6B base
+    python benchmarks/train.py --kernels                        # GFLOP/s of the backward's grad @ W, bf16
 
 Every case runs the real Trainer path (glm6b.train.trainer: method setup, gradient checkpointing, AdamW over
 the trainable parameters only) on random weights built on the meta device, then `to_empty` + init, in
@@ -17,9 +19,11 @@ model was built (so imports do not count). Rows are random ids shaped like ADGEN
 The big case is one LoRA step (batch 1, seq 128, r 8 on query_key_value) with bf16 frozen weights and
 gradient checkpointing: the "fits one 24 GB device" check. With --big glm_6b_4layers the 28-layer
 number is extrapolated linearly from 4 layers: peak(4) + 24 * (bytes of one layer's bf16 weights).
-On a CPU without bfloat16 matrix units (no AVX512-BF16/AMX) the backward pass's bf16 `grad @ W`
-products run on PyTorch's single-threaded generic kernel: the full 6B step took 7,986 s on a 2-core
-machine (peak 12.31 GiB). Pass --big none to skip it.
+Where PyTorch does not use oneDNN for bf16 matmuls (no AVX512-BF16/AMX), the backward pass's bf16
+`grad @ W` products ran on its generic kernel (--kernels: ~0.03-0.25 GFLOP/s) and the full 6B step
+took 7,986 s (peak 12.31 GiB); the Trainer now computes them in float32 slices there
+(glm6b.train.frozen_linear). --step-ratio [--no-onednn] measures a LoRA step against a forward
+pass; --qlora int4 the peak memory of a LoRA step on a quantized base. Pass --big none to skip the big case.
 """
 
 from __future__ import annotations
@@ -42,10 +46,13 @@ def _rss_bytes() -> int:
 
 
 class _Tokenizer:
-    """What the Trainer needs from a tokenizer when no text is involved."""
+    """What the Trainer needs from a tokenizer when no text is involved: the config's special ids."""
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    def __init__(self, config):
+        self.name_or_path = None
+        self.vocab_size = config.vocab_size
+        for name in ("pad", "bos", "eos", "mask", "gmask"):
+            setattr(self, f"{name}_token_id", getattr(config, f"{name}_token_id"))
 
     def save_pretrained(self, directory) -> None:
         pass
@@ -81,7 +88,7 @@ def child(case: dict) -> dict:
                                  bf16=case["bf16"])
         model_args = ModelArguments(preset=case["preset"], dtype=case["dtype"], device=str(device),
                                     pre_seq_len=case["pre_seq_len"] if method == "ptuning" else None)
-        trainer = Trainer(model_args=model_args, tokenizer=_Tokenizer(config.pad_token_id), args=args,
+        trainer = Trainer(model_args=model_args, tokenizer=_Tokenizer(config), args=args,
                           train_dataset=_random_rows(config, case["batch_size"] * case["steps"], case["seq_len"]), method=method,
                           callbacks=[clock])
         trainer._prepare_for_training()
@@ -159,7 +166,7 @@ def step_ratio_child(case: dict) -> dict:
         last[0] = now
 
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(model=model, tokenizer=_Tokenizer(config.pad_token_id), method="lora", callbacks=[clock],
+        trainer = Trainer(model=model, tokenizer=_Tokenizer(config), method="lora", callbacks=[clock],
                           train_dataset=rows,
                           args=TrainingArguments(output_dir=out, max_steps=case["steps"],
                                                  per_device_train_batch_size=case["batch_size"], shuffle=False,
@@ -180,6 +187,88 @@ def step_ratio_child(case: dict) -> dict:
     # The fastest of the repeats (after a warm-up one): on a shared machine the least disturbed run is the
     # closest to the cost itself.
     return {**case, "forward_s": min(forward[1:] or forward), "step_s": min(times[1:] or times)}
+
+
+def qlora_child(case: dict) -> dict:
+    """Peak memory and time of LoRA steps on a quantized glm_6b-shape base (random int weights), batch 1 x 128,
+    gradient checkpointing: built on the meta device and quantized there, so no float copy of the blocks exists."""
+    import tempfile
+
+    import torch
+
+    from glm6b.config import ChatGLMConfig
+    from glm6b.model import ChatGLMForConditionalGeneration
+    from glm6b.quant.linear import QuantizedLinear, quantize_model
+    from glm6b.train.trainer import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    baseline = _rss_bytes()
+    config = ChatGLMConfig.from_name("glm_6b").replace(num_layers=case["layers"])
+    model = ChatGLMForConditionalGeneration(config, dtype=torch.bfloat16, device="meta")
+    quantize_model(model, case["bits"])  # empty int8/int4 layers on meta
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, QuantizedLinear):
+                module.weight.random_(-128, 128)  # any byte is a valid int8 value or pair of int4 values
+                module.weight_scale.fill_(0.02 / (127 if case["bits"] == 8 else 7))
+                module.bias.zero_()
+            elif isinstance(module, torch.nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+        model.transformer.word_embeddings.weight.normal_(std=0.02)
+    rows = _random_rows(config, case["batch_size"] * case["steps"], case["seq_len"])
+    times: list[float] = []
+    last = [0.0]
+
+    def clock(trainer, record):
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(model=model, tokenizer=_Tokenizer(config), method="lora", callbacks=[clock],
+                          train_dataset=rows,
+                          args=TrainingArguments(output_dir=out, max_steps=case["steps"],
+                                                 per_device_train_batch_size=case["batch_size"], learning_rate=1e-4,
+                                                 save_steps=None, logging_steps=10**6, tensorboard=False,
+                                                 disable_tqdm=True, gradient_checkpointing=True))
+        last[0] = time.perf_counter()
+        trainer.train()
+        losses = list(trainer.state.losses)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    return {**case, "peak_bytes": peak, "step_s": min(times), "losses": losses}
+
+
+def kernel_table(threads: int) -> None:
+    """GFLOP/s of the products a LoRA step's backward needs (grad @ W, W frozen [out, in]), bf16 on this CPU,
+    with and without oneDNN, against the float32 path of glm6b.train.frozen_linear."""
+    import torch
+
+    from glm6b.train.frozen_linear import frozen_grad_input
+
+    torch.set_num_threads(threads)
+    tokens, hidden, out = 128, 4096, 4096
+    x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
+    weight = torch.randn(out, hidden, dtype=torch.bfloat16)
+    grad = torch.randn(tokens, out, dtype=torch.bfloat16)
+    flops = 2 * tokens * hidden * out
+    cases = [("forward x @ W.T (F.linear)", lambda: torch.nn.functional.linear(x, weight)),
+             ("backward grad @ W (PyTorch bf16)", lambda: grad @ weight),
+             ("backward grad @ W (float32 slices)", lambda: frozen_grad_input(grad, weight))]
+    print(f"{'product':<38}  {'oneDNN':>6}  {'ms':>9}  {'GFLOP/s':>8}")
+    for onednn in (True, False):
+        torch.backends.mkldnn.enabled = onednn
+        for name, fn in cases:
+            fn()
+            start, runs = time.perf_counter(), 0
+            while runs < 2 or time.perf_counter() - start < 1.0:
+                fn()
+                runs += 1
+            seconds = (time.perf_counter() - start) / runs
+            print(f"{name:<38}  {str(onednn):>6}  {seconds * 1e3:9.1f}  {flops / seconds / 1e9:8.2f}", flush=True)
+    torch.backends.mkldnn.enabled = True
 
 
 def run_case(case: dict) -> dict:
@@ -213,6 +302,11 @@ def main() -> None:
     parser.add_argument("--step-ratio", action="store_true",
                         help="only time a LoRA step against a forward pass of the same batch (bf16, glm_6b width)")
     parser.add_argument("--layers", type=int, default=2, help="layers of the --step-ratio model (default 2)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="only time the backward's grad @ W products (bf16, with and without oneDNN)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for --kernels (default 2)")
+    parser.add_argument("--qlora", choices=("int8", "int4"),
+                        help="only measure LoRA steps on a quantized glm_6b-shape base (28 layers unless --layers)")
     parser.add_argument("--no-onednn", action="store_true",
                         help="disable PyTorch's oneDNN matmuls, as on a CPU without AVX512-BF16/AMX (--step-ratio)")
     parser.add_argument("--no-fast-frozen-backward", action="store_true",
@@ -223,7 +317,20 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         case = json.loads(args.child)
-        print(json.dumps(step_ratio_child(case) if case.get("kind") == "step_ratio" else child(case)))
+        kind = case.get("kind")
+        print(json.dumps(step_ratio_child(case) if kind == "step_ratio" else qlora_child(case) if kind == "qlora"
+                         else child(case)))
+        return
+    if args.kernels:
+        kernel_table(args.threads)
+        return
+    if args.qlora:
+        case = dict(kind="qlora", bits=4 if args.qlora == "int4" else 8, layers=args.layers if args.layers != 2 else 28,
+                    batch_size=1, seq_len=args.seq_len, steps=1)
+        r = run_case(case)
+        print(f"QLoRA ({args.qlora} base, r=8 on query_key_value, gradient checkpointing, batch 1 x {r['seq_len']}), "
+              f"glm_6b shape with {r['layers']} layers on cpu: peak {r['peak_bytes'] / GIB:.2f} GiB "
+              f"({r['peak_bytes'] / 1e9:.2f} GB) of resident memory above the baseline; step {r['step_s']:.1f} s")
         return
     if args.step_ratio:
         case = dict(kind="step_ratio", layers=args.layers, batch_size=1, seq_len=args.seq_len, steps=3,

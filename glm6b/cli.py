@@ -398,7 +398,8 @@ def add_preprocess_command(subparsers) -> None:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     """Encode --input into --output and report the counts."""
-    from .train.data import DataConfig, preprocess
+    from .train.data import DataConfig
+    from .train.preprocess import preprocess
     from .tokenizer import load_tokenizer
 
     config = DataConfig(max_source_length=args.max_source_length, max_target_length=args.max_target_length,
@@ -606,6 +607,8 @@ def add_quickstart_command(subparsers) -> None:
     p.add_argument("--pretrain-steps", type=int, default=200, help="pre-training steps of a fresh base model")
     p.add_argument("--eval-examples", type=int, default=48, help="dev examples scored before and after")
     p.add_argument("--output-dir", default="runs/quickstart", help="where everything is written")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                   help="fine-tune LoRA / P-tuning on the base quantized to int8 or int4 (QLoRA-style)")
     p.set_defaults(func=cmd_quickstart)
 
 
@@ -613,7 +616,8 @@ def cmd_quickstart(args) -> int:
     from .quickstart import QuickstartSettings, run_quickstart
 
     run_quickstart(QuickstartSettings(method=args.method, steps=args.steps, pretrain_steps=args.pretrain_steps,
-                                      eval_examples=args.eval_examples, output_dir=args.output_dir))
+                                      eval_examples=args.eval_examples, output_dir=args.output_dir,
+                                      quantize=args.quantize))
     return 0
 
 

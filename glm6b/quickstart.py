@@ -52,6 +52,7 @@ class QuickstartSettings:
         eval_examples: dev examples scored before and after.
         batch_size: training rows per step.
         seed: for weights, data order and sampling.
+        quantize: "int8" or "int4": fine-tune (lora, ptuning) on the base quantized at load (QLoRA-style).
     """
 
     method: str = "lora"
@@ -61,6 +62,7 @@ class QuickstartSettings:
     eval_examples: int = 48
     batch_size: int = 16
     seed: int = 0
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_DEFAULTS:
@@ -146,10 +148,11 @@ def _incomplete_model_folder(folder: Path) -> str | None:
     return f"no {', '.join(missing)}" if missing else None
 
 
-def _load(base_dir: Path, method: str) -> ChatGLMForConditionalGeneration:
+def _load(base_dir: Path, method: str, quantize: str | None = None) -> ChatGLMForConditionalGeneration:
     if method == "ptuning":
-        return load_model(base_dir, dtype=torch.float32, device="cpu", pre_seq_len=16, prefix_projection=False)
-    return load_model(base_dir, dtype=torch.float32, device="cpu")
+        return load_model(base_dir, dtype=torch.float32, device="cpu", pre_seq_len=16, prefix_projection=False,
+                          quantize=quantize)
+    return load_model(base_dir, dtype=torch.float32, device="cpu", quantize=quantize)
 
 
 def _score(model, tokenizer, dev: list[dict[str, str]]) -> tuple[list[str], dict]:
@@ -177,7 +180,9 @@ def run_quickstart(settings: QuickstartSettings) -> dict:
     base_dir = build_base_model(settings, tokenizer)
     dev = read_adgen_jsonl(DEFAULT_ASSETS / "adgen" / "dev.json")[: settings.eval_examples]
 
-    model = _load(base_dir, settings.method)
+    if settings.quantize and settings.method == "full":
+        raise ValueError("--quantize needs --method lora or ptuning: a quantized base is not trained itself")
+    model = _load(base_dir, settings.method, settings.quantize)
     print(f"Scoring the base model on {len(dev)} dev examples")
     _, before = _score(model, tokenizer, dev)
 
@@ -211,7 +216,8 @@ def run_quickstart(settings: QuickstartSettings) -> dict:
     summary = {"method": settings.method, "steps": steps, "before": {k: before[k] for k in METRICS},
                "after": {k: after[k] for k in METRICS}, "samples": samples,
                "chat": [list(pair) for pair in history], "seconds": round(time.perf_counter() - start, 1),
-               "output_dir": str(run_dir), "final": str(result.final_dir)}
+               "output_dir": str(run_dir), "final": str(result.final_dir), "quantize": settings.quantize,
+               "losses": [round(x, 4) for x in result.losses]}
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     print(f"\nDone in {summary['seconds']:.0f} s. Loss curve: {run_dir / 'loss.png'}; training log: "
           f"{run_dir / 'train_log.jsonl'}; fine-tuned weights: {result.final_dir}; summary: {run_dir / 'summary.json'}")

@@ -15,6 +15,7 @@ import os
 import re
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -130,25 +131,21 @@ def _prefix_lm_inputs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The tokenizer's attention_mask [1,n,n] (bool, True = masked) and position_ids [2,n] (spec §3.4).
 
-    The context (everything before the first `<sop>`, or the whole row without one) is fully
-    visible; from `<sop>` on the mask is causal. Positions from `<sop>` on are the index of the
-    first `[MASK]` if the row contains one, else of the first `[gMASK]` (the tokenizer's rule; the
-    model prefers `[gMASK]`, spec Appendix A.3); block positions count 1, 2, ... from `<sop>`.
+    The rule itself is glm6b.model.masks.build_mask_and_positions (tokenizer_rule=True): the
+    context (everything before the first `<sop>`, or the whole row without one) is fully visible;
+    from `<sop>` on the mask is causal; positions from `<sop>` on are the index of the first
+    `[MASK]` if the row contains one, else of the first `[gMASK]`; block positions count 1, 2, ...
     """
+    import torch
+
+    from .model.masks import build_mask_and_positions
+
     ids = list(ids)
-    n = len(ids)
-    context = ids.index(bos_id) if bos_id in ids else n
-    visible = np.tril(np.ones((1, n, n), dtype=bool))
-    visible[:, :, :context] = True
-    attention_mask = ~visible
-    positions = np.arange(n, dtype=np.int64)
-    mask_token = mask_id if mask_id in ids else gmask_id
-    if mask_token in ids:
-        positions[context:] = ids.index(mask_token)
-    block_positions = np.concatenate(
-        [np.zeros(context, dtype=np.int64), np.arange(1, n - context + 1, dtype=np.int64)]
-    )
-    return attention_mask, np.stack([positions, block_positions], axis=0)
+    if not ids:
+        return np.zeros((1, 0, 0), dtype=bool), np.zeros((2, 0), dtype=np.int64)
+    special = SimpleNamespace(bos_token_id=bos_id, mask_token_id=mask_id, gmask_token_id=gmask_id)
+    mask, positions = build_mask_and_positions(torch.tensor([ids]), special, tokenizer_rule=True)
+    return mask[0].numpy(), positions[0].numpy()
 
 
 def _to_id_list(token_ids: Any) -> list[int]:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from glm6b.train.data import (DataConfig, DataError, EncodedDataset, JsonlDataset, adgen_eval_features,
-                        adgen_train_features, load_dataset, preprocess, read_meta)
+from glm6b.train.data import DataConfig, DataError, JsonlDataset, adgen_eval_features, adgen_train_features
+from glm6b.train.preprocess import EncodedDataset, load_dataset, preprocess, read_meta
 from helpers import GOLDEN, golden_cases
 
 

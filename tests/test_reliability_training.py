@@ -163,6 +163,7 @@ def test_finetune_is_deterministic_and_ctrl_c_resume_equals_a_straight_run(tmp_p
                                                                            monkeypatch, method, sets):
     """Same seed, same losses (P-tuning used to draw its fresh prefix encoder before seeding), and a run
     stopped by Ctrl-C after step 2 (checkpoint saved) and resumed equals an uninterrupted run."""
+    import glm6b.train.loss as L
     import glm6b.train.trainer as T
 
     sets = (f"method={method}", "trainer.save_steps=null", *sets)
@@ -176,7 +177,7 @@ def test_finetune_is_deterministic_and_ctrl_c_resume_equals_a_straight_run(tmp_p
 
     def ctrl_c_after_step_2(self):  # the first Ctrl-C arrives during step 2
         real_step(self)
-        original = T.causal_lm_loss
+        original = L.causal_lm_loss
         calls = {"n": 0}
 
         def loss(*args, **kwargs):
@@ -185,7 +186,7 @@ def test_finetune_is_deterministic_and_ctrl_c_resume_equals_a_straight_run(tmp_p
                 os.kill(os.getpid(), signal.SIGINT)
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(T, "causal_lm_loss", loss)
+        monkeypatch.setattr(L, "causal_lm_loss", loss)  # the step's loss is computed in glm6b.train.loss
         return self
 
     monkeypatch.setattr(T.StopRequest, "__enter__", ctrl_c_after_step_2)
@@ -194,7 +195,7 @@ def test_finetune_is_deterministic_and_ctrl_c_resume_equals_a_straight_run(tmp_p
     assert code == 130 and "stopped at step 2 of 4; checkpoint saved in" in err and "Traceback" not in err
     assert [p.name for p in stopped.glob("checkpoint-*")] == ["checkpoint-2"]
     monkeypatch.setattr(T.StopRequest, "__enter__", real_step)
-    monkeypatch.setattr(T, "causal_lm_loss", T.causal_lm_loss)
+    monkeypatch.setattr(L, "causal_lm_loss", L.causal_lm_loss)
     assert cli(capsys, run_args(train_file, stopped, *sets, "trainer.resume_from_checkpoint=latest", steps=4))[0] == 0
     assert [r["loss"] for r in log(stopped)] == reference
 
@@ -208,12 +209,12 @@ def test_crash_between_checkpoints_then_resume_equals_a_straight_run(tmp_path, c
                                                                       method, sets):
     """A run that dies in step 3 (checkpoint-2 saved, step 3's random draws made) and is resumed from
     `latest` gives the uninterrupted run's losses: weights, optimizer, RNG and data position restored."""
-    import glm6b.train.trainer as T
+    import glm6b.train.loss as L  # the step's loss is computed there
 
     sets = (f"method={method}", "trainer.save_steps=2", "lora.lora_dropout=0.1", *sets)
     straight = tmp_path / "straight"
     assert cli(capsys, run_args(train_file, straight, *sets, steps=4))[0] == 0
-    original, calls = T.causal_lm_loss, {"n": 0}
+    original, calls = L.causal_lm_loss, {"n": 0}
 
     def crash_in_step_3(*args, **kwargs):
         calls["n"] += 1
@@ -221,12 +222,12 @@ def test_crash_between_checkpoints_then_resume_equals_a_straight_run(tmp_path, c
             raise Crash
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(T, "causal_lm_loss", crash_in_step_3)
+    monkeypatch.setattr(L, "causal_lm_loss", crash_in_step_3)
     crashed = tmp_path / "crashed"
     with pytest.raises(Crash):
         main([str(a) for a in run_args(train_file, crashed, *sets, steps=4)])
     assert [p.name for p in crashed.glob("checkpoint-*")] == ["checkpoint-2"]
-    monkeypatch.setattr(T, "causal_lm_loss", original)
+    monkeypatch.setattr(L, "causal_lm_loss", original)
     assert cli(capsys, run_args(train_file, crashed, *sets, "trainer.resume_from_checkpoint=latest", steps=4))[0] == 0
     assert [r["loss"] for r in log(crashed)] == [r["loss"] for r in log(straight)]
 

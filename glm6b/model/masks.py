@@ -15,7 +15,8 @@ class InputError(ValueError):
 
 
 def build_mask_and_positions(
-    input_ids: torch.Tensor, config: ChatGLMConfig, padding_mask: torch.Tensor | None = None
+    input_ids: torch.Tensor, config: ChatGLMConfig, padding_mask: torch.Tensor | None = None,
+    tokenizer_rule: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefix-LM attention mask and 2D position ids derived from the token ids (spec 4.7).
 
@@ -30,12 +31,16 @@ def build_mask_and_positions(
         padding_mask: optional [B, T] with 1/True at real tokens and 0/False at left padding.
             Pads are then hidden from every token and positions count from the first real token,
             exactly as the tokenizer builds them for a left-padded batch.
+        tokenizer_rule: the tokenizer's variant of the rule (spec §3.4), which the tokenizer and the
+            training data use: [MASK] is preferred over [gMASK], a row without <sop> is all
+            context, and a row without either mask token keeps positions 0, 1, ...; nothing is
+            refused. (config then only needs bos/mask/gmask_token_id.)
 
     Returns:
         attention_mask [B, 1, T, T] bool and position_ids [B, 2, T] int64.
 
     Raises:
-        InputError: a row without <sop>, or without [MASK]/[gMASK] (the reference fails deep
+        InputError: (model rule) a row without <sop>, or without [MASK]/[gMASK] (the reference fails deep
             inside with an unrelated message; prompts must end with [gMASK] <sop>).
     """
     batch, length = input_ids.shape
@@ -57,6 +62,10 @@ def build_mask_and_positions(
     has_bos, c = first_index(config.bos_token_id)
     has_gmask, gmask_pos = first_index(config.gmask_token_id)
     has_mask, mask_pos = first_index(config.mask_token_id)
+    if tokenizer_rule:  # no <sop>: all context; [MASK] before [gMASK]; neither: positions stay 0, 1, ...
+        c = torch.where(has_bos, c, length)
+        mask_pos = torch.where(has_mask, mask_pos, torch.where(has_gmask, gmask_pos, -1))
+        return _masks_and_positions(t, c, mask_pos, pad, real)
     for row in (~has_bos).nonzero().flatten().tolist():
         raise InputError(
             f"input row {row} has no <sop> token (id {config.bos_token_id}): ChatGLM-6B prompts end with "
@@ -66,7 +75,10 @@ def build_mask_and_positions(
             f"input row {row} has no [gMASK] (id {config.gmask_token_id}) or [MASK] (id {config.mask_token_id}) "
             f"token: ChatGLM-6B prompts end with [gMASK] <sop>; encode text with tokenizer.encode(text)")
     mask_pos = torch.where(has_gmask, gmask_pos, mask_pos)  # the model prefers [gMASK]
+    return _masks_and_positions(t, c, mask_pos, pad, real)
 
+
+def _masks_and_positions(t, c, mask_pos, pad, real) -> tuple[torch.Tensor, torch.Tensor]:
     # Query i sees key j when both are real tokens and j is in the context (j < c) or j <= i.
     i, j = t[:, None], t[None, :]
     visible = (j <= i)[None] | (j[None] < c[:, None, None])  # [B, T, T]
@@ -74,7 +86,7 @@ def build_mask_and_positions(
     masks = ~visible[:, None]  # [B, 1, T, T], True = masked
 
     in_block = t[None, :] >= c[:, None]  # from <sop> on
-    absolute = torch.where(in_block, mask_pos[:, None], t[None, :]) - pad[:, None]
+    absolute = torch.where(in_block & (mask_pos[:, None] >= 0), mask_pos[:, None], t[None, :]) - pad[:, None]
     block = torch.where(in_block, t[None, :] - c[:, None] + 1, 0)
     positions = torch.stack([absolute, block], dim=1).masked_fill(~real[:, None, :], 0)  # [B, 2, T]
     return masks, positions

@@ -18,7 +18,7 @@ fine-tuned model sees at training time exactly the prompt that chat() will give 
 Two ways to feed a run, which give identical batches:
 
 * online: `JsonlDataset` reads and checks the jsonl once and encodes rows when they are asked for;
-* offline: `preprocess` writes the encoded rows once to ``input_ids.npy`` / ``labels.npy`` (int32,
+* offline: `glm6b.train.preprocess.preprocess` writes the encoded rows once to ``input_ids.npy`` / ``labels.npy`` (int32,
   all rows concatenated, unpadded), ``offsets.npy`` (int64 [rows + 1, 2]: row i's input_ids are
   ``input_ids[offsets[i, 0]:offsets[i + 1, 0]]``, its labels ``labels[offsets[i, 1]:offsets[i + 1, 1]]``;
   the two columns are equal for training rows) and ``meta.json`` (settings, tokenizer hash, counts);
@@ -27,20 +27,19 @@ Two ways to feed a run, which give identical batches:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from array import array
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from ..inference.chat import build_prompt
-from ..io import atomic_write, atomic_write_text
+from ..model.masks import build_mask_and_positions
 
 Mode = Literal["train", "eval"]
 IGNORE_INDEX = -100
@@ -297,6 +296,8 @@ def prefix_lm_inputs(ids: Sequence[int], pad_count: int, total: int, bos_id: int
                      gmask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokenizer's attention_mask [1, T, T] and position_ids [2, T] for a left-padded row (spec §3.4).
 
+    The rule is glm6b.model.masks.build_mask_and_positions (tokenizer_rule=True), as the tokenizer uses it.
+
     Args:
         ids: the unpadded row.
         pad_count: pads put in front of it; total = pad_count + len(ids).
@@ -306,21 +307,13 @@ def prefix_lm_inputs(ids: Sequence[int], pad_count: int, total: int, bos_id: int
         (mask, positions): mask True = not visible (pads are invisible to every row), positions
         count from the first real token, the tokenizer's [MASK]-before-[gMASK] rule.
     """
-    ids = list(ids)
-    n = len(ids)
-    context = ids.index(bos_id) if bos_id in ids else n
-    visible = torch.ones(n, n, dtype=torch.bool).tril()
-    visible[:, :context] = True
-    mask = torch.ones(1, total, total, dtype=torch.bool)
-    mask[0, pad_count:, pad_count:] = ~visible
-    positions = torch.zeros(2, total, dtype=torch.long)
-    row = torch.arange(n)
-    mask_token = mask_id if mask_id in ids else gmask_id
-    if mask_token in ids:
-        row[context:] = ids.index(mask_token)
-    positions[0, pad_count:] = row
-    positions[1, pad_count + context:] = torch.arange(1, n - context + 1)
-    return mask, positions
+    row = torch.zeros(1, total, dtype=torch.long)
+    row[0, pad_count:] = torch.as_tensor(list(ids), dtype=torch.long)
+    real = torch.zeros(1, total, dtype=torch.long)
+    real[0, pad_count:] = 1
+    special = SimpleNamespace(bos_token_id=bos_id, mask_token_id=mask_id, gmask_token_id=gmask_id)
+    mask, positions = build_mask_and_positions(row, special, padding_mask=real, tokenizer_rule=True)
+    return mask[0], positions[0]
 
 
 class RowDataset(torch.utils.data.Dataset):
@@ -422,177 +415,6 @@ class JsonlDataset(RowDataset):
         return _as_row(*encode_example(self.tokenizer, ex.prompt, ex.answer, self.config, self.mode))
 
 
-class EncodedDataset(RowDataset):
-    """Offline data: the arrays written by `preprocess`, memory-mapped.
-
-    Args:
-        folder: the output folder of `preprocess`.
-        config: if given, its lengths/columns/prefix must equal those recorded in meta.json (a
-            stale cache is an error), and its dynamic_padding is used for batching.
-        tokenizer: if given, the sha256 of its model file must equal the recorded one.
-
-    Raises:
-        DataError: missing/corrupt files, or settings that differ from the recorded ones.
-    """
-
-    def __init__(self, folder: str | os.PathLike, config: DataConfig | None = None, tokenizer=None):
-        self.folder = Path(folder)
-        self.meta = read_meta(self.folder)
-        recorded = DataConfig(**self.meta["data"])
-        if config is not None:
-            for key in ("max_source_length", "max_target_length", "prompt_column", "response_column",
-                        "history_column", "source_prefix", "ignore_pad_token_for_loss"):
-                if getattr(config, key) != getattr(recorded, key):
-                    raise DataError(f"{self.folder / META_NAME}: the rows were built with {key}="
-                                    f"{getattr(recorded, key)!r} but this run asks for {getattr(config, key)!r}; "
-                                    f"run `glm6b preprocess` again with the new setting")
-            recorded.dynamic_padding = config.dynamic_padding
-        if tokenizer is not None and _file_sha256(tokenizer.vocab_file) != self.meta["tokenizer"]["sha256"]:
-            raise DataError(f"{self.folder / META_NAME}: the rows were encoded with another tokenizer model "
-                            f"({self.meta['tokenizer']['path']}); run `glm6b preprocess` again")
-        self.config = recorded
-        self.mode = self.meta["mode"]
-        self.special_ids = self.meta["special_ids"]
-        arrays = {}
-        for name in _ARRAYS:
-            try:
-                arrays[name] = np.load(self.folder / f"{name}.npy", mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise DataError(f"{self.folder / (name + '.npy')}: cannot read ({e})") from None
-        self.input_ids, self.labels, self.offsets = arrays["input_ids"], arrays["labels"], arrays["offsets"]
-        if self.offsets.shape != (self.meta["counts"]["rows"] + 1, 2) \
-                or tuple(self.offsets[-1]) != (len(self.input_ids), len(self.labels)):
-            raise DataError(f"{self.folder}: input_ids.npy, labels.npy and offsets.npy do not agree with "
-                            f"meta.json (an interrupted or mixed write?); run `glm6b preprocess` again")
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        if not -len(self) <= index < len(self):
-            raise IndexError(index)
-        index %= len(self)
-        (ids_start, labels_start), (ids_end, labels_end) = self.offsets[index], self.offsets[index + 1]
-        return _as_row(self.input_ids[ids_start:ids_end], self.labels[labels_start:labels_end])
-
-
 def _check_mode(mode: str) -> None:
     if mode not in ("train", "eval"):
         raise DataError(f"mode={mode!r}: expected 'train' or 'eval'")
-
-
-# ----------------------------------------------------------------------------------- offline cache
-
-
-def _file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
-    """meta.json of a preprocessed folder.
-
-    Raises:
-        DataError: no meta.json, unreadable, or not written by `preprocess`.
-    """
-    path = Path(folder) / META_NAME
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{folder}: no {META_NAME}; is this a folder written by `glm6b preprocess`?") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise DataError(f"{path}: not a glm6b preprocessed-data folder (expected format {FORMAT!r})")
-    return meta
-
-
-def _save_npy(path: Path, values: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, values)
-
-    atomic_write(path, write)
-
-
-def preprocess(tokenizer, input_path: str | os.PathLike, output_dir: str | os.PathLike, config: DataConfig,
-               mode: Mode = "train", skip_bad: bool | None = None) -> dict[str, Any]:
-    """Encode a jsonl file once into memory-mappable arrays (see the module docstring).
-
-    Rows are stored unpadded. Every file is written atomically and meta.json last, so a folder with
-    meta.json is complete.
-
-    Args:
-        tokenizer: a ChatGLMTokenizer (its model file's sha256 is recorded).
-        input_path: the jsonl file.
-        output_dir: the folder to write (created).
-        config: lengths, columns, prefix, ignore_pad_token_for_loss.
-        mode: "train" or "eval".
-        skip_bad: skip and count malformed lines; None takes config.skip_bad.
-
-    Returns:
-        The meta dict written to meta.json (counts under "counts").
-
-    Raises:
-        DataError: as `iter_examples`.
-    """
-    _check_mode(mode)
-    input_path, output_dir = Path(input_path), Path(output_dir)
-    stats = ReadStats()
-    ids_out, labels_out, offsets = array("i"), array("i"), array("q", [0, 0])
-    for ex in iter_examples(input_path, config, stats, skip_bad):
-        input_ids, labels = encode_example(tokenizer, ex.prompt, ex.answer, config, mode)
-        ids_out.extend(input_ids)
-        labels_out.extend(labels)
-        offsets.extend((len(ids_out), len(labels_out)))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    meta_path = output_dir / META_NAME
-    if meta_path.exists():
-        meta_path.unlink()  # the folder is incomplete until the new meta.json lands
-    _save_npy(output_dir / "input_ids.npy", np.frombuffer(ids_out, dtype=np.int32))
-    _save_npy(output_dir / "labels.npy", np.frombuffer(labels_out, dtype=np.int32))
-    _save_npy(output_dir / "offsets.npy", np.frombuffer(offsets, dtype=np.int64).reshape(-1, 2))
-    data = asdict(config)
-    for key in ("train_data", "eval_data", "dynamic_padding", "skip_bad"):
-        data.pop(key)
-    meta = {
-        "format": FORMAT,
-        "mode": mode,
-        "source": {"path": str(input_path), "sha256": _file_sha256(input_path)},
-        "tokenizer": {"path": str(tokenizer.vocab_file), "sha256": _file_sha256(tokenizer.vocab_file)},
-        "special_ids": _special_ids(tokenizer),
-        "data": data,
-        "counts": {"lines": stats.lines, "rows": stats.rows, "skipped_empty": stats.skipped_empty,
-                   "skipped_bad": stats.skipped_bad, "tokens": len(ids_out)},
-        "bad_lines": stats.bad_lines,
-    }
-    atomic_write_text(meta_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    return meta
-
-
-def load_dataset(path: str | os.PathLike, tokenizer, config: DataConfig, mode: Mode = "train") -> RowDataset:
-    """A dataset from a jsonl file (online encoding) or a preprocessed folder (memory-mapped).
-
-    Args:
-        path: jsonl file or folder written by `preprocess`.
-        tokenizer: a ChatGLMTokenizer.
-        config: the data settings; a preprocessed folder must have been built with the same ones.
-        mode: "train" or "eval"; a preprocessed folder must hold rows of that mode.
-
-    Returns:
-        A RowDataset.
-
-    Raises:
-        DataError: unreadable data, malformed lines, or a folder built with other settings.
-    """
-    path = Path(path)
-    if path.is_dir():
-        dataset = EncodedDataset(path, config, tokenizer)
-        if dataset.mode != mode:
-            raise DataError(f"{path}: holds {dataset.mode!r} rows but {mode!r} rows are needed here; "
-                            f"run `glm6b preprocess --mode {mode}`")
-        return dataset
-    return JsonlDataset(path, tokenizer, config, mode)

@@ -299,22 +299,49 @@ def _quiet_single_process() -> Iterator[None]:
 
 
 def _read_entries(directory: str | os.PathLike, keys: set[str]) -> dict[str, Any]:
-    """Top-level entries of a DCP checkpoint, rebuilt whole from its metadata by this process alone."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    """Top-level entries of a DCP checkpoint, rebuilt whole from its metadata by this process alone.
 
+    The state dict to fill is built from the checkpoint's own metadata (full tensor shapes and
+    dtypes; plain values as placeholders, nested as they were saved), then `dcp.load` fills it
+    with no_dist=True: no collective, so one rank may call it alone (e.g. a merge at the end of a
+    distributed run).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(directory))
     loaded: dict[str, Any] = {}
-    # What format_utils.dcp_to_torch_save does, restricted to `keys`: the planner rebuilds the state
-    # dict from the checkpoint's own metadata (full shapes). The private _load_state_dict fills
-    # `loaded` itself (dcp.load would fill a copy). no_dist: no collective, so one rank may call it
-    # alone (e.g. a merge at the end of a distributed run).
     try:
-        _load_state_dict(loaded, storage_reader=dcp.FileSystemReader(str(directory)),
-                         planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+        metadata = reader.read_metadata()
+        for flat, item in metadata.state_dict_metadata.items():
+            path = (metadata.planner_data or {}).get(flat, (flat,))
+            if path[0] not in keys:
+                continue
+            leaf = (torch.empty(item.size, dtype=item.properties.dtype) if isinstance(item, TensorStorageMetadata)
+                    else None)  # a plain value: replaced by the saved one
+            _place(loaded, path, leaf)
+        with _quiet_single_process():
+            dcp.load(loaded, storage_reader=reader, no_dist=True)
     except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
         raise CheckpointError(f"{directory}: a shard is missing, truncated or corrupt ({_dcp_reason(e)})") from None
     return loaded
+
+
+def _place(tree: dict[str, Any], path: tuple, leaf: Any) -> None:
+    """Put `leaf` at `path` in `tree`, creating dicts for string keys and lists for integer indices."""
+    node: Any = tree
+    for part, child in zip(path[:-1], path[1:]):
+        empty: Any = [] if isinstance(child, int) else {}
+        if isinstance(node, list):
+            node.extend([None] * (part + 1 - len(node)))
+            if node[part] is None:
+                node[part] = empty
+            node = node[part]
+        else:
+            node = node.setdefault(part, empty)
+    if isinstance(node, list):
+        node.extend([None] * (path[-1] + 1 - len(node)))
+    node[path[-1]] = leaf
 
 
 def load_full_model_state(directory: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -3,18 +3,22 @@ answers, and `predict` (prompts rendered exactly like the training data)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..eval.evaluate import evaluate_generation, generate_predictions
 from ..eval.metrics import METRIC_NAMES
 from ..inference.generation import GenerationConfig
+from ..model import GLMBlock
 from .args import TrainerError
 from .data import RowDataset, render_prompt
 from .loss import causal_lm_loss, count_target_tokens
-from .parallel import local_heads_config, unwrap_parallel
+from .parallel import unwrap_model, unwrap_parallel
 
 
 @torch.no_grad()
@@ -122,3 +126,27 @@ def predict(trainer, input_data: str | list[str] | RowDataset, generation_config
             max_source_length=trainer.data_config.max_source_length, max_new_tokens=new_tokens,
             generation_config=config, progress=not trainer.args.disable_tqdm)
     return predictions
+
+
+@contextlib.contextmanager
+def local_heads_config(model: nn.Module) -> Iterator[None]:
+    """Inside the block, `model.config` gives this rank's attention heads (tensor parallelism).
+
+    Each tensor-parallel rank holds num_attention_heads / tp heads, and generation sizes its KV
+    cache from `model.config` ([layers, batch, heads, length, head_dim]). The ChatGLM model's own
+    `config` attribute is swapped for one with the local head count and the same head_dim; the
+    blocks keep the original config object, and nothing else is changed. A no-op without tensor
+    parallelism.
+    """
+    base = unwrap_model(model)
+    blocks = [m for m in base.modules() if isinstance(m, GLMBlock)]
+    config = base.config
+    local = blocks[0].attention.num_heads if blocks else config.num_attention_heads
+    if local == config.num_attention_heads:
+        yield
+        return
+    base.config = config.replace(num_attention_heads=local, hidden_size=local * config.head_dim)
+    try:
+        yield
+    finally:
+        base.config = config

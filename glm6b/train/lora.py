@@ -11,8 +11,10 @@ peft (and the transformers it imports, ~10 s) is imported inside the functions, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,7 +88,16 @@ def apply_lora(model: torch.nn.Module, args: LoraArguments, base_model_name_or_p
     config = peft.LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                              target_modules=list(args.target_modules),
                              base_model_name_or_path=getattr(model, "name_or_path", None))
-    return peft.get_peft_model(model, _with_quantized_layers(config, model))
+    with _quiet_about_quantized_layers():
+        return peft.get_peft_model(model, _with_quantized_layers(config, model))
+
+
+@contextlib.contextmanager
+def _quiet_about_quantized_layers():
+    """PEFT warns about any base layer type it does not know; QuantizedLinear is handled (see below)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Unsupported layer type .*QuantizedLinear")
+        yield
 
 
 def _with_quantized_layers(config, model: torch.nn.Module):
@@ -125,7 +136,8 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike, is_trai
     peft = import_extra("peft", "train", "LoRA")
     try:
         config = _with_quantized_layers(peft.LoraConfig.from_pretrained(str(adapter_dir)), model)
-        return peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable, config=config)
+        with _quiet_about_quantized_layers():
+            return peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable, config=config)
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as e:  # safetensors, PEFT and load_state_dict each raise their own types

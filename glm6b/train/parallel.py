@@ -350,30 +350,6 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
     return model
 
 
-@contextlib.contextmanager
-def local_heads_config(model: nn.Module) -> Iterator[None]:
-    """Inside the block, `model.config` gives this rank's attention heads (tensor parallelism).
-
-    Each tensor-parallel rank holds num_attention_heads / tp heads, and generation sizes its KV
-    cache from `model.config` ([layers, batch, heads, length, head_dim]). The ChatGLM model's own
-    `config` attribute is swapped for one with the local head count and the same head_dim; the
-    blocks keep the original config object, and nothing else is changed. A no-op without tensor
-    parallelism.
-    """
-    base = unwrap_model(model)
-    blocks = [m for m in base.modules() if isinstance(m, GLMBlock)]
-    config = base.config
-    local = blocks[0].attention.num_heads if blocks else config.num_attention_heads
-    if local == config.num_attention_heads:
-        yield
-        return
-    base.config = config.replace(num_attention_heads=local, hidden_size=local * config.head_dim)
-    try:
-        yield
-    finally:
-        base.config = config
-
-
 # ----------------------------------------------------------------------------------- FSDP2 / DDP
 
 

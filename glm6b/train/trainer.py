@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import sys
 import threading
@@ -41,55 +40,29 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint.hf import PREFIX_ENCODER, CheckpointError, load_model, load_ptuning_state
-from ..config import ChatGLMConfig
+from ..checkpoint.hf import CheckpointError, load_ptuning_state
 from ..inference.generation import GenerationConfig
 from ..extras import import_extra
 from ..io import atomic_write_text
-from ..model import ChatGLMForConditionalGeneration
-from ..quant.linear import quantize_model
 from ..safety import check_writable
 from ..tokenizer import check_tokenizer_matches, load_tokenizer
 from . import evaluation, state as checkpoints
 from . import parallel as P
 from .args import (METHODS, Method, ModelArguments, ParallelConfig, TrainerError, TrainerState, TrainingArguments,
                    TrainOutput)
-from .data import DataConfig, RowDataset, load_dataset
-from .lora import LoraArguments, apply_lora, load_adapter
-from .frozen_linear import onednn_bf16_matmul_available, use_fast_frozen_backward
+from .build import build_model, lr_lambda, prepare_model, set_seed
+from .data import DataConfig, RowDataset
+from .lora import LoraArguments, load_adapter
 from .logs import NullLog, TrainLog, plot_losses
-from .loss import causal_lm_loss, count_target_tokens
+from .loss import forward_backward
+from .preprocess import load_dataset
 from .export import save_final_model
 from .parallel import unwrap_model
 
 FINAL_NAME = "final"
-
-
-def set_seed(seed: int) -> None:
-    """Seed python's random, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-
-def enable_input_require_grads(model: nn.Module) -> torch.utils.hooks.RemovableHandle:
-    """Make the input embeddings' output require grad (HF's `enable_input_require_grads`).
-
-    With a frozen base, the hidden states entering the first checkpointed block would not require
-    grad, and a checkpointed block whose inputs need no grad produces no gradients for the adapters
-    or prefix inside it (reentrant checkpointing). The hook costs nothing else.
-
-    Returns:
-        The hook handle.
-    """
-    return unwrap_model(model).get_input_embeddings().register_forward_hook(
-        lambda module, inputs, output: output.requires_grad_(True))
-
 
 
 def _empty_data_message(dataset) -> str:
@@ -101,21 +74,6 @@ def _empty_data_message(dataset) -> str:
     return (f"{where}: no training rows: {stats.lines} non-blank line(s) read, {stats.skipped_empty} with an empty "
             f"prompt or answer, {stats.skipped_bad} malformed line(s) skipped (check data.prompt_column / "
             f"data.response_column and the file's contents)")
-
-
-def _lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / warmup
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-
-    return factor
-
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -231,43 +189,9 @@ class Trainer:
     def device(self) -> torch.device:
         return unwrap_model(self.model).device
 
-    def _resolve_dtype(self) -> str:
-        if self.model_args.dtype is not None:
-            return self.model_args.dtype
-        return "float32" if self.method == "full" else "bfloat16"
-
-    def _resolve_device(self) -> str:
-        return self.model_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
     def _build_model(self) -> None:
         """Load (or randomly initialise) the model described by model_args, with its adapter if any."""
-        margs = self.model_args
-        dtype, device = self._resolve_dtype(), self._resolve_device()
-        pre_seq_len = margs.pre_seq_len if self.method == "ptuning" or margs.ptuning_checkpoint else None
-        if margs.load_checkpoint is not None:
-            self.model = load_model(margs.load_checkpoint, dtype=dtype, device=device,
-                                    ptuning_checkpoint=margs.ptuning_checkpoint, pre_seq_len=pre_seq_len,
-                                    prefix_projection=margs.prefix_projection if pre_seq_len else None,
-                                    quantize=margs.quantize)
-        elif margs.preset is not None:
-            config = ChatGLMConfig.from_name(margs.preset, pre_seq_len=pre_seq_len,
-                                             prefix_projection=bool(pre_seq_len and margs.prefix_projection))
-            model = ChatGLMForConditionalGeneration(config, dtype=getattr(torch, dtype), device="meta")
-            model.to_empty(device=device)
-            model.tie_weights()  # to_empty makes new tensors: tie them again
-            model.init_weights()
-            if config.pre_seq_len:
-                model.transformer.prefix_encoder.float()
-                if margs.ptuning_checkpoint:
-                    load_ptuning_state(model, margs.ptuning_checkpoint)
-            if margs.quantize:
-                quantize_model(model, 4 if margs.quantize == "int4" else 8)
-            self.model = model
-        else:
-            raise TrainerError("no model: pass model=..., set model.load_checkpoint (a model folder) or "
-                               "model.preset (random initialisation), or call finetune(checkpoint)")
-        if margs.adapter is not None:
-            self.model = load_adapter(self.model, margs.adapter, is_trainable=self.method == "lora")
+        self.model = build_model(self.model_args, self.method)
 
     def ensure_model(self) -> None:
         """Build the model and load the tokenizer from model_args if they were not given."""
@@ -287,35 +211,8 @@ class Trainer:
         if self._prepared:
             return
         self.ensure_model()
-        base = unwrap_model(self.model)
-        is_peft = base is not self.model
-        if self.method == "full":
-            if is_peft:
-                raise TrainerError("method 'full' got a LoRA (PEFT) model; use method 'lora' or merge it first")
-            if base.config.pre_seq_len:
-                raise TrainerError("method 'full' got a model with a P-tuning prefix (pre_seq_len set); "
-                                   "use method 'ptuning'")
-            for p in base.parameters():
-                p.requires_grad_(True)
-        elif self.method == "ptuning":
-            if not base.config.pre_seq_len:
-                raise TrainerError("method 'ptuning' needs a model built with pre_seq_len (set model.pre_seq_len)")
-            for name, p in base.named_parameters():
-                p.requires_grad_(name.startswith(PREFIX_ENCODER))
-            base.transformer.prefix_encoder.float()  # trained in float32 whatever the base dtype
-        else:
-            if base.config.pre_seq_len:
-                raise TrainerError("method 'lora' got a model with a P-tuning prefix (pre_seq_len set)")
-            if not is_peft:
-                self.model = apply_lora(self.model, self.lora_config, self.model_args.load_checkpoint)
-        if self.args.gradient_checkpointing:
-            base.gradient_checkpointing_enable()
-            if not base.get_input_embeddings().weight.requires_grad and self._hook is None:
-                self._hook = enable_input_require_grads(base)
-        if self.method != "full":  # quantized layers need it; float ones on CPUs without oneDNN bf16 (~0.1 GFLOP/s)
-            use_fast_frozen_backward(self.model, float_linears=self.device.type == "cpu"
-                                     and not onednn_bf16_matmul_available())
-        self.model.train()
+        self.model = prepare_model(self.model, self.method, self.lora_config, self.args.gradient_checkpointing,
+                                   self.model_args.load_checkpoint)
         self._prepared = True
 
     def _trainable(self) -> list[tuple[str, nn.Parameter]]:
@@ -477,8 +374,8 @@ class Trainer:
         per_epoch = self.batches_per_epoch(len(dataset))
         total_steps = args.max_steps or math.ceil(args.num_train_epochs * per_epoch / args.gradient_accumulation_steps)
         warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
-        lr_lambda = _lr_lambda(args.lr_scheduler_type, warmup, total_steps)
-        self._build_optimizer(lr_lambda)
+        schedule = lr_lambda(args.lr_scheduler_type, warmup, total_steps)
+        self._build_optimizer(schedule)
         if main:  # room for one checkpoint and final/, before the first step
             check_writable(output_dir, "trainer.output_dir", needed_bytes=checkpoints.estimate_checkpoint_bytes(self))
 
@@ -486,7 +383,7 @@ class Trainer:
         resumed: dict[str, Any] = {}
         if resume:
             folder, changes = checkpoints.load_resume_checkpoint(self, resume)
-            checkpoints.apply_schedule(self, lr_lambda)
+            checkpoints.apply_schedule(self, schedule)
             resumed = {"resumed_from": str(folder), "resumed_at_step": self.state.global_step,
                        "changed_on_resume": changes}
             if changes and main:
@@ -520,7 +417,7 @@ class Trainer:
         try:
             stop.__enter__()
             while self.state.global_step < total_steps:
-                step_loss, step_tokens, grad_norm = self._forward_backward(stream, trainable, per_epoch)
+                step_loss, step_tokens, grad_norm = forward_backward(self, stream, trainable, per_epoch)
                 lr = self.optimizer.param_groups[0]["lr"]
                 if self.scaler:
                     self.scaler.step(self.optimizer)
@@ -576,54 +473,6 @@ class Trainer:
                 eval_history = [json.loads(line) for line in log.eval_path.read_text().splitlines() if line.strip()]
             plot_losses(self.state.losses, output_dir / "loss.png", self.state.log_history, eval_history)
         return TrainOutput(self.state.global_step, list(self.state.losses), output_dir, final_dir, record)
-
-    def _forward_backward(self, stream: Iterator[dict[str, torch.Tensor]], trainable: list[nn.Parameter],
-                          per_epoch: int) -> tuple[float, int, float]:
-        """One optimizer step's micro-batches: forward, backward, gradient clipping.
-
-        With loss_normalization "token", each micro-batch's summed token loss is divided by the
-        target tokens of the whole step on every data-parallel rank (counted first, one all-reduce),
-        times the data-parallel size that DDP / FSDP2 divide the gradients by again: the gradient
-        is that of sum(token losses) / tokens, whatever the split.
-
-        Returns:
-            (the step's loss, the step's non-pad input tokens on all ranks, the gradient norm before clipping).
-        """
-        args = self.args
-        accum = args.gradient_accumulation_steps
-        batches = [next(stream) for _ in range(accum)]
-        dp = P.data_parallel_rank_and_size(self.mesh)[1]
-        by_token = args.loss_normalization == "token"
-        step_targets = P.all_reduce_sum(sum(count_target_tokens(b["labels"]) for b in batches), self.mesh)
-        pad_id = self.tokenizer.pad_token_id
-        step_loss, step_tokens = 0.0, 0
-        for i, batch in enumerate(batches):
-            input_ids = batch["input_ids"].to(self.device)
-            labels = batch["labels"].to(self.device)
-            with P.no_sync(self.model, enabled=i < accum - 1):
-                with self.autocast():
-                    logits = self.model(input_ids=input_ids).logits
-                    if by_token:
-                        loss = causal_lm_loss(logits, labels, reduction="sum")
-                        scaled = loss * (dp / max(step_targets, 1))
-                    else:
-                        loss = causal_lm_loss(logits, labels)
-                        scaled = loss / accum  # DDP / FSDP2 average over the data-parallel ranks
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            step_loss += loss.item() if by_token else loss.item() / accum
-            step_tokens += int((input_ids != pad_id).sum())
-            self.state.micro_batches += 1
-            self.state.epoch, self.state.batch_index = divmod(self.state.micro_batches, per_epoch)
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else float("inf")
-        grad_norm = float(P.clip_grad_norm_(trainable, max_norm))
-        step_tokens = round(P.all_reduce_sum(step_tokens, self.mesh))
-        if by_token:
-            step_loss = P.all_reduce_sum(step_loss, self.mesh) / max(step_targets, 1)
-        else:
-            step_loss = P.all_reduce_sum(step_loss, self.mesh) / dp
-        return step_loss, step_tokens, grad_norm
 
     def _build_optimizer(self, lr_lambda: Callable[[int], float]) -> None:
         """AdamW over the trainable parameters only; weight decay on matrices, not on biases/LayerNorms."""
