@@ -86,31 +86,50 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+# A folder that glm6b is writing (`<folder>.tmp`) or replacing (`<folder>.old`) holds this file, so a
+# later write removes only folders of its own under those names, never a user's folder that happens
+# to carry one.
+STAGING_MARKER = ".glm6b-staging"
+
+
+def _remove_own_folder(path: Path) -> None:
+    if not path.exists():
+        return
+    if not (path / STAGING_MARKER).is_file():
+        raise FileExistsError(f"{path} is in the way of an atomic write and was not made by glm6b: "
+                              f"move or delete it, or write elsewhere")
+    shutil.rmtree(path)
+
+
 def staging_folder(folder: str | os.PathLike) -> Path:
-    """Create (empty) and return `<folder>.tmp`, the name a folder is written under before `commit_folder`."""
+    """Create (empty but for the marker) and return `<folder>.tmp`, the name a folder is written
+    under before `commit_folder`; one left by an interrupted write of glm6b's is removed first."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by an interrupted write
+    _remove_own_folder(tmp)
     tmp.mkdir(parents=True)
+    (tmp / STAGING_MARKER).touch()
     return tmp
 
 
 def commit_folder(tmp: str | os.PathLike, folder: str | os.PathLike) -> None:
     """Give a fully written `tmp` folder the name `folder`, replacing an older `folder` if any.
 
-    The old folder is first renamed to `<folder>.old`, so at every moment either the old or the new
-    complete folder exists under a known name.
+    The old folder is first renamed to `<folder>.old` (marked as glm6b's), so at every moment either
+    the old or the new complete folder exists under a known name.
     """
     tmp, folder = Path(tmp), Path(folder)
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_own_folder(old)
+        (folder / STAGING_MARKER).touch()
         os.replace(folder, old)
         os.replace(tmp, folder)
         shutil.rmtree(old)
     else:
         os.replace(tmp, folder)
+    with contextlib.suppress(FileNotFoundError):
+        (folder / STAGING_MARKER).unlink()
 
 
 @contextlib.contextmanager

@@ -339,3 +339,28 @@ def test_quantize_refuses_a_folder_with_other_files_or_holding_its_input(tmp_pat
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
     code, err = run_cli(capsys, "quantize", "--model", GOLDEN, "--output", GOLDEN.parent, "--bits", "8")
     assert code == 2 and "contains the input" in one_error_line(err)
+
+
+def test_atomic_folder_never_deletes_a_users_folder_under_its_temporary_names(tmp_path):
+    """`<folder>.tmp` / `<folder>.old` of glm6b's own are cleared; a user's folder with such a name is refused."""
+    from glm6b.io import atomic_folder
+
+    target = tmp_path / "final"
+    for name in ("final.tmp", "final.old"):
+        users = tmp_path / name
+        users.mkdir()
+        (users / "notes.txt").write_text("mine")
+        with pytest.raises(FileExistsError, match=name):
+            with atomic_folder(target) as tmp:
+                (tmp / "a.txt").write_text("1")
+            with atomic_folder(target) as tmp:  # replacing needs <folder>.old
+                (tmp / "a.txt").write_text("2")
+        assert (users / "notes.txt").read_text() == "mine"
+        shutil.rmtree(users)
+    # glm6b's own leftovers (an interrupted write) are cleared, and no marker stays in the result
+    from glm6b.io import staging_folder
+
+    (staging_folder(target) / "half-written.bin").write_bytes(b"x")
+    with atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"] and (target / "a.txt").read_text() == "3"
