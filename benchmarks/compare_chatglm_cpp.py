@@ -1,10 +1,10 @@
 """Side-by-side CPU speed of glm6b and chatglm.cpp on the same random ChatGLM-6B-shaped weights.
 
     # once: chatglm.cpp 0.4.2 built from source for this CPU, in its own venv
-    python3 -m venv /work/venvs/cpp
-    /work/venvs/cpp/bin/pip install setuptools wheel cmake torch==2.13.0 sentencepiece tabulate tqdm \
+    python3 -m venv .venv-chatglm-cpp
+    .venv-chatglm-cpp/bin/pip install setuptools wheel cmake torch==2.13.0 sentencepiece tabulate tqdm \
         transformers==4.33.3
-    /work/venvs/cpp/bin/pip download --no-deps --no-build-isolation --no-binary chatglm-cpp chatglm-cpp==0.4.2
+    .venv-chatglm-cpp/bin/pip download --no-deps --no-build-isolation --no-binary chatglm-cpp chatglm-cpp==0.4.2
     tar xzf chatglm_cpp-0.4.2.tar.gz
     # its setup.py runs `cmake --build . -j`, and when the `ninja` Python package is importable it
     # appends that ninja as CMAKE_MAKE_PROGRAM after CMAKE_ARGS (so it wins); without that package
@@ -15,10 +15,10 @@
     CMAKE_GENERATOR=Ninja CFLAGS=-march=native CXXFLAGS=-march=native \
     CMAKE_ARGS="-DCMAKE_POLICY_VERSION_MINIMUM=3.5 -DCMAKE_MAKE_PROGRAM=$PWD/ninja-j2 \
                 -DCMAKE_EXPORT_COMPILE_COMMANDS=ON" \
-        nice -n 10 /work/venvs/cpp/bin/pip install -v --no-build-isolation --no-deps ./chatglm_cpp-0.4.2
+        nice -n 10 .venv-chatglm-cpp/bin/pip install -v --no-build-isolation --no-deps ./chatglm_cpp-0.4.2
     # then store the flags the build really used next to the venv (shown as "build" in the results)
     python benchmarks/compare_chatglm_cpp.py --record-build ./chatglm_cpp-0.4.2/build \
-        --cpp-python /work/venvs/cpp/bin/python
+        --cpp-python .venv-chatglm-cpp/bin/python
 
     # the comparison (run with the glm6b environment's python)
     python benchmarks/compare_chatglm_cpp.py --layers 2                    # quick end-to-end check
@@ -486,7 +486,7 @@ def main() -> None:
                         help="glm6b int4 decode tokens/s at these batch sizes (none: skip)")
     parser.add_argument("--pairs", default="int4,int8,bf16", help="which rows: any of int4,int8,bf16")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/compare_cpp"))
-    parser.add_argument("--cpp-python", default=os.environ.get("CHATGLM_CPP_PYTHON", "/work/venvs/cpp/bin/python"),
+    parser.add_argument("--cpp-python", default=os.environ.get("CHATGLM_CPP_PYTHON", ".venv-chatglm-cpp/bin/python"),
                         help="python of the environment with chatglm_cpp (default $CHATGLM_CPP_PYTHON)")
     parser.add_argument("--tokenizer-dir", type=Path, default=None,
                         help="folder with ice_text.model + tokenizer_config.json (default: shared golden, "
