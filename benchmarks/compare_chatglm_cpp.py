@@ -469,7 +469,7 @@ def max_or_none(values):
 
 
 def default_tokenizer_dir() -> Path:
-    golden = Path("/work/shared/golden")  # a tokenizer with the real ice_text.model's special layout
+    golden = ROOT / "tests" / "golden"  # a tokenizer with the real ice_text.model's special layout
     return golden if (golden / "ice_text.model").exists() else ROOT / "glm6b" / "assets" / "default"
 
 
@@ -489,7 +489,7 @@ def main() -> None:
     parser.add_argument("--cpp-python", default=os.environ.get("CHATGLM_CPP_PYTHON", ".venv-chatglm-cpp/bin/python"),
                         help="python of the environment with chatglm_cpp (default $CHATGLM_CPP_PYTHON)")
     parser.add_argument("--tokenizer-dir", type=Path, default=None,
-                        help="folder with ice_text.model + tokenizer_config.json (default: shared golden, "
+                        help="folder with ice_text.model + tokenizer_config.json (default: tests/golden, "
                              "else glm6b's built-in one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
