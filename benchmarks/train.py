@@ -137,6 +137,31 @@ def _random_rows(config, n: int, length: int):
     return Rows()
 
 
+def _timed_lora_trainer(model, config, rows, case: dict, out: str, **args):
+    """A LoRA Trainer (gradient checkpointing, no saving or logging) whose callback appends each step's
+    seconds to `times`; set `last[0] = time.perf_counter()` right before `trainer.train()`.
+
+    Returns:
+        (trainer, times, last).
+    """
+    from glm6b.train.trainer import Trainer, TrainingArguments
+
+    times: list[float] = []
+    last = [0.0]
+
+    def clock(trainer, record):
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    trainer = Trainer(model=model, tokenizer=_Tokenizer(config), method="lora", callbacks=[clock], train_dataset=rows,
+                      args=TrainingArguments(output_dir=out, max_steps=case["steps"],
+                                             per_device_train_batch_size=case["batch_size"], learning_rate=1e-4,
+                                             save_steps=None, logging_steps=10**6, tensorboard=False,
+                                             disable_tqdm=True, gradient_checkpointing=True, **args))
+    return trainer, times, last
+
+
 def step_ratio_child(case: dict) -> dict:
     """Time one forward pass and one LoRA step (forward + backward with gradient checkpointing + AdamW on the
     adapters) of the same batch, on a glm_6b-width model with case["layers"] layers and a bf16 frozen base."""
@@ -146,7 +171,6 @@ def step_ratio_child(case: dict) -> dict:
 
     from glm6b.config import ChatGLMConfig
     from glm6b.model import ChatGLMForConditionalGeneration
-    from glm6b.train.trainer import Trainer, TrainingArguments
 
     torch.manual_seed(0)
     torch.backends.mkldnn.enabled = case["onednn"]
@@ -157,21 +181,8 @@ def step_ratio_child(case: dict) -> dict:
     model.init_weights()
     rows = _random_rows(config, case["batch_size"], case["seq_len"])
     batch = rows.collate([rows[i] for i in range(len(rows))])
-    times: list[float] = []
-    last = [0.0]
-
-    def clock(trainer, record):
-        now = time.perf_counter()
-        times.append(now - last[0])
-        last[0] = now
-
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(model=model, tokenizer=_Tokenizer(config), method="lora", callbacks=[clock],
-                          train_dataset=rows,
-                          args=TrainingArguments(output_dir=out, max_steps=case["steps"],
-                                                 per_device_train_batch_size=case["batch_size"], shuffle=False,
-                                                 learning_rate=1e-4, save_steps=None, logging_steps=10**6,
-                                                 tensorboard=False, disable_tqdm=True, gradient_checkpointing=True))
+        trainer, times, last = _timed_lora_trainer(model, config, rows, case, out, shuffle=False)
         trainer._prepare_for_training()
         if not case["fast_frozen_backward"]:
             for module in trainer.model.modules():
@@ -199,7 +210,6 @@ def qlora_child(case: dict) -> dict:
     from glm6b.config import ChatGLMConfig
     from glm6b.model import ChatGLMForConditionalGeneration
     from glm6b.quant.linear import QuantizedLinear, quantize_model
-    from glm6b.train.trainer import Trainer, TrainingArguments
 
     torch.manual_seed(0)
     baseline = _rss_bytes()
@@ -219,21 +229,8 @@ def qlora_child(case: dict) -> dict:
                 module.bias.zero_()
         model.transformer.word_embeddings.weight.normal_(std=0.02)
     rows = _random_rows(config, case["batch_size"] * case["steps"], case["seq_len"])
-    times: list[float] = []
-    last = [0.0]
-
-    def clock(trainer, record):
-        now = time.perf_counter()
-        times.append(now - last[0])
-        last[0] = now
-
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(model=model, tokenizer=_Tokenizer(config), method="lora", callbacks=[clock],
-                          train_dataset=rows,
-                          args=TrainingArguments(output_dir=out, max_steps=case["steps"],
-                                                 per_device_train_batch_size=case["batch_size"], learning_rate=1e-4,
-                                                 save_steps=None, logging_steps=10**6, tensorboard=False,
-                                                 disable_tqdm=True, gradient_checkpointing=True))
+        trainer, times, last = _timed_lora_trainer(model, config, rows, case, out)
         last[0] = time.perf_counter()
         trainer.train()
         losses = list(trainer.state.losses)
