@@ -582,3 +582,43 @@ def test_prefix_weights_in_a_model_without_pre_seq_len(tmp_path):
 def test_load_ptuning_state_needs_a_prefix_encoder(golden_model):
     with pytest.raises(CheckpointError, match=r"the model has no prefix encoder"):
         load_ptuning_state(golden_model, GOLDEN / "prefix_encoder.safetensors")
+
+
+def _mapped_rss_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    real, total, inside = os.path.realpath(path), 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+                inside = len(fields) == 6 and fields[5] == real
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc/self/smaps (Linux)")
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_loading_releases_the_mapped_file_pages_it_copied(tmp_path, suffix):
+    """A copied tensor's pages of the memory-mapped checkpoint leave the process's resident memory (so the
+    load's peak is the model, not the model plus a shard), and its values stay readable from the file."""
+    from glm6b.checkpoint.hf import _file_mapping_ranges, _release_file_pages, iter_file_tensors
+
+    data = torch.arange(4 << 20, dtype=torch.float32)  # 16 MiB
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".bin":
+        torch.save({"w": data}, path)
+    else:
+        save_file({"w": data}, path)
+    tensors = iter_file_tensors(path)
+    name, mapped = next(tensors)
+    assert torch.equal(mapped, data)  # every page read: resident
+    ranges = _file_mapping_ranges(path)
+    before = _mapped_rss_kib(path)
+    _release_file_pages(mapped, ranges)
+    after = _mapped_rss_kib(path)
+    assert ranges and before >= 16000 and after < 100, (before, after)
+    assert torch.equal(mapped, data)  # read again from the file
+    _release_file_pages(data, ranges)  # not a view of the file: left alone
+    assert torch.equal(data, torch.arange(4 << 20, dtype=torch.float32))
+    tensors.close()

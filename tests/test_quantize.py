@@ -163,6 +163,34 @@ def test_cpu_kernel_equals_x_times_dequantized_weight(bits, kernel, shape):
         assert (got.double() - want).abs().max() <= rel * want.abs().max(), dtype
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype, rel", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_many_rows_multiply_dequantized_blocks(bits, dtype, rel, monkeypatch):
+    """A prefill-sized input takes the de-quantized-blocks path, over several blocks and a partial last one,
+    and gives x @ dequantize(W).T like the row kernel."""
+    from glm6b.quant import linear
+
+    monkeypatch.setattr(linear, "CPU_DEQUANTIZED_BLOCK_ROWS", 128)  # 320 rows: blocks of 128, 128, 64
+    layer = random_layer(bits, 320, 256)
+    kernel = layer.prepare("cpu", dtype)
+    if bits == 4 and layer._kernel[4] is None:
+        pytest.skip("this PyTorch build does not use the 64-row blocked int4 layout (row kernel only)")
+    name = "_int8_dequantized_mm" if bits == 8 else "_int4_blocked_dequantized_mm"
+    calls = []
+    blocked_mm = getattr(linear, name)
+    monkeypatch.setattr(linear, name, lambda *a: calls.append(a[0].shape) or blocked_mm(*a))
+    x = torch.randn(2, linear.CPU_DEQUANTIZED_MIN_ROWS // 2 + 3, 256, generator=torch.Generator().manual_seed(2))
+    x = x.to(dtype)
+    want = exact_reference(layer, x)
+    got = layer(x)
+    assert calls == [(x.shape[0] * x.shape[1], 256)] and kernel in ("int8pack", "int4pack_cpu")
+    assert got.shape == want.shape and got.dtype == dtype
+    assert (got.double() - want).abs().max() <= rel * want.abs().max()
+    by_row = torch.cat([layer(x[:, i:i + 1]) for i in range(x.shape[1])], dim=1)  # the row kernel
+    assert len(calls) == 1
+    assert (got.double() - by_row.double()).abs().max() <= 2 * rel * want.abs().max()
+
+
 def test_fallback_dequantizes_into_the_input_dtype():
     layer = random_layer(4, 64, 62)  # 62 columns: no group size of the int4 op divides it
     x = torch.randn(2, 62, dtype=torch.float64)

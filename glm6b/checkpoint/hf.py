@@ -12,7 +12,9 @@ Loading builds the model on the meta device and fills it tensor by tensor, shard
 tensor is cast to the requested dtype and moved to the requested device on its own, so the peak
 memory is the loaded model plus (at most) the shard being read, never a second full state dict.
 ``.bin`` shards are opened with ``torch.load(weights_only=True, mmap=True)``: no arbitrary Python
-object is ever unpickled.
+object is ever unpickled. The pages of a memory-mapped file that were read count in the process's
+resident memory until the file is closed, so each tensor's pages are released once it is copied
+(`_release_file_pages`): the peak stays near the loaded model itself.
 
 A folder in THUDM's quantized layout (config.json ``quantization_bit`` 4 or 8, optionally
 ``quantization_embeddings``: chatglm-6b-int8, -int4, -int4-qe, or a `glm6b quantize` output) is built
@@ -34,7 +36,10 @@ target only once complete), so an interrupted save never leaves a half-written f
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
+import mmap
 import os
 import re
 from pathlib import Path
@@ -342,6 +347,45 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
             old.copy_(value)
 
 
+def _file_mapping_ranges(path: Path) -> list[tuple[int, int]]:
+    """The address ranges where this process maps `path` (from /proc/self/maps; none where there is none)."""
+    real = os.path.realpath(path)
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n") == real:
+                    start, end = fields[0].split("-")
+                    ranges.append((int(start, 16), int(end, 16)))
+    except OSError:
+        return []
+    return ranges
+
+
+def _release_file_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
+    """Drop a copied tensor's pages from this process's memory when it is a view of a memory-mapped file.
+
+    Only whole pages inside one of `ranges` (the file's own mappings) are released: those are clean
+    file pages, read again from the file if anything touches them later, so no data can be lost.
+    """
+    if not ranges or tensor.device.type != "cpu":
+        return
+    page = mmap.PAGESIZE
+    first = tensor.data_ptr()
+    start = -(-first // page) * page
+    end = (first + tensor.numel() * tensor.element_size()) // page * page
+    if end > start and any(low <= start and end <= high for low, high in ranges):
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+
+
+@functools.cache
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc
+
+
 def _load_file_into(model: nn.Module, path: Path, expected: dict[str, torch.Tensor], loaded: set[str],
                     unexpected: list[str], device: torch.device, origin: str,
                     rename: Callable[[str], str] = lambda name: name,
@@ -351,30 +395,40 @@ def _load_file_into(model: nn.Module, path: Path, expected: dict[str, torch.Tens
 
     `convert` may turn one file tensor into several (quantizing a float weight at load).
     """
+    mapped = None  # the file's memory mappings, looked up once it is open
     with contextlib.closing(iter_file_tensors(path, skip)) as file_tensors:
-        named = ((raw, rename(raw), t) for raw, t in file_tensors)
-        if convert is not None:
-            named = ((raw, n, t) for raw, name, tensor in named for n, t in convert(name, tensor))
-        for raw_name, name, tensor in named:
-            target = expected.get(name)
-            if target is None:
-                unexpected.append(raw_name)
-                continue
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise CheckpointError(f"{path}: tensor {raw_name} has shape {_shape(tensor.shape)}, "
-                                      f"expected {_shape(target.shape)} from {origin}")
-            if target.is_floating_point() and not tensor.is_floating_point():
-                raise CheckpointError(f"{path}: tensor {raw_name} is {tensor.dtype}, expected floating point "
-                                      f"(a quantized tensor, but {origin} has no quantization_bit)")
-            if not target.is_floating_point() and tensor.dtype != target.dtype:
-                raise CheckpointError(f"{path}: tensor {raw_name} is {tensor.dtype}, expected {target.dtype} "
-                                      f"({origin} sets quantization_bit: THUDM's quantized layout)")
-            if name in loaded:
-                raise CheckpointError(f"{path}: tensor {raw_name} was already loaded from another file")
-            # copy=True: the parameter owns its memory, never a view of the (memory-mapped) file.
-            _set_tensor(model, name, tensor.to(device=device, dtype=target.dtype, copy=True))
-            loaded.add(name)
-            del tensor
+        for raw_name, file_tensor in file_tensors:
+            if mapped is None:
+                mapped = _file_mapping_ranges(path) if hasattr(mmap, "MADV_DONTNEED") else []
+            renamed = rename(raw_name)
+            for name, tensor in convert(renamed, file_tensor) if convert is not None else [(renamed, file_tensor)]:
+                _load_tensor_into(model, path, raw_name, name, tensor, expected, loaded, unexpected, device, origin)
+            _release_file_pages(file_tensor, mapped)
+            del file_tensor
+
+
+def _load_tensor_into(model: nn.Module, path: Path, raw_name: str, name: str, tensor: torch.Tensor,
+                      expected: dict[str, torch.Tensor], loaded: set[str], unexpected: list[str],
+                      device: torch.device, origin: str) -> None:
+    """Check one tensor of `path` against the model's `expected` one and copy it in (see `_load_file_into`)."""
+    target = expected.get(name)
+    if target is None:
+        unexpected.append(raw_name)
+        return
+    if tuple(tensor.shape) != tuple(target.shape):
+        raise CheckpointError(f"{path}: tensor {raw_name} has shape {_shape(tensor.shape)}, "
+                              f"expected {_shape(target.shape)} from {origin}")
+    if target.is_floating_point() and not tensor.is_floating_point():
+        raise CheckpointError(f"{path}: tensor {raw_name} is {tensor.dtype}, expected floating point "
+                              f"(a quantized tensor, but {origin} has no quantization_bit)")
+    if not target.is_floating_point() and tensor.dtype != target.dtype:
+        raise CheckpointError(f"{path}: tensor {raw_name} is {tensor.dtype}, expected {target.dtype} "
+                              f"({origin} sets quantization_bit: THUDM's quantized layout)")
+    if name in loaded:
+        raise CheckpointError(f"{path}: tensor {raw_name} was already loaded from another file")
+    # copy=True: the parameter owns its memory, never a view of the (memory-mapped) file.
+    _set_tensor(model, name, tensor.to(device=device, dtype=target.dtype, copy=True))
+    loaded.add(name)
 
 
 def _resolve_ptuning_path(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
