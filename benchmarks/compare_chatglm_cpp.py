@@ -29,7 +29,9 @@ What it does:
 1. Makes a random-weight model of the glm_6b shape (`--layers N` keeps the width; default 28) and
    saves it as a THUDM-layout folder: float16 safetensors, config.json, ice_text.model and
    tokenizer_config.json (`<work-dir>/hf-L<N>`). Where glm6b can write quantized folders
-   (glm6b.quant.folder.quantize_folder) it also writes `hf-L<N>-int8` / `-int4` from it.
+   (glm6b.quant.folder.quantize_folder) it also writes `hf-L<N>-int4`, `-int4-qe`, `-int8` and
+   `-int8-qe` from it (the -qe ones with the word embeddings and the tied lm_head quantized too, as
+   THUDM's chatglm-6b-int4-qe and as chatglm.cpp's q4_0/q8_0 store them: the equal-bits pairs).
 2. Converts that folder with chatglm.cpp's own converter code (chatglm_cpp.convert.ChatGLMConverter:
    its config/tokenizer/weight dumping and its q4_0/q8_0 quantizers) to q4_0, q8_0 and f16, in a
    subprocess of the chatglm.cpp environment (`--cpp-python`, default $CHATGLM_CPP_PYTHON). Its
@@ -49,7 +51,7 @@ What it does:
      thread setting: it uses all hardware threads up to 4 (half of them above 4); with
      `--threads` below the machine's count its process is pinned to that many cores. Its load
      time is the Pipeline constructor's: it maps the file, and pages come in on first use.
-   - glm6b: `glm6b.load_model(folder, dtype=torch.bfloat16[, quantize=...])`, then the decode
+   - glm6b: `glm6b.load_model(folder, dtype=torch.bfloat16)` of those folders, then the decode
      engine (glm6b.inference.engine.DecodeEngine) where it exists, else the model's forward with
      a KVCache (as benchmarks/generate.py). Also batch 1 vs batch 8 decode tokens/s for int4, and
      the load time of the folder next to the time to read its weight files once (read first).
@@ -79,8 +81,12 @@ from pathlib import Path
 # environment's python, which does not have glm6b.
 
 ROOT = Path(__file__).resolve().parents[1]
-PAIRS = [("int4", "q4_0"), ("int8", "q8_0"), ("bf16", "f16")]
-GLM6B_QUANTIZE = {"int4": "int4", "int8": "int8", "bf16": None}
+# chatglm.cpp's converter stores every 2-D tensor in the chosen type, the word embeddings (= the tied
+# lm_head) too; glm6b's int4/int8 keep those in bfloat16 (THUDM's chatglm-6b-int4/-int8), its
+# "-qe" rows quantize them as well (THUDM's chatglm-6b-int4-qe): those are the equal-bits pairs.
+PAIRS = [("int4", "q4_0"), ("int4-qe", "q4_0"), ("int8", "q8_0"), ("int8-qe", "q8_0"), ("bf16", "f16")]
+# glm6b name -> (bits, quantize the embeddings / lm_head too), None for float
+GLM6B_QUANTIZE = {"int4": (4, False), "int4-qe": (4, True), "int8": (8, False), "int8-qe": (8, True), "bf16": None}
 RESULT_MARK = "@@RESULT "
 BUILD_INFO_NAME = "chatglm_cpp_build.json"  # next to the chatglm.cpp venv (its sys.prefix)
 # glm_6b's special ids (glm6b.config defaults, the real THUDM/chatglm-6b values)
@@ -185,15 +191,16 @@ def worker_prepare(spec: dict) -> dict:
         from glm6b.quant.folder import quantize_folder
     except ImportError:
         return result  # no quantized folders: the glm6b worker quantizes at load (or reports n/a)
-    for bits in (8, 4):
-        out = Path(f"{folder}-int{bits}")
+    for name in spec["quantized"]:
+        bits, embeddings = GLM6B_QUANTIZE[name]
+        out = Path(f"{folder}-{name}")
         out_stamp = out / ".complete.json"
         if not out_stamp.exists():
             if out.exists():
                 shutil.rmtree(out)
-            quantize_folder(folder, out, bits)
-            out_stamp.write_text(json.dumps({"bits": bits, "source": folder.name}) + "\n")
-        result["quantized"][f"int{bits}"] = str(out)
+            quantize_folder(folder, out, bits, embeddings=embeddings)
+            out_stamp.write_text(json.dumps({"bits": bits, "embeddings": embeddings, "source": folder.name}) + "\n")
+        result["quantized"][name] = str(out)
     return result
 
 
@@ -252,7 +259,8 @@ def worker_glm6b(spec: dict) -> dict:
     read_s, nbytes = read_bytes_seconds(weight_files(folder))
     kwargs = {"dtype": torch.bfloat16}
     if spec["quantize"]:
-        kwargs["quantize"] = spec["quantize"]
+        bits, embeddings = spec["quantize"]
+        kwargs.update(quantize=f"int{bits}", quantize_embeddings=embeddings)
     start = time.perf_counter()
     try:
         model = glm6b.load_model(folder, **kwargs)
@@ -484,7 +492,8 @@ def main() -> None:
     parser.add_argument("--warmup-tokens", type=int, default=4, help="untimed warm-up generation per process")
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 8],
                         help="glm6b int4 decode tokens/s at these batch sizes (none: skip)")
-    parser.add_argument("--pairs", default="int4,int8,bf16", help="which rows: any of int4,int8,bf16")
+    parser.add_argument("--pairs", default=",".join(name for name, _ in PAIRS),
+                        help=f"which rows: any of {','.join(name for name, _ in PAIRS)}")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/compare_cpp"))
     parser.add_argument("--cpp-python", default=os.environ.get("CHATGLM_CPP_PYTHON", ".venv-chatglm-cpp/bin/python"),
                         help="python of the environment with chatglm_cpp (default $CHATGLM_CPP_PYTHON)")
@@ -510,7 +519,7 @@ def main() -> None:
     wanted = [p.strip() for p in args.pairs.split(",") if p.strip()]
     pairs = [pair for pair in PAIRS if pair[0] in wanted]
     if not pairs:
-        parser.error(f"--pairs: none of {wanted} is one of int4, int8, bf16")
+        parser.error(f"--pairs: none of {wanted} is one of {', '.join(name for name, _ in PAIRS)}")
 
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -526,13 +535,14 @@ def main() -> None:
     print(f"preparing the random {args.layers}-layer glm_6b-shaped folder in {work} ...", flush=True)
     folder = work / f"hf-L{args.layers}"
     prep = run_worker(glm_python, "prepare", {"folder": str(folder), "layers": args.layers, "seed": args.seed,
+                                              "quantized": [name for name, _ in pairs if GLM6B_QUANTIZE[name]],
                                               "tokenizer_dir": str(args.tokenizer_dir or default_tokenizer_dir())},
                       log)
     if prep.get("status") != "ok":
         raise SystemExit(f"preparing the folder failed: {prep.get('reason')}")
 
     cpp_files = {}
-    for _, cpp_type in pairs:
+    for cpp_type in dict.fromkeys(cpp_type for _, cpp_type in pairs):
         target = work / f"cpp-L{args.layers}-{cpp_type}.bin"
         if not target.exists():
             print(f"converting with chatglm.cpp's converter to {cpp_type} ...", flush=True)

@@ -211,6 +211,19 @@ def test_direct_int4_layout_conversion_equals_the_op(shape):
     assert torch.equal(_blocked_to_thudm(by_op, *shape), pack_int4(q))
 
 
+@pytest.mark.parametrize("rows", [3 * 64 + 32, 48])
+def test_op_conversion_in_slices_equals_one_call(monkeypatch, rows):
+    """Row counts off the 64-row blocks (the 130528-row lm_head of int4-qe) are converted by the op a slice of
+    rows at a time, which bounds its int32 input, with the bytes of one call."""
+    from glm6b.quant import linear
+
+    monkeypatch.setattr(linear, "_OP_CONVERSION_ROWS", 64)
+    q = torch.randint(-8, 8, (rows, 256), dtype=torch.int8, generator=torch.Generator().manual_seed(4))
+    one_call = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32) + 8, 1)
+    assert torch.equal(linear._cpu_int4_pack_by_op(pack_int4(q)), one_call)
+    assert linear._OP_CONVERSION_SPLITS[rows]  # it was converted in slices (the check found them equal)
+
+
 def test_int4_kernel_layout_in_place_keeps_thudm_state_dict():
     layer = random_layer(4, 128, 256)
     thudm = layer.weight.detach().clone()

@@ -104,6 +104,35 @@ def _cpu_int4_layout_is_blocked(out_features: int) -> bool:
     return _BLOCKED_LAYOUT_CHECKED[out_features]
 
 
+_OP_CONVERSION_ROWS = 4096  # rows per conversion op call (bounds its int32 input: 64 MiB at 4096 columns)
+_OP_CONVERSION_SPLITS: dict[int, bool] = {}
+
+
+def _convert_with_op(weight: torch.Tensor, rows_per_call: int) -> torch.Tensor:
+    """THUDM's packed weight to the CPU int4 kernel's layout with ``_convert_weight_to_int4pack_for_cpu``,
+    `rows_per_call` rows (a multiple of 64) at a time."""
+    op = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+    parts = [op(_cpu_int4_values(weight[start:start + rows_per_call], 4), 1)
+             for start in range(0, weight.shape[0], rows_per_call)]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _cpu_int4_pack_by_op(weight: torch.Tensor) -> torch.Tensor:
+    """The op's layout for any row count: converted in slices of rows where this PyTorch build gives the
+    same bytes as one call (checked once per row count on a small matrix), else in one call (its int32
+    input is then 8x the int4 weight: 2 GiB for the 130528-row lm_head)."""
+    out_features = weight.shape[0]
+    if out_features not in _OP_CONVERSION_SPLITS:
+        q = torch.randint(-7, 8, (out_features, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+        try:
+            whole = _convert_with_op(pack_int4(q), out_features)
+            _OP_CONVERSION_SPLITS[out_features] = torch.equal(_convert_with_op(pack_int4(q), _CPU_INT4_BLOCK), whole)
+        except (RuntimeError, ValueError):
+            _OP_CONVERSION_SPLITS[out_features] = False
+    rows = _OP_CONVERSION_ROWS if _OP_CONVERSION_SPLITS[out_features] else out_features
+    return _convert_with_op(weight, rows)
+
+
 def _cpu_int4_group(in_features: int) -> int:
     """CPU_INT4_GROUP if it divides in_features, else the largest group size the op accepts that does (0: none)."""
     for group in (CPU_INT4_GROUP, 256, 128, 64, 32):
@@ -315,8 +344,7 @@ class QuantizedLinear(nn.Module):
                 self.__dict__["_in_place_of"] = self.weight  # a plain reference, not a second registered parameter
                 return ("int4pack_cpu", self.weight.view(torch.uint8), scales, group, row_scale)
             return ("int4pack_cpu", packed, scales, group, row_scale)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_cpu_int4_values(self.weight, 4), 1)
-        return ("int4pack_cpu", packed, scales, group, None)
+        return ("int4pack_cpu", _cpu_int4_pack_by_op(self.weight.detach()), scales, group, None)
 
     def _build_cuda(self, dtype: torch.dtype) -> tuple | None:
         try:
