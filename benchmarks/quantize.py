@@ -6,10 +6,13 @@
 
 Tables:
 
-1. kernels: one matrix [out x in] times a bfloat16 input of 1 and 8 rows: ``F.linear`` on the
+1. kernels: one matrix [out x in] times a bfloat16 input of --rows rows (1, 8 and 100: decoding one
+   row, a batch of 8, a prompt's prefill): ``F.linear`` on the
    bfloat16 weight against the stock ops glm6b.quant uses (``_weight_int8pack_mm``,
    ``_weight_int4pack_mm_for_cpu`` with each group size it accepts) and the `QuantizedLinear`
-   module as the model runs it (with --lm-head also the 130528 x 4096 lm_head, module only). Median
+   module as the model runs it (with --lm-head also the 130528 x 4096 lm_head, module only). From
+   glm6b.quant.linear.CPU_DEQUANTIZED_MIN_ROWS rows on, the module multiplies blocks of de-quantized
+   weight; its "row kernel" line is the same module held to the stock op, for comparison. Median
    of --repeats calls after warm-up; "GB/s" counts the bytes of the weight (and scales) read once
    per call.
 2. quality: top-1 agreement with the bfloat16 model and the largest |logit difference| (also
@@ -53,6 +56,7 @@ from glm6b.config import ChatGLMConfig  # noqa: E402
 from glm6b.model import ChatGLMForConditionalGeneration, build_mask_and_positions  # noqa: E402
 from glm6b.quant.folder import quantize_folder  # noqa: E402
 from glm6b.quant.linear import QuantizedLinear, prepare_kernels  # noqa: E402
+from glm6b.quant import linear as quant_linear  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "golden"
 SHAPES = [(4096, 4096), (16384, 4096), (4096, 16384)]  # [out, in]: dense, dense_h_to_4h, dense_4h_to_h
@@ -76,7 +80,7 @@ def median_ms(fn, repeats: int) -> float:
 
 
 @torch.inference_mode()
-def kernel_table(repeats: int, lm_head: bool) -> None:
+def kernel_table(repeats: int, lm_head: bool, row_counts: list[int]) -> None:
     print("\n## Kernels: one [out x in] matrix, bfloat16 input, CPU, "
           f"{torch.get_num_threads()} threads (median ms per call; GB/s of weight bytes)\n")
     print(f"| {'out x in':>11} | rows | {'kernel':<36} | {'ms':>8} | {'GB/s':>6} | vs bf16 |")
@@ -96,13 +100,14 @@ def kernel_table(repeats: int, lm_head: bool) -> None:
         linear = torch.nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16, device="meta")
         linear.weight = torch.nn.Parameter(w, requires_grad=False)
         modules = {bits: QuantizedLinear.from_float(linear, bits) for bits in (8, 4)}
-        for rows in (1, 8):
+        for rows in row_counts:
+            many = rows >= quant_linear.CPU_DEQUANTIZED_MIN_ROWS
             x = torch.randn(rows, in_f, generator=gen).to(torch.bfloat16)
             cases = [("F.linear bf16", lambda: F.linear(x, w), out_f * in_f * 2)]
             if stock:
                 cases.append(("_weight_int8pack_mm", lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8),
                               out_f * in_f + out_f * 2))
-            for group in (32, 64, 128, 256) if stock else ():
+            for group in ((128,) if many else (32, 64, 128, 256)) if stock else ():
                 sz = torch.rand(in_f // group, out_f, 2, generator=gen).to(torch.bfloat16)
                 cases.append((f"_weight_int4pack_mm g{group}",
                               lambda sz=sz, group=group: torch.ops.aten._weight_int4pack_mm_for_cpu(x, p4, group, sz),
@@ -112,6 +117,9 @@ def kernel_table(repeats: int, lm_head: bool) -> None:
                 extra = sum(t.numel() * t.element_size() for t in module._kernel[1:] if isinstance(t, torch.Tensor))
                 cases.append((f"QuantizedLinear int{bits} ({module._kernel[0]})", lambda m=module: m(x),
                               out_f * in_f * bits // 8 + extra))
+                if many:
+                    cases.append((f"QuantizedLinear int{bits}, row kernel", lambda m=module: row_kernel_only(m, x),
+                                  out_f * in_f * bits // 8 + extra))
             base = None
             for name, fn, nbytes in cases:
                 ms = median_ms(fn, repeats)
@@ -122,6 +130,16 @@ def kernel_table(repeats: int, lm_head: bool) -> None:
         if stock:
             del q8, p4
         gc.collect()
+
+
+def row_kernel_only(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    """The module's forward held to the stock row kernel, whatever the number of rows."""
+    threshold = quant_linear.CPU_DEQUANTIZED_MIN_ROWS
+    quant_linear.CPU_DEQUANTIZED_MIN_ROWS = x.shape[0] + 1
+    try:
+        return module(x)
+    finally:
+        quant_linear.CPU_DEQUANTIZED_MIN_ROWS = threshold
 
 
 # ----------------------------------------------------------------------------------- 2. quality
@@ -308,6 +326,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2, help="layers of the random glm_6b-shape model")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per row of the random model's input")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per kernel")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 100], help="kernels: input rows")
     parser.add_argument("--lm-head", dest="lm_head", action="store_true",
                         help="kernels: also the 130528 x 4096 lm_head (needs about 3 GB more memory)")
     parser.add_argument("--workdir", default=None, help="where the random model folders go (default: a temp dir)")
@@ -315,7 +334,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     if args.only in (None, "kernels"):
-        kernel_table(args.repeats, args.lm_head)
+        kernel_table(args.repeats, args.lm_head, args.rows)
     if args.only in ("quality", "load", "decode", None):
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
             work = Path(tmp)

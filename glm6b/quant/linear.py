@@ -29,6 +29,10 @@ Kernels (chosen at the first forward for the input's device and dtype, see `Quan
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,8 +43,9 @@ from .thudm import check_bits, dequantize, pack_int4, quantize_to_thudm, unpacke
 QUANTIZED_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 # Columns per scale group for the CPU int4 kernel (it accepts 32, 64, 128, 256; any is exact for a
 # row scale). Each group holds a (scale, zero) pair: 32 costs 25 % more bytes than the int4 weight,
-# 128 about 6 %. benchmarks/quantize.py prints the speed of each; pick the fastest on your machine.
-CPU_INT4_GROUP = 128
+# 256 about 3 % (90 MB for the 28 layers). benchmarks/quantize.py prints the speed of each: no group
+# size was consistently faster on the CPUs measured, so the one with the fewest bytes is used.
+CPU_INT4_GROUP = 256
 # Rows of input from which the CPU int8/int4 layers multiply with blocks of de-quantized weight instead
 # of the stock weight-only ops (which are matrix-vector kernels; measured: no gain at 32 rows, 1.6x at 100).
 CPU_DEQUANTIZED_MIN_ROWS = 64
@@ -70,16 +75,34 @@ def _blocked_to_thudm(packed: torch.Tensor, out_features: int, in_features: int)
     return (thudm.reshape(out_features, in_features // 2) ^ 0x88).view(torch.int8)  # back to signed nibbles
 
 
-def _thudm_to_blocked(weight: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+def _thudm_to_blocked(weight: torch.Tensor, out_features: int, in_features: int,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """THUDM's packed int8 [out, in / 2] straight to the CPU kernel's blocked layout (uint8, same shape),
-    in uint8 arithmetic: what ``_convert_weight_to_int4pack_for_cpu`` returns, without int32 temporaries."""
+    in uint8 arithmetic: what ``_convert_weight_to_int4pack_for_cpu`` returns, without int32 temporaries.
+    Written into `out` when given (it must not share memory with `weight`)."""
     half = _CPU_INT4_BLOCK // 2
     u = (weight.view(torch.uint8) ^ 0x88).view(-1, 2, half, in_features // 2)  # nibbles q + 8; [blocks, 2, 32, in/2]
-    top, bottom = u[:, 0], u[:, 1]  # rows j and j + 32 of each block; byte c holds columns 2c (high), 2c + 1 (low)
-    even = (top >> 4) | (bottom & 0xF0)  # column 2c: low nibble row j, high nibble row j + 32
-    odd = (top & 0x0F) | (bottom << 4)  # column 2c + 1
-    blocked = torch.stack((even, odd), dim=-1).view(-1, half, in_features)  # [blocks, 32, in]
-    return blocked.transpose(1, 2).contiguous().view(out_features, in_features // 2)  # [blocks, in, 32]
+    # One byte transpose up front, so that the nibble arithmetic below runs over runs of 32 bytes.
+    u = u.permute(0, 3, 1, 2).contiguous()  # [blocks, in/2, 2, 32]: byte c of rows j and j + 32
+    top, bottom = u[:, :, 0], u[:, :, 1]  # byte c holds columns 2c (high nibble) and 2c + 1 (low)
+    if out is None:
+        out = torch.empty(weight.shape, dtype=torch.uint8, device=weight.device)
+    blocked = out.view(-1, in_features // 2, 2, half)  # [blocks, in/2, column 2c / 2c + 1, 32]
+    # Column 2c: low nibble row j, high nibble row j + 32; column 2c + 1 likewise.
+    torch.bitwise_or(top >> 4, bottom & 0xF0, out=blocked[:, :, 0])
+    torch.bitwise_or(top & 0x0F, bottom << 4, out=blocked[:, :, 1])
+    return out.view(out_features, in_features // 2)
+
+
+def _thudm_to_blocked_into(weight: torch.Tensor, out: torch.Tensor, in_features: int, rows_per_step: int = 1024) -> None:
+    """Write `_thudm_to_blocked` of THUDM's packed [out, in / 2] weight into `out` (uint8, same shape; may be
+    the weight's own bytes) a slice of rows at a time. 64-row blocks are independent and keep their byte
+    range, so each slice is converted on its own: the temporaries stay a few MiB (whole-matrix ones
+    fragmented the heap by about 1 GB over the 28 layers)."""
+    for start in range(0, weight.shape[0], rows_per_step):
+        end = min(start + rows_per_step, weight.shape[0])
+        # The slice's bytes are read (into a transposed copy) before its range of `out` is written.
+        _thudm_to_blocked(weight[start:end], end - start, in_features, out=out[start:end])
 
 
 _BLOCKED_LAYOUT_CHECKED: dict[int, bool] = {}
@@ -156,14 +179,32 @@ def _apply_keeping_scale(module: nn.Module, fn, recurse: bool) -> None:
         module.weight_scale.data = scale.to(module.weight_scale.device)
 
 
-_scratch_buffers: dict[torch.dtype, torch.Tensor] = {}
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def _return_freed_heap() -> None:
+    """Give freed heap memory back to the OS (glibc's malloc_trim). Building a kernel layout frees a few MiB
+    of temporaries between the layers' long-lived tensors; without this the heap kept them, about 0.25 GB
+    over the 28 layers, all counted in the process's resident memory."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+_scratch_buffers = threading.local()  # one per thread: two threads may run quantized layers at once
 
 
 def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """A flat buffer of at least `numel` elements, reused by every layer (fresh pages cost more than the work)."""
-    buffer = _scratch_buffers.get(dtype)
+    buffers = _scratch_buffers.__dict__
+    buffer = buffers.get(dtype)
     if buffer is None or buffer.numel() < numel:
-        buffer = _scratch_buffers[dtype] = torch.empty(numel, dtype=dtype)
+        buffer = buffers[dtype] = torch.empty(numel, dtype=dtype)
     return buffer[:numel]
 
 
@@ -310,6 +351,8 @@ class QuantizedLinear(nn.Module):
             return
         with torch.no_grad():
             self._kernel = self._build_kernel(device, dtype)
+        if device.type == "cpu":
+            _return_freed_heap()
         self._kernel_key = (device.type, dtype)
         self._kernel_of = (self.weight, self.weight_scale)
 
@@ -338,11 +381,13 @@ class QuantizedLinear(nn.Module):
         if self._in_place:  # the weight already holds the kernel layout
             return ("int4pack_cpu", self.weight.view(torch.uint8), scales, group, row_scale)
         if _cpu_int4_layout_is_blocked(self.out_features):
-            packed = _thudm_to_blocked(self.weight.detach(), self.out_features, self.in_features)
+            weight = self.weight.detach()
             if self.allow_in_place:
-                self.weight.view(torch.uint8).copy_(packed)
+                _thudm_to_blocked_into(weight, weight.view(torch.uint8), self.in_features)
                 self.__dict__["_in_place_of"] = self.weight  # a plain reference, not a second registered parameter
                 return ("int4pack_cpu", self.weight.view(torch.uint8), scales, group, row_scale)
+            packed = torch.empty(weight.shape, dtype=torch.uint8, device=weight.device)
+            _thudm_to_blocked_into(weight, packed, self.in_features)
             return ("int4pack_cpu", packed, scales, group, row_scale)
         return ("int4pack_cpu", _cpu_int4_pack_by_op(self.weight.detach()), scales, group, None)
 
