@@ -135,9 +135,15 @@ def _convert_with_op(weight: torch.Tensor, rows_per_call: int) -> torch.Tensor:
     """THUDM's packed weight to the CPU int4 kernel's layout with ``_convert_weight_to_int4pack_for_cpu``,
     `rows_per_call` rows (a multiple of 64) at a time."""
     op = torch.ops.aten._convert_weight_to_int4pack_for_cpu
-    parts = [op(_cpu_int4_values(weight[start:start + rows_per_call], 4), 1)
-             for start in range(0, weight.shape[0], rows_per_call)]
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+    if rows_per_call >= weight.shape[0]:
+        return op(_cpu_int4_values(weight, 4), 1)
+    out = None
+    for start in range(0, weight.shape[0], rows_per_call):
+        part = op(_cpu_int4_values(weight[start:start + rows_per_call], 4), 1)
+        if out is None:
+            out = torch.empty((weight.shape[0], *part.shape[1:]), dtype=part.dtype, device=part.device)
+        out[start:start + part.shape[0]] = part
+    return out
 
 
 def _cpu_int4_pack_by_op(weight: torch.Tensor) -> torch.Tensor:
