@@ -19,8 +19,8 @@ Kernels (chosen at the first forward for the input's device and dtype, see `Quan
 * CPU, many rows at once (a prompt's prefill, `CPU_DEQUANTIZED_MIN_ROWS` or more): the stock ops above
   work row by row, so there the weight is de-quantized into the input dtype a block of
   `CPU_DEQUANTIZED_BLOCK_ROWS` output rows at a time (a small scratch buffer that stays in cache) and
-  multiplied with the float GEMM: 1.6x faster for 100 rows and 5-7x for 512 (benchmarks/quantize.py,
-  kernels table).
+  multiplied with the float GEMM: 1.5-3x faster than the stock ops for 100 rows (benchmarks/quantize.py,
+  kernels table), though still 1.5-4x slower than a bfloat16 weight.
 * CUDA: ``aten._weight_int8pack_mm`` (8 bits) and ``aten._weight_int4pack_mm`` (4 bits, bfloat16
   only), each checked once per layer against ``x @ dequantize(W).T``; a failing or missing op falls
   back to de-quantizing into the input dtype and ``F.linear``.
@@ -47,7 +47,7 @@ QUANTIZED_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_
 # size was consistently faster on the CPUs measured, so the one with the fewest bytes is used.
 CPU_INT4_GROUP = 256
 # Rows of input from which the CPU int8/int4 layers multiply with blocks of de-quantized weight instead
-# of the stock weight-only ops (which are matrix-vector kernels; measured: no gain at 32 rows, 1.6x at 100).
+# of the stock weight-only ops (which work a row at a time; measured: no gain at 32 rows, 1.5-3x at 100).
 CPU_DEQUANTIZED_MIN_ROWS = 64
 CPU_DEQUANTIZED_BLOCK_ROWS = 1024  # output rows de-quantized at a time (8 MiB of bfloat16 for 4096 columns)
 CUDA_INT4_GROUP = 128
