@@ -4,6 +4,7 @@
     python benchmarks/generate.py --preset small --dtype bfloat16
     python benchmarks/generate.py --preset glm_6b --layers 2 --dtype bfloat16 --batch-sizes 1
     python benchmarks/generate.py --preset glm_6b --device cuda          # the real 6.2B shape, bfloat16
+    python benchmarks/generate.py --preset glm_6b --layers 4 --batch-sizes 1 --quantize int4  # int4 weights
 
 The model is built on the meta device, materialised with `to_empty` and filled by `init_weights()`;
 prompts are random ids ending with [gMASK] <sop>, so no checkpoint or tokenizer is needed. Each
@@ -167,6 +168,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (the median is shown)")
     parser.add_argument("--matrix", action="store_true", help="also time one 16384x4096 matrix (see above)")
+    parser.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                        help="weight-only quantize the blocks' linear layers (glm6b.quant, THUDM's layout)")
     args = parser.parse_args()
     if args.new_tokens < 2 or args.prompt_length < 3:
         parser.error("--new-tokens must be >= 2 and --prompt-length >= 3")
@@ -180,11 +183,17 @@ def main() -> None:
         dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
     model = build_model(args.preset, dtype, device, args.layers)
+    if args.quantize:
+        from glm6b.quant.linear import prepare_kernels, quantize_model
+
+        quantize_model(model, 4 if args.quantize == "int4" else 8)
+        prepare_kernels(model)  # the CPU int4 kernel's byte order, built before anything is timed
     config = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     slots = args.prompt_length + args.new_tokens
     print(f"preset {args.preset} ({config.num_layers} layers, hidden {config.hidden_size}): "
-          f"{model.num_parameters() / 1e6:.1f}M parameters ({weight_bytes / 1e9:.2f} GB), {dtype}, {device}, "
+          f"{model.num_parameters() / 1e6:.1f}M parameters ({weight_bytes / 1e9:.2f} GB), {dtype}"
+          f"{' weights ' + args.quantize if args.quantize else ''}, {device}, "
           f"{torch.get_num_threads()} CPU threads; prompt {args.prompt_length} tokens, {args.new_tokens} new tokens, "
           f"prefill chunk {args.prefill_chunk_size}, median of {args.repeats} runs")
 
