@@ -41,3 +41,23 @@ def assert_close_rel(ours: torch.Tensor, golden: torch.Tensor, rel: float = 1e-5
     err = (ours.float() - golden.float()).abs().max().item()
     scale = golden.float().abs().max().item()
     assert err <= rel * scale, f"{what}: max abs error {err:.3g} > {rel} * {scale:.3g}"
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    """Run the glm6b command in-process: (exit code, what it wrote to stderr)."""
+    from glm6b.cli import main
+
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def one_error_line(err: str) -> str:
+    """The one `error:` line of a failed command, which must come without a traceback."""
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes, to check that nothing changed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

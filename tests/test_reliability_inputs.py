@@ -15,24 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import GOLDEN, write_adgen_sample
+from helpers import GOLDEN, one_error_line, run_cli, write_adgen_sample
 
 from glm6b.cli import main
 from glm6b.config import ChatGLMConfig, ConfigError
 
 ROOT = Path(__file__).parent.parent
 DEFAULT_ASSETS = ROOT / "glm6b" / "assets" / "default"
-
-
-def run_cli(capsys, *argv) -> tuple[int, str]:
-    code = main([str(a) for a in argv])
-    return code, capsys.readouterr().err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def golden_copy(tmp_path: Path, **config_changes) -> Path:

@@ -20,28 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import GOLDEN, write_adgen_sample
+from helpers import GOLDEN, one_error_line, run_cli, snapshot, write_adgen_sample
 
 from glm6b.cli import main
 from glm6b.safety import OutputError, check_output_dir, check_output_file
 
 ROOT = Path(__file__).parent.parent
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str]:
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    return code, err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------------- the shared checks

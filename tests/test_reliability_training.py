@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import GOLDEN, write_adgen_sample
+from helpers import GOLDEN, one_error_line, run_cli, snapshot, write_adgen_sample
 
 from glm6b.cli import main
 
@@ -47,23 +47,8 @@ def run_args(train_file, out, *sets: str, steps: int = 3, lr: str = "1e-3") -> l
     return args
 
 
-def cli(capsys, args) -> tuple[int, str]:
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 def log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # ----------------------------------------------------------------------------------- case 2: run folders
@@ -71,27 +56,27 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def test_run_into_a_finished_run_is_refused(tmp_path, capsys, train_file):
     out = tmp_path / "out"
-    assert cli(capsys, run_args(train_file, out, steps=2))[0] == 0
+    assert run_cli(capsys, *run_args(train_file, out, steps=2))[0] == 0
     before = snapshot(out)
-    code, err = cli(capsys, run_args(train_file, out, steps=3))
+    code, err = run_cli(capsys, *run_args(train_file, out, steps=3))
     line = one_error_line(err)
     assert code == 2 and "already holds a finished run" in line and "resume_from_checkpoint=latest" in line
     assert "overwrite_output_dir" in line and snapshot(out) == before
     # With overwrite: the old run's checkpoints go, a file of the user's stays.
     (out / "notes.txt").write_text("mine")
-    assert cli(capsys, run_args(train_file, out, "trainer.overwrite_output_dir=true", steps=3))[0] == 0
+    assert run_cli(capsys, *run_args(train_file, out, "trainer.overwrite_output_dir=true", steps=3))[0] == 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     assert [r["step"] for r in log(out)] == [1, 2, 3] and (out / "notes.txt").read_text() == "mine"
 
 
 def test_latest_resumes_only_a_checkpoint_of_the_same_run(tmp_path, capsys, train_file):
     other = tmp_path / "other"
-    assert cli(capsys, run_args(train_file, other, steps=5, lr="0.5"))[0] == 0
+    assert run_cli(capsys, *run_args(train_file, other, steps=5, lr="0.5"))[0] == 0
     out = tmp_path / "out"
-    assert cli(capsys, run_args(train_file, out, steps=2))[0] == 0
+    assert run_cli(capsys, *run_args(train_file, out, steps=2))[0] == 0
     shutil.copytree(other / "checkpoint-5", out / "checkpoint-5")  # a foreign, newer checkpoint
     with pytest.warns(UserWarning, match="ignoring checkpoint-5"):
-        code, err = cli(capsys, run_args(train_file, out, "trainer.resume_from_checkpoint=latest", steps=4))
+        code, err = run_cli(capsys, *run_args(train_file, out, "trainer.resume_from_checkpoint=latest", steps=4))
     assert code == 0, err
     assert [r["step"] for r in log(out)] == [1, 2, 3, 4]
     assert json.loads((out / "training_args.json").read_text())["resumed_from"] == str(out / "checkpoint-2")
@@ -101,7 +86,7 @@ def test_failed_run_leaves_no_folder(tmp_path, capsys):
     empty = tmp_path / "empty.json"
     empty.write_text('{"content": "", "summary": "x"}\n{"content": "y", "summary": ""}\n', encoding="utf-8")
     out = tmp_path / "out"
-    code, err = cli(capsys, run_args(empty, out))
+    code, err = run_cli(capsys, *run_args(empty, out))
     line = one_error_line(err)
     # case 8: the message names the file and what was filtered, not "pass train_dataset"
     assert code == 2 and f"{empty}: no training rows" in line and "2 with an empty prompt or answer" in line
@@ -113,9 +98,9 @@ def test_failed_run_leaves_no_folder(tmp_path, capsys):
 
 def test_changed_learning_rate_and_longer_max_steps_apply_from_the_resume(tmp_path, capsys, train_file):
     out = tmp_path / "out"
-    assert cli(capsys, run_args(train_file, out, steps=2))[0] == 0  # linear decay: lr 1e-3, 5e-4
+    assert run_cli(capsys, *run_args(train_file, out, steps=2))[0] == 0  # linear decay: lr 1e-3, 5e-4
     assert [r["lr"] for r in log(out)] == [1e-3, 5e-4]
-    code, err = cli(capsys, run_args(train_file, out, "trainer.resume_from_checkpoint=latest", steps=4, lr="2e-3"))
+    code, err = run_cli(capsys, *run_args(train_file, out, "trainer.resume_from_checkpoint=latest", steps=4, lr="2e-3"))
     assert code == 0, err
     lrs = [r["lr"] for r in log(out)]
     # step 3 runs at this run's schedule at step 2 of 4 (2e-3 * 2/4), not at lr 0 or the old 1e-3 schedule
@@ -132,18 +117,18 @@ def test_changed_learning_rate_and_longer_max_steps_apply_from_the_resume(tmp_pa
 ])
 def test_changing_a_setting_the_checkpoint_fixes_is_refused(tmp_path, capsys, train_file, change, message):
     out = tmp_path / "out"
-    assert cli(capsys, run_args(train_file, out, steps=2))[0] == 0
+    assert run_cli(capsys, *run_args(train_file, out, steps=2))[0] == 0
     before = snapshot(out)
-    code, err = cli(capsys, run_args(train_file, out, "trainer.resume_from_checkpoint=latest", change, steps=3))
+    code, err = run_cli(capsys, *run_args(train_file, out, "trainer.resume_from_checkpoint=latest", change, steps=3))
     assert code == 2 and message in one_error_line(err)
     assert snapshot(out) == before
 
 
 def test_changing_the_data_file_is_refused(tmp_path, capsys, train_file):
     out = tmp_path / "out"
-    assert cli(capsys, run_args(train_file, out, steps=2))[0] == 0
+    assert run_cli(capsys, *run_args(train_file, out, steps=2))[0] == 0
     other = write_adgen_sample(tmp_path / "other.json")
-    code, err = cli(capsys, run_args(other, out, "trainer.resume_from_checkpoint=latest", steps=3))
+    code, err = run_cli(capsys, *run_args(other, out, "trainer.resume_from_checkpoint=latest", steps=3))
     assert code == 2 and "trained on" in one_error_line(err) and str(train_file) in err
 
 
@@ -168,8 +153,8 @@ def test_finetune_is_deterministic_and_ctrl_c_resume_equals_a_straight_run(tmp_p
 
     sets = (f"method={method}", "trainer.save_steps=null", *sets)
     first, second = tmp_path / "first", tmp_path / "second"
-    assert cli(capsys, run_args(train_file, first, *sets, steps=4))[0] == 0
-    assert cli(capsys, run_args(train_file, second, *sets, steps=4))[0] == 0
+    assert run_cli(capsys, *run_args(train_file, first, *sets, steps=4))[0] == 0
+    assert run_cli(capsys, *run_args(train_file, second, *sets, steps=4))[0] == 0
     reference = [r["loss"] for r in log(first)]
     assert [r["loss"] for r in log(second)] == reference
 
@@ -191,12 +176,12 @@ def test_finetune_is_deterministic_and_ctrl_c_resume_equals_a_straight_run(tmp_p
 
     monkeypatch.setattr(T.StopRequest, "__enter__", ctrl_c_after_step_2)
     stopped = tmp_path / "stopped"
-    code, err = cli(capsys, run_args(train_file, stopped, *sets, steps=4))
+    code, err = run_cli(capsys, *run_args(train_file, stopped, *sets, steps=4))
     assert code == 130 and "stopped at step 2 of 4; checkpoint saved in" in err and "Traceback" not in err
     assert [p.name for p in stopped.glob("checkpoint-*")] == ["checkpoint-2"]
     monkeypatch.setattr(T.StopRequest, "__enter__", real_step)
     monkeypatch.setattr(L, "causal_lm_loss", L.causal_lm_loss)
-    assert cli(capsys, run_args(train_file, stopped, *sets, "trainer.resume_from_checkpoint=latest", steps=4))[0] == 0
+    assert run_cli(capsys, *run_args(train_file, stopped, *sets, "trainer.resume_from_checkpoint=latest", steps=4))[0] == 0
     assert [r["loss"] for r in log(stopped)] == reference
 
 
@@ -213,7 +198,7 @@ def test_crash_between_checkpoints_then_resume_equals_a_straight_run(tmp_path, c
 
     sets = (f"method={method}", "trainer.save_steps=2", "lora.lora_dropout=0.1", *sets)
     straight = tmp_path / "straight"
-    assert cli(capsys, run_args(train_file, straight, *sets, steps=4))[0] == 0
+    assert run_cli(capsys, *run_args(train_file, straight, *sets, steps=4))[0] == 0
     original, calls = L.causal_lm_loss, {"n": 0}
 
     def crash_in_step_3(*args, **kwargs):
@@ -228,7 +213,7 @@ def test_crash_between_checkpoints_then_resume_equals_a_straight_run(tmp_path, c
         main([str(a) for a in run_args(train_file, crashed, *sets, steps=4)])
     assert [p.name for p in crashed.glob("checkpoint-*")] == ["checkpoint-2"]
     monkeypatch.setattr(L, "causal_lm_loss", original)
-    assert cli(capsys, run_args(train_file, crashed, *sets, "trainer.resume_from_checkpoint=latest", steps=4))[0] == 0
+    assert run_cli(capsys, *run_args(train_file, crashed, *sets, "trainer.resume_from_checkpoint=latest", steps=4))[0] == 0
     assert [r["loss"] for r in log(crashed)] == [r["loss"] for r in log(straight)]
 
 
@@ -242,7 +227,7 @@ def test_train_mode_from_a_preset_is_deterministic(tmp_path, capsys, train_file,
         args[args.index("finetune")] = "train"
         at = args.index("--load-checkpoint")
         del args[at:at + 2]
-        assert cli(capsys, args)[0] == 0
+        assert run_cli(capsys, *args)[0] == 0
         losses.append([r["loss"] for r in log(tmp_path / name)])
     assert losses[0] == losses[1]
 
@@ -253,17 +238,17 @@ def test_train_mode_from_a_preset_is_deterministic(tmp_path, capsys, train_file,
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys, train_file):
     constant = "trainer.lr_scheduler_type=constant"  # the same lr whatever max_steps
     straight = tmp_path / "straight"
-    assert cli(capsys, run_args(train_file, straight, constant, steps=4))[0] == 0
+    assert run_cli(capsys, *run_args(train_file, straight, constant, steps=4))[0] == 0
     out = tmp_path / "out"
-    assert cli(capsys, run_args(train_file, out, constant, steps=3))[0] == 0
+    assert run_cli(capsys, *run_args(train_file, out, constant, steps=3))[0] == 0
     (out / "checkpoint-3" / "optimizer.pt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.warns(UserWarning, match="optimizer.pt is truncated or corrupt.*falling back to checkpoint-2"):
-        code, err = cli(capsys, run_args(train_file, out, constant, "trainer.resume_from_checkpoint=latest", steps=4))
+        code, err = run_cli(capsys, *run_args(train_file, out, constant, "trainer.resume_from_checkpoint=latest", steps=4))
     assert code == 0, err
     assert [r["loss"] for r in log(out)][2:] == [r["loss"] for r in log(straight)][2:]
     # Named explicitly, a corrupt checkpoint is one line naming the file (the resume rewrote checkpoint-3).
     (out / "checkpoint-3" / "optimizer.pt").write_bytes(b"PK\x03\x04 truncated")
-    code, err = cli(capsys, run_args(train_file, out, f"trainer.resume_from_checkpoint={out / 'checkpoint-3'}",
+    code, err = run_cli(capsys, *run_args(train_file, out, f"trainer.resume_from_checkpoint={out / 'checkpoint-3'}",
                                      steps=5))
     assert code == 2 and "optimizer.pt is truncated or corrupt" in one_error_line(err)
 
@@ -276,7 +261,7 @@ def test_disk_full_while_saving_a_checkpoint_is_one_line(tmp_path, capsys, train
 
     monkeypatch.setattr(S.torch, "save", full)
     out = tmp_path / "out"
-    code, err = cli(capsys, run_args(train_file, out, steps=2))
+    code, err = run_cli(capsys, *run_args(train_file, out, steps=2))
     assert code == 2 and "no space left on the device while writing" in one_error_line(err)
     assert not out.exists() or not list(out.glob("checkpoint-*"))
 
@@ -303,7 +288,7 @@ def test_recipe_values_are_checked_before_the_model_loads(tmp_path, capsys, trai
             "--train-data", str(train_file), "--output-dir", str(tmp_path / "out"), *flags]
     for item in sets:
         args += ["--set", item]
-    code, err = cli(capsys, args)
+    code, err = run_cli(capsys, *args)
     assert code == 2 and message in one_error_line(err)
     assert not (tmp_path / "out").exists()
 
@@ -311,13 +296,13 @@ def test_recipe_values_are_checked_before_the_model_loads(tmp_path, capsys, trai
 def test_empty_recipe_is_refused(tmp_path, capsys, train_file):
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing yet\n")
-    code, err = cli(capsys, ["run", "--config", empty, "--mode", "finetune", "--load-checkpoint", GOLDEN,
+    code, err = run_cli(capsys, *["run", "--config", empty, "--mode", "finetune", "--load-checkpoint", GOLDEN,
                              "--train-data", train_file, "--output-dir", tmp_path / "out"])
     assert code == 2 and f"{empty}: the recipe is empty" in one_error_line(err)
 
 
 def test_quickstart_steps_zero_is_refused(tmp_path, capsys):
-    code, err = cli(capsys, ["quickstart", "--steps", "0", "--output-dir", tmp_path / "qs"])
+    code, err = run_cli(capsys, *["quickstart", "--steps", "0", "--output-dir", tmp_path / "qs"])
     assert code == 2 and "--steps 0: expected a positive integer" in one_error_line(err)
     assert not (tmp_path / "qs").exists()
 
@@ -399,7 +384,7 @@ def test_too_little_free_space_is_refused_before_training(tmp_path, capsys, trai
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(safety.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
     out = tmp_path / "out"
-    code, err = cli(capsys, run_args(train_file, out))
+    code, err = run_cli(capsys, *run_args(train_file, out))
     line = one_error_line(err)
     assert code == 2 and f"trainer.output_dir {out}: the output needs about" in line and "1000 B is free" in line
     assert not out.exists()
@@ -407,16 +392,16 @@ def test_too_little_free_space_is_refused_before_training(tmp_path, capsys, trai
 
 def test_resume_into_another_runs_folder_is_refused_and_pruning_spares_it(tmp_path, capsys, train_file):
     first, second = tmp_path / "first", tmp_path / "second"
-    assert cli(capsys, run_args(train_file, first, steps=2))[0] == 0
-    assert cli(capsys, run_args(train_file, second, steps=2))[0] == 0
+    assert run_cli(capsys, *run_args(train_file, first, steps=2))[0] == 0
+    assert run_cli(capsys, *run_args(train_file, second, steps=2))[0] == 0
     before = snapshot(second)
-    code, err = cli(capsys, run_args(train_file, second, f"trainer.resume_from_checkpoint={first / 'checkpoint-2'}",
+    code, err = run_cli(capsys, *run_args(train_file, second, f"trainer.resume_from_checkpoint={first / 'checkpoint-2'}",
                                      steps=3))
     assert code == 2 and "holds another run than the checkpoint" in one_error_line(err)
     assert snapshot(second) == before
     # save_total_limit prunes only the run's own checkpoints, never a foreign one lying in its folder
     shutil.copytree(first / "checkpoint-1", second / "checkpoint-0")
     with pytest.warns(UserWarning, match="ignoring checkpoint-0"):
-        assert cli(capsys, run_args(train_file, second, "trainer.resume_from_checkpoint=latest",
+        assert run_cli(capsys, *run_args(train_file, second, "trainer.resume_from_checkpoint=latest",
                                     "trainer.save_total_limit=1", steps=4))[0] == 0
     assert sorted(p.name for p in second.glob("checkpoint-*")) == ["checkpoint-0", "checkpoint-4"]
