@@ -94,6 +94,23 @@ def _thudm_to_blocked(weight: torch.Tensor, out_features: int, in_features: int,
     return out.view(out_features, in_features // 2)
 
 
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def _return_freed_heap() -> None:
+    """Give freed heap memory back to the OS (glibc's malloc_trim), after an int4 layout conversion: it frees
+    a few MiB of temporaries between the layers' long-lived tensors, and without this the heap kept them,
+    about 0.25 GB over the 28 layers, all counted in the process's resident memory."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _thudm_to_blocked_into(weight: torch.Tensor, out: torch.Tensor, in_features: int, rows_per_step: int = 1024) -> None:
     """Write `_thudm_to_blocked` of THUDM's packed [out, in / 2] weight into `out` (uint8, same shape; may be
     the weight's own bytes) a slice of rows at a time. 64-row blocks are independent and keep their byte
@@ -103,6 +120,7 @@ def _thudm_to_blocked_into(weight: torch.Tensor, out: torch.Tensor, in_features:
         end = min(start + rows_per_step, weight.shape[0])
         # The slice's bytes are read (into a transposed copy) before its range of `out` is written.
         _thudm_to_blocked(weight[start:end], end - start, in_features, out=out[start:end])
+    _return_freed_heap()
 
 
 _BLOCKED_LAYOUT_CHECKED: dict[int, bool] = {}
@@ -159,7 +177,9 @@ def _cpu_int4_pack_by_op(weight: torch.Tensor) -> torch.Tensor:
         except (RuntimeError, ValueError):
             _OP_CONVERSION_SPLITS[out_features] = False
     rows = _OP_CONVERSION_ROWS if _OP_CONVERSION_SPLITS[out_features] else out_features
-    return _convert_with_op(weight, rows)
+    packed = _convert_with_op(weight, rows)
+    _return_freed_heap()
+    return packed
 
 
 def _cpu_int4_group(in_features: int) -> int:
@@ -183,23 +203,6 @@ def _apply_keeping_scale(module: nn.Module, fn, recurse: bool) -> None:
     nn.Module._apply(module, fn, recurse)
     if module.weight_scale.dtype != scale.dtype:
         module.weight_scale.data = scale.to(module.weight_scale.device)
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc
-    except (OSError, AttributeError):
-        return None
-
-
-def _return_freed_heap() -> None:
-    """Give freed heap memory back to the OS (glibc's malloc_trim). Building a kernel layout frees a few MiB
-    of temporaries between the layers' long-lived tensors; without this the heap kept them, about 0.25 GB
-    over the 28 layers, all counted in the process's resident memory."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 _scratch_buffers = threading.local()  # one per thread: two threads may run quantized layers at once
@@ -357,8 +360,6 @@ class QuantizedLinear(nn.Module):
             return
         with torch.no_grad():
             self._kernel = self._build_kernel(device, dtype)
-        if device.type == "cpu":
-            _return_freed_heap()
         self._kernel_key = (device.type, dtype)
         self._kernel_of = (self.weight, self.weight_scale)
 
