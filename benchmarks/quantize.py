@@ -56,6 +56,7 @@ from glm6b.config import ChatGLMConfig  # noqa: E402
 from glm6b.model import ChatGLMForConditionalGeneration, build_mask_and_positions  # noqa: E402
 from glm6b.quant.folder import quantize_folder  # noqa: E402
 from glm6b.quant.linear import QuantizedLinear, prepare_kernels  # noqa: E402
+from glm6b.quant import cpu_kernels  # noqa: E402
 from glm6b.quant import linear as quant_linear  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "golden"
@@ -100,6 +101,12 @@ def kernel_table(repeats: int, lm_head: bool, row_counts: list[int]) -> None:
         linear = torch.nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16, device="meta")
         linear.weight = torch.nn.Parameter(w, requires_grad=False)
         modules = {bits: QuantizedLinear.from_float(linear, bits) for bits in (8, 4)}
+        variants = {}  # the same weights held to PyTorch's ops, and to glm6b's kernels without AMX
+        for bits, module in modules.items():
+            if cpu_kernels.available():
+                variants[f"int{bits}, stock ops"] = prepared_with(module, supports=lambda *a: False)
+            if cpu_kernels.has_amx():
+                variants[f"int{bits}, glm6b no AMX"] = prepared_with(module, has_amx=lambda: False)
         for rows in row_counts:
             many = rows >= quant_linear.CPU_DEQUANTIZED_MIN_ROWS
             x = torch.randn(rows, in_f, generator=gen).to(torch.bfloat16)
@@ -117,9 +124,13 @@ def kernel_table(repeats: int, lm_head: bool, row_counts: list[int]) -> None:
                 extra = sum(t.numel() * t.element_size() for t in module._kernel[1:] if isinstance(t, torch.Tensor))
                 cases.append((f"QuantizedLinear int{bits} ({module._kernel[0]})", lambda m=module: m(x),
                               out_f * in_f * bits // 8 + extra))
-                if many:
+                if many and module._kernel[0] != "glm6b_cpu":
                     cases.append((f"QuantizedLinear int{bits}, row kernel", lambda m=module: row_kernel_only(m, x),
                                   out_f * in_f * bits // 8 + extra))
+            for name, module in variants.items():
+                extra = sum(t.numel() * t.element_size() for t in module._kernel[1:] if isinstance(t, torch.Tensor))
+                cases.append((f"QuantizedLinear {name}", lambda m=module: m(x),
+                              out_f * in_f * module.bits // 8 + extra))
             base = None
             for name, fn, nbytes in cases:
                 ms = median_ms(fn, repeats)
@@ -130,6 +141,22 @@ def kernel_table(repeats: int, lm_head: bool, row_counts: list[int]) -> None:
         if stock:
             del q8, p4
         gc.collect()
+
+
+def prepared_with(module: QuantizedLinear, **patches) -> QuantizedLinear:
+    """A copy of `module` whose bfloat16 kernel was chosen with glm6b.quant.cpu_kernels' functions patched."""
+    copy = QuantizedLinear(module.in_features, module.out_features, module.bits, bias=False, device="meta")
+    copy.load_state_dict(module.state_dict(), assign=True)  # the same bytes ...
+    copy.allow_in_place = False  # ... so the stock int4 op gets a copy in its own layout
+    saved = {name: getattr(cpu_kernels, name) for name in patches}
+    try:
+        for name, value in patches.items():
+            setattr(cpu_kernels, name, value)
+        copy.prepare("cpu", torch.bfloat16)
+    finally:
+        for name, value in saved.items():
+            setattr(cpu_kernels, name, value)
+    return copy
 
 
 def row_kernel_only(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ LAYERS = {
     "model.model": 3,
     "model": 4,
     "quant.thudm": 5,
+    "quant.cpu_kernels": 5,
     "quant.linear": 6,
     "quant": 6,
     "tokenizer_builder": 3,

@@ -19,6 +19,7 @@ from glm6b.checkpoint.hf import CheckpointError
 from glm6b.cli import main
 from glm6b.config import ConfigError
 from glm6b.inference.generation import generate
+from glm6b.quant import cpu_kernels
 from glm6b.quant.linear import QUANTIZED_LINEARS, QuantizedEmbedding, QuantizedLinear, quantize_model
 from glm6b.quant.thudm import dequantize, pack_int4, quantize_to_thudm, unpack_int4
 
@@ -168,8 +169,9 @@ def test_cpu_kernel_equals_x_times_dequantized_weight(bits, kernel, shape):
 def test_many_rows_multiply_dequantized_blocks(bits, dtype, rel, monkeypatch):
     """A prefill-sized input takes the de-quantized-blocks path, over several blocks and a partial last one,
     and gives x @ dequantize(W).T like the row kernel."""
-    from glm6b.quant import linear
+    from glm6b.quant import cpu_kernels, linear
 
+    monkeypatch.setattr(cpu_kernels, "supports", lambda *args: False)  # PyTorch's ops (glm6b's own: below)
     monkeypatch.setattr(linear, "CPU_DEQUANTIZED_BLOCK_ROWS", 128)  # 320 rows: blocks of 128, 128, 64
     layer = random_layer(bits, 320, 256)
     kernel = layer.prepare("cpu", dtype)
@@ -189,6 +191,87 @@ def test_many_rows_multiply_dequantized_blocks(bits, dtype, rel, monkeypatch):
     by_row = torch.cat([layer(x[:, i:i + 1]) for i in range(x.shape[1])], dim=1)  # the row kernel
     assert len(calls) == 1
     assert (got.double() - by_row.double()).abs().max() <= 2 * rel * want.abs().max()
+
+
+needs_cpu_kernels = pytest.mark.skipif(not cpu_kernels.available(),
+                                       reason="glm6b's CPU kernels need a C++ compiler and an AVX512-BF16 CPU")
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "avx512"])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("out_features, in_features", [(256, 256), (200, 128), (64, 4096)])
+def test_glm6b_cpu_kernels_equal_x_times_dequantized_weight(bits, out_features, in_features, amx, monkeypatch):
+    """Every row count the kernels split differently (1-2 rows: dot products; AMX: blocks of 16 input rows
+    and groups of 64 weight rows, the rest by dot products) gives x @ (q * scale).T up to bfloat16 rounding."""
+    if amx and not cpu_kernels.has_amx():
+        pytest.skip("this CPU (or OS) has no AMX tiles")
+    layer = random_layer(bits, out_features, in_features)
+    generator = torch.Generator().manual_seed(5)
+    for rows in (1, 2, 3, 8, 16, 17, 40, 100):
+        x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
+        want = exact_reference(layer, x) - layer.bias.double()
+        got = cpu_kernels.quantized_matmul(x, layer.weight, layer.weight_scale, bits, amx)
+        assert got.shape == want.shape and got.dtype == torch.bfloat16
+        # float32 sums rounded once to bfloat16: within half a bfloat16 step of each value, plus the sums' error
+        error = (got.double() - want).abs()
+        assert (error <= want.abs() * 2 ** -8 + 1e-4 * want.abs().max()).all(), (rows, error.max().item())
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("bits", [4, 8])
+def test_glm6b_cpu_dequantize_rounds_q_times_scale_once(bits):
+    from glm6b.quant.thudm import unpacked_weight
+
+    layer = random_layer(bits, 96, 192)
+    out = torch.empty(96, 192, dtype=torch.bfloat16)
+    cpu_kernels.dequantize_rows(layer.weight, layer.weight_scale, bits, out)
+    want = (unpacked_weight(layer.weight, bits).float() * layer.weight_scale.float()[:, None]).to(torch.bfloat16)
+    assert torch.equal(out, want)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "avx512"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bfloat16_layers_use_glm6b_kernels_on_thudms_bytes(bits, amx, monkeypatch):
+    """bfloat16 inputs run on THUDM's bytes as they are (nothing converted, the state dict untouched) for
+    one row, a few (decoding) and a prefill, which without AMX multiplies de-quantized blocks."""
+    from glm6b.quant import linear
+
+    if amx and not cpu_kernels.has_amx():
+        pytest.skip("this CPU (or OS) has no AMX tiles")
+    if not amx:
+        monkeypatch.setattr(cpu_kernels, "has_amx", lambda: False)
+    monkeypatch.setattr(linear, "CPU_DEQUANTIZED_BLOCK_ROWS", 128)  # 320 rows: blocks of 128, 128, 64
+    layer = random_layer(bits, 320, 256)
+    thudm = layer.weight.detach().clone()
+    layer.prepare("cpu", torch.float32)  # the stock int4 op may rewrite the bytes in place ...
+    assert layer.prepare("cpu", torch.bfloat16) == "glm6b_cpu"
+    assert torch.equal(layer.weight.detach(), thudm) and not layer._in_place  # ... which are given back
+    for rows in (1, 5, linear.CPU_DEQUANTIZED_MIN_ROWS + 6):
+        x = torch.randn(2, rows, 256, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+        want = exact_reference(layer, x)
+        got = layer(x)
+        assert got.shape == want.shape and got.dtype == torch.bfloat16
+        assert (got.double() - want).abs().max() <= 1e-2 * want.abs().max(), rows
+    assert torch.equal(layer.state_dict()["weight"], thudm)
+
+
+@needs_cpu_kernels
+def test_cpu_kernel_build_is_cached_and_a_broken_compiler_falls_back(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("GLM6B_KERNEL_CACHE", str(tmp_path / "cache"))
+    built = cpu_kernels._build(cpu_kernels._compiler())
+    assert built.parent == tmp_path / "cache" and built.suffix == ".so"
+    assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporary left behind
+    mtime = built.stat().st_mtime_ns
+    assert cpu_kernels._build(cpu_kernels._compiler()) == built and built.stat().st_mtime_ns == mtime
+    # A compiler that fails: one warning naming the source, and PyTorch's ops are used.
+    monkeypatch.setenv("CXX", "false")
+    monkeypatch.setenv("GLM6B_KERNEL_CACHE", str(tmp_path / "other"))
+    with caplog.at_level("WARNING"):
+        assert cpu_kernels._library.__wrapped__() is None
+    assert "cpu_kernels.cpp" in caplog.text and "PyTorch's ops are used instead" in caplog.text
+    assert not list((tmp_path / "other").iterdir())
 
 
 def test_fallback_dequantizes_into_the_input_dtype():
@@ -443,11 +526,13 @@ def test_cuda_kernel_equals_x_times_dequantized_weight(bits):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_linear_traces_as_one_graph(bits):
-    """A compiled decode step (fullgraph) can hold quantized layers once their kernels are built."""
+def test_quantized_linear_traces_as_one_graph(bits, dtype):
+    """A compiled decode step (fullgraph) can hold quantized layers once their kernels are built (glm6b's
+    own CPU kernels, for bfloat16, are custom ops)."""
     layer = random_layer(bits, 128, 256)
-    x = torch.randn(2, 256)
+    x = torch.randn(4, 256).to(dtype)
     want = layer(x)
     compiled = torch.compile(layer, backend="eager", fullgraph=True)
     assert torch.equal(compiled(x), want)

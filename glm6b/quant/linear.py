@@ -9,6 +9,15 @@ names, ``weight`` (int8 [out, in], or [out, in / 2] packed two per byte for 4 bi
 
 Kernels (chosen at the first forward for the input's device and dtype, see `QuantizedLinear`):
 
+* CPU, bfloat16 input, where glm6b's own kernels build (glm6b.quant.cpu_kernels: AVX512-BF16, and AMX
+  tiles where the CPU has them): they read THUDM's bytes as they are, with no copy and nothing built at
+  the first forward, and unpack each weight block once for all input rows. Exceptions, measured with
+  benchmarks/quantize.py: int8 below `cpu_kernels.AMX_MIN_ROWS` rows (or without AMX) keeps the stock op
+  below, as fast for one row; a prefill (`CPU_DEQUANTIZED_MIN_ROWS` rows or more) in int8, or in int4
+  without AMX, multiplies blocks de-quantized by the kernels with the float GEMM.
+
+Otherwise (float32 / float16 input, or no AVX512-BF16):
+
 * CPU, 8 bits: ``aten._weight_int8pack_mm`` on the stored int8 weight (no copy).
 * CPU, 4 bits: ``aten._weight_int4pack_mm_for_cpu`` on the weight in the byte order of
   ``aten._convert_weight_to_int4pack_for_cpu`` (unsigned values q + 8, zero point 0); THUDM's one
@@ -37,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .thudm import check_bits, dequantize, pack_int4, quantize_to_thudm, unpacked_weight
 
 # The four Linear layers of every block that THUDM quantizes (spec 4.12); names kept as in HF.
@@ -364,6 +374,12 @@ class QuantizedLinear(nn.Module):
         self._kernel_of = (self.weight, self.weight_scale)
 
     def _build_kernel(self, device: torch.device, dtype: torch.dtype) -> tuple:
+        if device.type == "cpu" and cpu_kernels.supports(self.bits, self.in_features, dtype):
+            if self._in_place:  # converted for the stock int4 op earlier: give the weight back THUDM's bytes
+                self.weight.copy_(self.thudm_weight())
+                self.__dict__["_in_place_of"] = None
+                _return_freed_heap()
+            return ("glm6b_cpu", cpu_kernels.has_amx())
         cpu_int4 = (device.type == "cpu" and dtype in _CPU_DTYPES and self.bits == 4
                     and _cpu_int4_group(self.in_features) and self.out_features % 16 == 0)
         if self._in_place and not cpu_int4:  # e.g. moved to CUDA: give the weight back THUDM's byte order
@@ -419,8 +435,30 @@ class QuantizedLinear(nn.Module):
         except (RuntimeError, NotImplementedError, AttributeError):
             return None
 
+    def _run_glm6b_cpu(self, x2d: torch.Tensor, amx: bool) -> torch.Tensor:
+        """glm6b's own kernels where they are faster (benchmarks/quantize.py, kernels table)."""
+        rows = x2d.shape[0]
+        many = rows >= CPU_DEQUANTIZED_MIN_ROWS
+        if self.bits == 4:
+            if amx or not many:
+                return cpu_kernels.quantized_matmul(x2d, self.weight, self.weight_scale, 4, amx)
+        elif not many:
+            if amx and rows >= cpu_kernels.AMX_MIN_ROWS:
+                return cpu_kernels.quantized_matmul(x2d, self.weight, self.weight_scale, 8, amx)
+            return torch.ops.aten._weight_int8pack_mm(x2d, self.weight, self.weight_scale.to(x2d.dtype))
+        # A prefill: blocks of de-quantized weight and the float GEMM.
+        out = torch.empty(rows, self.out_features, dtype=x2d.dtype)
+        for start in range(0, self.out_features, CPU_DEQUANTIZED_BLOCK_ROWS):
+            end = min(start + CPU_DEQUANTIZED_BLOCK_ROWS, self.out_features)
+            block = _scratch((end - start) * self.in_features, x2d.dtype).view(end - start, self.in_features)
+            cpu_kernels.dequantize_rows(self.weight[start:end], self.weight_scale[start:end], self.bits, block)
+            out[:, start:end] = F.linear(x2d, block)
+        return out
+
     def _run_kernel(self, kernel: tuple, x2d: torch.Tensor) -> torch.Tensor:
         kind = kernel[0]
+        if kind == "glm6b_cpu":
+            return self._run_glm6b_cpu(x2d, kernel[1])
         many_rows = x2d.shape[0] >= CPU_DEQUANTIZED_MIN_ROWS and x2d.device.type == "cpu"
         if kind == "int8pack":
             if many_rows:

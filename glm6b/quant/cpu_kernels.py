@@ -1,0 +1,198 @@
+"""glm6b's own CPU kernels for THUDM's int4/int8 layers with bfloat16 activations (csrc/cpu_kernels.cpp).
+
+Why not only PyTorch's: ``aten._weight_int4pack_mm_for_cpu`` unpacks the weight again for every input
+row, so a decode step of 8 rows costs about 3x one row (benchmarks/quantize.py, kernels table), and it
+needs the weight in its own byte order (built at the first forward). These kernels read THUDM's bytes as
+they are and unpack each weight block once for all rows (AVX512-BF16 dot products, float32 sums).
+
+With AMX (Intel Xeon 4th generation on), weight blocks are unpacked into 16 x 32 bfloat16 tiles and
+multiplied with tile instructions: 8 or 16 rows then cost about what one row does, and a 100-row prefill
+is faster than with a bfloat16 weight (fewer bytes to read).
+
+The source is compiled on first use with the system C++ compiler for the CPU it runs on
+(``-O3 -march=native -fopenmp``; OpenMP is the runtime PyTorch already loaded) into
+``$GLM6B_KERNEL_CACHE`` (default ``~/.cache/glm6b/kernels``), named by a hash of the source, the
+compiler and the CPU, so a changed file or machine builds anew. Where there is no compiler, no
+AVX512-BF16, or ``GLM6B_CPU_KERNELS=0``, `available()` is False and glm6b.quant.linear uses PyTorch's ops;
+``GLM6B_AMX=0`` keeps the kernels but not their AMX path (to compare the two).
+
+The two entry points are PyTorch custom ops (``glm6b::quantized_matmul``, ``glm6b::dequantize_rows``), so a
+compiled decode step keeps them as single calls instead of breaking its graph.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+K_MULTIPLE = 64  # the kernels take in_features that are a multiple of this
+# Input rows from which the AMX path (where the CPU has it) is used: below, the AVX512-BF16 dot products
+# are faster (one row: about 2.2 against 3.1 ms for a 16384 x 4096 int4 matrix; benchmarks/quantize.py).
+AMX_MIN_ROWS = 3
+
+_build_lock = threading.Lock()
+
+
+def _cpu_description() -> str:
+    """What the build depends on besides the source: the CPU's model and feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    lines = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(lines[:2])
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GLM6B_KERNEL_CACHE") or Path.home() / ".cache" / "glm6b" / "kernels")
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def _build(compiler: str) -> Path:
+    """Compile the source into the cache (to a temporary name, then renamed: a parallel build or a kill
+    leaves no half-written library) and return the library's path."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(COMPILE_FLAGS),
+                                    _cpu_description()]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"cpu_kernels-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {SOURCE}:\n{result.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("GLM6B_CPU_KERNELS", "1") == "0":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.info("no C++ compiler found: CPU int4/int8 layers use PyTorch's ops")
+        return None
+    try:
+        with _build_lock:
+            path = _build(compiler)
+        library = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        log.warning("glm6b's CPU kernels could not be built (%s); PyTorch's ops are used instead", error)
+        return None
+    if not library.glm6b_cpu_kernels_available():
+        log.info("this CPU has no AVX512-BF16: CPU int4/int8 layers use PyTorch's ops")
+        return None
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    library.glm6b_matmul.argtypes = [i32, ptr, i64, i64, ptr, ptr, i64, ptr, i32, i32]
+    library.glm6b_matmul.restype = i32
+    library.glm6b_dequantize.argtypes = [i32, ptr, ptr, i64, i64, ptr, i32]
+    library.glm6b_dequantize.restype = i32
+    library.glm6b_cpu_kernels_amx.restype = i32
+    return library
+
+
+def available() -> bool:
+    """Whether the kernels are built and usable on this CPU (compiles them on the first call)."""
+    return _library() is not None
+
+
+@functools.cache
+def has_amx() -> bool:
+    """Whether the kernels use Intel AMX tiles here (compiled in, and granted by the OS)."""
+    library = _library()
+    return library is not None and os.environ.get("GLM6B_AMX", "1") != "0" and bool(library.glm6b_cpu_kernels_amx())
+
+
+def supports(bits: int, in_features: int, dtype: torch.dtype) -> bool:
+    """Whether a layer of this shape with inputs of `dtype` can use the kernels."""
+    return dtype == torch.bfloat16 and bits in (4, 8) and in_features % K_MULTIPLE == 0 and available()
+
+
+def _check(weight: torch.Tensor, weight_scale: torch.Tensor, bits: int, in_features: int) -> None:
+    expected_cols = in_features // 2 if bits == 4 else in_features
+    if weight.dtype != torch.int8 or weight.dim() != 2 or weight.shape[1] != expected_cols or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous int8 [out, {expected_cols}] tensor for {bits} bits and "
+                         f"{in_features} inputs, got {weight.dtype} {list(weight.shape)}")
+    if weight_scale.dtype != torch.float16 or weight_scale.shape != weight.shape[:1] or not weight_scale.is_contiguous():
+        raise ValueError(f"weight_scale must be a contiguous float16 [{weight.shape[0]}] tensor, "
+                         f"got {weight_scale.dtype} {list(weight_scale.shape)}")
+    if in_features % K_MULTIPLE:
+        raise ValueError(f"in_features must be a multiple of {K_MULTIPLE}, got {in_features}")
+
+
+@torch.library.custom_op("glm6b::quantized_matmul", mutates_args=())
+def quantized_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bits: int,
+                     amx: bool = True) -> torch.Tensor:
+    """``x @ (q * weight_scale).T`` in bfloat16 for THUDM's int8 [out, in] / int4 [out, in / 2] weight.
+
+    x: bfloat16 [rows, in] on the CPU, in a multiple of 64. Float32 sums; the row scale is applied to
+    the sum and the result rounded to bfloat16 once. From `AMX_MIN_ROWS` rows on, AMX tiles where
+    `has_amx()` (and `amx`); otherwise AVX512-BF16 dot products.
+    """
+    library = _library()
+    if library is None:
+        raise RuntimeError("glm6b's CPU kernels are not available here (see glm6b.quant.cpu_kernels)")
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.device.type != "cpu":
+        raise ValueError(f"x must be a CPU bfloat16 [rows, in] tensor, got {x.dtype} {list(x.shape)} on {x.device}")
+    in_features = x.shape[1]
+    _check(weight, weight_scale, bits, in_features)
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16)
+    if x.shape[0] == 0:
+        return out
+    status = library.glm6b_matmul(bits, x.data_ptr(), x.shape[0], in_features, weight.data_ptr(),
+                                  weight_scale.data_ptr(), weight.shape[0], out.data_ptr(), torch.get_num_threads(),
+                                  int(amx and has_amx() and x.shape[0] >= AMX_MIN_ROWS))
+    if status != 0:
+        raise RuntimeError(f"glm6b_matmul refused x {list(x.shape)}, weight {list(weight.shape)}, bits {bits}")
+    return out
+
+
+@quantized_matmul.register_fake
+def _(x, weight, weight_scale, bits, amx=True):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("glm6b::dequantize_rows", mutates_args=("out",))
+def dequantize_rows(weight: torch.Tensor, weight_scale: torch.Tensor, bits: int, out: torch.Tensor) -> None:
+    """Write bfloat16(q * weight_scale) of THUDM's int8/int4 rows into `out` (bfloat16 [rows, in], contiguous)."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("glm6b's CPU kernels are not available here (see glm6b.quant.cpu_kernels)")
+    in_features = out.shape[1]
+    _check(weight, weight_scale, bits, in_features)
+    if out.dtype != torch.bfloat16 or out.shape[0] != weight.shape[0] or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous bfloat16 [{weight.shape[0]}, {in_features}] tensor, "
+                         f"got {out.dtype} {list(out.shape)}")
+    status = library.glm6b_dequantize(bits, weight.data_ptr(), weight_scale.data_ptr(), weight.shape[0],
+                                      in_features, out.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"glm6b_dequantize refused weight {list(weight.shape)}, bits {bits}")
+
+
+__all__ = ["available", "has_amx", "supports", "AMX_MIN_ROWS", "quantized_matmul", "dequantize_rows", "cache_dir", "K_MULTIPLE"]

@@ -1,0 +1,392 @@
+// CPU kernels for THUDM's weight-only int4 / int8 layers with bfloat16 activations (AVX512-BF16).
+//
+// They read THUDM's bytes as they are: int8 [N, K], or int4 packed two per byte ([N, K / 2], byte c =
+// column 2c in the high nibble, column 2c + 1 in the low one, both two's complement), with one float16
+// scale per output row. glm6b/quant/cpu_kernels.py compiles this file for the CPU it runs on and calls
+// it through ctypes; without AVX512-BF16 it builds nothing but glm6b_cpu_kernels_available() == 0.
+//
+// glm6b_matmul: y[M, N] = x[M, K] @ (q * scale)^T for a few rows (decoding). Each block of weight rows
+// is unpacked once into bfloat16 registers and multiplied with every input row (vdpbf16ps, float32
+// sums), so eight rows cost far less than eight times one row: PyTorch's CPU int4 op unpacks per row.
+// The row scale is applied to the float32 sum, and y rounded to bfloat16 once.
+// glm6b_dequantize: rows [N, K] of bfloat16(q * scale), for a prompt's prefill (the float GEMM then
+// does the multiply).
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace {
+
+constexpr int64_t CHUNK = 64;  // weights per row handled per step (two vectors of 32 bfloat16)
+
+inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as vcvtneps2bf16 (no NaN inputs here)
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    bits += 0x7FFF + ((bits >> 16) & 1);
+    return (uint16_t)(bits >> 16);
+}
+
+// The 16 int4 values as bfloat16 bit patterns, indexed by the raw nibble (two's complement).
+inline __m512i int4_to_bf16_table() {
+    alignas(64) uint16_t table[32] = {0};
+    for (int n = 0; n < 16; ++n) {
+        float value = (float)(n < 8 ? n : n - 16);
+        table[n] = f32_to_bf16(value);
+    }
+    return _mm512_load_si512(table);
+}
+
+// One chunk of 64 weights of a row as two bfloat16 vectors, in the order the activations are laid out
+// in (see permute_activations): for int4 the even columns, then the odd ones; for int8 the natural order.
+template <int BITS>
+inline void load_weights(const int8_t* row, int64_t chunk, __m512i table, __m512i& first, __m512i& second) {
+    if constexpr (BITS == 4) {
+        __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(row + chunk * 32)));
+        first = _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), table);  // high nibbles: columns 2c
+        second = _mm512_permutexvar_epi16(_mm512_and_si512(bytes, _mm512_set1_epi16(0x0F)), table);  // 2c + 1
+    } else {
+        const int8_t* p = row + chunk * 64;
+        __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+        __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + 16))));
+        __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + 32))));
+        __m512 d = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + 48))));
+        first = (__m512i)_mm512_cvtne2ps_pbh(b, a);  // columns 0..31 in order (the second argument is low)
+        second = (__m512i)_mm512_cvtne2ps_pbh(d, c);
+    }
+}
+
+// y[m, n0 + t] for MB input rows and NT weight rows: every weight chunk is unpacked once for all MB rows.
+template <int BITS, int MB, int NT>
+void tile(const uint16_t* xp, int64_t K, const int8_t* w, int64_t row_bytes, const uint16_t* scale,
+          uint16_t* y, int64_t N, __m512i table) {
+    __m512 acc[MB][NT];
+    for (int m = 0; m < MB; ++m)
+        for (int t = 0; t < NT; ++t) acc[m][t] = _mm512_setzero_ps();
+    const int64_t chunks = K / CHUNK;
+    constexpr int64_t chunk_bytes = BITS == 4 ? 32 : 64;
+    for (int64_t c = 0; c < chunks; ++c) {
+        __m512i first[NT], second[NT];
+        for (int t = 0; t < NT; ++t) {
+            // The same place in the next tile's rows: the hardware prefetchers follow one stream per row
+            // poorly when rows are short (2 KiB), so a decode step read memory at half its bandwidth.
+            if (BITS == 8 || c % 2 == 0) _mm_prefetch((const char*)(w + (NT + t) * row_bytes + c * chunk_bytes), _MM_HINT_T0);
+            load_weights<BITS>(w + t * row_bytes, c, table, first[t], second[t]);
+        }
+        for (int m = 0; m < MB; ++m) {
+            const uint16_t* x = xp + m * K + c * CHUNK;
+            __m512bh x0 = (__m512bh)_mm512_loadu_si512(x);
+            __m512bh x1 = (__m512bh)_mm512_loadu_si512(x + 32);
+            for (int t = 0; t < NT; ++t) {
+                acc[m][t] = _mm512_dpbf16_ps(acc[m][t], (__m512bh)first[t], x0);
+                acc[m][t] = _mm512_dpbf16_ps(acc[m][t], (__m512bh)second[t], x1);
+            }
+        }
+    }
+    for (int m = 0; m < MB; ++m)
+        for (int t = 0; t < NT; ++t)
+            y[m * N + t] = f32_to_bf16(_mm512_reduce_add_ps(acc[m][t]) * f16_to_f32(scale[t]));
+}
+
+// All input rows (in blocks of up to 8) against NT weight rows starting at n.
+template <int BITS, int NT>
+void rows_tile(const uint16_t* xp, int64_t M, int64_t K, const int8_t* w, int64_t row_bytes,
+               const uint16_t* scale, uint16_t* y, int64_t N, int64_t n, __m512i table) {
+    const int8_t* wn = w + n * row_bytes;
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        const uint16_t* x = xp + m0 * K;
+        uint16_t* out = y + m0 * N + n;
+        const uint16_t* s = scale + n;
+        switch (M - m0 >= 8 ? 8 : M - m0) {
+            case 1: tile<BITS, 1, NT>(x, K, wn, row_bytes, s, out, N, table); break;
+            case 2: tile<BITS, 2, NT>(x, K, wn, row_bytes, s, out, N, table); break;
+            case 3: tile<BITS, 3, NT>(x, K, wn, row_bytes, s, out, N, table); break;
+            case 4: tile<BITS, 4, NT>(x, K, wn, row_bytes, s, out, N, table); break;
+            case 5: tile<BITS, 5, NT>(x, K, wn, row_bytes, s, out, N, table); break;
+            case 6: tile<BITS, 6, NT>(x, K, wn, row_bytes, s, out, N, table); break;
+            case 7: tile<BITS, 7, NT>(x, K, wn, row_bytes, s, out, N, table); break;
+            default: tile<BITS, 8, NT>(x, K, wn, row_bytes, s, out, N, table); break;
+        }
+    }
+}
+
+// For int4 the activations of each 64-column chunk are reordered to [even columns, odd columns], the
+// order load_weights<4> unpacks the weights in (vdpbf16ps multiplies pairs of neighbouring elements).
+void permute_activations(const uint16_t* x, int64_t M, int64_t K, uint16_t* xp) {
+    alignas(64) uint16_t even[32], odd[32];
+    for (int i = 0; i < 32; ++i) { even[i] = (uint16_t)(2 * i); odd[i] = (uint16_t)(2 * i + 1); }
+    const __m512i even_index = _mm512_load_si512(even), odd_index = _mm512_load_si512(odd);
+    for (int64_t i = 0; i < M * K; i += CHUNK) {
+        __m512i a = _mm512_loadu_si512(x + i), b = _mm512_loadu_si512(x + i + 32);
+        _mm512_storeu_si512(xp + i, _mm512_permutex2var_epi16(a, even_index, b));
+        _mm512_storeu_si512(xp + i + 32, _mm512_permutex2var_epi16(a, odd_index, b));
+    }
+}
+
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// ----------------------------------------------------------------------------------------- AMX
+// Intel AMX: one TDPBF16PS multiplies a 16 x 32 bfloat16 tile by a 32 x 16 one (8192 products). The
+// weights are the left operand, 16 rows x 32 columns unpacked into a 1 KiB buffer in their own order;
+// the activations, transposed into pairs of columns ("VNNI" order) once per call, the right one.
+// Tiles: 0-3 sums [16 weight rows x up to 16 input rows], 4-5 weights, 6-7 activations.
+// Up to 16 input rows: four blocks of 16 weight rows share each activation tile. 17 to 32 rows:
+// two weight blocks x two input blocks. Beyond 32 rows, the input is taken 32 rows at a time.
+
+struct TileConfig {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+bool amx_ready() {  // Linux hands out the tile state only on request, once per process
+    static int ready = -1;
+    if (ready < 0) {
+        const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+        ready = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : 0;
+    }
+    return ready == 1;
+}
+
+// The weights of a 16-row block for 64 columns from chunk c, as two 16 x 32 bfloat16 tiles (left
+// operands) at first / second (1 KiB each). For int4, as in load_weights: the even columns, then the odd
+// ones; for int8 the first 32 columns, then the last 32. to_vnni lays the activations out to match.
+template <int BITS>
+inline void unpack_block(const int8_t* w, int64_t row_bytes, int64_t c, __m512i table, uint16_t* first,
+                         uint16_t* second) {
+    constexpr int64_t chunk_bytes = BITS == 4 ? 32 : 64;
+    for (int n = 0; n < 16; ++n) {
+        __m512i a, b;
+        // A group walks 64 rows side by side: fetch each row a few chunks ahead (past its end: the next row's
+        // start, which the next group reads; a prefetch never faults).
+        if (BITS == 8 || c % 2 == 0) _mm_prefetch((const char*)(w + n * row_bytes + (c + 4) * chunk_bytes), _MM_HINT_T0);
+        load_weights<BITS>(w + n * row_bytes, c, table, a, b);
+        _mm512_store_si512(first + n * 32, a);
+        _mm512_store_si512(second + n * 32, b);
+    }
+}
+
+// The column of chunk c that element (line r, half j) of tile t (0: first, 1: second) multiplies.
+template <int BITS>
+inline int64_t tile_column(int64_t c, int t, int r, int j) {
+    const int64_t k = 2 * r + j;  // element of the tile's 32-column row
+    return BITS == 4 ? c * CHUNK + 2 * k + t : c * CHUNK + 32 * t + k;
+}
+
+// Activation rows [m0, m0 + rows) as right operands: for chunk c and tile t, 16 lines of `rows` pairs.
+template <int BITS>
+void to_vnni(const uint16_t* x, int64_t K, int64_t m0, int64_t rows, uint16_t* dst) {
+    const int64_t chunks = K / CHUNK;
+    for (int64_t c = 0; c < chunks; ++c)
+        for (int t = 0; t < 2; ++t)
+            for (int r = 0; r < 16; ++r)
+                for (int64_t m = 0; m < rows; ++m)
+                    for (int j = 0; j < 2; ++j)
+                        dst[(((c * 2 + t) * 16 + r) * rows + m) * 2 + j] = x[(m0 + m) * K + tile_column<BITS>(c, t, r, j)];
+}
+
+inline void store_sums(const float* sums, int64_t rows, const uint16_t* scale, uint16_t* y, int64_t N) {
+    // sums: [16 weight rows][16 floats per line, `rows` used]; y: [rows][N] starting at this block
+    for (int n = 0; n < 16; ++n) {
+        const float s = f16_to_f32(scale[n]);
+        for (int64_t m = 0; m < rows; ++m) y[m * N + n] = f32_to_bf16(sums[n * 16 + m] * s);
+    }
+}
+
+// The weights are unpacked one block (16 rows) ahead of the tile loads that read them: a tile load
+// waits until the stores it reads have left the core, so the unpacking of the next block fills that wait.
+#define UNPACK(C, I, BUF) unpack_block<BITS>(w + 16 * (I) * row_bytes, row_bytes, C, table, BUF, (BUF) + 512)
+// Tile I += the weights in BUF times the activation tiles 6 and 7 (tile numbers must be literal text).
+#define MULTIPLY(I, BUF)                 \
+    do {                                 \
+        _tile_loadd(4, BUF, 64);         \
+        _tile_loadd(5, (BUF) + 512, 64); \
+        _tile_dpbf16ps(I, 4, 6);         \
+        _tile_dpbf16ps(I, 5, 7);         \
+    } while (0)
+
+// 64 weight rows against up to 16 input rows (tiles 0-3 hold the sums of the four 16-row blocks).
+template <int BITS>
+void amx_group(const int8_t* w, int64_t row_bytes, int64_t K, const uint16_t* xb, int64_t rows,
+               const uint16_t* scale, uint16_t* y, int64_t N, __m512i table, uint16_t* buffers, float* sums) {
+    const int64_t chunks = K / CHUNK;
+    uint16_t* even = buffers;
+    uint16_t* odd = buffers + 1024;
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    UNPACK(0, 0, even);
+    for (int64_t c = 0; c < chunks; ++c) {
+        _tile_loadd(6, xb + (c * 2) * 16 * rows * 2, rows * 4);
+        _tile_loadd(7, xb + (c * 2 + 1) * 16 * rows * 2, rows * 4);
+        UNPACK(c, 1, odd);
+        MULTIPLY(0, even);
+        UNPACK(c, 2, even);
+        MULTIPLY(1, odd);
+        UNPACK(c, 3, odd);
+        MULTIPLY(2, even);
+        if (c + 1 < chunks) UNPACK(c + 1, 0, even);
+        MULTIPLY(3, odd);
+    }
+    _tile_stored(0, sums, 64); store_sums(sums, rows, scale, y, N);
+    _tile_stored(1, sums, 64); store_sums(sums, rows, scale + 16, y + 16, N);
+    _tile_stored(2, sums, 64); store_sums(sums, rows, scale + 32, y + 32, N);
+    _tile_stored(3, sums, 64); store_sums(sums, rows, scale + 48, y + 48, N);
+}
+#undef UNPACK
+#undef MULTIPLY
+
+void configure_tiles(int64_t rows) {
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; ++t) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = (uint16_t)(t == 4 || t == 5 ? 64 : rows * 4);  // weights: 32 bfloat16 a row
+    }
+    _tile_loadconfig(&cfg);
+}
+
+// Input rows 16 at a time against groups of 64 weight rows. Returns the number of weight rows done (a
+// multiple of 64); the caller does the rest.
+template <int BITS>
+int64_t amx_matmul(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale, int64_t N,
+                   uint16_t* y, int threads) {
+    const int64_t row_bytes = BITS == 4 ? K / 2 : K;
+    const int64_t groups = N / 64;
+    if (groups == 0) return 0;
+    uint16_t* vnni = (uint16_t*)aligned_alloc(64, (size_t)(M * K * 2 + 63) / 64 * 64);
+    for (int64_t m0 = 0; m0 < M; m0 += 16) to_vnni<BITS>(x, K, m0, M - m0 < 16 ? M - m0 : 16, vnni + m0 * K);
+    const __m512i table = int4_to_bf16_table();
+#pragma omp parallel num_threads(threads)
+    {
+        alignas(64) uint16_t buffers[2048];
+        alignas(64) float sums[256];
+        int64_t configured = 0;
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; ++g) {
+            for (int64_t m0 = 0; m0 < M; m0 += 16) {  // the group's weights stay in cache across blocks
+                const int64_t rows = M - m0 < 16 ? M - m0 : 16;
+                if (rows != configured) { configure_tiles(rows); configured = rows; }
+                amx_group<BITS>(w + g * 64 * row_bytes, row_bytes, K, vnni + m0 * K, rows, scale + g * 64,
+                                y + m0 * N + g * 64, N, table, buffers, sums);
+            }
+        }
+        if (configured) _tile_release();
+    }
+    free(vnni);
+    return groups * 64;
+}
+#endif  // AMX
+
+template <int BITS>
+void matmul(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale, int64_t N,
+            uint16_t* y, int threads, bool use_amx) {
+    const int64_t row_bytes = BITS == 4 ? K / 2 : K;
+    int64_t first_row = 0;  // rows before this one are done by AMX
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (use_amx && amx_ready()) first_row = amx_matmul<BITS>(x, M, K, w, scale, N, y, threads);
+    if (first_row == N) return;
+#endif
+    const uint16_t* xp = x;
+    uint16_t* permuted = nullptr;
+    if (BITS == 4) {
+        permuted = (uint16_t*)aligned_alloc(64, (size_t)(M * K * 2 + 63) / 64 * 64);
+        permute_activations(x, M, K, permuted);
+        xp = permuted;
+    }
+    const __m512i table = int4_to_bf16_table();
+    // Four weight rows per tile up to four input rows, two beyond (so the sums stay in registers).
+    const int64_t nt = M <= 4 ? 4 : 2;
+    const int64_t tiles = (N - first_row) / nt;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < tiles; ++i) {
+        if (nt == 4) rows_tile<BITS, 4>(xp, M, K, w, row_bytes, scale, y, N, first_row + i * 4, table);
+        else rows_tile<BITS, 2>(xp, M, K, w, row_bytes, scale, y, N, first_row + i * 2, table);
+    }
+    for (int64_t n = first_row + tiles * nt; n < N; ++n) rows_tile<BITS, 1>(xp, M, K, w, row_bytes, scale, y, N, n, table);
+    free(permuted);
+}
+
+template <int BITS>
+void dequantize(const int8_t* w, const uint16_t* scale, int64_t N, int64_t K, uint16_t* out, int threads) {
+    const int64_t row_bytes = BITS == 4 ? K / 2 : K;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; ++n) {
+        const int8_t* row = w + n * row_bytes;
+        uint16_t* dst = out + n * K;
+        const __m512 s = _mm512_set1_ps(f16_to_f32(scale[n]));
+        if constexpr (BITS == 4) {
+            for (int64_t b = 0; b < row_bytes; b += 16) {  // 16 bytes: 32 values
+                __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(row + b)));
+                __m512 high = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(v, 4)), s);  // columns 2c
+                __m512 low = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 28), 28)), s);
+                __m512i h = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(high));
+                __m512i l = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(low));
+                _mm512_storeu_si512(dst + 2 * b, _mm512_or_si512(h, _mm512_slli_epi32(l, 16)));
+            }
+        } else {
+            for (int64_t k = 0; k < K; k += 32) {
+                __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(row + k))));
+                __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(row + k + 16))));
+                _mm512_storeu_si512(dst + k, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(c, s), _mm512_mul_ps(a, s)));
+            }
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+int glm6b_cpu_kernels_available(void) { return 1; }
+
+// 1 where the AMX path is compiled in and the OS grants the tile state.
+int glm6b_cpu_kernels_amx(void) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    return amx_ready() ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+// x: bfloat16 [M, K]; w: THUDM's int4 [N, K / 2] or int8 [N, K]; scale: float16 [N]; y: bfloat16 [M, N].
+// K must be a multiple of 64. Returns 0, or -1 for arguments it does not take.
+int glm6b_matmul(int bits, const void* x, int64_t M, int64_t K, const void* w, const void* scale, int64_t N,
+                 void* y, int threads, int use_amx) {
+    if (K % CHUNK || M < 1 || N < 1 || threads < 1) return -1;
+    if (bits == 4) matmul<4>((const uint16_t*)x, M, K, (const int8_t*)w, (const uint16_t*)scale, N, (uint16_t*)y, threads, use_amx);
+    else if (bits == 8) matmul<8>((const uint16_t*)x, M, K, (const int8_t*)w, (const uint16_t*)scale, N, (uint16_t*)y, threads, use_amx);
+    else return -1;
+    return 0;
+}
+
+// out: bfloat16 [N, K] = bfloat16(q * scale) of the N rows at w / scale. K must be a multiple of 64.
+int glm6b_dequantize(int bits, const void* w, const void* scale, int64_t N, int64_t K, void* out, int threads) {
+    if (K % CHUNK || N < 0 || threads < 1) return -1;
+    if (bits == 4) dequantize<4>((const int8_t*)w, (const uint16_t*)scale, N, K, (uint16_t*)out, threads);
+    else if (bits == 8) dequantize<8>((const int8_t*)w, (const uint16_t*)scale, N, K, (uint16_t*)out, threads);
+    else return -1;
+    return 0;
+}
+
+}  // extern "C"
+
+#else  // no AVX512-BF16: PyTorch's own ops are used instead
+
+extern "C" {
+int glm6b_cpu_kernels_available(void) { return 0; }
+int glm6b_cpu_kernels_amx(void) { return 0; }
+int glm6b_matmul(int, const void*, int64_t, int64_t, const void*, const void*, int64_t, void*, int, int) { return -1; }
+int glm6b_dequantize(int, const void*, const void*, int64_t, int64_t, void*, int) { return -1; }
+}
+
+#endif
