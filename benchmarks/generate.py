@@ -187,7 +187,7 @@ def main() -> None:
         from glm6b.quant.linear import prepare_kernels, quantize_model
 
         quantize_model(model, 4 if args.quantize == "int4" else 8)
-        prepare_kernels(model)  # the CPU int4 kernel's byte order, built before anything is timed
+        prepare_kernels(model)  # whatever a kernel builds at its first forward, done before anything is timed
     config = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     slots = args.prompt_length + args.new_tokens

@@ -8,13 +8,15 @@ Tables:
 
 1. kernels: one matrix [out x in] times a bfloat16 input of --rows rows (1, 8 and 100: decoding one
    row, a batch of 8, a prompt's prefill): ``F.linear`` on the
-   bfloat16 weight against the stock ops glm6b.quant uses (``_weight_int8pack_mm``,
+   bfloat16 weight against PyTorch's weight-only ops (``_weight_int8pack_mm``,
    ``_weight_int4pack_mm_for_cpu`` with each group size it accepts) and the `QuantizedLinear`
-   module as the model runs it (with --lm-head also the 130528 x 4096 lm_head, module only). From
-   glm6b.quant.linear.CPU_DEQUANTIZED_MIN_ROWS rows on, the module multiplies blocks of de-quantized
-   weight; its "row kernel" line is the same module held to the stock op, for comparison. Median
-   of --repeats calls after warm-up; "GB/s" counts the bytes of the weight (and scales) read once
-   per call.
+   module as the model runs it (with --lm-head also the 130528 x 4096 lm_head, module only): on an
+   AVX512-BF16 CPU, glm6b's own kernels (glm6b.quant.cpu_kernels). The same module is also timed
+   held to PyTorch's ops ("stock ops") and, on a CPU with AMX, to the kernels' path for CPUs without
+   it ("glm6b no AMX"). Where the stock ops run, from glm6b.quant.linear.CPU_DEQUANTIZED_MIN_ROWS rows
+   on the module multiplies blocks of de-quantized weight; its "row kernel" line is that module held
+   to the stock op. Median of --repeats calls after warm-up; "GB/s" counts the bytes of the weight
+   (and scales) read once per call.
 2. quality: top-1 agreement with the bfloat16 model and the largest |logit difference| (also
    relative to the largest |logit|), for int8, int4 and int4 with the word embeddings and lm_head
    quantized (THUDM's int4-qe), on the golden checkpoint and inputs (tests/golden, cases.json
@@ -24,8 +26,8 @@ Tables:
 3. load: time to load the random glm_6b-shape model quantized by `glm6b quantize` (as bfloat16,
    whose float16 embeddings are converted, and as float16), against the time to read the folder's
    bytes into fresh memory (page cache warm), the float folder, and quantizing at load from it.
-   "kernels built" is the one-off conversion to the CPU kernels' layout (`prepare_kernels`; otherwise
-   done by the first forward).
+   "kernels built" is what `prepare_kernels` does before the first forward: nothing for glm6b's own
+   CPU kernels, the conversion to PyTorch's int4 op's byte order where that op runs.
 4. decode: milliseconds per greedy decode step (KV cache, batch 1, 32-token prompt) of that random
    model in bfloat16 and each quantized precision, timed in interleaved rounds; with few layers the
    lm_head is a large share.

@@ -398,6 +398,8 @@ def test_thudm_folder_loads_and_matches_a_float_model_of_its_dequantized_weights
         ours = bf16(**batch).logits.float()
         want = dequantized_float_model(folder, torch.bfloat16)(**batch).logits.float()
     assert (ours - want).abs().max() <= 5e-2 * want.abs().max()
+    if cpu_kernels.available():  # bfloat16 on an AVX512-BF16 CPU: every quantized product ran glm6b's kernels
+        assert {m._kernel[0] for m in bf16.modules() if isinstance(m, QuantizedLinear)} == {"glm6b_cpu"}
 
 
 def test_quantize_at_load_equals_the_thudm_folder(tmp_path):
