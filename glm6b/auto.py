@@ -96,7 +96,8 @@ class AutoModel:
 
         Args:
             name_or_path: folder path or model name (see `resolve_model_path`).
-            dtype: parameter dtype (None: float32 on CPU, bfloat16 on CUDA).
+            dtype: parameter dtype (None: float32 on CPU, bfloat16 for a quantized model on a CPU
+                where glm6b's kernels run, bfloat16 on CUDA).
             device: where to put the parameters (default CPU).
             **kwargs: passed to `glm6b.checkpoint.hf.load_model` (ptuning_checkpoint, pre_seq_len, ...).
 

@@ -138,7 +138,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model folder (HF THUDM/chatglm-6b files) or name (glm_6b, glm_6b_chat: looked up "
                              "under $GLM6B_HOME, default ~/.cache/glm6b)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="parameter dtype (default: float32 on CPU, bfloat16 on CUDA)")
+                        help="parameter dtype (default: float32 on CPU, bfloat16 for a quantized model "
+                             "on an AVX512-BF16 CPU, bfloat16 on CUDA)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     _add_quantize_arguments(parser)
 
@@ -712,7 +713,8 @@ def add_serve_command(subparsers) -> None:
     p.add_argument("--adapter", default=None, metavar="DIR", help="a PEFT LoRA adapter folder, merged in at load")
     p.add_argument("--quantize", choices=("int8", "int4"), default=None, help="weight-only quantization at load")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="parameter dtype (default: float32 on CPU, "
-                                                                 "bfloat16 on CUDA)")
+                                                                 "bfloat16 for a quantized model on an "
+                                                                 "AVX512-BF16 CPU, bfloat16 on CUDA)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")

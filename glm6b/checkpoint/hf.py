@@ -51,6 +51,7 @@ from torch import nn
 from ..config import ChatGLMConfig
 from ..io import atomic_write, atomic_write_text
 from ..model import ChatGLMForConditionalGeneration, PrefixEncoder
+from ..quant import cpu_kernels
 from ..quant.linear import QuantizedEmbedding, QuantizedLinear, quantize_model, tie_quantized_lm_head
 from ..quant.thudm import quantize_to_thudm
 from . import mindspore
@@ -537,7 +538,8 @@ def load_model(
     Args:
         path: the model folder (config.json and the weights).
         dtype: parameter dtype (torch.dtype or "float32"/"float16"/"bfloat16"). None means float32 on
-            the CPU, and bfloat16 (float16 where bfloat16 is unsupported) on CUDA. Tensors are cast
+            the CPU (bfloat16 for a quantized model where glm6b's CPU kernels run: see
+            glm6b.quant.cpu_kernels), and bfloat16 (float16 where bfloat16 is unsupported) on CUDA. Tensors are cast
             per tensor: a float32 checkpoint loaded as float32 is exact (the reference rounds it to
             float16). The P-tuning prefix encoder always stays float32, as in the reference recipe.
         device: where the parameters go (default CPU).
@@ -578,6 +580,10 @@ def load_model(
         files = find_weight_files(folder)
         config = ChatGLMConfig.from_json_file(folder / CONFIG_NAME)
     rename = mindspore.to_hf_name_or_same if is_ckpt else (lambda name: name)
+    if dtype is None and check_device(device).type == "cpu" and (config.quantization_bit or _quantize_bits(quantize)):
+        # A quantized model on the CPU runs fastest with bfloat16 activations (glm6b's own int4/int8
+        # kernels), whose embeddings also take half the memory of float32 ones.
+        dtype = torch.bfloat16 if cpu_kernels.available() else torch.float32
     device, dtype = _resolve_device_dtype(device, dtype)
 
     ptuning_weights = None
