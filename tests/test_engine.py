@@ -209,6 +209,10 @@ def test_frozen_bf16_step_is_rebuilt_after_weights_change(monkeypatch):
     DecodeEngine(model, 1, 8, compile=True)
     assert resets == [1]
     assert not DecodeEngine(model.float(), 1, 8, compile=True).frozen  # float32 weights are not frozen
+    from glm6b.quant.linear import quantize_model
+
+    quantized = quantize_model(model.to(torch.bfloat16), 4)
+    assert not DecodeEngine(quantized, 1, 8, compile=True).frozen  # nor quantized ones (slower frozen)
 
 
 def test_ptuning_prefix_survives_chunks_and_row_resets():

@@ -25,12 +25,12 @@ and the results are those of one pass (the reference's, padding positions includ
 Compilation (`compile="auto"`, the default) is on for CUDA models and off on the CPU; True or
 False force it either way (per call, or per model with glm6b.load_model(compile=...)). On a quiet
 2-core CPU (benchmarks/generate.py) the compiled step of two glm_6b-width layers in bf16 was 14 %
-faster than eager after a 27 s cold compile (9 s warm), and with int4 weights slower (four layers:
-158.5 against 107.4 ms/step; the int4 products are the same kernel calls either way), while the 28-layer step compiles for minutes per batch
+faster than eager after a 27 s cold compile (9 s warm), and with int4 weights no faster (the int4
+products are the same kernel calls either way), while the 28-layer step compiles for minutes per batch
 size and cache length: so compiling is not the CPU default; tiny test models run eagerly unless asked. Compiled steps are cached by torch per (model, batch size,
 slots); slots are rounded up to a multiple of `SLOT_BUCKET` so that prompts of different lengths
-share a graph. Low-precision weights on the CPU are compiled with inductor freezing, which
-prepacks the weights for the CPU's matrix kernels; a frozen step holds a copy of the weights, so
+share a graph. Low-precision float weights on the CPU are compiled with inductor freezing, which
+prepacks the weights for the CPU's matrix kernels (not for quantized models, where it was slower); a frozen step holds a copy of the weights, so
 it is rebuilt (with torch._dynamo.reset()) when the model's parameters have changed in place since
 (an optimizer step between two evaluations, a LoRA merge).
 """
@@ -160,7 +160,10 @@ class DecodeEngine:
                 self.cache.fill_prefix(model.transformer.prefix_past(batch_size, model.dtype))
             self.positions = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
         self.prefill_chunk_size = prefill_chunk_size
-        self.frozen = self.compiled and device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16)
+        # Freezing prepacks float weights (faster bf16 steps); with quantized layers it made the step slower
+        # (benchmarks/generate.py, 4 int4 layers: 158.5 ms/step frozen, 102.2 not, 100.0 eager), so not there.
+        self.frozen = (self.compiled and device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16)
+                       and not getattr(model.config, "quantization_bit", 0))
         if self.frozen:
             self._ensure_fresh_frozen_weights()
 
