@@ -10,7 +10,8 @@ Tables:
    row, a batch of 8, a prompt's prefill): ``F.linear`` on the
    bfloat16 weight against PyTorch's weight-only ops (``_weight_int8pack_mm``,
    ``_weight_int4pack_mm_for_cpu`` with each group size it accepts) and the `QuantizedLinear`
-   module as the model runs it (with --lm-head also the 130528 x 4096 lm_head, module only): on an
+   module as the model runs it (with --lm-head also the 130528 x 4096 lm_head, module only), and for
+   one or two rows glm6b's bfloat16 kernel (what BF16DecodeLinear runs in a bf16 decode step): on an
    AVX512-BF16 CPU, glm6b's own kernels (glm6b.quant.cpu_kernels). The same module is also timed
    held to PyTorch's ops ("stock ops") and, on a CPU with AMX, to the kernels' path for CPUs without
    it ("glm6b no AMX"). Where the stock ops run, from glm6b.quant.linear.CPU_DEQUANTIZED_MIN_ROWS rows
@@ -113,6 +114,8 @@ def kernel_table(repeats: int, lm_head: bool, row_counts: list[int]) -> None:
             many = rows >= quant_linear.CPU_DEQUANTIZED_MIN_ROWS
             x = torch.randn(rows, in_f, generator=gen).to(torch.bfloat16)
             cases = [("F.linear bf16", lambda: F.linear(x, w), out_f * in_f * 2)]
+            if cpu_kernels.available() and rows <= cpu_kernels.BF16_MAX_ROWS:  # what BF16DecodeLinear runs
+                cases.append(("glm6b bf16_matmul", lambda: cpu_kernels.bf16_matmul(x, w), out_f * in_f * 2))
             if stock:
                 cases.append(("_weight_int8pack_mm", lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8),
                               out_f * in_f + out_f * 2))

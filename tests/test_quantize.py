@@ -258,6 +258,47 @@ def test_bfloat16_layers_use_glm6b_kernels_on_thudms_bytes(bits, amx, monkeypatc
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("out_features, in_features", [(256, 256), (198, 128)])
+def test_glm6b_bf16_matmul_equals_x_times_weight(out_features, in_features):
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+    for rows in (1, 2, 5):
+        x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
+        want = x.double() @ weight.double().T
+        got = cpu_kernels.bf16_matmul(x, weight)
+        assert got.shape == want.shape and got.dtype == torch.bfloat16
+        error = (got.double() - want).abs()
+        assert (error <= want.abs() * 2 ** -8 + 1e-4 * want.abs().max()).all(), (rows, error.max().item())
+
+
+@needs_cpu_kernels
+def test_bf16_decode_linear_uses_the_kernel_only_for_a_few_rows_without_autograd(monkeypatch):
+    from glm6b.quant.linear import BF16DecodeLinear, use_bf16_decode_kernels
+
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 32, bias=False),
+                                torch.nn.Linear(50, 8)).to(torch.bfloat16)  # 50 inputs: not a multiple of 64
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert use_bf16_decode_kernels(model) == 2
+    assert [type(m) for m in model] == [BF16DecodeLinear, BF16DecodeLinear, torch.nn.Linear]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    calls = []
+    kernel = cpu_kernels.bf16_matmul
+    monkeypatch.setattr(cpu_kernels, "bf16_matmul", lambda x, w: calls.append(tuple(x.shape)) or kernel(x, w))
+    layer = model[0]
+    x = torch.randn(1, 2, 128).to(torch.bfloat16)
+    want = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
+    with torch.no_grad():
+        got = layer(x)
+    assert calls == [(2, 128)] and got.shape == (1, 2, 64)
+    assert (got.double() - want).abs().max() <= 1e-2 * want.abs().max()
+    with torch.no_grad():
+        layer(torch.randn(3, 128).to(torch.bfloat16))  # more rows than BF16_MAX_ROWS: F.linear
+    x.requires_grad_(True)
+    layer(x).sum().backward()  # autograd: F.linear, and gradients flow
+    assert calls == [(2, 128)] and x.grad is not None and layer.weight.grad is not None
+
+
+@needs_cpu_kernels
 def test_cpu_kernel_build_is_cached_and_a_broken_compiler_falls_back(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("GLM6B_KERNEL_CACHE", str(tmp_path / "cache"))
     built = cpu_kernels._build(cpu_kernels._compiler())

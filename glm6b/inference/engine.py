@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 
 from ..model import StaticKVCache, build_mask_and_positions
+from ..quant.linear import use_bf16_decode_kernels
 
 # Slots per row are rounded up to a multiple of this, so that one compiled step serves many lengths.
 SLOT_BUCKET = 128
@@ -160,6 +161,8 @@ class DecodeEngine:
                 self.cache.fill_prefix(model.transformer.prefix_past(batch_size, model.dtype))
             self.positions = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
         self.prefill_chunk_size = prefill_chunk_size
+        if device.type == "cpu" and model.dtype == torch.bfloat16 and not self.compiled:
+            use_bf16_decode_kernels(model)  # one-row bf16 products read memory faster (glm6b.quant.cpu_kernels)
         # Freezing prepacks float weights (faster bf16 steps); with quantized layers it made the step slower
         # (benchmarks/generate.py, 4 int4 layers: 158.5 ms/step frozen, 102.2 not, 100.0 eager), so not there.
         self.frozen = (self.compiled and device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16)

@@ -16,8 +16,12 @@ compiler and the CPU, so a changed file or machine builds anew. Where there is n
 AVX512-BF16, or ``GLM6B_CPU_KERNELS=0``, `available()` is False and glm6b.quant.linear uses PyTorch's ops;
 ``GLM6B_AMX=0`` keeps the kernels but not their AMX path (to compare the two).
 
-The two entry points are PyTorch custom ops (``glm6b::quantized_matmul``, ``glm6b::dequantize_rows``), so a
-compiled decode step keeps them as single calls instead of breaking its graph.
+The same dot products also multiply a bfloat16 weight by one or two rows (``glm6b::bf16_matmul``): about
+1.5x the memory bandwidth of F.linear there, which is what a bfloat16 decode step is bound by (see
+glm6b.quant.linear.BF16DecodeLinear).
+
+The entry points are PyTorch custom ops (``glm6b::quantized_matmul``, ``glm6b::bf16_matmul``,
+``glm6b::dequantize_rows``), so a compiled decode step keeps them as single calls instead of breaking its graph.
 """
 
 from __future__ import annotations
@@ -178,6 +182,39 @@ def _(x, weight, weight_scale, bits, amx=True):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+# Input rows up to which `bf16_matmul` beats F.linear on a bfloat16 weight (memory-bound dot products).
+BF16_MAX_ROWS = 2
+
+
+@torch.library.custom_op("glm6b::bf16_matmul", mutates_args=())
+def bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for a bfloat16 [out, in] weight and a few bfloat16 rows x [rows, in] on the CPU
+    (in a multiple of 64): float32 sums, rounded to bfloat16 once."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("glm6b's CPU kernels are not available here (see glm6b.quant.cpu_kernels)")
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.device.type != "cpu":
+        raise ValueError(f"x must be a CPU bfloat16 [rows, in] tensor, got {x.dtype} {list(x.shape)} on {x.device}")
+    if (weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.shape[1] != x.shape[1]
+            or not weight.is_contiguous() or x.shape[1] % K_MULTIPLE):
+        raise ValueError(f"weight must be a contiguous bfloat16 [out, {x.shape[1]}] tensor (in a multiple of "
+                         f"{K_MULTIPLE}), got {weight.dtype} {list(weight.shape)}")
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16)
+    if x.shape[0] == 0:
+        return out
+    status = library.glm6b_matmul(16, x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), None,
+                                  weight.shape[0], out.data_ptr(), torch.get_num_threads(), 0)
+    if status != 0:
+        raise RuntimeError(f"glm6b_matmul refused x {list(x.shape)}, bfloat16 weight {list(weight.shape)}")
+    return out
+
+
+@bf16_matmul.register_fake
+def _(x, weight):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 @torch.library.custom_op("glm6b::dequantize_rows", mutates_args=("out",))
 def dequantize_rows(weight: torch.Tensor, weight_scale: torch.Tensor, bits: int, out: torch.Tensor) -> None:
     """Write bfloat16(q * weight_scale) of THUDM's int8/int4 rows into `out` (bfloat16 [rows, in], contiguous)."""
@@ -195,4 +232,4 @@ def dequantize_rows(weight: torch.Tensor, weight_scale: torch.Tensor, bits: int,
         raise RuntimeError(f"glm6b_dequantize refused weight {list(weight.shape)}, bits {bits}")
 
 
-__all__ = ["available", "has_amx", "supports", "AMX_MIN_ROWS", "quantized_matmul", "dequantize_rows", "cache_dir", "K_MULTIPLE"]
+__all__ = ["available", "has_amx", "supports", "AMX_MIN_ROWS", "BF16_MAX_ROWS", "bf16_matmul", "quantized_matmul", "dequantize_rows", "cache_dir", "K_MULTIPLE"]

@@ -34,6 +34,10 @@ Otherwise (float32 / float16 input, or no AVX512-BF16):
   only), each checked once per layer against ``x @ dequantize(W).T``; a failing or missing op falls
   back to de-quantizing into the input dtype and ``F.linear``.
 * Anything else: de-quantize (THUDM's formula) into the input dtype, then ``F.linear``.
+
+`BF16DecodeLinear` is the float counterpart for decoding: an nn.Linear whose one- or two-row bfloat16
+products on the CPU run glm6b's dot-product kernel (the decode engine turns a bf16 model's linears into
+it; the lm_head of an int4 / int8 model too).
 """
 
 from __future__ import annotations
@@ -523,6 +527,36 @@ class QuantizedEmbedding(nn.Module):
         return rows.to(self.dtype).view(*input_ids.shape, self.embedding_dim)
 
 
+class BF16DecodeLinear(nn.Linear):
+    """nn.Linear whose product, for a few bfloat16 rows on the CPU outside autograd (a decode step), is
+    glm6b's dot-product kernel (`cpu_kernels.bf16_matmul`: about 1.5x the memory bandwidth of F.linear,
+    which bounds that step); anything else is F.linear. Same parameters and state dict as nn.Linear;
+    `use_bf16_decode_kernels` turns a model's linears into it in place."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        rows = x.numel() // x.shape[-1] if x.dim() else 0
+        if (0 < rows <= cpu_kernels.BF16_MAX_ROWS and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+                and x.device.type == "cpu" and not torch.is_grad_enabled() and type(weight.data) is torch.Tensor
+                and type(x) is torch.Tensor and weight.is_contiguous() and self.in_features % cpu_kernels.K_MULTIPLE == 0):
+            y = cpu_kernels.bf16_matmul(x.reshape(rows, self.in_features), weight).view(*x.shape[:-1], self.out_features)
+            return y + self.bias if self.bias is not None else y
+        return F.linear(x, weight, self.bias)
+
+
+def use_bf16_decode_kernels(model: nn.Module) -> int:
+    """Make the model's plain nn.Linear layers `BF16DecodeLinear` (in place; nothing else changes), where
+    glm6b's CPU kernels run. Returns how many layers use it."""
+    if not cpu_kernels.available():
+        return 0
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear and module.in_features % cpu_kernels.K_MULTIPLE == 0:
+            module.__class__ = BF16DecodeLinear
+        count += type(module) is BF16DecodeLinear
+    return count
+
+
 # ----------------------------------------------------------------------------------- swapping
 
 
@@ -607,4 +641,4 @@ def prepare_kernels(model: nn.Module, device: torch.device | str | None = None,
 
 
 __all__ = ["QuantizedLinear", "QuantizedEmbedding", "quantize_model", "prepare_kernels", "tie_quantized_lm_head",
-           "QUANTIZED_LINEARS"]
+           "QUANTIZED_LINEARS", "BF16DecodeLinear", "use_bf16_decode_kernels"]

@@ -9,6 +9,8 @@
 // is unpacked once into bfloat16 registers and multiplied with every input row (vdpbf16ps, float32
 // sums), so eight rows cost far less than eight times one row: PyTorch's CPU int4 op unpacks per row.
 // The row scale is applied to the float32 sum, and y rounded to bfloat16 once.
+// The same dot products on a bfloat16 weight (bits 16) read it at about 1.5x the bandwidth of
+// PyTorch's F.linear for one or two rows (benchmarks/quantize.py, kernels table): decoding in bfloat16.
 // glm6b_dequantize: rows [N, K] of bfloat16(q * scale), for a prompt's prefill (the float GEMM then
 // does the multiply).
 
@@ -49,7 +51,10 @@ inline __m512i int4_to_bf16_table() {
 // in (see permute_activations): for int4 the even columns, then the odd ones; for int8 the natural order.
 template <int BITS>
 inline void load_weights(const int8_t* row, int64_t chunk, __m512i table, __m512i& first, __m512i& second) {
-    if constexpr (BITS == 4) {
+    if constexpr (BITS == 16) {  // bfloat16 weights: nothing to unpack
+        first = _mm512_loadu_si512(row + chunk * 128);
+        second = _mm512_loadu_si512(row + chunk * 128 + 64);
+    } else if constexpr (BITS == 4) {
         __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(row + chunk * 32)));
         first = _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), table);  // high nibbles: columns 2c
         second = _mm512_permutexvar_epi16(_mm512_and_si512(bytes, _mm512_set1_epi16(0x0F)), table);  // 2c + 1
@@ -72,13 +77,15 @@ void tile(const uint16_t* xp, int64_t K, const int8_t* w, int64_t row_bytes, con
     for (int m = 0; m < MB; ++m)
         for (int t = 0; t < NT; ++t) acc[m][t] = _mm512_setzero_ps();
     const int64_t chunks = K / CHUNK;
-    constexpr int64_t chunk_bytes = BITS == 4 ? 32 : 64;
+    constexpr int64_t chunk_bytes = BITS * CHUNK / 8;
     for (int64_t c = 0; c < chunks; ++c) {
         __m512i first[NT], second[NT];
         for (int t = 0; t < NT; ++t) {
             // The same place in the next tile's rows: the hardware prefetchers follow one stream per row
             // poorly when rows are short (2 KiB), so a decode step read memory at half its bandwidth.
-            if (BITS == 8 || c % 2 == 0) _mm_prefetch((const char*)(w + (NT + t) * row_bytes + c * chunk_bytes), _MM_HINT_T0);
+            const char* ahead = (const char*)(w + (NT + t) * row_bytes + c * chunk_bytes);
+            if (BITS != 4 || c % 2 == 0) _mm_prefetch(ahead, _MM_HINT_T0);
+            if (BITS == 16) _mm_prefetch(ahead + 64, _MM_HINT_T0);
             load_weights<BITS>(w + t * row_bytes, c, table, first[t], second[t]);
         }
         for (int m = 0; m < MB; ++m) {
@@ -93,7 +100,7 @@ void tile(const uint16_t* xp, int64_t K, const int8_t* w, int64_t row_bytes, con
     }
     for (int m = 0; m < MB; ++m)
         for (int t = 0; t < NT; ++t)
-            y[m * N + t] = f32_to_bf16(_mm512_reduce_add_ps(acc[m][t]) * f16_to_f32(scale[t]));
+            y[m * N + t] = f32_to_bf16(_mm512_reduce_add_ps(acc[m][t]) * (BITS == 16 ? 1.0f : f16_to_f32(scale[t])));
 }
 
 // All input rows (in blocks of up to 8) against NT weight rows starting at n.
@@ -104,7 +111,7 @@ void rows_tile(const uint16_t* xp, int64_t M, int64_t K, const int8_t* w, int64_
     for (int64_t m0 = 0; m0 < M; m0 += 8) {
         const uint16_t* x = xp + m0 * K;
         uint16_t* out = y + m0 * N + n;
-        const uint16_t* s = scale + n;
+        const uint16_t* s = BITS == 16 ? nullptr : scale + n;
         switch (M - m0 >= 8 ? 8 : M - m0) {
             case 1: tile<BITS, 1, NT>(x, K, wn, row_bytes, s, out, N, table); break;
             case 2: tile<BITS, 2, NT>(x, K, wn, row_bytes, s, out, N, table); break;
@@ -290,11 +297,13 @@ int64_t amx_matmul(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, con
 template <int BITS>
 void matmul(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale, int64_t N,
             uint16_t* y, int threads, bool use_amx) {
-    const int64_t row_bytes = BITS == 4 ? K / 2 : K;
+    const int64_t row_bytes = K * BITS / 8;
     int64_t first_row = 0;  // rows before this one are done by AMX
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (use_amx && amx_ready()) first_row = amx_matmul<BITS>(x, M, K, w, scale, N, y, threads);
-    if (first_row == N) return;
+    if constexpr (BITS != 16) {
+        if (use_amx && amx_ready()) first_row = amx_matmul<BITS>(x, M, K, w, scale, N, y, threads);
+        if (first_row == N) return;
+    }
 #endif
     const uint16_t* xp = x;
     uint16_t* permuted = nullptr;
@@ -358,12 +367,14 @@ int glm6b_cpu_kernels_amx(void) {
 #endif
 }
 
-// x: bfloat16 [M, K]; w: THUDM's int4 [N, K / 2] or int8 [N, K]; scale: float16 [N]; y: bfloat16 [M, N].
-// K must be a multiple of 64. Returns 0, or -1 for arguments it does not take.
+// x: bfloat16 [M, K]; w: THUDM's int4 [N, K / 2] or int8 [N, K] with scale: float16 [N], or (bits 16) a
+// bfloat16 [N, K] weight and no scale; y: bfloat16 [M, N]. K must be a multiple of 64. Returns 0, or -1
+// for arguments it does not take.
 int glm6b_matmul(int bits, const void* x, int64_t M, int64_t K, const void* w, const void* scale, int64_t N,
                  void* y, int threads, int use_amx) {
     if (K % CHUNK || M < 1 || N < 1 || threads < 1) return -1;
-    if (bits == 4) matmul<4>((const uint16_t*)x, M, K, (const int8_t*)w, (const uint16_t*)scale, N, (uint16_t*)y, threads, use_amx);
+    if (bits == 16) matmul<16>((const uint16_t*)x, M, K, (const int8_t*)w, nullptr, N, (uint16_t*)y, threads, false);
+    else if (bits == 4) matmul<4>((const uint16_t*)x, M, K, (const int8_t*)w, (const uint16_t*)scale, N, (uint16_t*)y, threads, use_amx);
     else if (bits == 8) matmul<8>((const uint16_t*)x, M, K, (const int8_t*)w, (const uint16_t*)scale, N, (uint16_t*)y, threads, use_amx);
     else return -1;
     return 0;
