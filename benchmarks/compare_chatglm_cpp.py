@@ -54,12 +54,14 @@ What it does:
    - glm6b: `glm6b.load_model(folder, dtype=torch.bfloat16)` of those folders, then the decode
      engine (glm6b.inference.engine.DecodeEngine) where it exists, else the model's forward with
      a KVCache (as benchmarks/generate.py). Also batch 1 vs batch 8 decode tokens/s for int4, and
-     the load time of the folder next to the time to read its weight files once (read first).
+     the load time of the folder next to the time to read its weight files once (read first), and
+     again into fresh memory of each file's size (page cache then warm): the floor for any loader
+     that copies the bytes into memory of its own.
    A glm6b precision it cannot load yet (no `quantize=`) is reported as n/a (null in the JSON).
 
 Output: a markdown table; `--json FILE` writes
     {"threads", "layers", "build", "rows": [{"glm6b", "chatglm_cpp", "decode_ms_per_token",
-     "prefill_tokens_per_s", "peak_rss_gb", "load_s", "read_bytes_s", ...}], "batch": [...]}
+     "prefill_tokens_per_s", "peak_rss_gb", "load_s", "read_bytes_s", "read_fresh_s", ...}], "batch": [...]}
 with each measurement as {"glm6b": value, "chatglm_cpp": value} (medians over rounds; peak RSS
 is the maximum). The machine's speed drifts between runs: compare numbers within one run only.
 """
@@ -68,6 +70,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import random
 import shutil
@@ -120,13 +123,26 @@ def weight_files(folder: Path) -> list[Path]:
                   if p.is_file() and (p.suffix == ".safetensors" or (p.suffix == ".bin" and "model" in p.name)))
 
 
-def read_bytes_seconds(paths: list[Path]) -> tuple[float, int]:
-    """Time to read the files once, start to end (like `cat files > /dev/null`)."""
+def read_bytes_seconds(paths: list[Path], fresh: bool = False) -> tuple[float, int]:
+    """Time to read the files once, start to end: into one reused 16 MiB buffer (like `cat files >
+    /dev/null`), or with `fresh` each file into new memory of its size, which a loader has to fill too
+    (its first write to every page is a page fault)."""
     total = 0
     start = time.perf_counter()
     buf = bytearray(16 << 20)
     for path in paths:
         with open(path, "rb", buffering=0) as f:
+            if fresh:  # new anonymous memory (not zero-filled up front, as bytearray would be), in huge
+                buf = mmap.mmap(-1, os.fstat(f.fileno()).st_size)  # pages where offered, as glm6b's loader asks
+                if hasattr(mmap, "MADV_HUGEPAGE"):
+                    buf.madvise(mmap.MADV_HUGEPAGE)
+                view = memoryview(buf)
+                while view and (n := f.readinto(view)):
+                    total += n
+                    view = view[n:]
+                view.release()
+                buf.close()
+                continue
             while n := f.readinto(buf):
                 total += n
     return time.perf_counter() - start, total
@@ -257,6 +273,7 @@ def worker_glm6b(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     folder = Path(spec["folder"])
     read_s, nbytes = read_bytes_seconds(weight_files(folder))
+    read_fresh_s, _ = read_bytes_seconds(weight_files(folder), fresh=True)  # the page cache is warm now
     kwargs = {"dtype": torch.bfloat16}
     if spec["quantize"]:
         bits, embeddings = spec["quantize"]
@@ -274,7 +291,8 @@ def worker_glm6b(spec: dict) -> dict:
     glm6b_time_generation(model, prompt, spec["warmup_tokens"], capacity)  # warm-up (and compile), not timed
     prefill_s, decode_s, how = glm6b_time_generation(model, prompt, spec["new_tokens"], capacity)
     steps = spec["new_tokens"] - 1
-    result = {"status": "ok", "how": how, "load_s": load_s, "read_bytes_s": read_s, "weight_bytes": nbytes,
+    result = {"status": "ok", "how": how, "load_s": load_s, "read_bytes_s": read_s, "read_fresh_s": read_fresh_s,
+              "weight_bytes": nbytes,
               "prefill_tokens_per_s": prompt.shape[1] / prefill_s, "decode_ms_per_token": 1000 * decode_s / steps,
               "peak_rss_gb": peak_rss_gb(), "threads": torch.get_num_threads(), "batch": []}
     for batch in spec.get("batch_sizes") or []:
@@ -579,7 +597,8 @@ def main() -> None:
                 else:
                     print(f"  prefill {res['prefill_tokens_per_s']:.1f} tok/s, decode "
                           f"{res['decode_ms_per_token']:.1f} ms/token, peak RSS {res['peak_rss_gb']:.2f} GB, "
-                          f"load {res['load_s']:.1f} s (reading the bytes: {res['read_bytes_s']:.1f} s)"
+                          f"load {res['load_s']:.1f} s (reading the bytes: {res['read_bytes_s']:.1f} s"
+                          + (f", into fresh memory {res['read_fresh_s']:.1f} s)" if "read_fresh_s" in res else ")")
                           + (f" [{res['how']}]" if "how" in res else ""), flush=True)
                     if res.get("batch"):
                         batch_results = res["batch"]
@@ -590,7 +609,7 @@ def main() -> None:
         row = {"glm6b": glm_name, "chatglm_cpp": cpp_type}
         for key, combine in (("decode_ms_per_token", median_or_none), ("prefill_tokens_per_s", median_or_none),
                              ("peak_rss_gb", max_or_none), ("load_s", median_or_none),
-                             ("read_bytes_s", median_or_none)):
+                             ("read_bytes_s", median_or_none), ("read_fresh_s", median_or_none)):
             row[key] = {engine: combine([r.get(key) for r in results if r.get("status") == "ok"])
                         for engine, results in by_engine.items()}
         notes = [f"{engine}: {r.get('reason')}" for engine, results in by_engine.items() for r in results
@@ -615,14 +634,15 @@ def main() -> None:
         print(f"chatglm.cpp build: {recorded}")
     print(f"ggml reports: {build.get('ggml_cpu_has')}\n")
     print("| glm6b | chatglm.cpp | decode ms/token glm6b | decode ms/token chatglm.cpp | prefill tok/s glm6b | "
-          "prefill tok/s chatglm.cpp | peak RSS GB glm6b | peak RSS GB chatglm.cpp | glm6b load s / read s |")
+          "prefill tok/s chatglm.cpp | peak RSS GB glm6b | peak RSS GB chatglm.cpp | "
+          "glm6b load s / read s / read fresh s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        d, p, m, ld, rd = (row[k] for k in ("decode_ms_per_token", "prefill_tokens_per_s", "peak_rss_gb",
-                                             "load_s", "read_bytes_s"))
+        d, p, m, ld, rd, rf = (row.get(k, {}) for k in ("decode_ms_per_token", "prefill_tokens_per_s", "peak_rss_gb",
+                                                         "load_s", "read_bytes_s", "read_fresh_s"))
         print(f"| {row['glm6b']} | {row['chatglm_cpp']} | {fmt(d['glm6b'])} | {fmt(d['chatglm_cpp'])} | "
               f"{fmt(p['glm6b'])} | {fmt(p['chatglm_cpp'])} | {fmt(m['glm6b'], 2)} | {fmt(m['chatglm_cpp'], 2)} | "
-              f"{fmt(ld['glm6b'], 2)} / {fmt(rd['glm6b'], 2)} |")
+              f"{fmt(ld['glm6b'], 2)} / {fmt(rd['glm6b'], 2)} / {fmt(rf.get('glm6b'), 2)} |")
     if batch:
         print("\n| glm6b int4 batch | decode tokens/s |\n|---|---|")
         for b in batch:
