@@ -597,6 +597,18 @@ def _mapped_rss_kib(path: Path) -> int:
     return total
 
 
+def test_fresh_copies_own_their_memory_and_cast():
+    """Loaded tensors are copies (in huge pages from 4 MiB on), never views of the file's tensors."""
+    from glm6b.checkpoint.hf import _fresh_copy
+
+    for source in (torch.arange(100, dtype=torch.float16), torch.randn(3 << 20, dtype=torch.float16)):  # 200 B, 6 MiB
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            copy = _fresh_copy(source, torch.device("cpu"), dtype)
+            assert copy.dtype == dtype and copy.shape == source.shape
+            assert copy.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()
+            assert torch.equal(copy, source.to(dtype))
+
+
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc/self/smaps (Linux)")
 @pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
 def test_loading_releases_the_mapped_file_pages_it_copied(tmp_path, suffix):

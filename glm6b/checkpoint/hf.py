@@ -386,8 +386,8 @@ _HUGE_PAGE = 2 << 20
 def _fresh_copy(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """`tensor` copied into new memory of `dtype` on `device`. On the CPU, the 2 MiB-aligned part of a large
     copy is first marked for transparent huge pages (madvise MADV_HUGEPAGE, where the kernel offers it):
-    writing fresh memory costs a page fault per page, and with 2 MiB pages the copies of the 28-layer
-    int4 folder's tensors took about 0.6 of the time (benchmarks/quantize.py, load table)."""
+    writing fresh memory costs a page fault per page, and with 2 MiB pages the int4 / int8 loads took
+    about two thirds of the time (benchmarks/quantize.py, load table)."""
     if device.type != "cpu" or tensor.numel() * dtype.itemsize < 2 * _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return tensor.to(device=device, dtype=dtype, copy=True)
     out = torch.empty(tensor.shape, dtype=dtype, device=device)
