@@ -30,7 +30,8 @@ products are the same kernel calls either way), while the 28-layer step compiles
 size and cache length: so compiling is not the CPU default; tiny test models run eagerly unless asked. Compiled steps are cached by torch per (model, batch size,
 slots); slots are rounded up to a multiple of `SLOT_BUCKET` so that prompts of different lengths
 share a graph. Low-precision float weights on the CPU are compiled with inductor freezing, which
-prepacks the weights for the CPU's matrix kernels (not for quantized models, where it was slower); a frozen step holds a copy of the weights, so
+prepacks the weights for the CPU's matrix kernels (not for quantized models, where it was slower);
+a frozen step holds a copy of the weights, so
 it is rebuilt (with torch._dynamo.reset()) when the model's parameters have changed in place since
 (an optimizer step between two evaluations, a LoRA merge).
 """

@@ -1,7 +1,7 @@
 """glm6b's own CPU kernels for THUDM's int4/int8 layers with bfloat16 activations (csrc/cpu_kernels.cpp).
 
 Why not only PyTorch's: ``aten._weight_int4pack_mm_for_cpu`` unpacks the weight again for every input
-row, so a decode step of 8 rows costs about 3x one row (benchmarks/quantize.py, kernels table), and it
+row, so a decode step of 8 rows costs about 4x one row (benchmarks/quantize.py, kernels table), and it
 needs the weight in its own byte order (built at the first forward). These kernels read THUDM's bytes as
 they are and unpack each weight block once for all rows (AVX512-BF16 dot products, float32 sums).
 
@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 K_MULTIPLE = 64  # the kernels take in_features that are a multiple of this
-# Input rows from which the AMX path (where the CPU has it) is used: below, the AVX512-BF16 dot products
-# are faster (one row: about 2.2 against 3.1 ms for a 16384 x 4096 int4 matrix; benchmarks/quantize.py).
+# Input rows from which the AMX path (where the CPU has it) is used: for one or two rows the AVX512-BF16
+# dot products were faster when the kernels were tuned (they unpack a chunk with fewer instructions).
 AMX_MIN_ROWS = 3
 
 _build_lock = threading.Lock()
