@@ -24,10 +24,11 @@ and the results are those of one pass (the reference's, padding positions includ
 
 Compilation (`compile="auto"`, the default) is on for CUDA models and off on the CPU; True or
 False force it either way (per call, or per model with glm6b.load_model(compile=...)). On a quiet
-2-core CPU (benchmarks/generate.py) the compiled step of two glm_6b-width layers in bf16 was 14 %
-faster than eager after a 27 s cold compile (9 s warm), and with int4 weights no faster (the int4
-products are the same kernel calls either way), while the 28-layer step compiles for minutes per batch
-size and cache length: so compiling is not the CPU default; tiny test models run eagerly unless asked. Compiled steps are cached by torch per (model, batch size,
+2-core CPU (benchmarks/generate.py) the compiled step of two glm_6b-width layers in bf16 was as fast
+as the eager one (53.2 against 53.0 ms/step; eager runs its one-row products on glm6b's kernels, see
+glm6b.quant.linear.BF16DecodeLinear) after a 21 s cold compile, and with int4 weights no faster,
+while the 28-layer step compiles for minutes per batch size and cache length: so compiling is not the
+CPU default; tiny test models run eagerly unless asked. Compiled steps are cached by torch per (model, batch size,
 slots); slots are rounded up to a multiple of `SLOT_BUCKET` so that prompts of different lengths
 share a graph. Low-precision float weights on the CPU are compiled with inductor freezing, which
 prepacks the weights for the CPU's matrix kernels (not for quantized models, where it was slower);
