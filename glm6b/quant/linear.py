@@ -231,16 +231,25 @@ def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
     return buffer[:numel]
 
 
-def _int8_dequantized_mm(x2d: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x2d @ (weight * scale).T for an int8 [out, in] weight, a block of output rows at a time."""
-    out_features, in_features = weight.shape
+def _dequantized_blocks_mm(x2d: torch.Tensor, out_features: int, fill_block) -> torch.Tensor:
+    """x2d @ W.T, with W de-quantized `CPU_DEQUANTIZED_BLOCK_ROWS` output rows at a time into a reused
+    buffer by ``fill_block(start, end, block)`` (block: [end - start, in] in the input dtype)."""
+    in_features = x2d.shape[1]
     out = torch.empty(x2d.shape[0], out_features, dtype=x2d.dtype)
     for start in range(0, out_features, CPU_DEQUANTIZED_BLOCK_ROWS):
         end = min(start + CPU_DEQUANTIZED_BLOCK_ROWS, out_features)
         block = _scratch((end - start) * in_features, x2d.dtype).view(end - start, in_features)
-        block.copy_(weight[start:end]).mul_(scale[start:end, None])
+        fill_block(start, end, block)
         out[:, start:end] = F.linear(x2d, block)
     return out
+
+
+def _int8_dequantized_mm(x2d: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x2d @ (weight * scale).T for an int8 [out, in] weight, a block of output rows at a time."""
+    def fill(start, end, block):
+        block.copy_(weight[start:end]).mul_(scale[start:end, None])
+
+    return _dequantized_blocks_mm(x2d, weight.shape[0], fill)
 
 
 def _int4_blocked_dequantized_mm(x2d: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -378,17 +387,17 @@ class QuantizedLinear(nn.Module):
         self._kernel_of = (self.weight, self.weight_scale)
 
     def _build_kernel(self, device: torch.device, dtype: torch.dtype) -> tuple:
-        if device.type == "cpu" and cpu_kernels.supports(self.bits, self.in_features, dtype):
-            if self._in_place:  # converted for the stock int4 op earlier: give the weight back THUDM's bytes
-                self.weight.copy_(self.thudm_weight())
-                self.__dict__["_in_place_of"] = None
-                _return_freed_heap()
-            return ("glm6b_cpu", cpu_kernels.has_amx())
-        cpu_int4 = (device.type == "cpu" and dtype in _CPU_DTYPES and self.bits == 4
+        own = device.type == "cpu" and cpu_kernels.supports(self.bits, self.in_features, dtype)
+        cpu_int4 = (not own and device.type == "cpu" and dtype in _CPU_DTYPES and self.bits == 4
                     and _cpu_int4_group(self.in_features) and self.out_features % 16 == 0)
-        if self._in_place and not cpu_int4:  # e.g. moved to CUDA: give the weight back THUDM's byte order
+        # Only the stock CPU int4 op reads the in-place layout: for any other kernel (glm6b's, which reads
+        # THUDM's bytes, or after a move to CUDA) give the weight back THUDM's byte order.
+        if self._in_place and not cpu_int4:
             self.weight.copy_(self.thudm_weight())
             self.__dict__["_in_place_of"] = None
+            _return_freed_heap()
+        if own:
+            return ("glm6b_cpu", cpu_kernels.has_amx())
         if cpu_int4:
             return self._build_cpu_int4(dtype)
         if device.type == "cpu" and dtype in _CPU_DTYPES and self.bits == 8:
@@ -451,13 +460,10 @@ class QuantizedLinear(nn.Module):
                 return cpu_kernels.quantized_matmul(x2d, self.weight, self.weight_scale, 8, amx)
             return torch.ops.aten._weight_int8pack_mm(x2d, self.weight, self.weight_scale.to(x2d.dtype))
         # A prefill: blocks of de-quantized weight and the float GEMM.
-        out = torch.empty(rows, self.out_features, dtype=x2d.dtype)
-        for start in range(0, self.out_features, CPU_DEQUANTIZED_BLOCK_ROWS):
-            end = min(start + CPU_DEQUANTIZED_BLOCK_ROWS, self.out_features)
-            block = _scratch((end - start) * self.in_features, x2d.dtype).view(end - start, self.in_features)
+        def fill(start, end, block):
             cpu_kernels.dequantize_rows(self.weight[start:end], self.weight_scale[start:end], self.bits, block)
-            out[:, start:end] = F.linear(x2d, block)
-        return out
+
+        return _dequantized_blocks_mm(x2d, self.out_features, fill)
 
     def _run_kernel(self, kernel: tuple, x2d: torch.Tensor) -> torch.Tensor:
         kind = kernel[0]
