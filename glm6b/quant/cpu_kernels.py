@@ -137,6 +137,18 @@ def supports(bits: int, in_features: int, dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and bits in (4, 8) and in_features % K_MULTIPLE == 0 and available()
 
 
+def _loaded_library() -> ctypes.CDLL:
+    library = _library()
+    if library is None:
+        raise RuntimeError("glm6b's CPU kernels are not available here (see glm6b.quant.cpu_kernels)")
+    return library
+
+
+def _check_rows(x: torch.Tensor) -> None:
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.device.type != "cpu":
+        raise ValueError(f"x must be a CPU bfloat16 [rows, in] tensor, got {x.dtype} {list(x.shape)} on {x.device}")
+
+
 def _check(weight: torch.Tensor, weight_scale: torch.Tensor, bits: int, in_features: int) -> None:
     expected_cols = in_features // 2 if bits == 4 else in_features
     if weight.dtype != torch.int8 or weight.dim() != 2 or weight.shape[1] != expected_cols or not weight.is_contiguous():
@@ -158,11 +170,8 @@ def quantized_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     the sum and the result rounded to bfloat16 once. From `AMX_MIN_ROWS` rows on, AMX tiles where
     `has_amx()` (and `amx`); otherwise AVX512-BF16 dot products.
     """
-    library = _library()
-    if library is None:
-        raise RuntimeError("glm6b's CPU kernels are not available here (see glm6b.quant.cpu_kernels)")
-    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.device.type != "cpu":
-        raise ValueError(f"x must be a CPU bfloat16 [rows, in] tensor, got {x.dtype} {list(x.shape)} on {x.device}")
+    library = _loaded_library()
+    _check_rows(x)
     in_features = x.shape[1]
     _check(weight, weight_scale, bits, in_features)
     x = x.contiguous()
@@ -190,11 +199,8 @@ BF16_MAX_ROWS = 2
 def bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` for a bfloat16 [out, in] weight and a few bfloat16 rows x [rows, in] on the CPU
     (in a multiple of 64): float32 sums, rounded to bfloat16 once."""
-    library = _library()
-    if library is None:
-        raise RuntimeError("glm6b's CPU kernels are not available here (see glm6b.quant.cpu_kernels)")
-    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.device.type != "cpu":
-        raise ValueError(f"x must be a CPU bfloat16 [rows, in] tensor, got {x.dtype} {list(x.shape)} on {x.device}")
+    library = _loaded_library()
+    _check_rows(x)
     if (weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.shape[1] != x.shape[1]
             or not weight.is_contiguous() or x.shape[1] % K_MULTIPLE):
         raise ValueError(f"weight must be a contiguous bfloat16 [out, {x.shape[1]}] tensor (in a multiple of "
@@ -218,9 +224,7 @@ def _(x, weight):
 @torch.library.custom_op("glm6b::dequantize_rows", mutates_args=("out",))
 def dequantize_rows(weight: torch.Tensor, weight_scale: torch.Tensor, bits: int, out: torch.Tensor) -> None:
     """Write bfloat16(q * weight_scale) of THUDM's int8/int4 rows into `out` (bfloat16 [rows, in], contiguous)."""
-    library = _library()
-    if library is None:
-        raise RuntimeError("glm6b's CPU kernels are not available here (see glm6b.quant.cpu_kernels)")
+    library = _loaded_library()
     in_features = out.shape[1]
     _check(weight, weight_scale, bits, in_features)
     if out.dtype != torch.bfloat16 or out.shape[0] != weight.shape[0] or not out.is_contiguous():
