@@ -278,7 +278,7 @@ def check_device(device: torch.device | str | None) -> torch.device:
     return resolved
 
 
-def _resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
+def _resolve_device_dtype(device, dtype, quantized: bool = False) -> tuple[torch.device, torch.dtype]:
     device = check_device(device)
     if isinstance(dtype, str):
         name = dtype.removeprefix("torch.")
@@ -288,6 +288,10 @@ def _resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
     if dtype is None:
         if device.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        elif quantized and cpu_kernels.available():
+            # A quantized model on the CPU runs fastest with bfloat16 activations (glm6b's own int4/int8
+            # kernels), whose embeddings also take half the memory of float32 ones.
+            dtype = torch.bfloat16
         else:
             dtype = torch.float32
     if not dtype.is_floating_point:
@@ -599,11 +603,8 @@ def load_model(
         files = find_weight_files(folder)
         config = ChatGLMConfig.from_json_file(folder / CONFIG_NAME)
     rename = mindspore.to_hf_name_or_same if is_ckpt else (lambda name: name)
-    if dtype is None and check_device(device).type == "cpu" and (config.quantization_bit or _quantize_bits(quantize)):
-        # A quantized model on the CPU runs fastest with bfloat16 activations (glm6b's own int4/int8
-        # kernels), whose embeddings also take half the memory of float32 ones.
-        dtype = torch.bfloat16 if cpu_kernels.available() else torch.float32
-    device, dtype = _resolve_device_dtype(device, dtype)
+    quantized = bool(config.quantization_bit or _quantize_bits(quantize))
+    device, dtype = _resolve_device_dtype(device, dtype, quantized)
 
     ptuning_weights = None
     fresh_prefix_allowed = pre_seq_len is not None and ptuning_checkpoint is None
