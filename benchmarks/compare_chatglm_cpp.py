@@ -129,22 +129,25 @@ def read_bytes_seconds(paths: list[Path], fresh: bool = False) -> tuple[float, i
     (its first write to every page is a page fault)."""
     total = 0
     start = time.perf_counter()
-    buf = bytearray(16 << 20)
+    reused = None if fresh else memoryview(bytearray(16 << 20))
     for path in paths:
         with open(path, "rb", buffering=0) as f:
-            if fresh:  # new anonymous memory (not zero-filled up front, as bytearray would be), in huge
-                buf = mmap.mmap(-1, os.fstat(f.fileno()).st_size)  # pages where offered, as glm6b's loader asks
+            size = os.fstat(f.fileno()).st_size
+            if fresh and size:
+                # new anonymous memory (not zero-filled up front, as a bytearray would be), in huge pages
+                # where the kernel offers them, as glm6b's loader asks for
+                fresh_memory = mmap.mmap(-1, size)
                 if hasattr(mmap, "MADV_HUGEPAGE"):
-                    buf.madvise(mmap.MADV_HUGEPAGE)
-                view = memoryview(buf)
+                    fresh_memory.madvise(mmap.MADV_HUGEPAGE)
+                view = memoryview(fresh_memory)
                 while view and (n := f.readinto(view)):
                     total += n
                     view = view[n:]
                 view.release()
-                buf.close()
-                continue
-            while n := f.readinto(buf):
-                total += n
+                fresh_memory.close()
+            elif not fresh:
+                while n := f.readinto(reused):
+                    total += n
     return time.perf_counter() - start, total
 
 

@@ -28,13 +28,13 @@ False force it either way (per call, or per model with glm6b.load_model(compile=
 as the eager one (53.2 against 53.0 ms/step; eager runs its one-row products on glm6b's kernels, see
 glm6b.quant.linear.BF16DecodeLinear) after a 21 s cold compile, and with int4 weights no faster,
 while the 28-layer step compiles for minutes per batch size and cache length: so compiling is not the
-CPU default; tiny test models run eagerly unless asked. Compiled steps are cached by torch per (model, batch size,
-slots); slots are rounded up to a multiple of `SLOT_BUCKET` so that prompts of different lengths
-share a graph. Low-precision float weights on the CPU are compiled with inductor freezing, which
-prepacks the weights for the CPU's matrix kernels (not for quantized models, where it was slower);
-a frozen step holds a copy of the weights, so
-it is rebuilt (with torch._dynamo.reset()) when the model's parameters have changed in place since
-(an optimizer step between two evaluations, a LoRA merge).
+CPU default; tiny test models run eagerly unless asked. Compiled steps are cached by torch per
+(model, batch size, slots); slots are rounded up to a multiple of `SLOT_BUCKET` so that prompts of
+different lengths share a graph. Low-precision float weights on the CPU are compiled with inductor
+freezing, which prepacks the weights for the CPU's matrix kernels (not for quantized models, where it
+was slower); a frozen step holds a copy of the weights, so it is rebuilt (with torch._dynamo.reset())
+when the model's parameters have changed in place since (an optimizer step between two evaluations,
+a LoRA merge).
 """
 
 from __future__ import annotations
