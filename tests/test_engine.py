@@ -178,6 +178,37 @@ def test_compiled_step_golden_and_no_recompiles(model, tok):
     assert counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.slow
+def test_compiled_step_writes_the_cache_in_place(model, tok):
+    """The compiled step writes each row's new keys/values into the cache without copying the cache:
+    no buffer in inductor's code is as large as a layer's keys (a copy of the cache per layer and
+    step would make a step's time grow with the cache's length, not the tokens in it)."""
+    import math
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    batch = tok(BATCH["texts"], padding=True, return_tensors="pt")
+    engine = DecodeEngine(model, 3, 256, compile=True)
+    reference = DecodeEngine(model, 3, 256, compile=False)
+    tokens = [e.prefill(batch["input_ids"], batch["attention_mask"], batch["position_ids"]).argmax(-1)
+              for e in (engine, reference)][0]
+    logits, codes = run_and_get_code(engine.decode, tokens)
+    torch._dynamo.reset()
+    shapes = [tuple(int(n) for n in re.findall(r"\d+", match))
+              for code in codes for match in re.findall(r"empty_strided_cpu\(\(([\d, ]*)\)", code)]
+    assert shapes, "no buffers found in inductor's code (has its format changed?)"
+    layer_keys = engine.cache.keys[0]
+    assert max(math.prod(shape) for shape in shapes) < layer_keys.numel(), shapes
+    # ... and the writes land in the engine's cache: the step and the next one are the eager ones'.
+    assert_close_rel(logits, reference.decode(tokens), what="compiled step")
+    for layer in range(model.config.num_layers):
+        assert_close_rel(engine.cache.keys[layer], reference.cache.keys[layer], what="keys")
+    next_tokens = logits.argmax(-1)
+    assert_close_rel(engine.decode(next_tokens), reference.decode(next_tokens), what="next step")
+
+
 @pytest.mark.cuda
 def test_cuda_compiled_equals_eager_bf16(tok):
     if not torch.cuda.is_available():

@@ -457,9 +457,7 @@ class Scheduler:
         else:
             # Eager: attend over the slots in use only (rounded up), not all max_length of them.
             slots = min(engine.max_length, -(-(max(row.filled for row in rows) + 1) // SLOT_ROUNDING) * SLOT_ROUNDING)
-            view = engine.cache.rows(slice(0, count))
-            view.keys, view.values = view.keys[:, :, :, :slots], view.values[:, :, :, :slots]
-            view.visible = view.visible[:, :slots]
+            view = engine.cache.rows(slice(0, count), slots=slots)
             logits = decode_step(self.model, view, tokens.to(self.model.device), engine.positions[:count])
         for row in rows:
             row.filled += 1

@@ -106,33 +106,31 @@ class StaticKVCache:
                  dtype: torch.dtype, device: torch.device | str):
         shape = (config.num_layers, batch_size, config.num_attention_heads, max_length, config.head_dim)
         # Zeros, not empty: masked slots still enter the attention product (weight 0 times a NaN is NaN).
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, nh, S, d]
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
-        self.visible = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)  # [B, S]
+        self._set_tensors(torch.zeros(shape, dtype=dtype, device=device),  # keys [L, B, nh, S, d]
+                          torch.zeros(shape, dtype=dtype, device=device),  # values
+                          torch.zeros(batch_size, dtype=torch.long, device=device),  # lengths [B]
+                          torch.zeros(batch_size, max_length, dtype=torch.bool, device=device))  # visible [B, S]
         self.prefix_length = 0
 
-    @classmethod
-    def _view(cls, keys, values, lengths, visible, prefix_length) -> StaticKVCache:
-        view = cls.__new__(cls)
-        view.keys, view.values, view.lengths, view.visible = keys, values, lengths, visible
-        view.prefix_length = prefix_length
-        return view
+    def _set_tensors(self, keys, values, lengths, visible) -> None:
+        self.keys, self.values, self.lengths, self.visible = keys, values, lengths, visible
+        # A decode step writes through per-layer views: a compiled step that wrote through the
+        # [L, ...] tensor would copy each layer's whole cache every step (inductor does not do an
+        # index_put on a view of a graph input in place; on a whole input it does).
+        self.layer_keys, self.layer_values = keys.unbind(0), values.unbind(0)
+        # Plain ints, so that a compiled step reads no shape of the [L, ...] tensors.
+        self.batch_size, self.max_length = keys.shape[1], keys.shape[3]
 
-    @property
-    def batch_size(self) -> int:
-        return self.keys.shape[1]
-
-    @property
-    def max_length(self) -> int:
-        return self.keys.shape[3]
-
-    def rows(self, rows: slice | int) -> StaticKVCache:
-        """A cache over some rows that shares this one's storage (writes go to the same tensors)."""
+    def rows(self, rows: slice | int, slots: int | None = None) -> StaticKVCache:
+        """A cache over some rows (and, given `slots`, only their first slots) that shares this one's
+        storage (writes go to the same tensors)."""
         if isinstance(rows, int):
             rows = slice(rows, rows + 1)
-        return StaticKVCache._view(self.keys[:, rows], self.values[:, rows], self.lengths[rows],
-                                   self.visible[rows], self.prefix_length)
+        view = StaticKVCache.__new__(StaticKVCache)
+        view._set_tensors(self.keys[:, rows, :, :slots], self.values[:, rows, :, :slots], self.lengths[rows],
+                          self.visible[rows, :slots])
+        view.prefix_length = self.prefix_length
+        return view
 
     def reset_rows(self, rows: slice | int | torch.Tensor | None = None) -> None:
         """Empty rows (all by default), keeping the P-tuning prefix; the other rows are untouched."""
@@ -161,7 +159,7 @@ class StaticKVCache:
             input_pos: an int s (slots [s, s + T) of every row; returns slots [0, s + T)), or a
                 [B] int64 tensor with T = 1 (slot input_pos[b] of row b; returns all S slots).
         """
-        keys, values = self.keys[layer], self.values[layer]  # [B, nh, S, d]
+        keys, values = self.layer_keys[layer], self.layer_values[layer]  # [B, nh, S, d]
         if isinstance(input_pos, int):
             end = input_pos + k.shape[2]
             if end > self.max_length:
@@ -179,7 +177,7 @@ class StaticKVCache:
 
     def update_range(self, layer: int, end: int):
         """The keys/values of slots [0, end) of a layer, [B, nh, end, d] (after a chunked prefill)."""
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        return self.layer_keys[layer][:, :, :end], self.layer_values[layer][:, :, :end]
 
     def record_prompt(self, start: int, visible: torch.Tensor) -> None:
         """After prefilling T tokens at slots [start, start + T): which of them later tokens see.
