@@ -6,8 +6,10 @@ needs the weight in its own byte order (built at the first forward). These kerne
 they are and unpack each weight block once for all rows (AVX512-BF16 dot products, float32 sums).
 
 With AMX (Intel Xeon 4th generation on), weight blocks are unpacked into 16 x 32 bfloat16 tiles and
-multiplied with tile instructions: 8 or 16 rows then cost about what one row does, and a 100-row prefill
-is faster than with a bfloat16 weight (fewer bytes to read).
+multiplied with tile instructions: 8 or 16 rows then cost about what one row does. For more rows (a
+prefill) a slice of 256 weight rows is unpacked once into a buffer that stays in cache and multiplied
+with every input row from there: 100 to 1024 rows run about as fast as PyTorch's GEMM on a bfloat16
+weight, or faster (benchmarks/quantize.py, kernels table).
 
 The source is compiled on first use with the system C++ compiler for the CPU it runs on
 (``-O3 -march=native -fopenmp``; OpenMP is the runtime PyTorch already loaded) into

@@ -11,10 +11,11 @@ Kernels (chosen at the first forward for the input's device and dtype, see `Quan
 
 * CPU, bfloat16 input, where glm6b's own kernels build (glm6b.quant.cpu_kernels: AVX512-BF16, and AMX
   tiles where the CPU has them): they read THUDM's bytes as they are, with no copy and nothing built at
-  the first forward, and unpack each weight block once for all input rows. Exceptions, measured with
-  benchmarks/quantize.py: int8 below `cpu_kernels.AMX_MIN_ROWS` rows (or without AMX) keeps the stock op
-  below, as fast for one row; a prefill (`CPU_DEQUANTIZED_MIN_ROWS` rows or more) in int8, or in int4
-  without AMX, multiplies blocks de-quantized by the kernels with the float GEMM.
+  the first forward, and unpack each weight block once for all input rows (with AMX, a prefill's too:
+  as fast as a bfloat16 weight's GEMM or faster). Exceptions, measured with benchmarks/quantize.py:
+  int8 below `cpu_kernels.AMX_MIN_ROWS` rows (or without AMX) keeps the stock op below, as fast for one
+  row; without AMX, a prefill (`CPU_DEQUANTIZED_MIN_ROWS` rows or more) multiplies blocks de-quantized
+  by the kernels with the float GEMM.
 
 Otherwise (float32 / float16 input, or no AVX512-BF16):
 
@@ -452,14 +453,13 @@ class QuantizedLinear(nn.Module):
         """glm6b's own kernels where they are faster (benchmarks/quantize.py, kernels table)."""
         rows = x2d.shape[0]
         many = rows >= CPU_DEQUANTIZED_MIN_ROWS
-        if self.bits == 4:
-            if amx or not many:
+        if amx and (self.bits == 4 or rows >= cpu_kernels.AMX_MIN_ROWS):
+            return cpu_kernels.quantized_matmul(x2d, self.weight, self.weight_scale, self.bits, amx)
+        if not many:
+            if self.bits == 4:
                 return cpu_kernels.quantized_matmul(x2d, self.weight, self.weight_scale, 4, amx)
-        elif not many:
-            if amx and rows >= cpu_kernels.AMX_MIN_ROWS:
-                return cpu_kernels.quantized_matmul(x2d, self.weight, self.weight_scale, 8, amx)
             return torch.ops.aten._weight_int8pack_mm(x2d, self.weight, self.weight_scale.to(x2d.dtype))
-        # A prefill: blocks of de-quantized weight and the float GEMM.
+        # A prefill without AMX: blocks of de-quantized weight and the float GEMM.
         def fill(start, end, block):
             cpu_kernels.dequantize_rows(self.weight[start:end], self.weight_scale[start:end], self.bits, block)
 

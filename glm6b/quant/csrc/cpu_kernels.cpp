@@ -5,14 +5,15 @@
 // scale per output row. glm6b/quant/cpu_kernels.py compiles this file for the CPU it runs on and calls
 // it through ctypes; without AVX512-BF16 it builds nothing but glm6b_cpu_kernels_available() == 0.
 //
-// glm6b_matmul: y[M, N] = x[M, K] @ (q * scale)^T for a few rows (decoding). Each block of weight rows
-// is unpacked once into bfloat16 registers and multiplied with every input row (vdpbf16ps, float32
-// sums), so eight rows cost far less than eight times one row: PyTorch's CPU int4 op unpacks per row.
+// glm6b_matmul: y[M, N] = x[M, K] @ (q * scale)^T, for a few rows (decoding) and, with AMX, for many (a
+// prefill, see amx_group_many). Each block of weight rows is unpacked once into bfloat16 registers and
+// multiplied with every input row (vdpbf16ps, float32 sums), so eight rows cost far less than eight
+// times one row: PyTorch's CPU int4 op unpacks per row.
 // The row scale is applied to the float32 sum, and y rounded to bfloat16 once.
 // The same dot products on a bfloat16 weight (bits 16) read it at about 1.5x the bandwidth of
 // PyTorch's F.linear for one or two rows (benchmarks/quantize.py, kernels table): decoding in bfloat16.
-// glm6b_dequantize: rows [N, K] of bfloat16(q * scale), for a prompt's prefill (the float GEMM then
-// does the multiply).
+// glm6b_dequantize: rows [N, K] of bfloat16(q * scale), for a prompt's prefill without AMX (the float
+// GEMM then does the multiply).
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -145,8 +146,8 @@ void permute_activations(const uint16_t* x, int64_t M, int64_t K, uint16_t* xp) 
 // weights are the left operand, 16 rows x 32 columns unpacked into a 1 KiB buffer in their own order;
 // the activations, transposed into pairs of columns ("VNNI" order) once per call, the right one.
 // Tiles: 0-3 sums [16 weight rows x up to 16 input rows], 4-5 weights, 6-7 activations.
-// Up to 16 input rows: four blocks of 16 weight rows share each activation tile. 17 to 32 rows:
-// two weight blocks x two input blocks. Beyond 32 rows, the input is taken 32 rows at a time.
+// Up to 16 input rows (amx_group): four blocks of 16 weight rows share each activation tile, each block
+// unpacked just before it is used. More rows: amx_group_many.
 
 struct TileConfig {
     uint8_t palette_id;
@@ -190,24 +191,41 @@ inline int64_t tile_column(int64_t c, int t, int r, int j) {
     return BITS == 4 ? c * CHUNK + 2 * k + t : c * CHUNK + 32 * t + k;
 }
 
-// Activation rows [m0, m0 + rows) as right operands: for chunk c and tile t, 16 lines of `rows` pairs.
+// Activation rows [m0, m0 + rows) as right operands: for chunk c and tile t, 16 lines of `lines` pairs
+// (lines >= rows; the pairs of rows past `rows` are zeros).
 template <int BITS>
-void to_vnni(const uint16_t* x, int64_t K, int64_t m0, int64_t rows, uint16_t* dst) {
+void to_vnni(const uint16_t* x, int64_t K, int64_t m0, int64_t rows, int64_t lines, uint16_t* dst) {
     const int64_t chunks = K / CHUNK;
     for (int64_t c = 0; c < chunks; ++c)
         for (int t = 0; t < 2; ++t)
             for (int r = 0; r < 16; ++r)
-                for (int64_t m = 0; m < rows; ++m)
+                for (int64_t m = 0; m < lines; ++m)
                     for (int j = 0; j < 2; ++j)
-                        dst[(((c * 2 + t) * 16 + r) * rows + m) * 2 + j] = x[(m0 + m) * K + tile_column<BITS>(c, t, r, j)];
+                        dst[(((c * 2 + t) * 16 + r) * lines + m) * 2 + j] =
+                            m < rows ? x[(m0 + m) * K + tile_column<BITS>(c, t, r, j)] : 0;
 }
 
 inline void store_sums(const float* sums, int64_t rows, const uint16_t* scale, uint16_t* y, int64_t N) {
-    // sums: [16 weight rows][16 floats per line, `rows` used]; y: [rows][N] starting at this block
-    for (int n = 0; n < 16; ++n) {
-        const float s = f16_to_f32(scale[n]);
-        for (int64_t m = 0; m < rows; ++m) y[m * N + n] = f32_to_bf16(sums[n * 16 + m] * s);
+    // sums: [16 weight rows][16 floats per line, `rows` used]; y: [rows][N] starting at this block.
+    // Input row m is column m of the sums: gathered, scaled per weight row, rounded and stored as 16 values.
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)scale));
+    const __m512i lines = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(16));
+    for (int64_t m = 0; m < rows; ++m) {
+        const __m512 column = _mm512_i32gather_ps(lines, sums + m, 4);
+        _mm256_storeu_si256((__m256i*)(y + m * N), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(column, s)));
     }
+}
+
+void configure_tiles(int64_t rows) {
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; ++t) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = (uint16_t)(t == 4 || t == 5 ? 64 : rows * 4);  // weights: 32 bfloat16 a row
+    }
+    _tile_loadconfig(&cfg);
 }
 
 // The weights are unpacked one block (16 rows) ahead of the tile loads that read them: a tile load
@@ -248,46 +266,113 @@ void amx_group(const int8_t* w, int64_t row_bytes, int64_t K, const uint16_t* xb
     _tile_stored(2, sums, 64); store_sums(sums, rows, scale + 32, y + 32, N);
     _tile_stored(3, sums, 64); store_sums(sums, rows, scale + 48, y + 48, N);
 }
+
+// More than 16 input rows (a prefill): unpacking a group's weights again for every 16 input rows would
+// cost more than the products, so a slice of K_SLICE columns of the group's 64 rows is unpacked once
+// into `unpacked` (512 KiB: it stays in L2) and multiplied with every input block from there. The input
+// is laid out in blocks of 16 rows, padded with zero rows to a multiple of 32, and taken two blocks at a
+// time against two weight blocks (tiles 0-3: the four sums), so each loaded tile feeds two products
+// and no product waits on the one before it. Between slices the float sums wait in `partial`
+// ([input block][weight block][16 x 16]).
+constexpr int64_t K_SLICE = 1024;
+constexpr int64_t MANY_BLOCKS = 16;  // weight rows unpacked together: 16 blocks of 16 (256 rows x K_SLICE: 512 KiB)
+
+template <int BITS>
+void amx_group_many(const int8_t* w, int64_t row_bytes, int64_t K, int64_t blocks, const uint16_t* vnni, int64_t M,
+                    const uint16_t* scale, uint16_t* y, int64_t N, __m512i table, uint16_t* unpacked,
+                    float* partial) {
+    const int64_t chunks = K / CHUNK;
+    const int64_t padded = (M + 31) / 32 * 32;
+    for (int64_t c0 = 0; c0 < chunks; c0 += K_SLICE / CHUNK) {
+        const int64_t c1 = c0 + K_SLICE / CHUNK < chunks ? c0 + K_SLICE / CHUNK : chunks;
+        for (int64_t c = c0; c < c1; ++c)
+            for (int64_t b = 0; b < blocks; ++b) {
+                uint16_t* dst = unpacked + ((c - c0) * blocks + b) * 1024;
+                unpack_block<BITS>(w + 16 * b * row_bytes, row_bytes, c, table, dst, dst + 512);
+            }
+        for (int64_t m0 = 0; m0 < padded; m0 += 32) {
+            const uint16_t* xa = vnni + m0 * K;
+            const uint16_t* xb = vnni + (m0 + 16) * K;
+            for (int64_t b = 0; b < blocks; b += 2) {
+                float* s00 = partial + (m0 / 16 * blocks + b) * 256;  // input block m0, weight block b
+                float* s01 = s00 + blocks * 256;                      // input block m0 + 16
+                float* s10 = s00 + 256;                               // weight block b + 1
+                float* s11 = s01 + 256;
+                if (c0 == 0) {
+                    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                } else {
+                    _tile_loadd(0, s00, 64); _tile_loadd(1, s01, 64); _tile_loadd(2, s10, 64); _tile_loadd(3, s11, 64);
+                }
+                for (int64_t c = c0; c < c1; ++c) {
+                    const uint16_t* block = unpacked + ((c - c0) * blocks + b) * 1024;
+                    for (int t = 0; t < 2; ++t) {
+                        _tile_loadd(4, block + t * 512, 64);
+                        _tile_loadd(5, block + 1024 + t * 512, 64);
+                        _tile_loadd(6, xa + (c * 2 + t) * 512, 64);
+                        _tile_loadd(7, xb + (c * 2 + t) * 512, 64);
+                        _tile_dpbf16ps(0, 4, 6);
+                        _tile_dpbf16ps(1, 4, 7);
+                        _tile_dpbf16ps(2, 5, 6);
+                        _tile_dpbf16ps(3, 5, 7);
+                    }
+                }
+                _tile_stored(0, s00, 64); _tile_stored(1, s01, 64); _tile_stored(2, s10, 64); _tile_stored(3, s11, 64);
+            }
+        }
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += 16) {
+        const int64_t rows = M - m0 < 16 ? M - m0 : 16;
+        for (int64_t b = 0; b < blocks; ++b)
+            store_sums(partial + (m0 / 16 * blocks + b) * 256, rows, scale + 16 * b, y + m0 * N + 16 * b, N);
+    }
+}
+
 #undef UNPACK
 #undef MULTIPLY
 
-void configure_tiles(int64_t rows) {
-    TileConfig cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette_id = 1;
-    for (int t = 0; t < 8; ++t) {
-        cfg.rows[t] = 16;
-        cfg.colsb[t] = (uint16_t)(t == 4 || t == 5 ? 64 : rows * 4);  // weights: 32 bfloat16 a row
-    }
-    _tile_loadconfig(&cfg);
-}
 
-// Input rows 16 at a time against groups of 64 weight rows. Returns the number of weight rows done (a
-// multiple of 64); the caller does the rest.
+// The weight rows in groups of 64 (amx_group) or 256 (amx_group_many), split between the threads. Returns
+// the number of weight rows done (a multiple of 64); the caller does the rest.
 template <int BITS>
 int64_t amx_matmul(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale, int64_t N,
                    uint16_t* y, int threads) {
     const int64_t row_bytes = BITS == 4 ? K / 2 : K;
     const int64_t groups = N / 64;
     if (groups == 0) return 0;
-    uint16_t* vnni = (uint16_t*)aligned_alloc(64, (size_t)(M * K * 2 + 63) / 64 * 64);
-    for (int64_t m0 = 0; m0 < M; m0 += 16) to_vnni<BITS>(x, K, m0, M - m0 < 16 ? M - m0 : 16, vnni + m0 * K);
+    // Up to 16 rows: one block of M lines. More (amx_group_many): blocks of 16, zero rows to a multiple of 32.
+    const bool many = M > 16;
+    const int64_t padded = many ? (M + 31) / 32 * 32 : M;
+    uint16_t* vnni = (uint16_t*)aligned_alloc(64, (size_t)(padded * K * 2 + 63) / 64 * 64);
+    for (int64_t m0 = 0; m0 < padded; m0 += 16) {
+        const int64_t rows = M - m0 < 0 ? 0 : (M - m0 < 16 ? M - m0 : 16);
+        to_vnni<BITS>(x, K, m0, rows, many ? 16 : rows, vnni + m0 * K);
+    }
     const __m512i table = int4_to_bf16_table();
 #pragma omp parallel num_threads(threads)
     {
         alignas(64) uint16_t buffers[2048];
         alignas(64) float sums[256];
-        int64_t configured = 0;
+        uint16_t* unpacked = many ? (uint16_t*)aligned_alloc(64, K_SLICE / CHUNK * MANY_BLOCKS * 1024 * 2) : nullptr;
+        float* partial = many ? (float*)aligned_alloc(64, padded / 16 * MANY_BLOCKS * 256 * 4) : nullptr;
+        configure_tiles(many ? 16 : M);
+        if (many) {
+            // Weight rows MANY_BLOCKS * 16 at a time (the last group: the rest of the multiple of 64).
+            const int64_t per_group = MANY_BLOCKS / 4;
 #pragma omp for schedule(static)
-        for (int64_t g = 0; g < groups; ++g) {
-            for (int64_t m0 = 0; m0 < M; m0 += 16) {  // the group's weights stay in cache across blocks
-                const int64_t rows = M - m0 < 16 ? M - m0 : 16;
-                if (rows != configured) { configure_tiles(rows); configured = rows; }
-                amx_group<BITS>(w + g * 64 * row_bytes, row_bytes, K, vnni + m0 * K, rows, scale + g * 64,
-                                y + m0 * N + g * 64, N, table, buffers, sums);
+            for (int64_t g = 0; g < groups; g += per_group) {
+                const int64_t blocks = 4 * (groups - g < per_group ? groups - g : per_group);
+                amx_group_many<BITS>(w + g * 64 * row_bytes, row_bytes, K, blocks, vnni, M, scale + g * 64,
+                                     y + g * 64, N, table, unpacked, partial);
             }
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t g = 0; g < groups; ++g)
+                amx_group<BITS>(w + g * 64 * row_bytes, row_bytes, K, vnni, M, scale + g * 64, y + g * 64, N,
+                                table, buffers, sums);
         }
-        if (configured) _tile_release();
+        _tile_release();
+        free(unpacked);
+        free(partial);
     }
     free(vnni);
     return groups * 64;
