@@ -275,6 +275,7 @@ void amx_group(const int8_t* w, int64_t row_bytes, int64_t K, const uint16_t* xb
 // and no product waits on the one before it. Between slices the float sums wait in `partial`
 // ([input block][weight block][16 x 16]).
 constexpr int64_t K_SLICE = 1024;
+constexpr int64_t AMX_MANY_MIN_ROWS = 49;  // below, amx_group on blocks of 16 rows was faster (benchmarks/quantize.py)
 constexpr int64_t MANY_BLOCKS = 16;  // weight rows unpacked together: 16 blocks of 16 (256 rows x K_SLICE: 512 KiB)
 
 template <int BITS>
@@ -339,8 +340,9 @@ int64_t amx_matmul(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, con
     const int64_t row_bytes = BITS == 4 ? K / 2 : K;
     const int64_t groups = N / 64;
     if (groups == 0) return 0;
-    // Up to 16 rows: one block of M lines. More (amx_group_many): blocks of 16, zero rows to a multiple of 32.
-    const bool many = M > 16;
+    // Few rows: blocks of up to 16 (amx_group, the last block has the rest). More (amx_group_many): blocks
+    // of 16, padded with zero rows to a multiple of 32.
+    const bool many = M >= AMX_MANY_MIN_ROWS;
     const int64_t padded = many ? (M + 31) / 32 * 32 : M;
     uint16_t* vnni = (uint16_t*)aligned_alloc(64, (size_t)(padded * K * 2 + 63) / 64 * 64);
     for (int64_t m0 = 0; m0 < padded; m0 += 16) {
@@ -354,8 +356,10 @@ int64_t amx_matmul(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, con
         alignas(64) float sums[256];
         uint16_t* unpacked = many ? (uint16_t*)aligned_alloc(64, K_SLICE / CHUNK * MANY_BLOCKS * 1024 * 2) : nullptr;
         float* partial = many ? (float*)aligned_alloc(64, padded / 16 * MANY_BLOCKS * 256 * 4) : nullptr;
-        configure_tiles(many ? 16 : M);
+        int64_t configured = 0;  // the input rows the tiles are configured for
         if (many) {
+            configure_tiles(16);
+            configured = 16;
             // Weight rows MANY_BLOCKS * 16 at a time (the last group: the rest of the multiple of 64).
             const int64_t per_group = MANY_BLOCKS / 4;
 #pragma omp for schedule(static)
@@ -366,10 +370,16 @@ int64_t amx_matmul(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, con
             }
         } else {
 #pragma omp for schedule(static)
-            for (int64_t g = 0; g < groups; ++g)
-                amx_group<BITS>(w + g * 64 * row_bytes, row_bytes, K, vnni, M, scale + g * 64, y + g * 64, N,
-                                table, buffers, sums);
+            for (int64_t g = 0; g < groups; ++g) {
+                for (int64_t m0 = 0; m0 < M; m0 += 16) {
+                    const int64_t rows = M - m0 < 16 ? M - m0 : 16;
+                    if (rows != configured) { configure_tiles(rows); configured = rows; }
+                    amx_group<BITS>(w + g * 64 * row_bytes, row_bytes, K, vnni + m0 * K, rows, scale + g * 64,
+                                    y + m0 * N + g * 64, N, table, buffers, sums);
+                }
+            }
         }
+        if (configured) _tile_release();
         _tile_release();
         free(unpacked);
         free(partial);
