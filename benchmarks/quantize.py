@@ -16,8 +16,8 @@ Tables:
    held to PyTorch's ops ("stock ops") and, on a CPU with AMX, to the kernels' path for CPUs without
    it ("glm6b no AMX"). Where the stock ops run, from glm6b.quant.linear.CPU_DEQUANTIZED_MIN_ROWS rows
    on the module multiplies blocks of de-quantized weight; its "row kernel" line is that module held
-   to the stock op. Median of --repeats calls after warm-up; "GB/s" counts the bytes of the weight
-   (and scales) read once per call.
+   to the stock op. Median of --repeats calls after warm-up, the kernels of a row taking turns call
+   by call; "GB/s" counts the bytes of the weight (and scales) read once per call.
 2. quality: top-1 agreement with the bfloat16 model and the largest |logit difference| (also
    relative to the largest |logit|), for int8, int4 and int4 with the word embeddings and lm_head
    quantized (THUDM's int4-qe), on the golden checkpoint and inputs (tests/golden, cases.json
@@ -69,15 +69,19 @@ SCHEMES = [("int8", dict(quantize="int8")), ("int4", dict(quantize="int4")),
            ("int4 + emb/lm_head", dict(quantize="int4", quantize_embeddings=True))]
 
 
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
+def interleaved_median_ms(fns, repeats: int) -> list[float]:
+    """Median ms per call of each function, the functions taking turns call by call (so that a slow
+    moment of a shared machine hits them all alike, not the one that happened to run then)."""
+    for fn in fns:
+        for _ in range(3):
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) * 1e3 for spent in times]
 
 
 # ----------------------------------------------------------------------------------- 1. kernels
@@ -137,8 +141,7 @@ def kernel_table(repeats: int, lm_head: bool, row_counts: list[int]) -> None:
                 cases.append((f"QuantizedLinear {name}", lambda m=module: m(x),
                               out_f * in_f * module.bits // 8 + extra))
             base = None
-            for name, fn, nbytes in cases:
-                ms = median_ms(fn, repeats)
+            for (name, _, nbytes), ms in zip(cases, interleaved_median_ms([fn for _, fn, _ in cases], repeats)):
                 base = base or ms
                 print(f"| {out_f:>5}x{in_f:<5} | {rows:>4} | {name:<36} | {ms:8.2f} | {nbytes / ms / 1e6:6.1f} | "
                       f"{base / ms:6.2f}x |")
