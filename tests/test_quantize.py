@@ -203,15 +203,15 @@ needs_cpu_kernels = pytest.mark.skipif(not cpu_kernels.available(),
 @pytest.mark.parametrize("out_features, in_features", [(256, 256), (200, 128), (64, 4096), (576, 1088)])
 def test_glm6b_cpu_kernels_equal_x_times_dequantized_weight(bits, out_features, in_features, amx, monkeypatch):
     """Every row count and shape the kernels split differently gives x @ (q * scale).T up to bfloat16
-    rounding: 1-2 rows: dot products; AMX up to 16 rows: groups of 64 weight rows; more rows: input
-    blocks of 16 padded to pairs, groups of up to 256 weight rows, slices of 1024 columns (576 x 1088:
-    two groups of 256 and one of 64, a slice of 1024 columns and one of 64); weight rows past the groups
-    of 64 by dot products."""
+    rounding: 1-2 rows: dot products; AMX up to 48 rows: groups of 64 weight rows, input blocks of up
+    to 16; from 49 rows: input blocks of 16 padded to pairs, groups of up to 256 weight rows, slices of
+    1024 columns (576 x 1088: two groups of 256 and one of 64, a slice of 1024 columns and one of 64);
+    weight rows past the groups of 64 by dot products."""
     if amx and not cpu_kernels.has_amx():
         pytest.skip("this CPU (or OS) has no AMX tiles")
     layer = random_layer(bits, out_features, in_features)
     generator = torch.Generator().manual_seed(5)
-    for rows in (1, 2, 3, 8, 16, 17, 33, 40, 100):
+    for rows in (1, 2, 3, 8, 16, 17, 33, 48, 49, 64, 100):
         x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
         want = exact_reference(layer, x) - layer.bias.double()
         got = cpu_kernels.quantized_matmul(x, layer.weight, layer.weight_scale, bits, amx)

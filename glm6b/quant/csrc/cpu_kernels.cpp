@@ -146,8 +146,8 @@ void permute_activations(const uint16_t* x, int64_t M, int64_t K, uint16_t* xp) 
 // weights are the left operand, 16 rows x 32 columns unpacked into a 1 KiB buffer in their own order;
 // the activations, transposed into pairs of columns ("VNNI" order) once per call, the right one.
 // Tiles: 0-3 sums [16 weight rows x up to 16 input rows], 4-5 weights, 6-7 activations.
-// Up to 16 input rows (amx_group): four blocks of 16 weight rows share each activation tile, each block
-// unpacked just before it is used. More rows: amx_group_many.
+// amx_group: up to 16 input rows, four blocks of 16 weight rows share each activation tile, each block
+// unpacked just before it is used (more rows: 16 at a time). From AMX_MANY_MIN_ROWS rows: amx_group_many.
 
 struct TileConfig {
     uint8_t palette_id;
@@ -267,9 +267,9 @@ void amx_group(const int8_t* w, int64_t row_bytes, int64_t K, const uint16_t* xb
     _tile_stored(3, sums, 64); store_sums(sums, rows, scale + 48, y + 48, N);
 }
 
-// More than 16 input rows (a prefill): unpacking a group's weights again for every 16 input rows would
-// cost more than the products, so a slice of K_SLICE columns of the group's 64 rows is unpacked once
-// into `unpacked` (512 KiB: it stays in L2) and multiplied with every input block from there. The input
+// Many input rows (a prefill): unpacking a group's weights again for every 16 input rows would cost
+// more than the products, so a slice of K_SLICE columns of the group's (up to 256) weight rows is unpacked
+// once into `unpacked` (512 KiB: it stays in L2) and multiplied with every input block from there. The input
 // is laid out in blocks of 16 rows, padded with zero rows to a multiple of 32, and taken two blocks at a
 // time against two weight blocks (tiles 0-3: the four sums), so each loaded tile feeds two products
 // and no product waits on the one before it. Between slices the float sums wait in `partial`
@@ -331,7 +331,6 @@ void amx_group_many(const int8_t* w, int64_t row_bytes, int64_t K, int64_t block
 #undef UNPACK
 #undef MULTIPLY
 
-
 // The weight rows in groups of 64 (amx_group) or 256 (amx_group_many), split between the threads. Returns
 // the number of weight rows done (a multiple of 64); the caller does the rest.
 template <int BITS>
@@ -380,7 +379,6 @@ int64_t amx_matmul(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, con
             }
         }
         if (configured) _tile_release();
-        _tile_release();
         free(unpacked);
         free(partial);
     }
