@@ -133,7 +133,10 @@ def read_bytes_seconds(paths: list[Path], fresh: bool = False) -> tuple[float, i
     for path in paths:
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
-            if fresh and size:
+            if not fresh:
+                while n := f.readinto(reused):
+                    total += n
+            elif size:  # (an empty file has nothing to read, and mmap refuses size 0)
                 # new anonymous memory (not zero-filled up front, as a bytearray would be), in huge pages
                 # where the kernel offers them, as glm6b's loader asks for
                 fresh_memory = mmap.mmap(-1, size)
@@ -145,9 +148,6 @@ def read_bytes_seconds(paths: list[Path], fresh: bool = False) -> tuple[float, i
                     view = view[n:]
                 view.release()
                 fresh_memory.close()
-            elif not fresh:
-                while n := f.readinto(reused):
-                    total += n
     return time.perf_counter() - start, total
 
 

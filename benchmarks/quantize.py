@@ -130,16 +130,13 @@ def kernel_table(repeats: int, lm_head: bool, row_counts: list[int]) -> None:
                               out_f * in_f // 2 + sz.numel() * 2))
             for bits, module in modules.items():
                 module.prepare("cpu", torch.bfloat16)
-                extra = sum(t.numel() * t.element_size() for t in module._kernel[1:] if isinstance(t, torch.Tensor))
                 cases.append((f"QuantizedLinear int{bits} ({module._kernel[0]})", lambda m=module: m(x),
-                              out_f * in_f * bits // 8 + extra))
+                              bytes_read(module)))
                 if many and module._kernel[0] != "glm6b_cpu":
                     cases.append((f"QuantizedLinear int{bits}, row kernel", lambda m=module: row_kernel_only(m, x),
-                                  out_f * in_f * bits // 8 + extra))
+                                  bytes_read(module)))
             for name, module in variants.items():
-                extra = sum(t.numel() * t.element_size() for t in module._kernel[1:] if isinstance(t, torch.Tensor))
-                cases.append((f"QuantizedLinear {name}", lambda m=module: m(x),
-                              out_f * in_f * module.bits // 8 + extra))
+                cases.append((f"QuantizedLinear {name}", lambda m=module: m(x), bytes_read(module)))
             base = None
             for (name, _, nbytes), ms in zip(cases, interleaved_median_ms([fn for _, fn, _ in cases], repeats)):
                 base = base or ms
@@ -149,6 +146,12 @@ def kernel_table(repeats: int, lm_head: bool, row_counts: list[int]) -> None:
         if stock:
             del q8, p4
         gc.collect()
+
+
+def bytes_read(module: QuantizedLinear) -> int:
+    """The weight bytes a call of the module reads: the quantized weight, plus whatever its kernel holds."""
+    extra = sum(t.numel() * t.element_size() for t in module._kernel[1:] if isinstance(t, torch.Tensor))
+    return module.out_features * module.in_features * module.bits // 8 + extra
 
 
 def prepared_with(module: QuantizedLinear, **patches) -> QuantizedLinear:

@@ -453,11 +453,10 @@ class QuantizedLinear(nn.Module):
         """glm6b's own kernels where they are faster (benchmarks/quantize.py, kernels table)."""
         rows = x2d.shape[0]
         many = rows >= CPU_DEQUANTIZED_MIN_ROWS
-        if amx and (self.bits == 4 or rows >= cpu_kernels.AMX_MIN_ROWS):
+        # int4: the kernels, but for a prefill without AMX. int8: the kernels on AMX from AMX_MIN_ROWS rows.
+        if (self.bits == 4 and (amx or not many)) or (amx and rows >= cpu_kernels.AMX_MIN_ROWS):
             return cpu_kernels.quantized_matmul(x2d, self.weight, self.weight_scale, self.bits, amx)
         if not many:
-            if self.bits == 4:
-                return cpu_kernels.quantized_matmul(x2d, self.weight, self.weight_scale, 4, amx)
             return torch.ops.aten._weight_int8pack_mm(x2d, self.weight, self.weight_scale.to(x2d.dtype))
         # A prefill without AMX: blocks of de-quantized weight and the float GEMM.
         def fill(start, end, block):
