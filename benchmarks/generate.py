@@ -21,7 +21,8 @@ cache, then one-token decode steps) but never stops early on <eop>. Printed:
   change in the machine's load hits both), against the prefill's matmul FLOPs per second; the
   median of the per-run ratios is shown;
 * `--matrix`: one 16384 x 4096 matrix times a vector, plain F.linear vs compiled with inductor
-  freezing (the prepacked weights the compiled CPU step uses for bf16), in GB/s.
+  freezing (prepacked weights), in GB/s; the bf16 decode step itself runs its one-row products on
+  glm6b's kernel (glm6b.quant.linear.BF16DecodeLinear), eager or compiled.
 
 Warm-up runs are excluded; on CUDA the device is synchronised before each timer read.
 """

@@ -179,14 +179,18 @@ def test_compiled_step_golden_and_no_recompiles(model, tok):
 
 
 @pytest.mark.slow
-def test_compiled_step_writes_the_cache_in_place(model, tok):
+@pytest.mark.parametrize("graph", ["per-layer", "whole-step"])
+def test_compiled_step_writes_the_cache_in_place(model, tok, graph):
     """The compiled step writes each row's new keys/values into the cache without copying the cache:
     no buffer in inductor's code is as large as a layer's keys (a copy of the cache per layer and
-    step would make a step's time grow with the cache's length, not the tokens in it)."""
+    step would make a step's time grow with the cache's length, not the tokens in it). Both graphs:
+    the CPU's per-layer one and CUDA's whole step (compiled here on the CPU)."""
     import math
     import re
 
     from torch._inductor.utils import run_and_get_code
+
+    from glm6b.inference.engine import _compiled
 
     torch._dynamo.reset()
     batch = tok(BATCH["texts"], padding=True, return_tensors="pt")
@@ -194,7 +198,11 @@ def test_compiled_step_writes_the_cache_in_place(model, tok):
     reference = DecodeEngine(model, 3, 256, compile=False)
     tokens = [e.prefill(batch["input_ids"], batch["attention_mask"], batch["position_ids"]).argmax(-1)
               for e in (engine, reference)][0]
-    logits, codes = run_and_get_code(engine.decode, tokens)
+    if graph == "per-layer":
+        logits, codes = run_and_get_code(engine.decode, tokens)
+    else:
+        with torch.inference_mode():
+            logits, codes = run_and_get_code(_compiled("step"), model, engine.cache, tokens.clone(), engine.positions)
     torch._dynamo.reset()
     shapes = [tuple(int(n) for n in re.findall(r"\d+", match))
               for code in codes for match in re.findall(r"empty_strided_cpu\(\(([\d, ]*)\)", code)]
@@ -223,27 +231,53 @@ def test_cuda_compiled_equals_eager_bf16(tok):
     assert torch.equal(eager, compiled)
 
 
-def test_frozen_bf16_step_is_rebuilt_after_weights_change(monkeypatch):
-    """A frozen (bf16 CPU) compiled step holds its own weights: changing the model's weights in place
-    must drop the compiled graphs before the next engine runs (checked without compiling)."""
+@pytest.mark.slow
+def test_compiled_step_serves_any_rows_and_slots_without_recompiling_each(model, tok):
+    """Engines of many batch sizes and lengths, and steps over some rows and slots only (as a server
+    runs them), share the compiled CPU step: a second shape makes its sizes symbolic and later ones
+    reuse that graph (one graph per exact shape would hit torch's recompile limit, 8, and fail),
+    and every step equals the eager one."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    texts = BATCH["texts"]
+    shapes = [(1, 5), (1, 13), (1, 40), (2, 5), (3, 20), (3, 50), (2, 80), (1, 110), (3, 130), (2, 180)]
+    for rows, extra_slots in shapes:
+        batch = tok(texts[:rows], padding=True, return_tensors="pt")
+        length = batch["input_ids"].shape[1] + extra_slots
+        engines = [DecodeEngine(model, rows, length, compile=c) for c in (True, False)]
+        assert engines[0].compiled and engines[0].max_length == length
+        tokens = [e.prefill(batch["input_ids"], batch["attention_mask"], batch["position_ids"]).argmax(-1)
+                  for e in engines][1]
+        for _ in range(2):
+            logits = [e.decode(tokens) for e in engines]
+            assert_close_rel(logits[0], logits[1], what=f"compiled step, {rows} rows, {length} slots")
+            tokens = logits[1].argmax(-1)
+        # The first row alone over its first slots (the other rows and slots are left as they are).
+        used = batch["input_ids"].shape[1] + 3
+        logits = [e.decode(tokens[:1], rows=1, slots=used) for e in engines]
+        assert_close_rel(logits[0], logits[1], what=f"compiled step over 1 row, {used} slots")
+        for layer in range(model.config.num_layers):
+            assert_close_rel(engines[0].cache.keys[layer], engines[1].cache.keys[layer], what="keys")
+    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+    torch._dynamo.reset()
+
+
+def test_compile_setting_by_size():
+    """"auto" compiles a CPU model's step from COMPILE_ON_CPU_FROM_BYTES of weights on (4 glm_6b layers,
+    built on the meta device: nothing is allocated), not a tiny one's."""
     from glm6b.config import ChatGLMConfig
+    from glm6b.inference.engine import COMPILE_ON_CPU_FROM_BYTES, weight_bytes
     from glm6b.model import ChatGLMForConditionalGeneration
 
-    model = ChatGLMForConditionalGeneration(ChatGLMConfig.from_name("tiny"), dtype=torch.bfloat16).eval()
-    resets = []
-    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
-    assert DecodeEngine(model, 1, 8, compile=True).frozen
-    DecodeEngine(model, 1, 8, compile=True)
-    assert resets == []  # same weights: the compiled graphs stay
-    with torch.no_grad():
-        model.transformer.layers[0].mlp.dense_h_to_4h.weight.add_(1.0)
-    DecodeEngine(model, 1, 8, compile=True)
-    assert resets == [1]
-    assert not DecodeEngine(model.float(), 1, 8, compile=True).frozen  # float32 weights are not frozen
-    from glm6b.quant.linear import quantize_model
-
-    quantized = quantize_model(model.to(torch.bfloat16), 4)
-    assert not DecodeEngine(quantized, 1, 8, compile=True).frozen  # nor quantized ones (slower frozen)
+    big = ChatGLMForConditionalGeneration(ChatGLMConfig.from_name("glm_6b_4layers"), dtype=torch.bfloat16,
+                                          device="meta")
+    assert weight_bytes(big) >= COMPILE_ON_CPU_FROM_BYTES
+    assert big.device.type == "meta" and should_compile(big, "auto") is True
+    assert should_compile(big, False) is False
+    tiny = ChatGLMForConditionalGeneration(ChatGLMConfig.from_name("tiny"))
+    assert weight_bytes(tiny) < COMPILE_ON_CPU_FROM_BYTES and should_compile(tiny, "auto") is False
 
 
 def test_ptuning_prefix_survives_chunks_and_row_resets():

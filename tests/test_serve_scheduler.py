@@ -72,13 +72,13 @@ def test_rows_filled_to_the_context_length_stay_exact(model, tok):
         assert recorder.final.full_text == expected, query
 
 
-def test_idle_rows_are_skipped_in_eager_steps(model, tok, monkeypatch):
-    # New requests take the lowest free row; an eager step runs rows up to the highest in use only.
-    import glm6b.inference.scheduler as scheduler_module
+def test_idle_rows_are_skipped_in_steps(model, tok, monkeypatch):
+    # New requests take the lowest free row; a step runs rows up to the highest in use only.
+    import glm6b.inference.engine as engine_module
 
     counts = []
-    real_step = scheduler_module.decode_step
-    monkeypatch.setattr(scheduler_module, "decode_step",
+    real_step = engine_module.decode_step
+    monkeypatch.setattr(engine_module, "decode_step",
                         lambda model, cache, tokens, positions: (counts.append(cache.batch_size),
                                                                  real_step(model, cache, tokens, positions))[1])
     scheduler = Scheduler(model, tok, max_batch=4, compile=False)
@@ -229,17 +229,20 @@ def test_sampling_with_a_single_candidate_is_greedy(model, tok, top_k, top_p):
 
 
 
-@pytest.mark.cuda
-def test_cuda_compiled_steps_equal_chat(tok):
-    """On CUDA the engine's step is compiled and runs every row: rows joining mid-batch still equal chat()."""
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow),
+                                    pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_compiled_steps_equal_chat(tok, device):
+    """With the engine's step compiled (on the CPU one graph for every layer, on CUDA the whole step),
+    steps over the rows and slots in use, rows joining mid-batch: each answer still equals chat()."""
     import torch
 
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from glm6b import load_model
     from helpers import GOLDEN
 
-    model = load_model(GOLDEN, dtype=torch.float32, device="cuda")
+    torch._dynamo.reset()
+    model = load_model(GOLDEN, dtype=torch.float32, device=device)
     scheduler = Scheduler(model, tok, max_batch=3, compile=True)
     assert scheduler.engine.compiled
     jobs = [make_request(tok, q, h, max_new_tokens=12, do_sample=False) for q, h in CHATS[:4]]

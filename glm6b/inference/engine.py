@@ -10,8 +10,8 @@ The cache (glm6b.model.StaticKVCache) holds keys/values [L, B, nh, S, d] allocat
 of filled slots of each row, and which slots each row's later tokens may see; the engine adds the 2D
 position of each row's next token ([mask position, block position], spec 4.8). A decode step reads
 all of that from device tensors and writes its token at each row's own slot, so nothing in it
-depends on Python-side lengths: the step has fixed shapes for a given (B, S), compiles once with
-`torch.compile(fullgraph=True, dynamic=False)` and runs for every position without recompiling.
+depends on Python-side lengths: the step has fixed shapes for a given (B, S), compiles without graph
+breaks (`torch.compile(fullgraph=True)`) and runs for every position without recompiling.
 Rows are independent, so a server can prefill a new request into a free row while the other rows
 are mid-decode (continuous batching); the caller keeps track of which rows are active and stops a
 row before its slots run out (a full row keeps overwriting its last slot instead of failing).
@@ -22,19 +22,19 @@ context attends in both directions, so each layer first writes the keys/values o
 the cache and then runs every chunk's queries, projections and MLP. Activations stay at chunk size
 and the results are those of one pass (the reference's, padding positions included).
 
-Compilation (`compile="auto"`, the default) is on for CUDA models and off on the CPU; True or
-False force it either way (per call, or per model with glm6b.load_model(compile=...)). On a quiet
-2-core CPU (benchmarks/generate.py) the compiled step of two glm_6b-width layers in bf16 was as fast
-as the eager one (53.2 against 53.0 ms/step; eager runs its one-row products on glm6b's kernels, see
-glm6b.quant.linear.BF16DecodeLinear) after a 21 s cold compile, and with int4 weights no faster,
-while the 28-layer step compiles for minutes per batch size and cache length: so compiling is not the
-CPU default; tiny test models run eagerly unless asked. Compiled steps are cached by torch per
-(model, batch size, slots); slots are rounded up to a multiple of `SLOT_BUCKET` so that prompts of
-different lengths share a graph. Low-precision float weights on the CPU are compiled with inductor
-freezing, which prepacks the weights for the CPU's matrix kernels (not for quantized models, where it
-was slower); a frozen step holds a copy of the weights, so it is rebuilt (with torch._dynamo.reset())
-when the model's parameters have changed in place since (an optimizer step between two evaluations,
-a LoRA merge).
+Compilation (`compile="auto"`, the default) is on for CUDA models and for CPU models whose decode step
+reads at least `COMPILE_ON_CPU_FROM_BYTES` of weights (every real ChatGLM-6B, in any precision); tiny
+models (tests, the quickstart) run eagerly, as a compile would take longer than their whole run. True
+or False force it either way (per call, or per model with glm6b.load_model(compile=...)).
+
+On CUDA the whole step is one compiled graph. On the CPU each layer's step (GLMBlock.decode) is
+compiled, and one graph serves all layers, as it takes everything that differs between layers (the
+cache tensors, the attention coefficient) as inputs: a cold compile then costs seconds instead of the
+minutes a whole 28-layer step takes, and the step, a few hundred milliseconds of matrix-vector
+products, does not notice the per-layer calls. Graphs are compiled with automatic dynamic shapes: a
+second batch size or cache length compiles once more, with those sizes symbolic, and later ones reuse
+that graph (compiled per exact shape, a ninth shape would hit torch's recompile limit and fail). So the
+cache has the slots asked for, no more: a step's attention covers them all.
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ import torch
 from ..model import StaticKVCache, build_mask_and_positions
 from ..quant.linear import use_bf16_decode_kernels
 
-# Slots per row are rounded up to a multiple of this, so that one compiled step serves many lengths.
-SLOT_BUCKET = 128
 DEFAULT_PREFILL_CHUNK_SIZE = 512
+# "auto" compiles a CPU model's decode step from this many bytes of weights on (4 glm_6b layers hold 0.8 GB
+# in bf16, the golden test model 1.4 MB).
+COMPILE_ON_CPU_FROM_BYTES = 256 * 2**20
 
 
 def default_device() -> torch.device:
@@ -67,7 +68,13 @@ def should_compile(model, compile: bool | str = "auto") -> bool:
         compile = getattr(model, "compile_default", "auto")
     if compile != "auto":
         return bool(compile)
-    return model.device.type == "cuda"  # see the module docstring for the CPU measurements
+    return model.device.type == "cuda" or weight_bytes(model) >= COMPILE_ON_CPU_FROM_BYTES
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers (tied weights counted once)."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def prompt_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -97,7 +104,7 @@ def decode_step(model, cache: StaticKVCache, tokens: torch.Tensor, positions: to
     """One token for every row: write its keys at the row's next slot, return the logits [B, V].
 
     Everything is on the device and in place (cache slots, lengths, visibility, positions), with
-    the same shapes at every position: this is the function that gets compiled.
+    the same shapes at every position: the eager step, and the step compiled whole on CUDA.
 
     Args:
         model: a ChatGLMForConditionalGeneration.
@@ -112,19 +119,41 @@ def decode_step(model, cache: StaticKVCache, tokens: torch.Tensor, positions: to
     return logits
 
 
-_compiled_decode_step = None
+def layerwise_decode_step(model, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor,
+                          layer_coeffs: list[torch.Tensor]) -> torch.Tensor:
+    """decode_step with each layer's part compiled (GLMBlock.decode, one graph for every layer); the
+    embedding, the final LayerNorm and the lm_head run eagerly. The CPU's compiled step.
+
+    Args:
+        layer_coeffs: [] float32 tensors, layer index + 1 for each layer (attention's scaling).
+    """
+    transformer = model.transformer
+    x = transformer.word_embeddings(tokens[:, None])  # [B, 1, H]
+    cos, sin = transformer.rotary(positions[:, :, None], x.dtype)
+    mask, slots = cache.decode_mask(), cache.next_slots()
+    layer_step = _compiled("layer")
+    for layer, keys, values, coeff in zip(transformer.layers, cache.layer_keys, cache.layer_values, layer_coeffs):
+        x = layer_step(layer, x, cos, sin, mask, keys, values, slots, coeff)
+    logits = model.lm_head(transformer.final_layernorm(x))[:, -1]
+    cache.advance()
+    positions[:, 1] += 1
+    return logits
 
 
-def _compiled_step():
-    """decode_step under torch.compile, made once (torch caches a graph per model, rows and slots)."""
-    global _compiled_decode_step
-    if _compiled_decode_step is None:
-        _compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False)
-    return _compiled_decode_step
+def _layer_decode(layer, x, cos, sin, mask, keys, values, slots, coeff):
+    return layer.decode(x, cos, sin, mask, keys, values, slots, coeff)
 
 
-def _weights_version(model) -> tuple[int, ...]:
-    return tuple(p._version for p in model.parameters())
+_compiled_functions = {}
+
+
+def _compiled(which: str):
+    """decode_step ("step") or one layer's decode ("layer") under torch.compile, made once (torch
+    caches the graphs per model and shapes)."""
+    if which not in _compiled_functions:
+        function = decode_step if which == "step" else _layer_decode
+        _compiled_functions[which] = torch.compile(function, fullgraph=True, dynamic=None)
+    return _compiled_functions[which]
 
 
 class DecodeEngine:
@@ -133,8 +162,7 @@ class DecodeEngine:
     Args:
         model: a ChatGLMForConditionalGeneration (in eval mode).
         batch_size: rows of the cache.
-        max_length: slots per row needed (P-tuning prefix excluded, prompt and new tokens
-            included); when compiled, rounded up to a multiple of SLOT_BUCKET.
+        max_length: slots per row (P-tuning prefix excluded, prompt and new tokens included).
         compile: True, False or "auto" (see `should_compile`).
         prefill_chunk_size: prompt tokens per prefill forward.
 
@@ -152,8 +180,7 @@ class DecodeEngine:
         config = model.config
         prefix = config.pre_seq_len or 0
         self.compiled = should_compile(model, compile)
-        # Compiled: round up so that other lengths reuse the graph; eager: attend to no more slots than needed.
-        slots = prefix + (-(-max_length // SLOT_BUCKET) * SLOT_BUCKET if self.compiled else max_length)
+        slots = prefix + max_length
         device = model.device
         # All engine state is made and changed in inference mode (so the compiled step always sees
         # the same kind of tensors and never recompiles for that).
@@ -162,15 +189,11 @@ class DecodeEngine:
             if prefix:
                 self.cache.fill_prefix(model.transformer.prefix_past(batch_size, model.dtype))
             self.positions = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
+            # The compiled CPU step takes each layer's attention scaling as a tensor (layerwise_decode_step).
+            self.layer_coeffs = [torch.tensor(float(i + 1), device=device) for i in range(config.num_layers)]
         self.prefill_chunk_size = prefill_chunk_size
-        if device.type == "cpu" and model.dtype == torch.bfloat16 and not self.compiled:
+        if device.type == "cpu" and model.dtype == torch.bfloat16:
             use_bf16_decode_kernels(model)  # one-row bf16 products read memory faster (glm6b.quant.cpu_kernels)
-        # Freezing prepacks float weights (faster bf16 steps); with quantized layers it made the step slower
-        # (benchmarks/generate.py, 4 int4 layers: 158.5 ms/step frozen, 102.2 not, 100.0 eager), so not there.
-        self.frozen = (self.compiled and device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16)
-                       and not getattr(model.config, "quantization_bit", 0))
-        if self.frozen:
-            self._ensure_fresh_frozen_weights()
 
     @property
     def batch_size(self) -> int:
@@ -180,14 +203,6 @@ class DecodeEngine:
     def max_length(self) -> int:
         """Slots per row (P-tuning prefix included)."""
         return self.cache.max_length
-
-    def _ensure_fresh_frozen_weights(self) -> None:
-        # A frozen graph holds its own copy of the weights; recompile when they were changed since.
-        version = _weights_version(self.model)
-        seen = getattr(self.model, "_glm6b_frozen_weights_version", None)
-        if seen is not None and seen != version:
-            torch._dynamo.reset()
-        self.model._glm6b_frozen_weights_version = version
 
     @torch.inference_mode()
     def reset_rows(self, rows: slice | int | torch.Tensor | None = None) -> None:
@@ -236,13 +251,23 @@ class DecodeEngine:
         self.positions.copy_(self.positions[source_rows])
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row ([B]); return the next logits [B, V] (model dtype)."""
-        tokens = tokens.to(device=self.positions.device, dtype=torch.long).clone()  # an inference tensor, as always
-        if not self.compiled:
-            return decode_step(self.model, self.cache, tokens, self.positions)
-        from torch._inductor import config as inductor_config  # heavy: only when compiling
+    def decode(self, tokens: torch.Tensor, rows: int | None = None, slots: int | None = None) -> torch.Tensor:
+        """Feed one token per row; return the next logits (model dtype).
 
-        # Freezing applies when a graph is compiled (the first call for a shape); later calls reuse it.
-        with inductor_config.patch(freezing=self.frozen):
-            return _compiled_step()(self.model, self.cache, tokens, self.positions)
+        Args:
+            tokens: [B] one per row, or [rows] with `rows`.
+            rows, slots: step only rows 0 .. rows-1, attending over their first `slots` slots (a server's
+                rows in use; the other rows are untouched). Default: every row and slot.
+
+        Returns:
+            [B] (or [rows]) x V logits.
+        """
+        tokens = tokens.to(device=self.positions.device, dtype=torch.long).clone()  # an inference tensor, as always
+        cache, positions = self.cache, self.positions
+        if rows is not None or slots is not None:
+            cache, positions = cache.rows(slice(0, rows), slots=slots), positions[:rows]
+        if not self.compiled:
+            return decode_step(self.model, cache, tokens, positions)
+        if positions.device.type == "cpu":  # one graph for every layer: seconds to compile, not minutes
+            return layerwise_decode_step(self.model, cache, tokens, positions, self.layer_coeffs)
+        return _compiled("step")(self.model, cache, tokens, positions)

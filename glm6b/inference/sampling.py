@@ -36,8 +36,8 @@ class GenerationConfig:
         early_stopping: beam search stops a prompt once num_beams hypotheses are finished (True),
             when no running beam can still beat the worst finished one by the usual estimate (False),
             or only when none can beat it at the maximum length ("never").
-        compile: run the decode step compiled (True), eagerly (False), or "auto": compiled on CUDA,
-            eager on the CPU, where it was measured not to pay (glm6b.inference.engine).
+        compile: run the decode step compiled (True), eagerly (False), or "auto": compiled on CUDA
+            and for CPU models of real size, eager for tiny ones (glm6b.inference.engine).
         prefill_chunk_size: prompt tokens per chunk when filling the KV cache.
     """
 

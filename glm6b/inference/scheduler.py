@@ -14,10 +14,10 @@ Each loop iteration (`Scheduler.step`) does three things:
 
 The rows are those of glm6b.inference.engine.DecodeEngine: a static KV cache with a length, a
 visibility mask and a 2D position per row, so a row joins and leaves without touching the others and
-the math of each row is that of generate()/chat() on that row alone. When the engine's step is
-compiled (CUDA, large CPU models) every step runs all `max_batch` rows and slots (one graph); eagerly,
-a step runs rows 0 .. the highest row in use (new requests take the lowest free row) over the slots in
-use, so a light load and short answers do not pay for idle rows and empty slots.
+the math of each row is that of generate()/chat() on that row alone. A step runs rows 0 .. the
+highest row in use (new requests take the lowest free row) over the slots in use, so a light load and
+short answers do not pay for idle rows and empty slots (a compiled step takes these sizes as symbolic
+after the first change, so they do not recompile it).
 
 Each row has its own sampling settings (greedy or temperature/top-k/top-p), its own random
 generator (seeded per request, so a seeded request samples the same tokens whichever rows share
@@ -41,7 +41,7 @@ import torch
 
 from ..model import build_mask_and_positions
 from .chat import process_response
-from .engine import DecodeEngine, decode_step
+from .engine import DecodeEngine
 from .generation import TextStreamer
 from .sampling import guard_invalid_scores
 
@@ -55,7 +55,7 @@ _TRAINING_TIME = "[[训练时间]]"
 
 # Tokens decoded again at every step at most (about): older ones are decoded once into a fixed head.
 _DECODE_WINDOW = 32
-# Eager steps attend over the slots in use rounded up to this (fewer distinct shapes for the kernels).
+# Steps attend over the slots in use rounded up to this (fewer distinct shapes for the kernels).
 SLOT_ROUNDING = 64
 
 
@@ -448,17 +448,13 @@ class Scheduler:
     def _decode(self, rows: list[_Row]) -> None:
         """Feed every row in use its newest token and sample the next one."""
         engine = self.engine
-        # Compiled: every row and slot, one graph. Eager: rows up to the highest one in use.
-        count = engine.batch_size if engine.compiled else max(row.slot for row in rows) + 1
+        # Rows up to the highest one in use (new requests take the lowest free row), over the slots in use
+        # (rounded up, so that the step's shape changes every SLOT_ROUNDING tokens, not every token).
+        count = max(row.slot for row in rows) + 1
+        slots = min(engine.max_length, -(-(max(row.filled for row in rows) + 1) // SLOT_ROUNDING) * SLOT_ROUNDING)
         tokens = torch.full((count,), self.model.config.pad_token_id, dtype=torch.long)  # idle rows feed <pad>
         tokens[[row.slot for row in rows]] = torch.tensor([row.ids[-1] for row in rows])
-        if engine.compiled:
-            logits = engine.decode(tokens)
-        else:
-            # Eager: attend over the slots in use only (rounded up), not all max_length of them.
-            slots = min(engine.max_length, -(-(max(row.filled for row in rows) + 1) // SLOT_ROUNDING) * SLOT_ROUNDING)
-            view = engine.cache.rows(slice(0, count), slots=slots)
-            logits = decode_step(self.model, view, tokens.to(self.model.device), engine.positions[:count])
+        logits = engine.decode(tokens, rows=count, slots=slots)
         for row in rows:
             row.filled += 1
         self._advance(rows, logits[[row.slot for row in rows]])

@@ -74,6 +74,20 @@ class PrefixPast:
 # ----------------------------------------------------------------------------------- static KV cache
 
 
+def write_slots(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                slots: torch.Tensor) -> None:
+    """One token per row into a layer's static cache: keys[b, :, slots[b]] = k[b, :, 0] (and values).
+
+    keys, values [B, nh, S, d]; k, v [B, nh, 1, d]; slots [B] int64.
+    """
+    # One index_put_ (scatter_ along the slot dim was 10x slower on the CPU for one row and 60x for
+    # eight). Under autocast (bf16 generation with float32 master weights) k/v arrive in the
+    # autocast dtype: cast them to the cache's.
+    rows = torch.arange(k.shape[0], device=k.device)
+    keys[rows, :, slots] = k[:, :, 0].to(keys.dtype)
+    values[rows, :, slots] = v[:, :, 0].to(values.dtype)
+
+
 class StaticKVCache:
     """Keys and values for a fixed batch of rows ("slots"), allocated once, with a position per row.
 
@@ -167,12 +181,7 @@ class StaticKVCache:
             keys[:, :, input_pos:end] = k
             values[:, :, input_pos:end] = v
             return keys[:, :, :end], values[:, :, :end]
-        # keys[b, :, input_pos[b]] = k[b, :, 0] as one index_put_ (scatter_ along the slot dim was
-        # 10x slower on the CPU for one row and 60x for eight). Under autocast (bf16 generation
-        # with float32 master weights) k/v arrive in the autocast dtype: cast them to the cache's.
-        rows = torch.arange(k.shape[0], device=k.device)
-        keys[rows, :, input_pos] = k[:, :, 0].to(keys.dtype)
-        values[rows, :, input_pos] = v[:, :, 0].to(values.dtype)
+        write_slots(keys, values, k, v, input_pos)
         return keys, values
 
     def update_range(self, layer: int, end: int):

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ChatGLMConfig
-from .cache import KVCache, PrefixPast, StaticKVCache
+from .cache import KVCache, PrefixPast, StaticKVCache, write_slots
 from .masks import InputError, build_mask_and_positions
 
 # The reference's GLMBlock takes `num_layers` with a default of 28 and the model never passes
@@ -138,6 +138,22 @@ def attention(q, k, v, mask: torch.Tensor | None, coeff: float, padded_queries: 
     return context
 
 
+def decode_attention(q, keys, values, mask: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+    """`attention` for a decode step, with the layer's coeff as a tensor: the reference's explicit
+    product (scores in the activation dtype, scaled by coeff in float32, -10000 where masked, float32
+    softmax). A tensor coeff lets one compiled graph serve every layer (SDPA takes its scale as a
+    Python number, which a compiled graph would hold as a per-layer constant).
+
+    Args:
+        q [B, nh, 1, d]; keys, values [B, nh, S, d]; mask [B, 1, 1, S] bool, True = masked (a decode
+        step's token always sees itself, so no row is fully masked); coeff: [] float32, layer index + 1.
+    """
+    q = q / (coeff * math.sqrt(q.shape[-1]))
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * coeff
+    probs = scores.masked_fill(mask, MASKED_SCORE).softmax(dim=-1).to(values.dtype)
+    return torch.matmul(probs, values)
+
+
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """tanh-approximate GELU: the reference's 0.5 x (1 + tanh(0.79788456 x (1 + 0.044715 x^2))).
 
@@ -174,6 +190,23 @@ class GLMBlock(nn.Module):
     def forward(self, x, cos, sin, mask, kv_cache=None, input_pos=None):
         a = self.input_layernorm(x)
         h = a * RESIDUAL_ALPHA + self.attention(a, cos, sin, mask, kv_cache, input_pos)
+        m = self.post_attention_layernorm(h)
+        return m * RESIDUAL_ALPHA + self.mlp(m)
+
+    def decode(self, x, cos, sin, mask, keys, values, slots, coeff):
+        """One token per row through the layer, with every per-layer value passed in as a tensor, so
+        that one compiled graph serves every layer (the engine's compiled CPU step compiles this).
+
+        The math of `forward` with a StaticKVCache and a [B] input_pos, up to rounding (attention by
+        `decode_attention`). x [B, 1, H]; cos/sin as for forward; mask [B, 1, 1, S]; keys/values
+        [B, nh, S, d], this layer's cache (the new token's are written at slots [B]); coeff: [] float32,
+        the layer index + 1.
+        """
+        a = self.input_layernorm(x)
+        q, k, v = self.attention.rotated_qkv(a, cos, sin)
+        write_slots(keys, values, k, v, slots)
+        context = decode_attention(q, keys, values, mask, coeff)  # [B, nh, 1, d]
+        h = a * RESIDUAL_ALPHA + self.attention.dense(context.transpose(1, 2).reshape(x.shape[0], 1, -1))
         m = self.post_attention_layernorm(h)
         return m * RESIDUAL_ALPHA + self.mlp(m)
 
@@ -259,15 +292,20 @@ class ChatGLMModel(nn.Module):
         past = self.prefix_dropout(past)
         return past.permute(2, 3, 0, 4, 1, 5)  # [L, 2, B, nh, P, d]
 
+    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """The cos/sin tables of 2D positions [B, 2, T]: ((cos0, cos1), (sin0, sin1)), each [B, 1, T, d/2],
+        index 0 for the absolute positions and 1 for the block positions (each half-head rotates)."""
+        inv_freq = torch.tensor(self.rotary_inv_freq, device=position_ids.device)
+        cos0, sin0 = rotary_cos_sin(position_ids[:, 0], inv_freq, dtype)
+        cos1, sin1 = rotary_cos_sin(position_ids[:, 1], inv_freq, dtype)
+        return (cos0, cos1), (sin0, sin1)
+
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, kv_cache=None,
                 inputs_embeds=None, output_hidden_states: bool = False, input_pos=None, chunk_size=None):
         """Run the blocks. Masks/positions must already be built (see ChatGLMForConditionalGeneration).
         chunk_size: prefill a StaticKVCache in chunks of that many tokens (GLMBlock.forward_chunked)."""
         x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, H]
-        inv_freq = torch.tensor(self.rotary_inv_freq, device=x.device)  # each half-head rotates
-        cos0, sin0 = rotary_cos_sin(position_ids[:, 0], inv_freq, x.dtype)
-        cos1, sin1 = rotary_cos_sin(position_ids[:, 1], inv_freq, x.dtype)
-        cos, sin = (cos0, cos1), (sin0, sin1)
+        cos, sin = self.rotary(position_ids, x.dtype)
         hidden_states = []
         for layer in self.layers:
             if output_hidden_states:

@@ -397,8 +397,8 @@ class QuantizedLinear(nn.Module):
             self.weight.copy_(self.thudm_weight())
             self.__dict__["_in_place_of"] = None
             _return_freed_heap()
-        if own:
-            return ("glm6b_cpu", cpu_kernels.has_amx())
+        if own:  # the int8 row scale in `dtype` for PyTorch's op at 1-2 rows (made here, not at every call)
+            return ("glm6b_cpu", cpu_kernels.has_amx(), self.weight_scale.to(dtype) if self.bits == 8 else None)
         if cpu_int4:
             return self._build_cpu_int4(dtype)
         if device.type == "cpu" and dtype in _CPU_DTYPES and self.bits == 8:
@@ -449,7 +449,7 @@ class QuantizedLinear(nn.Module):
         except (RuntimeError, NotImplementedError, AttributeError):
             return None
 
-    def _run_glm6b_cpu(self, x2d: torch.Tensor, amx: bool) -> torch.Tensor:
+    def _run_glm6b_cpu(self, x2d: torch.Tensor, amx: bool, int8_scale: torch.Tensor | None) -> torch.Tensor:
         """glm6b's own kernels where they are faster (benchmarks/quantize.py, kernels table)."""
         rows = x2d.shape[0]
         many = rows >= CPU_DEQUANTIZED_MIN_ROWS
@@ -457,7 +457,7 @@ class QuantizedLinear(nn.Module):
         if (self.bits == 4 and (amx or not many)) or (amx and rows >= cpu_kernels.AMX_MIN_ROWS):
             return cpu_kernels.quantized_matmul(x2d, self.weight, self.weight_scale, self.bits, amx)
         if not many:
-            return torch.ops.aten._weight_int8pack_mm(x2d, self.weight, self.weight_scale.to(x2d.dtype))
+            return torch.ops.aten._weight_int8pack_mm(x2d, self.weight, int8_scale)
         # A prefill without AMX: blocks of de-quantized weight and the float GEMM.
         def fill(start, end, block):
             cpu_kernels.dequantize_rows(self.weight[start:end], self.weight_scale[start:end], self.bits, block)
@@ -467,7 +467,7 @@ class QuantizedLinear(nn.Module):
     def _run_kernel(self, kernel: tuple, x2d: torch.Tensor) -> torch.Tensor:
         kind = kernel[0]
         if kind == "glm6b_cpu":
-            return self._run_glm6b_cpu(x2d, kernel[1])
+            return self._run_glm6b_cpu(x2d, kernel[1], kernel[2])
         many_rows = x2d.shape[0] >= CPU_DEQUANTIZED_MIN_ROWS and x2d.device.type == "cpu"
         if kind == "int8pack":
             if many_rows:
