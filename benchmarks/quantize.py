@@ -11,7 +11,7 @@ Tables:
    bfloat16 weight against PyTorch's weight-only ops (``_weight_int8pack_mm``,
    ``_weight_int4pack_mm_for_cpu`` with each group size it accepts) and the `QuantizedLinear`
    module as the model runs it (with --lm-head also the 130528 x 4096 lm_head, module only), and for
-   one or two rows glm6b's bfloat16 kernel (what BF16DecodeLinear runs in a bf16 decode step): on an
+   up to cpu_kernels.BF16_MAX_ROWS rows glm6b's bfloat16 kernel (what BF16DecodeLinear runs in a bf16 decode step): on an
    AVX512-BF16 CPU, glm6b's own kernels (glm6b.quant.cpu_kernels). The same module is also timed
    held to PyTorch's ops ("stock ops") and, on a CPU with AMX, to the kernels' path for CPUs without
    it ("glm6b no AMX"). Where the stock ops run, from glm6b.quant.linear.CPU_DEQUANTIZED_MIN_ROWS rows

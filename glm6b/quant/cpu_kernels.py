@@ -18,8 +18,8 @@ compiler and the CPU, so a changed file or machine builds anew. Where there is n
 AVX512-BF16, or ``GLM6B_CPU_KERNELS=0``, `available()` is False and glm6b.quant.linear uses PyTorch's ops;
 ``GLM6B_AMX=0`` keeps the kernels but not their AMX path (to compare the two).
 
-The same dot products also multiply a bfloat16 weight by one or two rows (``glm6b::bf16_matmul``): about
-1.5x the memory bandwidth of F.linear there, which is what a bfloat16 decode step is bound by (see
+The same dot products also multiply a bfloat16 weight by one to four rows (``glm6b::bf16_matmul``): about
+1.4-1.8x the memory bandwidth of F.linear there, which is what a bfloat16 decode step is bound by (see
 glm6b.quant.linear.BF16DecodeLinear).
 
 The entry points are PyTorch custom ops (``glm6b::quantized_matmul``, ``glm6b::bf16_matmul``,
@@ -193,8 +193,10 @@ def _(x, weight, weight_scale, bits, amx=True):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-# Input rows up to which `bf16_matmul` beats F.linear on a bfloat16 weight (memory-bound dot products).
-BF16_MAX_ROWS = 2
+# Input rows up to which `bf16_matmul` beats F.linear on a bfloat16 weight (memory-bound dot products;
+# benchmarks/quantize.py: at 4 rows 3.8 against 5.4 ms on 16384x4096, 42.6 against 52.8 on the lm_head,
+# at 8 rows F.linear is faster).
+BF16_MAX_ROWS = 4
 
 
 @torch.library.custom_op("glm6b::bf16_matmul", mutates_args=())
