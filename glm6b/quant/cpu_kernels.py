@@ -19,7 +19,7 @@ AVX512-BF16, or ``GLM6B_CPU_KERNELS=0``, `available()` is False and glm6b.quant.
 ``GLM6B_AMX=0`` keeps the kernels but not their AMX path (to compare the two).
 
 The same dot products also multiply a bfloat16 weight by one to four rows (``glm6b::bf16_matmul``): about
-1.4-1.8x the memory bandwidth of F.linear there, which is what a bfloat16 decode step is bound by (see
+1.3-1.9x the memory bandwidth of F.linear there, which is what a bfloat16 decode step is bound by (see
 glm6b.quant.linear.BF16DecodeLinear).
 
 The entry points are PyTorch custom ops (``glm6b::quantized_matmul``, ``glm6b::bf16_matmul``,
@@ -194,8 +194,8 @@ def _(x, weight, weight_scale, bits, amx=True):
 
 
 # Input rows up to which `bf16_matmul` beats F.linear on a bfloat16 weight (memory-bound dot products;
-# benchmarks/quantize.py: at 4 rows 3.8 against 5.4 ms on 16384x4096, 42.6 against 52.8 on the lm_head,
-# at 8 rows F.linear is faster).
+# `benchmarks/quantize.py --only kernels --rows 3 4`: 1.3-1.9x F.linear's speed). By 8 rows the dot
+# products are bound by arithmetic and F.linear's GEMM was faster.
 BF16_MAX_ROWS = 4
 
 

@@ -10,7 +10,7 @@
 // multiplied with every input row (vdpbf16ps, float32 sums), so eight rows cost far less than eight
 // times one row: PyTorch's CPU int4 op unpacks per row.
 // The row scale is applied to the float32 sum, and y rounded to bfloat16 once.
-// The same dot products on a bfloat16 weight (bits 16) read it at about 1.4-1.8x the bandwidth of
+// The same dot products on a bfloat16 weight (bits 16) read it at about 1.3-1.9x the bandwidth of
 // PyTorch's F.linear for one to four rows (benchmarks/quantize.py, kernels table): decoding in bfloat16.
 // glm6b_dequantize: rows [N, K] of bfloat16(q * scale), for a prompt's prefill without AMX (the float
 // GEMM then does the multiply).
