@@ -190,7 +190,7 @@ def test_compiled_step_writes_the_cache_in_place(model, tok, graph):
 
     from torch._inductor.utils import run_and_get_code
 
-    from glm6b.inference.engine import _compiled
+    from glm6b.inference.engine import _compiled, decode_step
 
     torch._dynamo.reset()
     batch = tok(BATCH["texts"], padding=True, return_tensors="pt")
@@ -202,7 +202,7 @@ def test_compiled_step_writes_the_cache_in_place(model, tok, graph):
         logits, codes = run_and_get_code(engine.decode, tokens)
     else:
         with torch.inference_mode():
-            logits, codes = run_and_get_code(_compiled("step"), model, engine.cache, tokens.clone(), engine.positions)
+            logits, codes = run_and_get_code(_compiled(decode_step), model, engine.cache, tokens.clone(), engine.positions)
     torch._dynamo.reset()
     shapes = [tuple(int(n) for n in re.findall(r"\d+", match))
               for code in codes for match in re.findall(r"empty_strided_cpu\(\(([\d, ]*)\)", code)]

@@ -39,6 +39,8 @@ cache has the slots asked for, no more: a step's attention covers them all.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..model import StaticKVCache, build_mask_and_positions
@@ -131,7 +133,7 @@ def layerwise_decode_step(model, cache: StaticKVCache, tokens: torch.Tensor, pos
     x = transformer.word_embeddings(tokens[:, None])  # [B, 1, H]
     cos, sin = transformer.rotary(positions[:, :, None], x.dtype)
     mask, slots = cache.decode_mask(), cache.next_slots()
-    layer_step = _compiled("layer")
+    layer_step = _compiled(_layer_decode)
     for layer, keys, values, coeff in zip(transformer.layers, cache.layer_keys, cache.layer_values, layer_coeffs):
         x = layer_step(layer, x, cos, sin, mask, keys, values, slots, coeff)
     logits = model.lm_head(transformer.final_layernorm(x))[:, -1]
@@ -144,16 +146,11 @@ def _layer_decode(layer, x, cos, sin, mask, keys, values, slots, coeff):
     return layer.decode(x, cos, sin, mask, keys, values, slots, coeff)
 
 
-_compiled_functions = {}
-
-
-def _compiled(which: str):
-    """decode_step ("step") or one layer's decode ("layer") under torch.compile, made once (torch
-    caches the graphs per model and shapes)."""
-    if which not in _compiled_functions:
-        function = decode_step if which == "step" else _layer_decode
-        _compiled_functions[which] = torch.compile(function, fullgraph=True, dynamic=None)
-    return _compiled_functions[which]
+@functools.cache
+def _compiled(function):
+    """`function` (decode_step or _layer_decode) under torch.compile, made once (torch caches the graphs
+    per model and shapes)."""
+    return torch.compile(function, fullgraph=True, dynamic=None)
 
 
 class DecodeEngine:
@@ -270,4 +267,4 @@ class DecodeEngine:
             return decode_step(self.model, cache, tokens, positions)
         if positions.device.type == "cpu":  # one graph for every layer: seconds to compile, not minutes
             return layerwise_decode_step(self.model, cache, tokens, positions, self.layer_coeffs)
-        return _compiled("step")(self.model, cache, tokens, positions)
+        return _compiled(decode_step)(self.model, cache, tokens, positions)

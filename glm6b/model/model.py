@@ -106,10 +106,13 @@ class SelfAttention(nn.Module):
 
     def attend(self, q, k, v, mask, padded_queries: bool = True):
         """Queries [B, nh, T, d] over keys/values [B, nh, S, d] -> the projected output [B, T, H]."""
-        b, _, t, _ = q.shape
         context = attention(q, k, v, mask, coeff=float(self.layer_id + 1), padded_queries=padded_queries)
-        context = context.transpose(1, 2).reshape(b, t, -1)  # [B, T, nh * d], heads concatenated
-        return self.dense(context)
+        return self.project(context)
+
+    def project(self, context):
+        """Per-head attention outputs [B, nh, T, d] -> the output projection of the heads concatenated, [B, T, H]."""
+        b, _, t, _ = context.shape
+        return self.dense(context.transpose(1, 2).reshape(b, t, -1))
 
 
 def attention(q, k, v, mask: torch.Tensor | None, coeff: float, padded_queries: bool = True) -> torch.Tensor:
@@ -189,7 +192,12 @@ class GLMBlock(nn.Module):
 
     def forward(self, x, cos, sin, mask, kv_cache=None, input_pos=None):
         a = self.input_layernorm(x)
-        h = a * RESIDUAL_ALPHA + self.attention(a, cos, sin, mask, kv_cache, input_pos)
+        return self.after_attention(a, self.attention(a, cos, sin, mask, kv_cache, input_pos))
+
+    def after_attention(self, a, attended):
+        """The rest of the layer from the normalized input `a` and the attention's output: both residuals
+        and the MLP."""
+        h = a * RESIDUAL_ALPHA + attended
         m = self.post_attention_layernorm(h)
         return m * RESIDUAL_ALPHA + self.mlp(m)
 
@@ -206,9 +214,7 @@ class GLMBlock(nn.Module):
         q, k, v = self.attention.rotated_qkv(a, cos, sin)
         write_slots(keys, values, k, v, slots)
         context = decode_attention(q, keys, values, mask, coeff)  # [B, nh, 1, d]
-        h = a * RESIDUAL_ALPHA + self.attention.dense(context.transpose(1, 2).reshape(x.shape[0], 1, -1))
-        m = self.post_attention_layernorm(h)
-        return m * RESIDUAL_ALPHA + self.mlp(m)
+        return self.after_attention(a, self.attention.project(context))
 
     def forward_chunked(self, x, cos, sin, mask, kv_cache: StaticKVCache, input_pos: int, chunk_size: int):
         """The same layer for a long prompt, C = chunk_size tokens at a time (prefill into a StaticKVCache).
@@ -231,9 +237,7 @@ class GLMBlock(nn.Module):
         keys, values = kv_cache.update_range(self.attention.layer_id, input_pos + t)  # [B, nh, P+T, d]
         out = []
         for c, a, q in zip(chunks, normed, queries):
-            h = a * RESIDUAL_ALPHA + self.attention.attend(q, keys, values, mask[:, :, c])
-            m = self.post_attention_layernorm(h)
-            out.append(m * RESIDUAL_ALPHA + self.mlp(m))
+            out.append(self.after_attention(a, self.attention.attend(q, keys, values, mask[:, :, c])))
         return torch.cat(out, dim=1)
 
 
