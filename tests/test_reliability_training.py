@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from helpers import GOLDEN, one_error_line, run_cli, snapshot, write_adgen_sample
 
 from glm6b.cli import main
+from glm6b.train.state import list_checkpoints
 
 ROOT = Path(__file__).parent.parent
 CONFIGS = ROOT / "glm6b" / "configs"
@@ -355,7 +356,9 @@ def test_run_killed_at_random_points_ends_with_the_weights_of_a_straight_run(tmp
     rng = random.Random(0)
     kills = 0
     for attempt in range(12):
-        resume = ("trainer.resume_from_checkpoint=latest",) if list(out.glob("checkpoint-*")) else ()
+        # Resume only from a finished checkpoint-<step>/ (a kill while saving leaves checkpoint-<step>.tmp,
+        # which "latest" rightly refuses to resume from).
+        resume = ("trainer.resume_from_checkpoint=latest",) if list_checkpoints(out) else ()
         proc = start(out, *resume)
         if kills < 4:
             time.sleep(rng.uniform(0.2, 0.9) * whole_run)
