@@ -42,7 +42,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from glm6b.config import ChatGLMConfig  # noqa: E402
-from glm6b.inference.engine import DecodeEngine, prompt_inputs  # noqa: E402
+from glm6b.inference.engine import DecodeEngine, prompt_inputs, weight_bytes  # noqa: E402
 from glm6b.model import ChatGLMForConditionalGeneration  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -190,10 +190,10 @@ def main() -> None:
         quantize_model(model, 4 if args.quantize == "int4" else 8)
         prepare_kernels(model)  # whatever a kernel builds at its first forward, done before anything is timed
     config = model.config
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model_bytes = weight_bytes(model)
     slots = args.prompt_length + args.new_tokens
     print(f"preset {args.preset} ({config.num_layers} layers, hidden {config.hidden_size}): "
-          f"{model.num_parameters() / 1e6:.1f}M parameters ({weight_bytes / 1e9:.2f} GB), {dtype}"
+          f"{model.num_parameters() / 1e6:.1f}M parameters ({model_bytes / 1e9:.2f} GB), {dtype}"
           f"{' weights ' + args.quantize if args.quantize else ''}, {device}, "
           f"{torch.get_num_threads()} CPU threads; prompt {args.prompt_length} tokens, {args.new_tokens} new tokens, "
           f"prefill chunk {args.prefill_chunk_size}, median of {args.repeats} runs")
@@ -230,7 +230,7 @@ def main() -> None:
             steps = args.new_tokens - 1
             print(f"| {batch} | {mode} | {batch * args.prompt_length / prefill:,.0f} | "
                   f"{statistics.median(gemms) / 1e9:,.1f} | {100 * share:.0f} % | {batch * steps / decode:,.1f} | "
-                  f"{1000 * decode / steps:.2f} | {weight_bytes / (decode / steps) / 1e9:.1f} |", flush=True)
+                  f"{1000 * decode / steps:.2f} | {model_bytes / (decode / steps) / 1e9:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import functools
 
 import torch
 
-from ..model import StaticKVCache, build_mask_and_positions
+from ..model import GLMBlock, StaticKVCache, build_mask_and_positions
 from ..quant.linear import use_bf16_decode_kernels
 
 DEFAULT_PREFILL_CHUNK_SIZE = 512
@@ -133,7 +133,7 @@ def layerwise_decode_step(model, cache: StaticKVCache, tokens: torch.Tensor, pos
     x = transformer.word_embeddings(tokens[:, None])  # [B, 1, H]
     cos, sin = transformer.rotary(positions[:, :, None], x.dtype)
     mask, slots = cache.decode_mask(), cache.next_slots()
-    layer_step = _compiled(_layer_decode)
+    layer_step = _compiled(GLMBlock.decode)  # the layer is its first argument: one graph for all layers
     for layer, keys, values, coeff in zip(transformer.layers, cache.layer_keys, cache.layer_values, layer_coeffs):
         x = layer_step(layer, x, cos, sin, mask, keys, values, slots, coeff)
     logits = model.lm_head(transformer.final_layernorm(x))[:, -1]
@@ -142,13 +142,9 @@ def layerwise_decode_step(model, cache: StaticKVCache, tokens: torch.Tensor, pos
     return logits
 
 
-def _layer_decode(layer, x, cos, sin, mask, keys, values, slots, coeff):
-    return layer.decode(x, cos, sin, mask, keys, values, slots, coeff)
-
-
 @functools.cache
 def _compiled(function):
-    """`function` (decode_step or _layer_decode) under torch.compile, made once (torch caches the graphs
+    """`function` (decode_step or GLMBlock.decode) under torch.compile, made once (torch caches the graphs
     per model and shapes)."""
     return torch.compile(function, fullgraph=True, dynamic=None)
 
