@@ -207,7 +207,7 @@ def worker_prepare(spec: dict) -> dict:
             shutil.copyfile(Path(spec["tokenizer_dir"]) / name, folder / name)
         stamp.write_text(json.dumps({"layers": spec["layers"], "seed": spec["seed"]}) + "\n")
     try:
-        from glm6b.quant.folder import quantize_folder
+        from glm6b.api import quantize_folder
     except ImportError:
         return result  # no quantized folders: the glm6b worker quantizes at load (or reports n/a)
     for name in spec["quantized"]:

@@ -20,11 +20,12 @@ import torch
 
 from .checkpoint import hf
 from .checkpoint import mindspore as ms
+from .checkpoint.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from .checkpoint.errors import CheckpointError
-from .config import ChatGLMConfig
+from .config import ChatGLMConfig, LoraConfig
 from .model.model import rotary_inv_freq
 from .tokenizer import load_tokenizer
-from .train.lora import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LoraArguments, apply_lora
+from .train.lora import apply_lora
 
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -127,7 +128,7 @@ def _write_peft_adapter(model, path: Path, adapter_dir: Path, rank: int, alpha: 
     leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
     every_layer = len(modules) == len(leaves) * model.config.num_layers
     targets = leaves if every_layer else modules  # leaf names when every layer is adapted, as MindFormers does
-    peft_model = apply_lora(model, LoraArguments(r=rank, lora_alpha=alpha, target_modules=targets),
+    peft_model = apply_lora(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets),
                             base_model_name_or_path=str(base_dir.resolve()))
     result = peft.set_peft_model_state_dict(peft_model, state)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])

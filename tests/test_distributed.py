@@ -17,9 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # helpers and dist_scripts (the spawned processes inherit it)
 
-from helpers import GOLDEN, assert_close_rel  # noqa: E402
-
 import torch.distributed as dist  # noqa: E402
+from helpers import GOLDEN, assert_close_rel  # noqa: E402
 
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("torch.distributed with the gloo backend is not available in this PyTorch build",
@@ -28,12 +27,15 @@ if not (dist.is_available() and dist.is_gloo_available()):
 from dist_scripts import workers  # noqa: E402
 from dist_scripts.harness import ProcessPool  # noqa: E402
 
+from glm6b.checkpoint.hf import CheckpointError, load_model  # noqa: E402
+from glm6b.config import (  # noqa: E402
+    ChatGLMConfig,
+    ConfigError,
+    ParallelConfig,  # noqa: E402
+)
 from glm6b.train import dcp as DCP  # noqa: E402
 from glm6b.train import export  # noqa: E402
 from glm6b.train import parallel as D  # noqa: E402
-from glm6b.train.args import ParallelConfig  # noqa: E402
-from glm6b.checkpoint.hf import CheckpointError, load_model  # noqa: E402
-from glm6b.config import ChatGLMConfig, ConfigError  # noqa: E402
 
 JOB_TIMEOUT_S = 90  # the first job of a pool also imports torch.distributed's parallel modules
 

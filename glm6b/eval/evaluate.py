@@ -40,16 +40,13 @@ from typing import Literal
 
 import torch
 
-from ..auto import resolve_model_path
-from ..checkpoint.hf import load_model
-from ..config import ChatGLMConfig
+from ..api import load
+from ..config import DataConfig, DataError, GenerationConfig, LoadConfig, make_generation_config
+from ..data.adgen import ReadStats, iter_examples
+from ..inference.generation import generate
 from ..io import atomic_write_text
 from ..safety import OutputError, check_output_file
-from ..train.data import DataConfig, DataError, ReadStats, iter_examples
-from ..inference.generation import GenerationConfig, generate, make_generation_config
-from ..train.lora import load_adapter
 from .metrics import METRIC_NAMES, compute_metrics
-from ..tokenizer import check_tokenizer_matches, load_tokenizer
 
 PREDICTIONS_NAME = "predictions.jsonl"
 METRICS_NAME = "metrics.json"
@@ -241,10 +238,9 @@ def read_eval_examples(data_path: str | os.PathLike, data_config: DataConfig, mo
 
 
 def run_eval(
-    model_path: str | os.PathLike,
+    model: LoadConfig | str | os.PathLike,
     data_path: str | os.PathLike,
     output_dir: str | os.PathLike,
-    adapter: str | os.PathLike | None = None,
     mode: Literal["eval", "predict"] = "eval",
     batch_size: int = 16,
     max_new_tokens: int | None = None,
@@ -252,13 +248,10 @@ def run_eval(
     max_target_length: int = 64,
     prompt_column: str = "content",
     response_column: str = "summary",
-    dtype: torch.dtype | str | None = None,
-    device: torch.device | str | None = None,
     progress: bool = True,
     skip_bad: bool = False,
     data_config: DataConfig | None = None,
-    quantize: str | None = None,
-    quantize_embeddings: bool = False,
+    generation_config: GenerationConfig | None = None,
     **generation_kwargs,
 ) -> dict:
     """Evaluate (or just run) a checkpoint on an ADGEN-format jsonl file and write the results.
@@ -273,26 +266,26 @@ def run_eval(
       says what was run and an older metrics.json there cannot be mistaken for this run's.
 
     Args:
-        model_path: model folder or name (see glm6b.auto.resolve_model_path).
+        model: what to load (glm6b.config.LoadConfig: the folder or name, a LoRA adapter, dtype, device,
+            quantization, compile), or a model folder / name.
         data_path: jsonl file, one {prompt_column: ..., response_column: ...} object per line.
         output_dir: created if needed.
-        adapter: a PEFT LoRA adapter folder, applied without merging.
         mode: "eval" (generate and score) or "predict" (generate only; no references needed).
         batch_size: prompts per generate call.
         max_new_tokens: limit on generated tokens; None means max_target_length.
         max_source_length: prompt budget in tokens, [gMASK] <sop> included.
         max_target_length: reference budget in tokens (answers are truncated to it for scoring).
         prompt_column, response_column: jsonl fields (ADGEN: "content", "summary").
-        dtype, device: where and how to load the model (see glm6b.checkpoint.hf.load_model).
         progress: show a progress bar and print the results table.
         skip_bad: skip (and count) malformed lines instead of stopping at the first one (ignored
             when data_config is given: its own skip_bad applies).
         data_config: the training run's data settings (source_prefix, history_column, columns,
             lengths); when given, it replaces max_source_length, max_target_length, prompt_column and
             response_column, so the prompts are exactly those the model was trained on.
-        quantize, quantize_embeddings: weight-only int8/int4 at load (see glm6b.checkpoint.hf.load_model).
-        **generation_kwargs: GenerationConfig fields (do_sample, temperature, top_p, top_k, seed, ...);
-            greedy by default.
+        generation_config: base generation settings (greedy when not given); with compile "auto" the
+            decode step compiles as model.compile says.
+        **generation_kwargs: GenerationConfig fields overriding it (do_sample, temperature, top_p, top_k,
+            seed, ...).
 
     Returns:
         The dict written to metrics.json.
@@ -316,15 +309,13 @@ def run_eval(
         for name in ("predictions.jsonl", "metrics.json"):
             check_output_file(Path(output_dir) / name, inputs=[data_path], flag="--output-dir")
     examples, stats = read_eval_examples(data_path, data_config, mode)
-    generation = make_generation_config(max_new_tokens=max_new_tokens, **generation_kwargs)
+    spec = model if isinstance(model, LoadConfig) else LoadConfig(load_checkpoint=os.fspath(model))
+    generation = make_generation_config(generation_config, **{**generation_kwargs, "max_new_tokens": max_new_tokens})
+    if generation.compile == "auto":
+        generation.compile = spec.compile
 
-    folder = resolve_model_path(model_path)
-    tokenizer = load_tokenizer(folder)
-    check_tokenizer_matches(tokenizer, ChatGLMConfig.from_json_file(folder / "config.json"), model_path)
+    model, tokenizer, _ = load(spec)
     generation = make_generation_config(generation, allowed_vocab_size=len(tokenizer))
-    model = load_model(folder, dtype=dtype, device=device, quantize=quantize, quantize_embeddings=quantize_embeddings)
-    if adapter is not None:
-        model = load_adapter(model, adapter)  # not merged
     prompts = [ex.prompt for ex in examples]
     predictions, timing = generate_predictions(model, tokenizer, prompts, batch_size=batch_size,
                                                max_source_length=data_config.max_source_length,
@@ -346,8 +337,8 @@ def run_eval(
         "skipped_empty": stats.skipped_empty,
         "timing": timing,
         "settings": {
-            "model": str(model_path),
-            "adapter": None if adapter is None else str(adapter),
+            "model": spec.load_checkpoint,
+            "adapter": spec.adapter,
             "data": str(data_path),
             "batch_size": batch_size,
             "max_source_length": data_config.max_source_length,

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from ..checkpoint.hf import CheckpointError
+from ..config import ParallelConfig
 from ..io import commit_folder, staging_folder
 from ..model import ChatGLMForConditionalGeneration
-from .args import ParallelConfig
 from .parallel import barrier, get_world_size, is_main_process, unwrap_parallel
 
 # Files a DCP checkpoint folder holds besides DCP's own (.metadata, __<rank>_<n>.distcp).
@@ -40,7 +40,7 @@ TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
 # ----------------------------------------------------------------------------------- DCP checkpoints
 
 
-def _model_parts(model: nn.Module) -> tuple[nn.Module, ChatGLMForConditionalGeneration, Any]:
+def model_parts(model: nn.Module) -> tuple[nn.Module, ChatGLMForConditionalGeneration, Any]:
     """(unwrapped module, the ChatGLM model, PEFT config or None)."""
     module = unwrap_parallel(model)
     base = module.get_base_model() if hasattr(module, "get_base_model") else module
@@ -61,9 +61,9 @@ def _state_dict_options(trainable_only: bool, full: bool = False):
     return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only, full_state_dict=full)
 
 
-def _tied_keys(model: nn.Module) -> tuple[str, str] | None:
+def tied_keys(model: nn.Module) -> tuple[str, str] | None:
     """(lm_head key, word-embedding key) when lm_head is tied to the embeddings (as state-dict keys)."""
-    module, base, peft_config = _model_parts(model)
+    module, base, peft_config = model_parts(model)
     if not base.config.tie_word_embeddings:
         return None
     prefix = PEFT_PREFIX if peft_config is not None else ""
@@ -84,7 +84,7 @@ def _train_state_dicts(model: nn.Module, optimizer, trainable_only: bool) -> dic
         model_sd, optim_sd = get_model_state_dict(model, options=options), None
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-    tied = _tied_keys(model)
+    tied = tied_keys(model)
     if tied:
         model_sd.pop(tied[0], None)
     if trainable_only:
@@ -96,13 +96,15 @@ def _train_state_dicts(model: nn.Module, optimizer, trainable_only: bool) -> dic
     return payload
 
 
-def _checkpoint_kind(base: ChatGLMForConditionalGeneration, peft_config) -> str:
+def method_of(base: ChatGLMForConditionalGeneration, peft_config) -> str:
+    """What a model trains: "lora" (a PEFT config), "ptuning" (a prefix) or "full"."""
     if peft_config is not None:
         return "lora"
     return "ptuning" if base.config.pre_seq_len else "full"
 
 
-def _copy_tokenizer(tokenizer, folder: Path) -> None:
+def copy_tokenizer(tokenizer, folder: Path) -> None:
+    """Write the tokenizer files into `folder`: a tokenizer object saves itself, a folder's files are copied."""
     if tokenizer is None:
         return
     if hasattr(tokenizer, "save_pretrained"):
@@ -149,7 +151,7 @@ def save_sharded(state: dict[str, Any], directory: str | os.PathLike, *, tokeniz
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     model = state[MODEL_KEY]
-    module, base, peft_config = _model_parts(model)
+    module, base, peft_config = model_parts(model)
     adapter_name = getattr(module, "active_adapter", "default") if peft_config is not None else None
     if trainable_only is None:
         trainable_only = any(not p.requires_grad for p in model.parameters())
@@ -164,7 +166,7 @@ def save_sharded(state: dict[str, Any], directory: str | os.PathLike, *, tokeniz
     with _quiet_single_process():
         dcp.save(payload, checkpoint_id=str(tmp))
     if is_main_process():
-        info = {"format": CHECKPOINT_FORMAT, "version": 1, "kind": _checkpoint_kind(base, peft_config),
+        info = {"format": CHECKPOINT_FORMAT, "version": 1, "kind": method_of(base, peft_config),
                 "trainable_only": trainable_only, "world_size": get_world_size(), "adapter_name": adapter_name,
                 "parallel": dataclasses.asdict(parallel_config) if parallel_config else None,
                 "keys": _saved_keys(tmp)}
@@ -173,7 +175,7 @@ def save_sharded(state: dict[str, Any], directory: str | os.PathLike, *, tokeniz
                                          encoding="utf-8")
         if peft_config is not None:
             peft_config.save_pretrained(str(tmp))
-        _copy_tokenizer(tokenizer, tmp)
+        copy_tokenizer(tokenizer, tmp)
         (tmp / CHECKPOINT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     barrier()  # every shard is on disk before the folder gets its final name
     if is_main_process():
@@ -240,8 +242,8 @@ def load_sharded(state: dict[str, Any], directory: str | os.PathLike) -> dict[st
     directory = Path(directory)
     info = read_checkpoint_info(directory)
     model = state[MODEL_KEY]
-    _, base, peft_config = _model_parts(model)
-    kind = _checkpoint_kind(base, peft_config)
+    _, base, peft_config = model_parts(model)
+    kind = method_of(base, peft_config)
     if kind != info["kind"]:
         raise CheckpointError(f"{directory} is a {info['kind']} checkpoint; the model to load it into is {kind}")
     missing = [k for k in state if k not in info["keys"]]
@@ -264,7 +266,7 @@ def load_sharded(state: dict[str, Any], directory: str | os.PathLike) -> dict[st
     except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
         raise CheckpointError(f"{directory}: cannot load the sharded checkpoint into this model: "
                               f"{_dcp_reason(e)}") from e
-    tied = _tied_keys(model)
+    tied = tied_keys(model)
     if tied and tied[1] in payload[MODEL_KEY]:
         payload[MODEL_KEY][tied[0]] = payload[MODEL_KEY][tied[1]]  # the same tensor, for a strict load
     set_state_dict(model, optimizer if optimizer is not None else [],

@@ -11,12 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import GenerationConfig, TrainerError
+from ..data.adgen import RowDataset, render_prompt
 from ..eval.evaluate import evaluate_generation, generate_predictions
 from ..eval.metrics import METRIC_NAMES
-from ..inference.generation import GenerationConfig
 from ..model import GLMBlock
-from .args import TrainerError
-from .data import RowDataset, render_prompt
 from .loss import causal_lm_loss, count_target_tokens
 from .parallel import unwrap_model, unwrap_parallel
 

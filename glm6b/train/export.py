@@ -12,15 +12,29 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint.hf import (MODEL_FOLDER_FILES, MODEL_FOLDER_PREFIXES, PREFIX_ENCODER, CheckpointError,
-                             estimate_model_bytes, load_model, save_pretrained)
+from ..checkpoint.hf import (
+    MODEL_FOLDER_FILES,
+    MODEL_FOLDER_PREFIXES,
+    PREFIX_ENCODER,
+    CheckpointError,
+    estimate_model_bytes,
+    load_model,
+    save_pretrained,
+)
 from ..config import ChatGLMConfig
 from ..extras import import_extra
 from ..io import atomic_folder
 from ..model import ChatGLMForConditionalGeneration
 from ..safety import check_output_dir, folder_bytes
-from .dcp import (PEFT_PREFIX, _checkpoint_kind, _copy_tokenizer, _model_parts, _tied_keys, load_full_model_state,
-                  read_checkpoint_info)
+from .dcp import (
+    PEFT_PREFIX,
+    copy_tokenizer,
+    load_full_model_state,
+    method_of,
+    model_parts,
+    read_checkpoint_info,
+    tied_keys,
+)
 from .parallel import barrier, is_main_process
 
 
@@ -62,7 +76,7 @@ def merge_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathLike
       `glm6b.load_model` reads.
     * LoRA: with `base_model_path`, the adapter merged into the base weights (W + B A * scaling),
       as an HF folder; without it, the PEFT adapter folder (adapter_config.json +
-      adapter_model.safetensors, + tokenizer files) for `glm6b.train.lora.load_adapter` /
+      adapter_model.safetensors, + tokenizer files) for `glm6b.checkpoint.adapters.load_adapter` /
       `PeftModel.from_pretrained`. A LoRA checkpoint written with trainable_only=False carries
       its base and merges without `base_model_path`.
     * P-tuning: with `base_model_path`, an HF folder holding the base and the prefix encoder
@@ -113,7 +127,7 @@ def merge_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathLike
         writer = functools.partial(_write_model_folder, model)
     with atomic_folder(output_dir) as tmp:
         writer(tmp, dtype)
-        _copy_tokenizer(input_dir, tmp)
+        copy_tokenizer(input_dir, tmp)
     return output_dir
 
 
@@ -218,15 +232,15 @@ def save_final_model(model: nn.Module, directory: str | os.PathLike, tokenizer=N
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    module, base, peft_config = _model_parts(model)
-    kind = _checkpoint_kind(base, peft_config)
+    module, base, peft_config = model_parts(model)
+    kind = method_of(base, peft_config)
     trainable_only = kind != "full"
     # full_state_dict + cpu_offload: the full tensors land on rank 0's CPU only (the others get {}).
     tensors = get_model_state_dict(model, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only))
     directory = Path(directory)
     if is_main_process():
-        tied = _tied_keys(model)
+        tied = tied_keys(model)
         if tied:
             tensors.pop(tied[0], None)
         if trainable_only:
@@ -240,7 +254,7 @@ def save_final_model(model: nn.Module, directory: str | os.PathLike, tokenizer=N
                 peft_config.save_pretrained(str(tmp))
             else:
                 _write_ptuning_folder(tensors, base.config, tmp, None)
-            _copy_tokenizer(tokenizer, tmp)
+            copy_tokenizer(tokenizer, tmp)
     barrier()
     return directory
 

@@ -40,10 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, ParallelConfig
 from ..model import ChatGLMForConditionalGeneration, GLMBlock
-from .args import ParallelConfig
-
 
 # ----------------------------------------------------------------------------------- process group
 

@@ -21,13 +21,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint.hf import (PREFIX_ENCODER, CheckpointError, iter_checkpoint_tensors, iter_file_tensors,
-                             load_ptuning_state, save_pretrained, save_ptuning_checkpoint)
+from ..checkpoint.adapters import ADAPTER_WEIGHTS_NAME, is_adapter_folder
+from ..checkpoint.hf import (
+    PREFIX_ENCODER,
+    CheckpointError,
+    iter_checkpoint_tensors,
+    iter_file_tensors,
+    load_ptuning_state,
+    save_pretrained,
+    save_ptuning_checkpoint,
+)
+from ..config import TrainerError
 from ..io import atomic_folder, atomic_write_text
 from ..model import ChatGLMForConditionalGeneration
-from .args import TrainerError, TrainerState
+from .args import TrainerState
 from .dcp import is_sharded_checkpoint, load_sharded, read_checkpoint_info, save_sharded
-from .lora import ADAPTER_WEIGHTS_NAME, is_adapter_folder
 from .parallel import barrier, data_parallel_rank_and_size, get_rank, get_world_size, is_main_process, unwrap_model
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")

@@ -1,5 +1,5 @@
 """Offline data: `preprocess` writes a jsonl file's encoded rows once, `EncodedDataset` memory-maps them,
-and `load_dataset` opens either a jsonl file or such a folder (see glm6b.train.data for the layout)."""
+and `load_dataset` opens either a jsonl file or such a folder (see glm6b.data.adgen for the layout)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,22 @@ from typing import Any
 
 import numpy as np
 
+from ..config import DataConfig, DataError
 from ..io import atomic_write, atomic_write_text
-from .data import (_ARRAYS, FORMAT, META_NAME, DataConfig, DataError, JsonlDataset, Mode, ReadStats, RowDataset,
-                   _as_row, _check_mode, _special_ids, encode_example, iter_examples)
+from .adgen import (
+    ENCODED_ARRAYS,
+    FORMAT,
+    META_NAME,
+    JsonlDataset,
+    Mode,
+    ReadStats,
+    RowDataset,
+    as_row,
+    check_mode,
+    encode_example,
+    iter_examples,
+    special_ids_of,
+)
 
 
 class EncodedDataset(RowDataset):
@@ -50,7 +63,7 @@ class EncodedDataset(RowDataset):
         self.mode = self.meta["mode"]
         self.special_ids = self.meta["special_ids"]
         arrays = {}
-        for name in _ARRAYS:
+        for name in ENCODED_ARRAYS:
             try:
                 arrays[name] = np.load(self.folder / f"{name}.npy", mmap_mode="r")
             except (OSError, ValueError) as e:
@@ -69,7 +82,7 @@ class EncodedDataset(RowDataset):
             raise IndexError(index)
         index %= len(self)
         (ids_start, labels_start), (ids_end, labels_end) = self.offsets[index], self.offsets[index + 1]
-        return _as_row(self.input_ids[ids_start:ids_end], self.labels[labels_start:labels_end])
+        return as_row(self.input_ids[ids_start:ids_end], self.labels[labels_start:labels_end])
 
 
 def _file_sha256(path: str | os.PathLike) -> str:
@@ -127,7 +140,7 @@ def preprocess(tokenizer, input_path: str | os.PathLike, output_dir: str | os.Pa
     Raises:
         DataError: as `iter_examples`.
     """
-    _check_mode(mode)
+    check_mode(mode)
     input_path, output_dir = Path(input_path), Path(output_dir)
     stats = ReadStats()
     ids_out, labels_out, offsets = array("i"), array("i"), array("q", [0, 0])
@@ -151,7 +164,7 @@ def preprocess(tokenizer, input_path: str | os.PathLike, output_dir: str | os.Pa
         "mode": mode,
         "source": {"path": str(input_path), "sha256": _file_sha256(input_path)},
         "tokenizer": {"path": str(tokenizer.vocab_file), "sha256": _file_sha256(tokenizer.vocab_file)},
-        "special_ids": _special_ids(tokenizer),
+        "special_ids": special_ids_of(tokenizer),
         "data": data,
         "counts": {"lines": stats.lines, "rows": stats.rows, "skipped_empty": stats.skipped_empty,
                    "skipped_bad": stats.skipped_bad, "tokens": len(ids_out)},
