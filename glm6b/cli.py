@@ -142,6 +142,8 @@ def error_line(e: BaseException) -> str:
 # Older spellings, still accepted (they are left out of --help's list of flags by sharing one entry).
 MODEL_FLAGS = {"load_checkpoint": ("--model", "--load-checkpoint"), "config": ("--model-config", "--config")}
 SAMPLING_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+LOOKUP_FIELDS = ("prompt_lookup_num_tokens", "prompt_lookup_max_ngram")
+LOOKUP_FLAGS = {"prompt_lookup_num_tokens": ("--prompt-lookup", "--prompt-lookup-num-tokens")}
 DATA_FIELDS = ("max_source_length", "max_target_length", "prompt_column", "response_column", "history_column",
                "source_prefix", "skip_bad")
 
@@ -176,6 +178,21 @@ def _compile_value(text: str) -> bool | str:
     return values[text.lower()]
 
 
+def _number_or(choices: tuple[str, ...]):
+    """An argparse type: a whole number >= 0 or one of `choices` (prompt_lookup_num_tokens: "auto" or K)."""
+    def parse(text: str) -> int | str:
+        if text.lower() in choices:
+            return text.lower()
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"expected {', '.join(choices)} or a number >= 0, got {text!r}")
+        return value
+    return parse
+
+
 def add_config_arguments(parser, cls, names, flags: dict[str, tuple[str, ...]] | None = None,
                          defaults: dict | None = None, only_given: bool = False, required: tuple[str, ...] = ()) -> None:
     """Add one flag per field `names` of the dataclass `cls` (see the section comment above).
@@ -202,6 +219,8 @@ def add_config_arguments(parser, cls, names, flags: dict[str, tuple[str, ...]] |
             kwargs["action"] = argparse.BooleanOptionalAction
         elif bool in options and literal:  # compile: true, false or auto
             kwargs.update(type=_compile_value, metavar="{auto,true,false}")
+        elif int in options and literal:  # prompt_lookup_num_tokens: auto or a number
+            kwargs.update(type=_number_or(tuple(literal)), metavar="{" + ",".join(literal) + ",K}")
         elif literal:
             kwargs["choices"] = literal
         elif int in options or kind is int:
@@ -264,11 +283,21 @@ def add_sampling_arguments(parser, do_sample: bool) -> None:
     add_config_arguments(group, GenerationConfig, SAMPLING_FIELDS,
                          defaults={"do_sample": do_sample, "temperature": 0.95, "top_p": 0.7})
     group.add_argument("--greedy", dest="do_sample", action="store_false", help="= --no-do-sample")
+    add_lookup_arguments(parser)
+
+
+def add_lookup_arguments(parser) -> None:
+    """The prompt-lookup flags (GenerationConfig's prompt_lookup_* fields): --prompt-lookup K|auto and
+    --prompt-lookup-max-ngram N; chat, generate, eval and serve take them."""
+    from .config import GenerationConfig
+
+    group = parser.add_argument_group("prompt lookup (glm6b.inference.lookup; docs/speculative.md)")
+    add_config_arguments(group, GenerationConfig, LOOKUP_FIELDS, flags=LOOKUP_FLAGS)
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
-    """The GenerationConfig fields of the parsed sampling flags, and the model's compile setting."""
-    return {**{name: getattr(args, name) for name in SAMPLING_FIELDS}, "compile": args.compile}
+    """The GenerationConfig fields of the parsed sampling and prompt-lookup flags, and the model's compile setting."""
+    return {**{name: getattr(args, name) for name in SAMPLING_FIELDS + LOOKUP_FIELDS}, "compile": args.compile}
 
 
 def _load(args: argparse.Namespace):
@@ -762,6 +791,7 @@ def add_serve_command(subparsers) -> None:
                    help="requests waiting for a batch row; more are refused with 429 (default 64)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="most tokens one request may generate (default: the model's context length)")
+    add_lookup_arguments(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -781,5 +811,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve.app import serve
 
     serve(spec, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("GLM6B_API_KEY") or None,
-          max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens)
+          max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
+          prompt_lookup=args.prompt_lookup_num_tokens, prompt_lookup_max_ngram=args.prompt_lookup_max_ngram)
     return 0

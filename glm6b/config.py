@@ -313,6 +313,14 @@ class GenerationConfig:
         compile: run the decode step compiled (True), eagerly (False), or "auto": compiled on CUDA
             and for CPU models of real size, eager for tiny ones (glm6b.inference.engine).
         prefill_chunk_size: prompt tokens per chunk when filling the KV cache.
+        prompt_lookup_num_tokens: prompt-lookup decoding (transformers' name for it): each step proposes
+            up to this many next tokens, copied from what followed the row's last tokens earlier in its
+            own prompt or answer, and checks them all in one forward, so an answer that copies from its
+            input takes fewer steps; the tokens are those of greedy decoding, and sampled ones follow
+            the same distribution. 0 or None: off. "auto": on where checking several tokens costs about
+            one step (glm6b.inference.engine.lookup_tokens; docs/speculative.md). Beam search ignores it.
+        prompt_lookup_max_ngram: the longest run of a row's last tokens that prompt lookup looks up
+            (then shorter ones, down to one token).
     """
 
     max_length: int | None = 20
@@ -333,6 +341,8 @@ class GenerationConfig:
     early_stopping: bool | Literal["never"] = False
     compile: bool | Literal["auto"] = "auto"
     prefill_chunk_size: int = 512
+    prompt_lookup_num_tokens: int | Literal["auto"] | None = "auto"
+    prompt_lookup_max_ngram: int = 3
 
     def validate(self) -> None:
         """Raise ValueError ("generation: ...") naming the first impossible setting."""
@@ -360,6 +370,10 @@ class GenerationConfig:
         except ValueError as e:
             raise ValueError(f"generation: {e}") from None
         need(self.prefill_chunk_size >= 1, "prefill_chunk_size must be >= 1")
+        lookup = self.prompt_lookup_num_tokens
+        need(lookup is None or lookup == "auto" or type(lookup) is int and lookup >= 0,
+             f"prompt_lookup_num_tokens must be a number of tokens >= 0, None or 'auto', got {lookup!r}")
+        need(self.prompt_lookup_max_ngram >= 1, "prompt_lookup_max_ngram must be >= 1")
 
 
 def make_generation_config(base: GenerationConfig | None = None, **kwargs) -> GenerationConfig:

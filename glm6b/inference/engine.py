@@ -5,6 +5,8 @@
     logits = engine.decode(next_tokens)                                  # one token for every row, [B, V]
     engine.prefill(other_ids, other_mask, other_positions, rows=2)       # refill row 2; the others keep going
     engine.reset_rows(3)                                                 # free row 3
+    logits = engine.verify(tokens, counts)                               # up to T tokens per row, [B, T, V]
+    engine.accept(kept)                                                  # row b keeps kept[b] of them
 
 The cache (glm6b.model.StaticKVCache) holds keys/values [L, B, nh, S, d] allocated once, the number
 of filled slots of each row, and which slots each row's later tokens may see; the engine adds the 2D
@@ -15,6 +17,15 @@ breaks (`torch.compile(fullgraph=True)`) and runs for every position without rec
 Rows are independent, so a server can prefill a new request into a free row while the other rows
 are mid-decode (continuous batching); the caller keeps track of which rows are active and stops a
 row before its slots run out (a full row keeps overwriting its last slot instead of failing).
+
+A verification step (prompt lookup, glm6b.inference.lookup) feeds each row its newest token and the tokens
+proposed after it, T per row at most, and returns the logits of every position. The generated part of
+a ChatGLM sequence is causal (block positions 1, 2, 3, ... with the mask position fixed, spec 4.8), so
+position t's logits are exactly those an ordinary step would give after the row's first t + 1 tokens.
+Each row's keys go to its next slots; `accept` then advances each row by the number of tokens the
+sampler kept (rows differ), and rejected slots are simply overwritten later, with no copies. It runs
+through the same model code and kernels as the one-token step (GLMBlock.decode with T tokens) and
+compiles the same way: a second width makes T symbolic, so no k or position compiles again.
 
 Prompts are prefilled eagerly (a prefill is large matrix products, which compile does not speed
 up), in chunks of `prefill_chunk_size` tokens per layer (GLMBlock.forward_chunked): a ChatGLM
@@ -46,12 +57,15 @@ import torch
 from ..config import check_compile
 from ..model import GLMBlock, StaticKVCache
 from ..model import prompt_inputs as derive_prompt_inputs
+from ..quant import cpu_kernels
 from ..quant.linear import use_bf16_decode_kernels
 
 DEFAULT_PREFILL_CHUNK_SIZE = 512
 # "auto" compiles a CPU model's decode step from this many bytes of weights on (4 glm_6b layers hold 0.8 GB
 # in bf16, the golden test model 1.4 MB).
 COMPILE_ON_CPU_FROM_BYTES = 256 * 2**20
+# The most tokens "auto" prompt lookup proposes per row and step.
+AUTO_LOOKUP_TOKENS = 4
 
 
 def should_compile(model, compile: bool | str = "auto") -> bool:
@@ -64,6 +78,45 @@ def should_compile(model, compile: bool | str = "auto") -> bool:
     if compile != "auto":
         return bool(compile)
     return model.device.type == "cuda" or weight_bytes(model) >= COMPILE_ON_CPU_FROM_BYTES
+
+
+def verify_rows_budget(model) -> int:
+    """Token rows a verification step may feed (all rows of the batch together) for about the cost of a
+    one-token step of one row, on this model's device, dtype and kernels; 1 where no rows come free.
+
+    What "auto" prompt lookup goes by (benchmarks/speculative.py measures it; docs/speculative.md):
+
+    * CPU, bfloat16 activations on glm6b's own CPU kernels (AVX512-BF16): cpu_kernels.BF16_MAX_ROWS
+      (4). Their dot products read each weight once for all rows: int4/int8 layers take up to 48 rows
+      at about one row's cost, the bfloat16 layers and lm_head 4 (see glm6b.quant.cpu_kernels).
+    * CPU otherwise (PyTorch's weight-only int8/int4 ops, which work a row at a time, and the float32 and
+      emulated bfloat16 GEMMs of an AVX2 CPU): 1; verifying 2 tokens measured 1.4-1.7x a step there.
+    * CUDA: 1, as it was not measured here (pass a number of tokens to turn lookup on).
+    * Models below COMPILE_ON_CPU_FROM_BYTES: 1. Their steps are bound by per-call overheads, not by
+      reading the weights, and the tests' and the quickstart's outputs stay those of ordinary decoding,
+      random draws included.
+    """
+    if model.device.type != "cpu" or weight_bytes(model) < COMPILE_ON_CPU_FROM_BYTES:
+        return 1
+    if model.dtype == torch.bfloat16 and cpu_kernels.available():
+        return cpu_kernels.BF16_MAX_ROWS
+    return 1
+
+
+def lookup_tokens(setting: int | str | None, model, rows: int) -> int:
+    """How many tokens prompt lookup proposes per row (0: off) for the `prompt_lookup_num_tokens` setting.
+
+    Args:
+        setting: 0 or None (off), a number of tokens, or "auto": as many as `verify_rows_budget` allows
+            for `rows` rows, at most AUTO_LOOKUP_TOKENS (0 where verifying costs more than a step).
+        model: the model that decodes.
+        rows: rows decoded together.
+    """
+    if not setting:
+        return 0
+    if setting != "auto":
+        return int(setting)
+    return max(0, min(AUTO_LOOKUP_TOKENS, verify_rows_budget(model) // max(rows, 1) - 1))
 
 
 def weight_bytes(model) -> int:
@@ -107,17 +160,63 @@ def layerwise_decode_step(model, cache: StaticKVCache, tokens: torch.Tensor, pos
     Args:
         layer_coeffs: [] float32 tensors, layer index + 1 for each layer (attention's scaling).
     """
-    transformer = model.transformer
-    x = transformer.word_embeddings(tokens[:, None])  # [B, 1, H]
-    cos, sin = transformer.rotary(positions[:, :, None], x.dtype)
-    mask, slots = cache.decode_mask(), cache.next_slots()
-    layer_step = _compiled(GLMBlock.decode)  # the layer is its first argument: one graph for all layers
-    for layer, keys, values, coeff in zip(transformer.layers, cache.layer_keys, cache.layer_values, layer_coeffs):
-        x = layer_step(layer, x, cos, sin, mask, keys, values, slots, coeff)
-    logits = model.lm_head(transformer.final_layernorm(x))[:, -1]
+    logits = _layerwise_logits(model, cache, tokens[:, None], positions[:, :, None], cache.decode_mask(),
+                               cache.next_slots(), layer_coeffs)[:, -1]
     cache.advance()
     positions[:, 1] += 1
     return logits
+
+
+def verify_positions(positions: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, 2, width] the 2D positions of a verification step's tokens: the absolute position stays at the
+    mask token and the block position counts on from the row's next one (spec 4.8)."""
+    offsets = torch.arange(width, device=positions.device)[None, :]
+    return torch.stack([positions[:, 0, None].expand(-1, width), positions[:, 1, None] + offsets], dim=1)
+
+
+def verify_step(model, cache: StaticKVCache, tokens: torch.Tensor, counts: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor:
+    """T tokens for every row: write their keys at the row's next slots, return the logits [B, T, V] of
+    every position. The cache and positions do not move on: `accept_step` does that once the sampler
+    has chosen what to keep. The eager step, and the step compiled whole on CUDA.
+
+    Args:
+        model: a ChatGLMForConditionalGeneration.
+        cache: the engine's cache.
+        tokens: [B, T] each row's newest token and the tokens proposed after it, then any padding.
+        counts: [B] how many of the row's tokens are real (0: the row is idle this step).
+        positions: [B, 2] the (absolute, block) position of each row's next token.
+    """
+    slots = cache.verify_slots(counts, tokens.shape[1])
+    return model(tokens, position_ids=verify_positions(positions, tokens.shape[1]),
+                 attention_mask=cache.verify_mask(slots), kv_cache=cache, input_pos=slots).logits
+
+
+def layerwise_verify_step(model, cache: StaticKVCache, tokens: torch.Tensor, counts: torch.Tensor,
+                          positions: torch.Tensor, layer_coeffs: list[torch.Tensor]) -> torch.Tensor:
+    """verify_step through the compiled GLMBlock.decode (the CPU's compiled step; see layerwise_decode_step)."""
+    slots = cache.verify_slots(counts, tokens.shape[1])
+    return _layerwise_logits(model, cache, tokens, verify_positions(positions, tokens.shape[1]),
+                             cache.verify_mask(slots), slots, layer_coeffs)
+
+
+def accept_step(cache: StaticKVCache, positions: torch.Tensor, kept: torch.Tensor) -> None:
+    """After a verification step: row b keeps the first kept[b] tokens it was fed (its newest token and the
+    proposals accepted after it) and its length and block position move on by that many."""
+    cache.accept(kept)
+    positions[:, 1] += kept
+
+
+def _layerwise_logits(model, cache: StaticKVCache, tokens: torch.Tensor, position_ids: torch.Tensor,
+                      mask: torch.Tensor, slots: torch.Tensor, layer_coeffs: list[torch.Tensor]) -> torch.Tensor:
+    """The logits [B, T, V] of tokens [B, T] through every layer's compiled GLMBlock.decode."""
+    transformer = model.transformer
+    x = transformer.word_embeddings(tokens)  # [B, T, H]
+    cos, sin = transformer.rotary(position_ids, x.dtype)
+    layer_step = _compiled(GLMBlock.decode)  # the layer is its first argument: one graph for all layers
+    for layer, keys, values, coeff in zip(transformer.layers, cache.layer_keys, cache.layer_values, layer_coeffs):
+        x = layer_step(layer, x, cos, sin, mask, keys, values, slots, coeff)
+    return model.lm_head(transformer.final_layernorm(x))
 
 
 @functools.cache
@@ -234,11 +333,56 @@ class DecodeEngine:
             [B] (or [rows]) x V logits.
         """
         tokens = tokens.to(device=self.positions.device, dtype=torch.long).clone()  # an inference tensor, as always
-        cache, positions = self.cache, self.positions
-        if rows is not None or slots is not None:
-            cache, positions = cache.rows(slice(0, rows), slots=slots), positions[:rows]
+        cache, positions = self._rows(rows, slots)
         if not self.compiled:
             return decode_step(self.model, cache, tokens, positions)
         if positions.device.type == "cpu":  # one graph for every layer: seconds to compile, not minutes
             return layerwise_decode_step(self.model, cache, tokens, positions, self.layer_coeffs)
         return _compiled(decode_step)(self.model, cache, tokens, positions)
+
+    @torch.inference_mode()
+    def verify(self, tokens: torch.Tensor, counts: torch.Tensor, rows: int | None = None,
+               slots: int | None = None) -> torch.Tensor:
+        """Feed up to T tokens per row (its newest token and the tokens proposed after it); return the logits
+        of every position. Follow it with `accept` before the next step.
+
+        The fed tokens are causal (block positions count on, the mask position stays), so position t's
+        logits are those a decode step would give after the row's first t + 1 tokens, to rounding. Keys go
+        to the row's next slots; `accept` keeps those of the tokens the sampler accepted, and rejected
+        slots are overwritten by later steps. A row may feed 1 token (an ordinary step inside a
+        verification) or 0 (idle). Each row needs lengths + counts <= S - 1 (the last slot takes the
+        padding's keys), which holds when no row is fed past its token budget.
+
+        Args:
+            tokens: [B, T] (or [rows, T] with `rows`) token ids, each row's real ones first.
+            counts: [B] how many tokens of each row are real (0 .. T).
+            rows, slots: as for `decode`.
+
+        Returns:
+            [B, T, V] logits (model dtype); positions at or past a row's count are padding.
+        """
+        tokens = tokens.to(device=self.positions.device, dtype=torch.long).clone()
+        counts = counts.to(device=self.positions.device, dtype=torch.long).clone()
+        cache, positions = self._rows(rows, slots)
+        if not self.compiled:
+            return verify_step(self.model, cache, tokens, counts, positions)
+        if positions.device.type == "cpu":
+            return layerwise_verify_step(self.model, cache, tokens, counts, positions, self.layer_coeffs)
+        return _compiled(verify_step)(self.model, cache, tokens, counts, positions)
+
+    @torch.inference_mode()
+    def accept(self, kept: torch.Tensor, rows: int | None = None, slots: int | None = None) -> None:
+        """After `verify`: row b keeps its first kept[b] fed tokens and moves on by that many (0: unchanged).
+
+        Args:
+            kept: [B] (or [rows]) int64, 1 + the proposals accepted for rows that were fed, 0 for idle ones.
+            rows, slots: as given to `verify`.
+        """
+        cache, positions = self._rows(rows, slots)
+        accept_step(cache, positions, kept.to(device=self.positions.device, dtype=torch.long))
+
+    def _rows(self, rows: int | None, slots: int | None) -> tuple[StaticKVCache, torch.Tensor]:
+        """The cache and positions of rows 0 .. rows-1 over their first `slots` slots (default: all)."""
+        if rows is None and slots is None:
+            return self.cache, self.positions
+        return self.cache.rows(slice(0, rows), slots=slots), self.positions[:rows]

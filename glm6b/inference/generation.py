@@ -3,10 +3,17 @@
 The prompt is run once (prefill into the decode engine's static KV cache); each later step feeds
 only the newest token of every row through the engine's (compiled) decode step. Tokens are chosen by
 the sampler of glm6b.inference.sampling (transformers 4.27.1's order), beams by glm6b.inference.beam.
+
+With prompt lookup (`prompt_lookup_num_tokens`, glm6b.inference.lookup) a step feeds each row its
+newest token and the tokens proposed after it from its own context, and keeps those the sampler
+accepts: the same tokens (greedy) or the same distribution (sampling) in fewer steps. Rows keep
+different numbers of tokens; `generate_steps` still yields one token per row at a time, so stop
+strings, <eop>, the length limit and the repetition penalty see exactly the tokens they see without it.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -14,8 +21,9 @@ import torch
 
 from ..config import GenerationConfig, make_generation_config
 from .beam import beam_search
-from .engine import DecodeEngine, prompt_inputs
-from .sampling import choose_tokens, new_token_budget, process_scores, row_generators
+from .engine import DecodeEngine, lookup_tokens, prompt_inputs
+from .lookup import LookupStats, ProposalLength, propose_from_context
+from .sampling import accept_proposals, choose_tokens, new_token_budget, process_scores, row_generators
 from .text import TextStreamer
 
 __all__ = ["GenerationConfig", "GenerationOutput", "TextStreamer", "generate", "generate_steps",
@@ -46,12 +54,18 @@ def generate_steps(
     position_ids: torch.Tensor | None = None,
     config: GenerationConfig | None = None,
     tokenizer=None,
+    stats: LookupStats | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (next_tokens [rows], processed scores [rows, V], finished [rows]) once per new token.
 
     Rows are the prompts repeated num_return_sequences times. A finished row gets pad tokens.
     Stops when every row has finished or the length limit is reached. Greedy or sampled only
     (beam search keeps several candidates per row: see `generate` and glm6b.inference.beam).
+    With prompt lookup, one model step may give a row several tokens: they are yielded one at a
+    time, the next ones without a model call in between.
+
+    Args:
+        stats: counts the model steps and proposals into this object (glm6b.inference.lookup.LookupStats).
     """
     config = config or GenerationConfig()
     config.validate()
@@ -85,6 +99,15 @@ def generate_steps(
         logits, sequences = logits[rows], sequences[rows]
     settings = [config] * sequences.shape[0]
     generators = row_generators(config.seed, sequences.shape[0])
+    stats = stats if stats is not None else LookupStats()
+    limit = lookup_tokens(config.prompt_lookup_num_tokens, model, sequences.shape[0])
+    if limit:
+        real = ~mask[:, 0, -1, :]  # [B, T] what the last prompt token sees: the prompt without its padding
+        contexts = [ids[keep].tolist() for ids, keep in zip(input_ids, real)]
+        contexts = [list(contexts[i // n]) for i in range(sequences.shape[0])]
+        yield from _steps_with_lookup(engine, logits, sequences, contexts, settings, generators, eos_ids, pad_id,
+                                      new_tokens, config, tokenizer, limit, stats)
+        return
     eos = torch.tensor(eos_ids, device=device)
     finished = torch.zeros(sequences.shape[0], dtype=torch.bool, device=device)
     generated_texts_start = prompt_len
@@ -94,6 +117,7 @@ def generate_steps(
         next_tokens = choose_tokens(scores, settings, generators)
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
         sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
+        stats.tokens += int((~finished).sum())
         finished = finished | torch.isin(next_tokens, eos)
         if config.stop_strings:
             for row in (~finished).nonzero().flatten().tolist():
@@ -104,6 +128,110 @@ def generate_steps(
         if bool(finished.all()) or step == new_tokens - 1:
             return
         logits = engine.decode(next_tokens)
+        stats.count_step(1)
+
+
+def _steps_with_lookup(engine: DecodeEngine, logits: torch.Tensor, sequences: torch.Tensor, contexts: list[list[int]],
+                       settings: list[GenerationConfig], generators: list, eos_ids: list[int], pad_id: int,
+                       new_tokens: int, config: GenerationConfig, tokenizer, limit: int,
+                       stats: LookupStats) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """generate_steps' loop with prompt lookup (after the prefill, whose `logits` give the first tokens).
+
+    Each row has tokens chosen but not yet yielded (`pending`); when a row that is still running has
+    none left, one model step runs for every row that needs tokens: a verification of their proposals
+    (DecodeEngine.verify) or, when no row has one, an ordinary decode step. A row stops taking model
+    steps once it has chosen <eop> or its whole budget; it finishes, as without lookup, when the
+    yielded tokens say so (<eop>, a stop string).
+    """
+    rows, prompt_len = sequences.shape
+    device = sequences.device
+    eos = torch.tensor(eos_ids, device=device)
+    histories = sequences.tolist()  # what the repetition penalty sees: the prompt row (padding included), then tokens
+    penalised = any(s.repetition_penalty != 1.0 for s in settings)
+    pending: list[deque] = [deque() for _ in range(rows)]  # (token, its processed scores) chosen, not yielded
+    done = [False] * rows  # chose <eop> or its budget, or finished: no more model steps
+    lengths = [ProposalLength(limit) for _ in range(rows)]
+    pad_scores = torch.full((logits.shape[-1],), float("-inf"), device=device)
+    pad_scores[pad_id] = 0.0  # what a finished row "chooses" its pad from
+
+    def record(row: int, tokens: list[int], scores: torch.Tensor) -> None:
+        for token, token_scores in zip(tokens, scores):
+            pending[row].append((token, token_scores))
+            contexts[row].append(token)
+            histories[row].append(token)
+            if token in eos_ids or len(histories[row]) - prompt_len == new_tokens:
+                done[row] = True
+                return
+
+    def step() -> None:
+        active = [r for r in range(rows) if not done[r]]
+        proposals, shadows = {}, {}
+        for r in active:
+            room = new_tokens - (len(histories[r]) - prompt_len) - 1  # tokens beyond the one every step gives
+            proposals[r] = propose_from_context(contexts[r], min(lengths[r].next(), room), config.prompt_lookup_max_ngram)
+            if lengths[r].wait:  # would a proposal have been right? (ends the wait; costs no model work)
+                shadows[r] = propose_from_context(contexts[r], 1, config.prompt_lookup_max_ngram)
+        width = 1 + max((len(p) for p in proposals.values()), default=0)
+        feed = torch.full((rows, width), pad_id, dtype=torch.long)
+        counts = torch.zeros(rows, dtype=torch.long)
+        for r in active:
+            feed[r, :1 + len(proposals[r])] = torch.tensor([contexts[r][-1], *proposals[r]])
+            counts[r] = 1 + len(proposals[r])
+        stats.count_step(width)
+        if width == 1:  # no proposals anywhere: an ordinary step
+            fed = engine.decode(feed[:, 0])[active]  # [n, V]
+            positions = [(r, 0) for r in active]
+        else:
+            verified = engine.verify(feed, counts)  # [B, T, V]
+            positions = [(r, j) for r in active for j in range(int(counts[r]))]
+            fed = verified[[r for r, _ in positions], [j for _, j in positions]]  # [N, V]
+        row_settings = [settings[r] for r, _ in positions]
+        row_histories = None
+        if penalised:
+            row_histories = [torch.tensor(histories[r] + proposals[r][:j], device=device) for r, j in positions]
+        scores = process_scores(fed, row_settings, row_histories, eos_ids[0])
+        kept = torch.zeros(rows, dtype=torch.long)
+        start = 0
+        for r in active:
+            m = len(proposals[r])
+            row_scores = scores[start:start + m + 1]
+            start += m + 1
+            tokens = accept_proposals(row_scores, proposals[r], settings[r], generators[r])
+            kept[r] = len(tokens)  # the newest token and the accepted proposals stay in the cache
+            if m:
+                lengths[r].verified(m, len(tokens) - 1)
+                stats.proposed += m
+                stats.accepted += len(tokens) - 1
+            elif r in shadows:
+                lengths[r].stepped(bool(shadows[r]) and shadows[r][0] == tokens[0])
+            record(r, tokens, row_scores)
+        if width > 1:
+            engine.accept(kept)
+
+    first = process_scores(logits, settings, sequences, eos_ids[0])
+    for r, token in enumerate(choose_tokens(first, settings, generators).tolist()):
+        record(r, [token], first[r:r + 1])
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    for index in range(new_tokens):
+        while any(not pending[r] and not finished[r] for r in range(rows)):
+            step()
+        column = [pending[r].popleft() if not finished[r] else (pad_id, pad_scores) for r in range(rows)]
+        next_tokens = torch.tensor([token for token, _ in column], device=device)
+        scores = torch.stack([token_scores for _, token_scores in column])
+        sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
+        stats.tokens += int((~finished).sum())
+        finished = finished | torch.isin(next_tokens, eos)
+        if config.stop_strings:
+            for row in (~finished).nonzero().flatten().tolist():
+                text = tokenizer.decode(sequences[row, prompt_len:].tolist())
+                if any(s in text for s in config.stop_strings):
+                    finished[row] = True
+        for r in finished.nonzero().flatten().tolist():
+            done[r] = True
+            pending[r].clear()
+        yield next_tokens, scores, finished
+        if bool(finished.all()) or index == new_tokens - 1:
+            return
 
 
 def generate(
@@ -114,6 +242,7 @@ def generate(
     generation_config: GenerationConfig | None = None,
     tokenizer=None,
     output_scores: bool = False,
+    stats: LookupStats | None = None,
     **kwargs,
 ):
     """Generate continuations of a batch of prompts (greedy, sampled, or beam search).
@@ -128,6 +257,8 @@ def generate(
         tokenizer: needed for stop_strings.
         output_scores: also return the processed scores of each step (with beam search: the
             final score of each returned sequence instead, one tensor [B * num_return_sequences]).
+        stats: counts model steps, proposals and accepted proposals into this LookupStats (greedy and
+            sampling; prompt_lookup_num_tokens=k turns prompt lookup on, see glm6b.inference.lookup).
 
     Returns:
         LongTensor [B * num_return_sequences, T + N]: prompt included, rows left-padded like the
@@ -142,7 +273,7 @@ def generate(
     sequences = input_ids.to(model.device).repeat_interleave(config.num_return_sequences, dim=0)
     columns, scores = [], []
     for next_tokens, step_scores, _ in generate_steps(model, input_ids, attention_mask, position_ids, config,
-                                                      tokenizer):
+                                                      tokenizer, stats):
         columns.append(next_tokens)
         if output_scores:
             scores.append(step_scores)

@@ -2,6 +2,8 @@
 
 Logits processing follows transformers 4.27.1, which the reference uses: the invalid-score guard and
 the repetition penalty first, then temperature, top-k and top-p, then one draw from the distribution.
+With prompt lookup (glm6b.inference.lookup), `accept_proposals` decides which proposed tokens a row
+keeps, with the same scores and draws, so that its tokens are distributed as ordinary decoding's.
 """
 
 from __future__ import annotations
@@ -140,6 +142,41 @@ def choose_tokens(scores: torch.Tensor, settings: Sequence[GenerationConfig],
         # can never step past the last possible token; a token of probability 0 never gets chosen).
         tokens[rows] = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)[:, 0]
     return tokens
+
+
+def accept_proposals(scores: torch.Tensor, proposals: Sequence[int], settings: GenerationConfig,
+                     generator: torch.Generator | None) -> list[int]:
+    """One row's verification of proposed tokens: the proposals it keeps, then the token after them.
+
+    `scores[j]` are the row's processed scores after its newest token and the first j proposals (from
+    `process_scores` with the history that includes them). A greedy row keeps proposals while each is
+    the argmax and then takes the argmax, so its tokens are those of greedy decoding. A sampling row
+    keeps proposal x with probability p(x) under softmax(scores[j]); on a rejection it draws from p with
+    x removed (renormalised), and after keeping them all it draws from the last position's p. A
+    proposal does not depend on the model, so each token is distributed exactly as ordinary sampling
+    draws it (the speculative-sampling rule with a draft that puts all its mass on x).
+
+    Args:
+        scores: [m + 1, V] processed scores, m = len(proposals).
+        proposals: the proposed tokens.
+        settings: the row's GenerationConfig.
+        generator: the row's random generator (None: torch's global RNG).
+
+    Returns:
+        The accepted proposals followed by one more token: 1 to m + 1 tokens.
+    """
+    kept: list[int] = []
+    for j, token in enumerate(proposals):
+        if not settings.do_sample:
+            best = int(scores[j].argmax())
+            if best != token:
+                return kept + [best]
+        elif torch.rand((), generator=generator) >= scores[j].softmax(dim=-1)[token]:  # rejected with 1 - p(x)
+            without = scores[j:j + 1].clone()
+            without[0, token] = float("-inf")
+            return kept + choose_tokens(without, [settings], [generator]).tolist()
+        kept.append(token)
+    return kept + choose_tokens(scores[-1:], [settings], [generator]).tolist()
 
 
 def row_generators(seed: int | None, rows: int) -> list[torch.Generator | None]:

@@ -5,7 +5,9 @@
     scheduler.submit(Request(prompt_ids, SamplingParams(max_new_tokens=64), on_event=print))
 
 Each loop iteration (`Scheduler.step`) does three things:
-  1. decode: one `DecodeEngine` step over the rows in use, each feeding its newest token;
+  1. decode: one `DecodeEngine` step over the rows in use, each feeding its newest token (with prompt
+     lookup, also the tokens proposed after it from its own context, which the step verifies: a row
+     then gets every token it accepted at once, and rows with and without proposals share the step);
   2. admit: waiting requests (up to `max_batch` rows in all) are prefilled into free rows of the
      engine's static cache (left-padded together when their rows are adjacent) and sample their
      first token from the prefill, so they decode with the others from the next step;
@@ -41,8 +43,9 @@ import torch
 
 from ..config import GenerationConfig
 from ..model import build_mask_and_positions
-from .engine import DecodeEngine
-from .sampling import choose_tokens, process_scores
+from .engine import DecodeEngine, lookup_tokens
+from .lookup import DEFAULT_MAX_NGRAM, ProposalLength, propose_from_context
+from .sampling import accept_proposals, choose_tokens, process_scores
 from .text import process_response, stable_length
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,8 @@ class SamplingParams(GenerationConfig):
         seed: seeds this request's own random generator; None draws a fresh seed.
         stop: strings that end the answer (GenerationConfig.stop_strings); the text is cut before the
             first one found.
+        prompt_lookup_num_tokens, prompt_lookup_max_ngram: not read here: the scheduler's own
+            `prompt_lookup` setting (glm6b serve --prompt-lookup) applies to every row.
     """
 
     max_new_tokens: int | None = None
@@ -129,7 +134,7 @@ class Request:
 class _Row:
     """A running request: its engine row, tokens, random generator and streamed text."""
 
-    def __init__(self, request: Request, tokenizer, slot: int):
+    def __init__(self, request: Request, tokenizer, slot: int, lookup_limit: int = 0):
         self.request = request
         self.params = request.params
         self.tokenizer = tokenizer
@@ -143,6 +148,15 @@ class _Row:
         seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.stops = self.params.stop_strings or []
+        self.lookup = ProposalLength(lookup_limit) if lookup_limit else None  # prompt lookup's proposal length
+
+    def context(self) -> list[int]:
+        """The prompt and the tokens generated so far (what prompt lookup copies from)."""
+        return self.request.prompt_ids + self.ids
+
+    def room(self) -> int:
+        """Tokens a verification may propose beyond the one every step gives (its token limit minus 1)."""
+        return self.params.max_new_tokens - len(self.ids) - 1
 
     def text(self, exact: bool = False) -> str:
         """The answer so far: decoded (incrementally unless `exact`) and, for chat, cleaned up."""
@@ -214,10 +228,15 @@ class Scheduler:
         context_length: most tokens per request, prompt + answer (default: the model config's
             max_sequence_length); sizes the engine's cache.
         compile: the decode step's compilation, as for DecodeEngine (True, False or "auto").
+        prompt_lookup: prompt-lookup decoding for every row (GenerationConfig.prompt_lookup_num_tokens):
+            up to this many proposed tokens per row and step, 0 or None for none, "auto" for as many as
+            verify at about a step's cost for the rows running (glm6b.inference.engine.lookup_tokens).
+        prompt_lookup_max_ngram: the longest run of a row's last tokens prompt lookup looks up.
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, context_length: int | None = None,
-                 compile: bool | str = "auto"):
+                 compile: bool | str = "auto", prompt_lookup: int | str | None = "auto",
+                 prompt_lookup_max_ngram: int = DEFAULT_MAX_NGRAM):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model = model
@@ -228,6 +247,10 @@ class Scheduler:
         self.eos_id = model.config.eos_token_id
         self.vocab_limit = len(tokenizer)  # the model's extra vocabulary rows have no text
         self.engine = DecodeEngine(model, max_batch, self.context_length, compile=compile)
+        GenerationConfig(prompt_lookup_num_tokens=prompt_lookup, prompt_lookup_max_ngram=prompt_lookup_max_ngram,
+                         max_new_tokens=1).validate()
+        self.prompt_lookup = prompt_lookup
+        self.prompt_lookup_max_ngram = prompt_lookup_max_ngram
         self.slots: list[_Row | None] = [None] * max_batch  # the request in each engine row
         self.rows: list[_Row] = []  # the rows in use
         self._waiting: deque[Request] = deque()
@@ -404,8 +427,9 @@ class Scheduler:
         mask, positions = build_mask_and_positions(ids, config, padding)
         logits = self.engine.prefill(ids, mask, positions, rows=slice(first_row, first_row + len(requests)))
         rows = []
+        limit = lookup_tokens(self.prompt_lookup, self.model, 1)  # a row's most; each step caps it for its rows
         for i, r in enumerate(requests):
-            row = _Row(r, self.tokenizer, first_row + i)
+            row = _Row(r, self.tokenizer, first_row + i, limit)
             row.filled = self.engine.cache.prefix_length + len(r.prompt_ids)
             self.slots[row.slot] = row
             self.rows.append(row)
@@ -414,7 +438,24 @@ class Scheduler:
         self._advance(rows, logits)
 
     def _decode(self, rows: list[_Row]) -> None:
-        """Feed every row in use its newest token and sample the next one."""
+        """Feed every row in use its newest token (and its proposals, with prompt lookup) and choose the next
+        ones."""
+        limit = lookup_tokens(self.prompt_lookup, self.model, len(rows))
+        proposals = {row.slot: self._propose(row, limit) for row in rows} if limit else {}
+        # Rows waiting to propose again: would a proposal have been right? (costs no model work)
+        shadows = {row.slot: propose_from_context(row.context(), 1, self.prompt_lookup_max_ngram)
+                   for row in rows if limit and row.lookup.wait}
+        if any(proposals.values()):
+            chosen = self._verify(rows, proposals)
+        else:
+            chosen = [[token] for token in self._step(rows)]
+        for row, tokens in zip(rows, chosen):
+            if row.slot in shadows:
+                row.lookup.stepped(shadows[row.slot][:1] == tokens[:1])
+        self._push(rows, chosen)
+
+    def _step(self, rows: list[_Row]) -> list[int]:
+        """One ordinary decode step: every row feeds its newest token; returns the next token of each."""
         engine = self.engine
         # Rows up to the highest one in use (new requests take the lowest free row), over the slots in use
         # (rounded up, so that the step's shape changes every SLOT_ROUNDING tokens, not every token).
@@ -425,23 +466,76 @@ class Scheduler:
         logits = engine.decode(tokens, rows=count, slots=slots)
         for row in rows:
             row.filled += 1
-        self._advance(rows, logits[[row.slot for row in rows]])
+        return self._sample(rows, logits[[row.slot for row in rows]])
+
+    def _propose(self, row: _Row, limit: int) -> list[int]:
+        """Prompt lookup's proposal for a row: at most `limit` tokens, its own length, and its room."""
+        length = min(row.lookup.next(), limit, row.room())
+        return propose_from_context(row.context(), length, self.prompt_lookup_max_ngram) if length > 0 else []
+
+    def _verify(self, rows: list[_Row], proposals: dict[int, list[int]]) -> list[list[int]]:
+        """One verification step: every row feeds its newest token and its proposals (maybe none); returns
+        what each keeps: the proposals the sampler accepts and one more token."""
+        engine, pad = self.engine, self.model.config.pad_token_id
+        count = max(row.slot for row in rows) + 1
+        width = 1 + max(len(p) for p in proposals.values())
+        fed = {row.slot: 1 + len(proposals[row.slot]) for row in rows}
+        # As in _decode, plus one slot: the last slot of the step takes the padding's keys (DecodeEngine.verify).
+        needed = max(row.filled + fed[row.slot] for row in rows) + 1
+        slots = min(engine.max_length, -(-needed // SLOT_ROUNDING) * SLOT_ROUNDING)
+        tokens = torch.full((count, width), pad, dtype=torch.long)
+        counts = torch.zeros(count, dtype=torch.long)  # idle rows feed nothing
+        for row in rows:
+            tokens[row.slot, :fed[row.slot]] = torch.tensor([row.ids[-1], *proposals[row.slot]])
+            counts[row.slot] = fed[row.slot]
+        logits = engine.verify(tokens, counts, rows=count, slots=slots)  # [count, T, V]
+        positions = [(row, j) for row in rows for j in range(fed[row.slot])]
+        settings = [row.params for row, _ in positions]
+        histories = None
+        if any(p.repetition_penalty != 1.0 for p in settings):
+            histories = [torch.tensor(row.context() + proposals[row.slot][:j], device=logits.device)
+                         for row, j in positions]
+        scores = process_scores(logits[[row.slot for row, _ in positions], [j for _, j in positions]], settings,
+                                histories, self.eos_id)
+        kept = torch.zeros(count, dtype=torch.long)
+        chosen, start = [], 0
+        for row in rows:
+            proposal = proposals[row.slot]
+            row_tokens = accept_proposals(scores[start:start + fed[row.slot]], proposal, row.params, row.generator)
+            start += fed[row.slot]
+            kept[row.slot] = len(row_tokens)  # the newest token and the accepted proposals stay in the cache
+            row.filled += len(row_tokens)
+            if proposal:
+                row.lookup.verified(len(proposal), len(row_tokens) - 1)
+            chosen.append(row_tokens)
+        engine.accept(kept, rows=count, slots=slots)
+        return chosen
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Sample one token per row from its logits [n, V], stream the text, retire finished rows."""
-        tokens = self._sample(rows, logits)
-        self.generated_tokens_total += len(rows)
-        now = time.monotonic()
-        with self._recent_lock:
-            self._recent.append((now, len(rows)))
-            while now - self._recent[0][0] > 60:
-                self._recent.popleft()
-        for row, token in zip(rows, tokens):
-            delta = row.push(token, self.eos_id)
+        self._push(rows, [[token] for token in self._sample(rows, logits)])
+
+    def _push(self, rows: list[_Row], tokens: list[list[int]]) -> None:
+        """Record each row's new tokens (one, or all a verification kept), stream the text they make final in
+        one event, retire finished rows (tokens after a row's end are dropped)."""
+        pushed = 0
+        for row, row_tokens in zip(rows, tokens):
+            delta = ""
+            for token in row_tokens:
+                delta += row.push(token, self.eos_id)
+                pushed += 1
+                if row.finish_reason is not None:
+                    break
             if row.finish_reason is not None:
                 self._finish(row, row.finish_reason, text=delta)
             elif delta or len(row.ids) == 1:  # the first event also marks the time to first token
                 self._emit(row.request, Event(delta, None, len(row.ids), len(row.request.prompt_ids)))
+        self.generated_tokens_total += pushed
+        now = time.monotonic()
+        with self._recent_lock:
+            self._recent.append((now, pushed))
+            while now - self._recent[0][0] > 60:
+                self._recent.popleft()
 
     def _finish(self, row: _Row, reason: str, error: str | None = None, text: str = "") -> None:
         if row in self.rows:

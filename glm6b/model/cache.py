@@ -76,16 +76,22 @@ class PrefixPast:
 
 def write_slots(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 slots: torch.Tensor) -> None:
-    """One token per row into a layer's static cache: keys[b, :, slots[b]] = k[b, :, 0] (and values).
+    """New tokens of every row into a layer's static cache: keys[b, :, slots[b, t]] = k[b, :, t] (and values).
 
-    keys, values [B, nh, S, d]; k, v [B, nh, 1, d]; slots [B] int64.
+    keys, values [B, nh, S, d]; k, v [B, nh, T, d]; slots [B] int64 for one token per row (a decode
+    step), or [B, T] for T tokens per row (a verification step).
     """
     # One index_put_ (scatter_ along the slot dim was 10x slower on the CPU for one row and 60x for
     # eight). Under autocast (bf16 generation with float32 master weights) k/v arrive in the
     # autocast dtype: cast them to the cache's.
     rows = torch.arange(k.shape[0], device=k.device)
-    keys[rows, :, slots] = k[:, :, 0].to(keys.dtype)
-    values[rows, :, slots] = v[:, :, 0].to(values.dtype)
+    if slots.dim() == 1:
+        keys[rows, :, slots] = k[:, :, 0].to(keys.dtype)
+        values[rows, :, slots] = v[:, :, 0].to(values.dtype)
+        return
+    # Indexed by [B, 1] rows and [B, T] slots around the heads' slice, the target is [B, T, nh, d].
+    keys[rows[:, None], :, slots] = k.transpose(1, 2).to(keys.dtype)
+    values[rows[:, None], :, slots] = v.transpose(1, 2).to(values.dtype)
 
 
 class StaticKVCache:
@@ -103,11 +109,13 @@ class StaticKVCache:
     view (`rows(slice)`) lets a prompt be prefilled into some rows only. A P-tuning prefix is
     written once into the first P slots of every row (`fill_prefix`) and survives resets.
 
-    The model writes through it in two ways (see ChatGLMForConditionalGeneration.forward):
+    The model writes through it in three ways (see ChatGLMForConditionalGeneration.forward):
     `input_pos` an int s: T new tokens of every row go to slots [s, s + T) and attention covers
     slots [0, s + T) (prefill, one chunk at a time); `input_pos` a [B] tensor: one new token per row
-    goes to slot input_pos[b] and attention covers all S slots (decode; no host sync). The masks
-    are the caller's; `decode_mask` gives the decode step's and `advance` records its token.
+    goes to slot input_pos[b] and attention covers all S slots (decode; no host sync); `input_pos` a
+    [B, T] tensor: T tokens per row go to their own slots (verification of proposed tokens). The
+    masks are the caller's; `decode_mask` gives the decode step's and `advance` records its token;
+    `verify_slots` / `verify_mask` give a verification step's and `accept` records what it keeps.
 
     Args:
         config: model config (layers, heads, head dim).
@@ -170,8 +178,9 @@ class StaticKVCache:
         """Store k, v [B, nh, T, d]; return the keys/values attention covers ([B, nh, S', d]).
 
         Args:
-            input_pos: an int s (slots [s, s + T) of every row; returns slots [0, s + T)), or a
-                [B] int64 tensor with T = 1 (slot input_pos[b] of row b; returns all S slots).
+            input_pos: an int s (slots [s, s + T) of every row; returns slots [0, s + T)), a [B]
+                int64 tensor with T = 1 (slot input_pos[b] of row b; returns all S slots), or a
+                [B, T] int64 tensor (slot input_pos[b, t] for token t of row b; returns all S slots).
         """
         keys, values = self.layer_keys[layer], self.layer_values[layer]  # [B, nh, S, d]
         if isinstance(input_pos, int):
@@ -218,3 +227,31 @@ class StaticKVCache:
         own = torch.arange(self.max_length, device=self.lengths.device)[None, :] == self.next_slots()[:, None]
         self.visible |= own
         self.lengths.add_(1).clamp_(max=self.max_length)
+
+    # A verification step (glm6b.inference.engine.DecodeEngine.verify) feeds T tokens per row: the
+    # row's newest token and the tokens proposed after it. Their keys go to the row's next slots;
+    # `accept` then makes visible only the ones the sampler kept, and the rest are overwritten later.
+
+    def verify_slots(self, counts: torch.Tensor, width: int) -> torch.Tensor:
+        """[B, width] the slots of a verification step's tokens: token t of row b goes to lengths[b] + t
+        for t < counts[b]; the padding after them (and every token of a row with count 0) goes to the
+        last slot, which a verifying caller keeps free (lengths[b] + counts[b] <= S - 1)."""
+        offsets = torch.arange(width, device=self.lengths.device)[None, :]
+        own = (self.lengths[:, None] + offsets).clamp(max=self.max_length - 1)
+        return torch.where(offsets < counts[:, None], own, self.max_length - 1)
+
+    def verify_mask(self, slots: torch.Tensor) -> torch.Tensor:
+        """A verification step's mask [B, 1, T, S] (True = masked): token t sees the visible slots and
+        this step's slots from the row's next one up to its own, so the fed tokens are causal
+        (spec 4.8: each generated token sees what the previous one saw, plus itself)."""
+        s = torch.arange(self.max_length, device=self.lengths.device)[None, None, :]
+        fed = (s >= self.lengths[:, None, None]) & (s <= slots[:, :, None])  # [B, T, S]
+        return ~(self.visible[:, None, :] | fed)[:, None]
+
+    def accept(self, kept: torch.Tensor) -> None:
+        """After a verification step: the first kept[b] tokens fed to row b become visible and the row
+        moves on by kept[b] (0 leaves a row as it was)."""
+        s = torch.arange(self.max_length, device=self.lengths.device)[None, :]
+        start = self.lengths[:, None]
+        self.visible |= (s >= start) & (s < start + kept[:, None])
+        self.lengths.add_(kept).clamp_(max=self.max_length)

@@ -81,7 +81,7 @@ class SelfAttention(nn.Module):
         padded_queries = True
         if isinstance(kv_cache, StaticKVCache):
             k, v = kv_cache.update(self.layer_id, k, v, input_pos)  # [B, nh, S, d]
-            # A decode step's token always sees itself: no fully masked query, no host sync needed.
+            # A decode (or verification) step's tokens always see themselves: no fully masked query, no host sync.
             padded_queries = isinstance(input_pos, int)
         elif kv_cache is not None:
             k, v = kv_cache.update(self.layer_id, k, v)  # [B, nh, S, d]
@@ -148,8 +148,9 @@ def decode_attention(q, keys, values, mask: torch.Tensor, coeff: torch.Tensor) -
     Python number, which a compiled graph would hold as a per-layer constant).
 
     Args:
-        q [B, nh, 1, d]; keys, values [B, nh, S, d]; mask [B, 1, 1, S] bool, True = masked (a decode
-        step's token always sees itself, so no row is fully masked); coeff: [] float32, layer index + 1.
+        q [B, nh, T, d] (T = 1, or the tokens of a verification step); keys, values [B, nh, S, d]; mask
+        [B, 1, T, S] bool, True = masked (a step's token always sees itself, so no row is fully masked);
+        coeff: [] float32, layer index + 1.
     """
     q = q / (coeff * math.sqrt(q.shape[-1]))
     scores = torch.matmul(q, keys.transpose(-1, -2)).float() * coeff
@@ -202,18 +203,19 @@ class GLMBlock(nn.Module):
         return m * RESIDUAL_ALPHA + self.mlp(m)
 
     def decode(self, x, cos, sin, mask, keys, values, slots, coeff):
-        """One token per row through the layer, with every per-layer value passed in as a tensor, so
-        that one compiled graph serves every layer (the engine's compiled CPU step compiles this).
+        """One token per row (a decode step) or T (a verification step) through the layer, with every
+        per-layer value passed in as a tensor, so that one compiled graph serves every layer (the
+        engine's compiled CPU step compiles this).
 
-        The math of `forward` with a StaticKVCache and a [B] input_pos, up to rounding (attention by
-        `decode_attention`). x [B, 1, H]; cos/sin as for forward; mask [B, 1, 1, S]; keys/values
-        [B, nh, S, d], this layer's cache (the new token's are written at slots [B]); coeff: [] float32,
-        the layer index + 1.
+        The math of `forward` with a StaticKVCache and a tensor input_pos, up to rounding (attention by
+        `decode_attention`). x [B, T, H]; cos/sin as for forward; mask [B, 1, T, S]; keys/values
+        [B, nh, S, d], this layer's cache (the new tokens' are written at slots [B] (T = 1) or [B, T]);
+        coeff: [] float32, the layer index + 1.
         """
         a = self.input_layernorm(x)
         q, k, v = self.attention.rotated_qkv(a, cos, sin)
         write_slots(keys, values, k, v, slots)
-        context = decode_attention(q, keys, values, mask, coeff)  # [B, nh, 1, d]
+        context = decode_attention(q, keys, values, mask, coeff)  # [B, nh, T, d]
         return self.after_attention(a, self.attention.project(context))
 
     def forward_chunked(self, x, cos, sin, mask, kv_cache: StaticKVCache, input_pos: int, chunk_size: int):
@@ -405,7 +407,8 @@ class ChatGLMForConditionalGeneration(nn.Module):
             output_hidden_states: also return the input of every layer and the final output.
             last_token_only: compute logits for the last position only (generation's prefill).
             input_pos: with a StaticKVCache, where the new tokens go: an int s (slots [s, s + T)
-                of every row) or a [B] int64 tensor (one token per row, at slot input_pos[b]).
+                of every row), a [B] int64 tensor (one token per row, at slot input_pos[b]) or a
+                [B, T] one (token t of row b at slot input_pos[b, t]).
             prefill_chunk_size: with a StaticKVCache and an int input_pos, process the prompt this
                 many tokens at a time (same results, smaller activations; GLMBlock.forward_chunked).
         """

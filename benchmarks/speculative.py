@@ -1,0 +1,328 @@
+"""Prompt lookup (speculative decoding from the prompt): what a verification costs, what lookup saves.
+
+    python benchmarks/speculative.py --layers 2 --threads 2                    # all three parts, a table each
+    python benchmarks/speculative.py --only cost --precisions int4 --batch-sizes 1
+    python benchmarks/speculative.py --only e2e --quickstart runs/quickstart   # after `glm6b quickstart`
+    python benchmarks/speculative.py --json speculative.json                   # the numbers as JSON too
+
+1. cost: a verification step of k + 1 tokens per row (DecodeEngine.verify) against an ordinary
+   one-token step (DecodeEngine.decode), k = 1..8, on the glm_6b shape with `--layers` layers and
+   random weights (built on the meta device as in benchmarks/generate.py), per precision (float32,
+   bfloat16, and int8 / int4 weights with the activations glm6b.load uses for them on this CPU:
+   bfloat16 where glm6b's CPU kernels run, float32 elsewhere) and batch size, through the decode
+   step as generate() runs it (compiled where "auto" compiles). The two are timed alternately and
+   the median of the per-pair ratios is shown, so a change in the machine's load hits both. With a
+   few layers the lm_head (the 130528-row word embeddings) is a large part of a step, so the lm_head
+   is also timed alone and the ratio is extrapolated to the 28 layers of the real model:
+       c28(T) = (28 / L * layers(T) + head(T)) / (28 / L * layers(1) + head(1)),
+   layers(T) = step(T) - head(T) measured with L layers.
+2. e2e: greedy ADGEN dev generation with a model whose answers copy from the prompt: the quickstart's
+   LoRA fine-tune of the built-in default model (`glm6b quickstart` writes DIR/base and
+   DIR/lora/final; the base alone is shown too). With and without lookup: whether the outputs are
+   identical, the acceptance rate, tokens per model step, and the decode tokens/s of each (the
+   prefill, timed on its own, is left out), alternating per prompt.
+3. expected: the speed-up lookup would give at glm_6b size for the acceptance measured in 2, priced
+   with the verification costs of 1 (a computation, not a measurement):
+       speed-up = (N - 1) / sum over model steps s of c28(T_s)
+   for N tokens per answer (the first comes from the prefill; an ordinary step costs c28(1) = 1),
+   and the same for a run where every proposal is rejected (the adaptive proposal length of
+   glm6b.inference.lookup.ProposalLength, simulated), which is the slowest lookup can be.
+
+The CPU's model and flags are printed first (glm6b's own CPU kernels need AVX512-BF16: where they are
+missing, quantized layers use PyTorch's weight-only ops, which work a row at a time), so that a run on
+another machine, or after new kernels land, can be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from glm6b.checkpoint.hf import default_dtype
+from glm6b.config import ChatGLMConfig
+from glm6b.inference.engine import DecodeEngine, prompt_inputs, should_compile, verify_rows_budget
+from glm6b.inference.lookup import LookupStats, ProposalLength
+from glm6b.model import ChatGLMForConditionalGeneration
+from glm6b.quant import cpu_kernels
+
+# precision -> (activation dtype, weight bits): int8 / int4 run with the activations glm6b.load gives them on
+# this CPU (bfloat16 where glm6b's CPU kernels run, float32 elsewhere: glm6b.checkpoint.hf.default_dtype).
+QUANTIZED_DTYPE = default_dtype(torch.device("cpu"), quantized=True)
+PRECISIONS = {"float32": (torch.float32, None), "bfloat16": (torch.bfloat16, None),
+              "int8": (QUANTIZED_DTYPE, 8), "int4": (QUANTIZED_DTYPE, 4)}
+REAL_LAYERS = 28  # glm_6b
+KS = range(1, 9)
+
+
+def cpu_summary() -> dict:
+    """The CPU's model name, its vector/matrix flags that matter here, and whether glm6b's kernels run."""
+    model, flags = platform.processor(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                break
+    except OSError:
+        pass
+    wanted = [f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c")]
+    return {"cpu": model, "flags": wanted, "glm6b_cpu_kernels": cpu_kernels.available(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def build_model(precision: str, layers: int):
+    """The glm_6b shape with `layers` layers and random weights, in a precision of PRECISIONS."""
+    dtype, bits = PRECISIONS[precision]
+    config = ChatGLMConfig.from_name("glm_6b", num_layers=layers)
+    model = ChatGLMForConditionalGeneration(config, dtype=dtype, device="meta")
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    if bits:
+        from glm6b.quant.linear import prepare_kernels, quantize_model
+
+        quantize_model(model, bits)
+        prepare_kernels(model)
+    return model.eval()
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------- 1. cost
+
+
+@torch.inference_mode()
+def verify_costs(model, batch: int, prompt_length: int, repeats: int, compile: bool | str) -> dict:
+    """Median ratios verify(T) / decode and head(T) / head(1) for T = k + 1, k in KS, plus the raw times."""
+    config = model.config
+    body = torch.randint(6, config.mask_token_id, (batch, prompt_length - 2))
+    ids = torch.cat([body, torch.tensor([config.gmask_token_id, config.bos_token_id]).expand(batch, 2)], dim=1)
+    engine = DecodeEngine(model, batch, prompt_length + 16 + 2 * repeats * len(KS), compile=compile)
+    tokens = engine.prefill(ids, *prompt_inputs(model, ids)).argmax(-1)
+    feeds = {k: torch.cat([tokens[:, None], torch.randint(6, 20000, (batch, k))], dim=1) for k in KS}
+    counts = {k: torch.full((batch,), k + 1) for k in KS}
+    hidden = torch.randn(batch * (max(KS) + 1), config.hidden_size, dtype=model.dtype)
+    for k in (0, *KS, 0):  # warm-up (and compiles: one graph for T = 1, then T static, then T symbolic)
+        engine.decode(tokens) if k == 0 else engine.verify(feeds[k], counts[k])
+    step_ratio = {k: [] for k in KS}
+    head_ratio = {k: [] for k in KS}
+    decode_ms, head_ms = [], []
+    for _ in range(repeats):
+        for k in KS:
+            before = _timed(lambda: engine.decode(tokens))
+            verify = _timed(lambda: engine.verify(feeds[k], counts[k]))
+            after = _timed(lambda: engine.decode(tokens))
+            step_ratio[k].append(verify / ((before + after) / 2))
+            decode_ms.append(1000 * (before + after) / 2)
+            one = _timed(lambda: model.lm_head(hidden[:batch]))
+            many = _timed(lambda: model.lm_head(hidden[:batch * (k + 1)]))
+            head_ratio[k].append(many / one)
+            head_ms.append(1000 * one)
+    decode, head = statistics.median(decode_ms), statistics.median(head_ms)
+    layers_share = max(decode - head, 0.0)  # everything but the lm_head, for this model's layers
+    scale = REAL_LAYERS / config.num_layers
+    measured = {k: statistics.median(v) for k, v in step_ratio.items()}
+    heads = {k: statistics.median(v) for k, v in head_ratio.items()}
+    extrapolated = {}
+    for k in KS:
+        layers_k = measured[k] * decode - heads[k] * head
+        extrapolated[k] = (scale * layers_k + heads[k] * head) / (scale * layers_share + head)
+    return {"decode_ms": decode, "head_ms": head, "measured": measured, "head": heads, "c28": extrapolated,
+            "compiled": engine.compiled}
+
+
+def cost_tables(args) -> dict:
+    results = {}
+    for precision in args.precisions:
+        model = build_model(precision, args.layers)
+        for batch in args.batch_sizes:
+            row = verify_costs(model, batch, args.prompt_length, args.repeats, args.compile)
+            row["rows_budget"] = verify_rows_budget(model)
+            results[f"{precision}/b{batch}"] = row
+            name = precision if PRECISIONS[precision][1] is None else f"{precision} ({str(model.dtype)[6:]})"
+            print(f"| {name} | {batch} | {row['decode_ms']:.0f} | "
+                  + " | ".join(f"{row['measured'][k]:.2f} ({row['c28'][k]:.2f})" for k in KS) + " |", flush=True)
+        del model
+        gc.collect()
+    return results
+
+
+# ----------------------------------------------------------------------------------- 2. e2e
+
+
+def read_prompts(path: Path, count: int) -> list[str]:
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line["content"] for line in lines[:count]]
+
+
+@torch.inference_mode()
+def end_to_end(model, tokenizer, prompts: list[str], k: int, max_new_tokens: int, max_source_length: int) -> dict:
+    """Greedy generation of every prompt alone, without and with lookup (alternating per prompt)."""
+    from glm6b.inference.generation import generate
+
+    plain_s, lookup_s, prefill_s = 0.0, 0.0, 0.0
+    identical, tokens = 0, 0
+    stats = LookupStats()
+    for prompt in prompts:
+        batch = tokenizer([prompt], max_length=max_source_length, truncation=True, padding=True, return_tensors="pt")
+        args = (model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        options = dict(max_new_tokens=max_new_tokens, allowed_vocab_size=len(tokenizer), do_sample=False)
+        prefill_s += _timed(lambda: generate(*args, max_new_tokens=1, allowed_vocab_size=len(tokenizer)))
+        start = time.perf_counter()
+        plain = generate(*args, **options, prompt_lookup_num_tokens=0)
+        plain_s += time.perf_counter() - start
+        before = stats.tokens
+        start = time.perf_counter()
+        looked_up = generate(*args, **options, prompt_lookup_num_tokens=k, stats=stats)
+        lookup_s += time.perf_counter() - start
+        identical += torch.equal(plain, looked_up)
+        tokens += stats.tokens - before
+    decode_tokens = tokens - len(prompts)  # each answer's first token comes from the prefill
+    plain_rate = decode_tokens / max(plain_s - prefill_s, 1e-9)
+    lookup_rate = decode_tokens / max(lookup_s - prefill_s, 1e-9)
+    return {"k": k, "prompts": len(prompts), "identical": identical, "tokens": tokens,
+            "acceptance": stats.acceptance_rate, "tokens_per_step": stats.tokens_per_step,
+            "widths": dict(sorted(stats.widths.items())), "plain_tokens_per_s": plain_rate,
+            "lookup_tokens_per_s": lookup_rate, "ratio": lookup_rate / plain_rate,
+            "verify_steps": stats.verify_steps, "steps": stats.steps}
+
+
+def e2e_tables(args) -> dict:
+    from glm6b.api import load
+    from glm6b.config import LoadConfig
+
+    folder = Path(args.quickstart)
+    models = {"lora": LoadConfig(load_checkpoint=str(folder / "base"), adapter=str(folder / "lora" / "final")),
+              "base": LoadConfig(load_checkpoint=str(folder / "base"))}
+    prompts = read_prompts(Path(args.data), args.examples)
+    results = {}
+    for name in args.e2e_models:
+        model, tokenizer, _ = load(models[name])
+        for k in args.e2e_k:
+            row = end_to_end(model, tokenizer, prompts, k, args.max_new_tokens, args.max_source_length)
+            results[f"{name}/k{k}"] = row
+            print(f"| {name} | {k} | {row['identical']}/{row['prompts']} | {100 * row['acceptance']:.0f} % | "
+                  f"{row['tokens_per_step']:.2f} | {row['plain_tokens_per_s']:.0f} | {row['lookup_tokens_per_s']:.0f} | "
+                  f"{row['ratio']:.2f}x |", flush=True)
+    return results
+
+
+# ----------------------------------------------------------------------------------- 3. expected
+
+
+def priced_speedup(widths: dict[int, int], tokens: int, answers: int, cost: dict[int, float]) -> float:
+    """(N - 1) / sum of step costs: the decode speed-up of a run of `widths` steps at costs c(T) (c(1) = 1)."""
+    spent = sum(count * (1.0 if width == 1 else cost[width - 1]) for width, count in widths.items())
+    return (tokens - answers) / spent
+
+
+def all_rejected_widths(k: int, tokens: int) -> dict[int, int]:
+    """The steps of one answer of `tokens` tokens where every proposal is rejected (ProposalLength's waits)."""
+    length, widths, made = ProposalLength(k), {}, 1
+    while made < tokens:
+        proposed = min(length.next(), tokens - made - 1)
+        widths[proposed + 1] = widths.get(proposed + 1, 0) + 1
+        if proposed:
+            length.verified(proposed, 0)
+        else:
+            length.stepped(False)
+        made += 1
+    return widths
+
+
+def expected_tables(costs: dict, e2e: dict, answer_tokens: int) -> dict:
+    results = {}
+    for run, row in e2e.items():
+        for table, cost in costs.items():
+            if not table.endswith("/b1"):
+                continue
+            k = row["k"]
+            speedup = priced_speedup({int(w): c for w, c in row["widths"].items()}, row["tokens"], row["prompts"],
+                                     cost["c28"])
+            worst = priced_speedup(all_rejected_widths(k, answer_tokens), answer_tokens, 1, cost["c28"])
+            results[f"{run}@{table}"] = {"speedup": speedup, "all_rejected": worst}
+            print(f"| {run} | {table.split('/')[0]} | {speedup:.2f}x | {worst:.2f}x |", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("cost", "e2e", "expected"), nargs="+", default=["cost", "e2e", "expected"])
+    parser.add_argument("--layers", type=int, default=2, help="glm_6b layers in the cost part (28: the real model)")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt-length", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=5, help="timed pairs per k (the median ratio is shown)")
+    parser.add_argument("--compile", default="auto", choices=("auto", "true", "false"),
+                        help="the decode step's compilation (auto: as generate() runs it)")
+    parser.add_argument("--quickstart", default="runs/quickstart", help="`glm6b quickstart`'s output folder")
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parent.parent / "glm6b/assets/default/adgen/dev.json"))
+    parser.add_argument("--examples", type=int, default=40, help="dev prompts generated in the e2e part")
+    parser.add_argument("--e2e-models", nargs="+", choices=("lora", "base"), default=["lora", "base"])
+    parser.add_argument("--e2e-k", type=int, nargs="+", default=[4], help="prompt_lookup_num_tokens in the e2e part")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-source-length", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write every number to this file")
+    args = parser.parse_args()
+    args.compile = {"auto": "auto", "true": True, "false": False}[args.compile]
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    summary = cpu_summary()
+    print(f"CPU: {summary['cpu']}; flags {' '.join(summary['flags'])}; glm6b CPU kernels: "
+          f"{'yes' if summary['glm6b_cpu_kernels'] else 'no (PyTorch weight-only ops)'}; {summary['threads']} threads; "
+          f"torch {summary['torch']}; {time.strftime('%Y-%m-%d')}\n")
+    out = {"machine": summary, "args": {k: v for k, v in vars(args).items() if k != "json"}}
+    costs = {}
+    if "cost" in args.only or "expected" in args.only:
+        shape = ChatGLMForConditionalGeneration(ChatGLMConfig.from_name("glm_6b", num_layers=args.layers),
+                                                dtype=torch.bfloat16, device="meta")
+        compiled = should_compile(shape, args.compile)
+        print(f"1. verification of k + 1 tokens per row / one-token step: measured with {args.layers} glm_6b layers "
+              f"(in brackets: extrapolated to {REAL_LAYERS} layers), {'compiled' if compiled else 'eager'} step, "
+              f"median of {args.repeats} pairs\n")
+        print("| precision | batch | step ms | " + " | ".join(f"k={k}" for k in KS) + " |")
+        print("|---|---:|---:|" + "---:|" * len(KS))
+        costs = cost_tables(args)
+        out["cost"] = costs
+        print()
+    e2e = {}
+    if "e2e" in args.only or "expected" in args.only:
+        print(f"2. greedy ADGEN dev generation ({args.examples} prompts one at a time, up to {args.max_new_tokens} new "
+              f"tokens) on {args.quickstart}, without / with prompt lookup\n")
+        print("| model | k | identical | accepted | tokens/step | plain tok/s | lookup tok/s | ratio |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        e2e = e2e_tables(args)
+        out["e2e"] = e2e
+        print()
+    if "expected" in args.only and costs and e2e:
+        print(f"3. expected decode speed-up at glm_6b size ({REAL_LAYERS} layers, batch 1): the acceptance of 2 priced "
+              f"with the verification costs of 1; 'all rejected': every proposal fails ({args.max_new_tokens}-token "
+              f"answers)\n")
+        print("| run | precision | expected speed-up | all rejected |")
+        print("|---|---|---:|---:|")
+        out["expected"] = expected_tables(costs, e2e, args.max_new_tokens)
+        print()
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

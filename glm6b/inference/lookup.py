@@ -1,0 +1,136 @@
+"""Prompt-lookup decoding: proposals copied from a row's own context, and how many tokens a row proposes.
+
+A ChatGLM answer often copies its input: an ADGEN advertisement repeats the prompt's attributes, a chat
+answer quotes the pasted text or a name from the history. `propose_from_context` guesses the next
+tokens by finding the row's last n tokens earlier in its context (prompt + generated so far) and
+copying what followed them. The decode engine checks all of them in one forward
+(glm6b.inference.engine.DecodeEngine.verify) and the sampler keeps the ones the model agrees with
+(glm6b.inference.sampling.accept_proposals), so the output is that of ordinary decoding, in fewer
+steps. The proposer is a plain function of the context: a draft model could take its place.
+
+`ProposalLength` switches a row's proposals off for a while after verifications that kept nothing
+(a verification of several tokens costs more than a one-token step, a little where the kernels take
+several rows at the price of one, and up to T times where they pay per input row).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+DEFAULT_MAX_NGRAM = 3
+# Ordinary steps a row waits, at most, after verifications that kept nothing (doubling from 1).
+MAX_WAIT = 32
+
+
+def propose_from_context(context: Sequence[int] | torch.Tensor, max_tokens: int,
+                         max_ngram: int = DEFAULT_MAX_NGRAM) -> list[int]:
+    """Up to `max_tokens` proposed next tokens: what followed the context's last n tokens where they
+    occurred before, for the longest n (from `max_ngram` down to 1) that occurs, at its most recent
+    occurrence.
+
+    Where the copy reaches the end of the context it goes on copying from the tokens it has just
+    proposed, so that a repeating pattern ("a b a b") is proposed as far as asked.
+
+    Args:
+        context: the row's tokens so far (prompt without padding, then the generated ones).
+        max_tokens: how many tokens to propose at most (0: none).
+        max_ngram: the longest suffix to look up.
+
+    Returns:
+        The proposed tokens (an empty list when no suffix occurs earlier).
+    """
+    ids = torch.as_tensor(context, dtype=torch.long).flatten()
+    length = ids.numel()
+    if max_tokens < 1:
+        return []
+    for n in range(min(max_ngram, length - 1), 0, -1):
+        # Windows ids[i : i + n] for every i whose window ends before the last token (i + n < length).
+        windows = ids[:length - 1].unfold(0, n, 1)  # [length - n, n]
+        matches = (windows == ids[length - n:]).all(dim=1).nonzero()
+        if matches.numel():
+            follow = int(matches[-1]) + n  # the token after the most recent occurrence
+            copied = ids.tolist()
+            for i in range(max_tokens):  # copied grows as it goes, so follow + i is always in range
+                copied.append(copied[follow + i])
+            return copied[length:]
+    return []
+
+
+@dataclass
+class LookupStats:
+    """What prompt lookup did during a generation (filled by generate / generate_steps when passed in).
+
+    Attributes:
+        tokens: tokens generated (<eop> included, pads after it not).
+        steps: model steps after the prefill (ordinary decode steps and verifications).
+        verify_steps: of those, the verifications of proposed tokens.
+        proposed: proposed tokens verified.
+        accepted: of those, the ones kept.
+        widths: {T: model steps that fed up to T tokens per row} (1: ordinary decode steps), for
+            pricing a run with the verification costs of benchmarks/speculative.py.
+    """
+
+    tokens: int = 0
+    steps: int = 0
+    verify_steps: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    widths: dict[int, int] = field(default_factory=dict)
+
+    def count_step(self, width: int) -> None:
+        """Record one model step that fed up to `width` tokens per row."""
+        self.steps += 1
+        self.verify_steps += width > 1
+        self.widths[width] = self.widths.get(width, 0) + 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / proposed tokens (0 when nothing was proposed)."""
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens per model call, the prefill (which gives each row's first token) counted as one."""
+        return self.tokens / (self.steps + 1)
+
+
+@dataclass
+class ProposalLength:
+    """How many tokens one row proposes at its next step: `limit`, or none for a while after verifications
+    that kept nothing (a switch-off, so that a row whose proposals keep failing stops paying for them).
+
+    After a verification that kept none of the proposals the row waits 1, then 3, 7, 15 and at most
+    MAX_WAIT ordinary steps before it proposes again; one that kept any resets that. While it waits,
+    each step checks, at no model cost, whether a proposal would have matched the token chosen, and
+    such a match ends the wait (the text has started copying again). A proposal is not shortened after
+    a partial rejection: on the ADGEN references (benchmarks/speculative.py, "references") shortening
+    kept fewer tokens per step, and where lookup is on by default a longer proposal costs no more.
+
+    Attributes:
+        limit: tokens per proposal (the prompt_lookup_num_tokens setting).
+        wait: ordinary steps left before the row proposes again.
+        misses: verifications in a row that kept none of the proposals.
+    """
+
+    limit: int
+    wait: int = 0
+    misses: int = 0
+
+    def next(self) -> int:
+        """Tokens to propose at this step (0 while waiting)."""
+        return 0 if self.wait else self.limit
+
+    def verified(self, proposed: int, accepted: int) -> None:
+        """Record a verification of `proposed` tokens of which `accepted` were kept."""
+        self.misses = 0 if accepted else self.misses + 1
+        self.wait = min(2 ** self.misses - 1, MAX_WAIT)
+
+    def stepped(self, would_have_matched: bool) -> None:
+        """Record an ordinary step taken while waiting: whether a proposal would have matched its token."""
+        if would_have_matched:
+            self.wait, self.misses = 0, 0
+        elif self.wait:
+            self.wait -= 1
