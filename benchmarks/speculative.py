@@ -4,6 +4,7 @@
     python benchmarks/speculative.py --only cost --precisions int4 --batch-sizes 1
     python benchmarks/speculative.py --only e2e --quickstart runs/quickstart   # after `glm6b quickstart`
     python benchmarks/speculative.py --json speculative.json                   # the numbers as JSON too
+    python benchmarks/speculative.py --only expected --from-json a.json b.json  # price earlier runs' tables
 
 1. cost: a verification step of k + 1 tokens per row (DecodeEngine.verify) against an ordinary
    one-token step (DecodeEngine.decode), k = 1..8, on the glm_6b shape with `--layers` layers and
@@ -20,13 +21,21 @@
    LoRA fine-tune of the built-in default model (`glm6b quickstart` writes DIR/base and
    DIR/lora/final; the base alone is shown too). With and without lookup: whether the outputs are
    identical, the acceptance rate, tokens per model step, and the decode tokens/s of each (the
-   prefill, timed on its own, is left out), alternating per prompt.
+   prefill, timed on its own, is left out), alternating per prompt, median of `--rounds` rounds.
+   2b. copying: the same on the glm_6b shape with `--layers` layers and random weights, which
+   continue by repeating their input token, so that proposals are right: the measured product of
+   acceptance and verification cost at that shape.
+   2c. references: the dev set's reference answers run through the proposer as if a model wrote
+   them (teacher-forced, with the same switch-off): how much of ADGEN's text lookup can copy, per
+   tokenizer (the quickstart's, whose pieces are whole phrases, and the golden test one, which
+   splits Chinese text into characters and bytes).
 3. expected: the speed-up lookup would give at glm_6b size for the acceptance measured in 2, priced
    with the verification costs of 1 (a computation, not a measurement):
        speed-up = (N - 1) / sum over model steps s of c28(T_s)
    for N tokens per answer (the first comes from the prefill; an ordinary step costs c28(1) = 1),
    and the same for a run where every proposal is rejected (the adaptive proposal length of
-   glm6b.inference.lookup.ProposalLength, simulated), which is the slowest lookup can be.
+   glm6b.inference.lookup.ProposalLength, simulated), which is the slowest lookup can be, and for
+   c(T) = 1 (a verification as cheap as a step: the most lookup can give for that acceptance).
 
 The CPU's model and flags are printed first (glm6b's own CPU kernels need AVX512-BF16: where they are
 missing, quantized layers use PyTorch's weight-only ops, which work a row at a time), so that a run on
@@ -124,12 +133,12 @@ def verify_costs(model, batch: int, prompt_length: int, repeats: int, compile: b
     for _ in range(repeats):
         for k in KS:
             before = _timed(lambda: engine.decode(tokens))
-            verify = _timed(lambda: engine.verify(feeds[k], counts[k]))
+            verify = _timed(lambda k=k: engine.verify(feeds[k], counts[k]))
             after = _timed(lambda: engine.decode(tokens))
             step_ratio[k].append(verify / ((before + after) / 2))
             decode_ms.append(1000 * (before + after) / 2)
             one = _timed(lambda: model.lm_head(hidden[:batch]))
-            many = _timed(lambda: model.lm_head(hidden[:batch * (k + 1)]))
+            many = _timed(lambda k=k: model.lm_head(hidden[:batch * (k + 1)]))
             head_ratio[k].append(many / one)
             head_ms.append(1000 * one)
     decode, head = statistics.median(decode_ms), statistics.median(head_ms)
@@ -170,35 +179,40 @@ def read_prompts(path: Path, count: int) -> list[str]:
 
 
 @torch.inference_mode()
-def end_to_end(model, tokenizer, prompts: list[str], k: int, max_new_tokens: int, max_source_length: int) -> dict:
-    """Greedy generation of every prompt alone, without and with lookup (alternating per prompt)."""
+def end_to_end(model, inputs: list[tuple[torch.Tensor, ...]], k: int, rounds: int, **options) -> dict:
+    """Greedy generation of every input alone, without and with lookup (alternating per input), `rounds`
+    times: outputs identical?, lookup's statistics, and the decode tokens/s of both (median over rounds)."""
     from glm6b.inference.generation import generate
 
-    plain_s, lookup_s, prefill_s = 0.0, 0.0, 0.0
-    identical, tokens = 0, 0
-    stats = LookupStats()
-    for prompt in prompts:
-        batch = tokenizer([prompt], max_length=max_source_length, truncation=True, padding=True, return_tensors="pt")
-        args = (model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-        options = dict(max_new_tokens=max_new_tokens, allowed_vocab_size=len(tokenizer), do_sample=False)
-        prefill_s += _timed(lambda: generate(*args, max_new_tokens=1, allowed_vocab_size=len(tokenizer)))
-        start = time.perf_counter()
-        plain = generate(*args, **options, prompt_lookup_num_tokens=0)
-        plain_s += time.perf_counter() - start
-        before = stats.tokens
-        start = time.perf_counter()
-        looked_up = generate(*args, **options, prompt_lookup_num_tokens=k, stats=stats)
-        lookup_s += time.perf_counter() - start
-        identical += torch.equal(plain, looked_up)
-        tokens += stats.tokens - before
-    decode_tokens = tokens - len(prompts)  # each answer's first token comes from the prefill
-    plain_rate = decode_tokens / max(plain_s - prefill_s, 1e-9)
-    lookup_rate = decode_tokens / max(lookup_s - prefill_s, 1e-9)
-    return {"k": k, "prompts": len(prompts), "identical": identical, "tokens": tokens,
+    identical, ratios, rates = 0, [], []
+    for round_ in range(rounds):
+        plain_s = lookup_s = prefill_s = 0.0
+        stats = LookupStats()
+        for args in inputs:
+            prefill_s += _timed(lambda args=args: generate(model, *args, **{**options, "max_new_tokens": 1}))
+            start = time.perf_counter()
+            plain = generate(model, *args, **options, prompt_lookup_num_tokens=0)
+            plain_s += time.perf_counter() - start
+            start = time.perf_counter()
+            looked_up = generate(model, *args, **options, prompt_lookup_num_tokens=k, stats=stats)
+            lookup_s += time.perf_counter() - start
+            identical += round_ == 0 and torch.equal(plain, looked_up)
+        decode_tokens = stats.tokens - len(inputs)  # each answer's first token comes from the prefill
+        rate = (decode_tokens / max(plain_s - prefill_s, 1e-9), decode_tokens / max(lookup_s - prefill_s, 1e-9))
+        rates.append(rate)
+        ratios.append(rate[1] / rate[0])
+    middle = sorted(range(rounds), key=lambda i: ratios[i])[rounds // 2]
+    return {"k": k, "prompts": len(inputs), "identical": identical, "tokens": stats.tokens,
             "acceptance": stats.acceptance_rate, "tokens_per_step": stats.tokens_per_step,
-            "widths": dict(sorted(stats.widths.items())), "plain_tokens_per_s": plain_rate,
-            "lookup_tokens_per_s": lookup_rate, "ratio": lookup_rate / plain_rate,
+            "widths": dict(sorted(stats.widths.items())), "plain_tokens_per_s": rates[middle][0],
+            "lookup_tokens_per_s": rates[middle][1], "ratio": ratios[middle], "ratios": ratios,
             "verify_steps": stats.verify_steps, "steps": stats.steps}
+
+
+def _e2e_row(name: str, row: dict) -> None:
+    print(f"| {name} | {row['k']} | {row['identical']}/{row['prompts']} | {100 * row['acceptance']:.0f} % | "
+          f"{row['tokens_per_step']:.2f} | {row['plain_tokens_per_s']:.1f} | {row['lookup_tokens_per_s']:.1f} | "
+          f"{row['ratio']:.2f}x |", flush=True)
 
 
 def e2e_tables(args) -> dict:
@@ -212,12 +226,80 @@ def e2e_tables(args) -> dict:
     results = {}
     for name in args.e2e_models:
         model, tokenizer, _ = load(models[name])
+        inputs = []
+        for prompt in prompts:
+            batch = tokenizer([prompt], max_length=args.max_source_length, truncation=True, padding=True,
+                              return_tensors="pt")
+            inputs.append((batch["input_ids"], batch["attention_mask"], batch["position_ids"]))
         for k in args.e2e_k:
-            row = end_to_end(model, tokenizer, prompts, k, args.max_new_tokens, args.max_source_length)
+            row = end_to_end(model, inputs, k, args.rounds, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             allowed_vocab_size=len(tokenizer))
             results[f"{name}/k{k}"] = row
-            print(f"| {name} | {k} | {row['identical']}/{row['prompts']} | {100 * row['acceptance']:.0f} % | "
-                  f"{row['tokens_per_step']:.2f} | {row['plain_tokens_per_s']:.0f} | {row['lookup_tokens_per_s']:.0f} | "
-                  f"{row['ratio']:.2f}x |", flush=True)
+            _e2e_row(name, row)
+    return results
+
+
+def copying_tables(args) -> dict:
+    """e2e on the glm_6b shape (`--layers` layers, random weights): such a model continues by repeating its
+    input token, so proposals are right: the measured product of acceptance and verification cost."""
+    results = {}
+    config = ChatGLMConfig.from_name("glm_6b", num_layers=args.layers)
+    generator = torch.Generator().manual_seed(1)
+    body = torch.randint(6, config.mask_token_id, (1, args.prompt_length - 2), generator=generator)
+    ids = torch.cat([body, torch.tensor([[config.gmask_token_id, config.bos_token_id]])], dim=1)
+    for precision in args.copying_precisions:
+        model = build_model(precision, args.layers)
+        inputs = [(ids, *prompt_inputs(model, ids))]
+        for k in args.e2e_k:
+            row = end_to_end(model, inputs, k, args.rounds, max_new_tokens=args.copying_tokens, do_sample=False,
+                             compile=args.compile)
+            results[f"{precision}/k{k}"] = row
+            _e2e_row(f"glm_6b x{args.layers} {precision}", row)
+        del model
+        gc.collect()
+    return results
+
+
+def reference_tables(args) -> dict:
+    """How far lookup would go if the model wrote the dev references exactly (teacher-forced through the
+    same proposer and switch-off as generation): tokens per step, per tokenizer."""
+    from glm6b.inference.lookup import propose_from_context
+    from glm6b.tokenizer import load_tokenizer
+
+    lines = [json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()]
+    results = {}
+    for folder in args.reference_tokenizers:
+        tokenizer = load_tokenizer(folder)
+        eop = tokenizer.convert_tokens_to_ids("<eop>")
+        for k in args.e2e_k:
+            stats = LookupStats()
+            for line in lines:
+                context = tokenizer.encode(line["content"])
+                answer = tokenizer.encode(line["summary"], add_special_tokens=False) + [eop]
+                length, made = ProposalLength(k), 1  # the first token comes from the prefill
+                context.append(answer[0])
+                while made < len(answer):
+                    proposal = propose_from_context(context, min(length.next(), len(answer) - made - 1))
+                    accepted = 0
+                    while accepted < len(proposal) and proposal[accepted] == answer[made + accepted]:
+                        accepted += 1
+                    if proposal:
+                        length.verified(len(proposal), accepted)
+                        stats.proposed += len(proposal)
+                        stats.accepted += accepted
+                    elif length.wait:
+                        shadow = propose_from_context(context, 1)
+                        length.stepped(bool(shadow) and shadow[0] == answer[made])
+                    stats.count_step(len(proposal) + 1)
+                    context.extend(answer[made:made + accepted + 1])
+                    made += accepted + 1
+                stats.tokens += len(answer)
+            name = f"{Path(folder).name}/k{k}"
+            results[name] = {"k": k, "prompts": len(lines), "tokens": stats.tokens, "acceptance": stats.acceptance_rate,
+                             "tokens_per_step": stats.tokens_per_step, "widths": dict(sorted(stats.widths.items())),
+                             "mean_answer_tokens": stats.tokens / len(lines)}
+            print(f"| {folder} ({len(tokenizer)} pieces) | {k} | {stats.tokens / len(lines):.1f} | "
+                  f"{100 * stats.acceptance_rate:.0f} % | {stats.tokens_per_step:.2f} |", flush=True)
     return results
 
 
@@ -245,23 +327,29 @@ def all_rejected_widths(k: int, tokens: int) -> dict[int, int]:
 
 
 def expected_tables(costs: dict, e2e: dict, answer_tokens: int) -> dict:
+    """Every run of `e2e` priced with every batch-1 cost table (see priced_speedup)."""
     results = {}
     for run, row in e2e.items():
         for table, cost in costs.items():
             if not table.endswith("/b1"):
                 continue
             k = row["k"]
-            speedup = priced_speedup({int(w): c for w, c in row["widths"].items()}, row["tokens"], row["prompts"],
-                                     cost["c28"])
-            worst = priced_speedup(all_rejected_widths(k, answer_tokens), answer_tokens, 1, cost["c28"])
-            results[f"{run}@{table}"] = {"speedup": speedup, "all_rejected": worst}
-            print(f"| {run} | {table.split('/')[0]} | {speedup:.2f}x | {worst:.2f}x |", flush=True)
+            c28 = {int(width): c for width, c in cost["c28"].items()}
+            widths = {int(w): c for w, c in row["widths"].items()}
+            speedup = priced_speedup(widths, row["tokens"], row["prompts"], c28)
+            worst = priced_speedup(all_rejected_widths(k, answer_tokens), answer_tokens, 1, c28)
+            # The same run where a verification costs one step (kernels that read each weight once for
+            # all its rows): the most lookup can give for this acceptance.
+            free = priced_speedup(widths, row["tokens"], row["prompts"], {width: 1.0 for width in c28})
+            results[f"{run}@{table}"] = {"speedup": speedup, "all_rejected": worst, "free_verification": free}
+            print(f"| {run} | {table.split('/')[0]} | {speedup:.2f}x | {worst:.2f}x | {free:.2f}x |", flush=True)
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("cost", "e2e", "expected"), nargs="+", default=["cost", "e2e", "expected"])
+    parts = ("cost", "e2e", "copying", "references", "expected")
+    parser.add_argument("--only", choices=parts, nargs="+", default=list(parts))
     parser.add_argument("--layers", type=int, default=2, help="glm_6b layers in the cost part (28: the real model)")
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
@@ -275,9 +363,20 @@ def main() -> None:
     parser.add_argument("--e2e-models", nargs="+", choices=("lora", "base"), default=["lora", "base"])
     parser.add_argument("--e2e-k", type=int, nargs="+", default=[4], help="prompt_lookup_num_tokens in the e2e part")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="e2e rounds (the median tokens/s ratio is shown)")
+    parser.add_argument("--copying-precisions", nargs="+", choices=PRECISIONS, default=["float32", "int4"])
+    parser.add_argument("--copying-tokens", type=int, default=24, help="new tokens in the glm_6b-shape e2e part")
+    parser.add_argument("--reference-tokenizers", nargs="+",
+                        default=["runs/quickstart/base", str(Path(__file__).resolve().parent.parent / "tests/golden")],
+                        help="tokenizer folders for the references part (the quickstart's; the golden test one, "
+                             "which splits Chinese text into characters and bytes as a large vocabulary does rare words)")
     parser.add_argument("--max-source-length", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--e2e-threads", type=int, default=1,
+                        help="threads for the quickstart model (tiny: one thread is its fastest, as in the tests)")
     parser.add_argument("--json", default=None, help="also write every number to this file")
+    parser.add_argument("--from-json", nargs="+", default=[],
+                        help="earlier --json files whose tables 'expected' prices too (e.g. one process per precision)")
     args = parser.parse_args()
     args.compile = {"auto": "auto", "true": True, "false": False}[args.compile]
     torch.set_num_threads(args.threads)
@@ -286,10 +385,17 @@ def main() -> None:
     summary = cpu_summary()
     print(f"CPU: {summary['cpu']}; flags {' '.join(summary['flags'])}; glm6b CPU kernels: "
           f"{'yes' if summary['glm6b_cpu_kernels'] else 'no (PyTorch weight-only ops)'}; {summary['threads']} threads; "
-          f"torch {summary['torch']}; {time.strftime('%Y-%m-%d')}\n")
+          f"torch {summary['torch']}; {time.strftime('%Y-%m-%d')}\n", flush=True)
     out = {"machine": summary, "args": {k: v for k, v in vars(args).items() if k != "json"}}
     costs = {}
-    if "cost" in args.only or "expected" in args.only:
+    e2e = {}
+    for path in args.from_json:  # the tables of earlier runs (e.g. one process per precision)
+        earlier = json.loads(Path(path).read_text(encoding="utf-8"))
+        costs.update(earlier.get("cost", {}))
+        e2e.update(earlier.get("e2e", {}))
+        e2e.update({f"glm_6b {name}": row for name, row in earlier.get("copying", {}).items()})
+        e2e.update({f"references {name}": row for name, row in earlier.get("references", {}).items()})
+    if "cost" in args.only:
         shape = ChatGLMForConditionalGeneration(ChatGLMConfig.from_name("glm_6b", num_layers=args.layers),
                                                 dtype=torch.bfloat16, device="meta")
         compiled = should_compile(shape, args.compile)
@@ -298,24 +404,44 @@ def main() -> None:
               f"median of {args.repeats} pairs\n")
         print("| precision | batch | step ms | " + " | ".join(f"k={k}" for k in KS) + " |")
         print("|---|---:|---:|" + "---:|" * len(KS))
-        costs = cost_tables(args)
+        costs.update(cost_tables(args))
         out["cost"] = costs
         print()
-    e2e = {}
-    if "e2e" in args.only or "expected" in args.only:
+    if "e2e" in args.only:
         print(f"2. greedy ADGEN dev generation ({args.examples} prompts one at a time, up to {args.max_new_tokens} new "
-              f"tokens) on {args.quickstart}, without / with prompt lookup\n")
+              f"tokens) on {args.quickstart}, without / with prompt lookup; decode tokens/s on {args.e2e_threads} "
+              f"thread(s), median of {args.rounds} rounds\n")
         print("| model | k | identical | accepted | tokens/step | plain tok/s | lookup tok/s | ratio |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
-        e2e = e2e_tables(args)
-        out["e2e"] = e2e
+        torch.set_num_threads(args.e2e_threads)
+        out["e2e"] = e2e_tables(args)
+        torch.set_num_threads(args.threads)
+        e2e.update(out["e2e"])
+        print()
+    if "copying" in args.only:
+        print(f"2b. greedy generation on the glm_6b shape ({args.layers} layers, random weights: it repeats its input, so "
+              f"proposals are right), {args.copying_tokens} new tokens, one prompt of {args.prompt_length}\n")
+        print("| model | k | identical | accepted | tokens/step | plain tok/s | lookup tok/s | ratio |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        copying = copying_tables(args)
+        out["copying"] = copying
+        e2e = {**e2e, **{f"glm_6b {name}": row for name, row in copying.items()}}
+        print()
+    if "references" in args.only:
+        print(f"2c. the dev references written by a perfect model ({args.data}): how often lookup proposes their "
+              f"next tokens, per tokenizer\n")
+        print("| tokenizer | k | answer tokens | accepted | tokens/step |")
+        print("|---|---:|---:|---:|---:|")
+        references = reference_tables(args)
+        out["references"] = references
+        e2e = {**e2e, **{f"references {name}": row for name, row in references.items()}}
         print()
     if "expected" in args.only and costs and e2e:
         print(f"3. expected decode speed-up at glm_6b size ({REAL_LAYERS} layers, batch 1): the acceptance of 2 priced "
               f"with the verification costs of 1; 'all rejected': every proposal fails ({args.max_new_tokens}-token "
               f"answers)\n")
-        print("| run | precision | expected speed-up | all rejected |")
-        print("|---|---|---:|---:|")
+        print("| run | precision | expected speed-up | all rejected | if verifying cost one step |")
+        print("|---|---|---:|---:|---:|")
         out["expected"] = expected_tables(costs, e2e, args.max_new_tokens)
         print()
     if args.json:

@@ -10,7 +10,7 @@ import torch
 
 from glm6b.config import ChatGLMConfig, GenerationConfig
 from glm6b.inference.chat import build_prompt, chat, stream_chat
-from glm6b.inference.engine import DecodeEngine, lookup_tokens, prompt_inputs, verify_rows_budget
+from glm6b.inference.engine import DecodeEngine, lookup_tokens, verify_rows_budget
 from glm6b.inference.generation import generate
 from glm6b.inference.lookup import MAX_WAIT, LookupStats, ProposalLength, propose_from_context
 from glm6b.inference.sampling import accept_proposals, process_scores
@@ -45,6 +45,28 @@ def test_a_repeating_pattern_is_proposed_as_far_as_asked():
     assert propose_from_context(torch.tensor([3, 3]), 4) == [3, 3, 3, 3]
 
 
+def test_the_proposer_follows_its_rule_on_random_contexts():
+    """The one-pass proposer against the rule written out: for n from max_ngram down to 1, the most recent
+    earlier occurrence of the last n tokens, and what followed it (copying on into the proposal)."""
+    import random
+
+    def by_the_rule(ids, max_tokens, max_ngram):
+        for n in range(min(max_ngram, len(ids) - 1), 0, -1):
+            for start in range(len(ids) - 1 - n, -1, -1):
+                if ids[start:start + n] == ids[len(ids) - n:]:
+                    copied = list(ids)
+                    for i in range(max_tokens):
+                        copied.append(copied[start + n + i])
+                    return copied[len(ids):]
+        return []
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        ids = [rng.randint(0, 3) for _ in range(rng.randint(0, 24))]  # few distinct tokens: many matches
+        max_tokens, max_ngram = rng.randint(0, 6), rng.randint(1, 4)
+        assert propose_from_context(ids, max_tokens, max_ngram) == by_the_rule(ids, max_tokens, max_ngram), ids
+
+
 def test_a_row_whose_proposals_keep_failing_waits_longer_each_time():
     length = ProposalLength(4)
     assert length.next() == 4
@@ -65,7 +87,7 @@ def test_a_row_whose_proposals_keep_failing_waits_longer_each_time():
     assert (length.wait, length.misses, length.next()) == (0, 0, 4)
 
 
-def test_auto_is_off_for_tiny_models_and_on_this_machine_where_verifying_costs_steps(model):
+def test_auto_is_off_for_tiny_models_and_settings_are_checked(model):
     assert verify_rows_budget(model) == 1
     assert lookup_tokens("auto", model, 1) == 0
     assert lookup_tokens(None, model, 1) == lookup_tokens(0, model, 1) == 0
@@ -76,6 +98,22 @@ def test_auto_is_off_for_tiny_models_and_on_this_machine_where_verifying_costs_s
             GenerationConfig(prompt_lookup_num_tokens=bad).validate()
     with pytest.raises(ValueError, match="prompt_lookup_max_ngram"):
         GenerationConfig(prompt_lookup_max_ngram=0).validate()
+
+
+def test_auto_turns_lookup_on_only_where_the_kernels_verify_several_rows_for_one(monkeypatch):
+    """"auto" for a model of real size: on (k = 3 for one row, 1 for two, none for more) with bfloat16
+    activations on glm6b's kernels with AMX; off without AMX, without the kernels, and in float32."""
+    from glm6b.inference import engine
+
+    monkeypatch.setattr(engine, "weight_bytes", lambda model: engine.COMPILE_ON_CPU_FROM_BYTES)
+    config = ChatGLMConfig.from_name("tiny")
+    bf16, fp32 = (ChatGLMForConditionalGeneration(config, dtype=dtype) for dtype in (torch.bfloat16, torch.float32))
+    for available, amx, model, expected in ((True, True, bf16, [3, 1, 0]), (True, False, bf16, [0, 0, 0]),
+                                            (False, False, bf16, [0, 0, 0]), (True, True, fp32, [0, 0, 0])):
+        monkeypatch.setattr(engine.cpu_kernels, "available", lambda available=available: available)
+        monkeypatch.setattr(engine.cpu_kernels, "has_amx", lambda amx=amx: amx)
+        assert [lookup_tokens("auto", model, rows) for rows in (1, 2, 3)] == expected, (available, amx, model.dtype)
+        assert lookup_tokens(2, model, 3) == 2  # a number of tokens is always taken as it is
 
 
 # ----------------------------------------------------------------------------------- the engine's verification
@@ -418,7 +456,7 @@ def test_sampling_with_lookup_draws_the_first_tokens_as_ordinary_sampling_does(m
     plain, _ = _sampled_first_tokens(model, prompt, 3, draws, k=0)
     assert _chi_square_p_value(plain, exact, draws) > ALPHA
 
-    import glm6b.inference.generation as generation
+    from glm6b.inference import generation
 
     def keep_proposal_in_residual(scores, proposals, settings, generator):  # a wrong rule: x stays in p
         kept = []

@@ -84,21 +84,23 @@ def verify_rows_budget(model) -> int:
     """Token rows a verification step may feed (all rows of the batch together) for about the cost of a
     one-token step of one row, on this model's device, dtype and kernels; 1 where no rows come free.
 
-    What "auto" prompt lookup goes by (benchmarks/speculative.py measures it; docs/speculative.md):
+    What "auto" prompt lookup goes by (docs/speculative.md has the measurements behind it):
 
-    * CPU, bfloat16 activations on glm6b's own CPU kernels (AVX512-BF16): cpu_kernels.BF16_MAX_ROWS
-      (4). Their dot products read each weight once for all rows: int4/int8 layers take up to 48 rows
-      at about one row's cost, the bfloat16 layers and lm_head 4 (see glm6b.quant.cpu_kernels).
-    * CPU otherwise (PyTorch's weight-only int8/int4 ops, which work a row at a time, and the float32 and
-      emulated bfloat16 GEMMs of an AVX2 CPU): 1; verifying 2 tokens measured 1.4-1.7x a step there.
+    * CPU, bfloat16 activations on glm6b's own CPU kernels with AMX: cpu_kernels.BF16_MAX_ROWS (4). The
+      int4/int8 layers' tile products take 8 rows for about 1.2x one row's time (README, kernel table),
+      and the bfloat16 layers and lm_head run glm6b's memory-bound dot products up to 4 rows.
+    * CPU otherwise: 1. PyTorch's weight-only int8/int4 ops unpack the weight again for every row, glm6b's
+      kernels without AMX are bound by their dot products from a few rows on (README: 8 rows cost what
+      the stock op's do), and on an AVX2 CPU the float32 and bfloat16 matrix products of 2 rows already
+      cost about 2x one row (benchmarks/speculative.py, cost table).
     * CUDA: 1, as it was not measured here (pass a number of tokens to turn lookup on).
-    * Models below COMPILE_ON_CPU_FROM_BYTES: 1. Their steps are bound by per-call overheads, not by
-      reading the weights, and the tests' and the quickstart's outputs stay those of ordinary decoding,
-      random draws included.
+    * Models below COMPILE_ON_CPU_FROM_BYTES: 1. Their steps are bound by per-call overheads, which grow
+      with the tokens fed too, and the tests' and the quickstart's outputs stay those of ordinary
+      decoding, random draws included.
     """
     if model.device.type != "cpu" or weight_bytes(model) < COMPILE_ON_CPU_FROM_BYTES:
         return 1
-    if model.dtype == torch.bfloat16 and cpu_kernels.available():
+    if model.dtype == torch.bfloat16 and cpu_kernels.available() and cpu_kernels.has_amx():
         return cpu_kernels.BF16_MAX_ROWS
     return 1
 

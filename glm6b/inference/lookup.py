@@ -42,21 +42,28 @@ def propose_from_context(context: Sequence[int] | torch.Tensor, max_tokens: int,
     Returns:
         The proposed tokens (an empty list when no suffix occurs earlier).
     """
-    ids = torch.as_tensor(context, dtype=torch.long).flatten()
-    length = ids.numel()
-    if max_tokens < 1:
+    ids = context.tolist() if isinstance(context, torch.Tensor) else list(context)
+    length = len(ids)
+    if max_tokens < 1 or length < 2:
         return []
-    for n in range(min(max_ngram, length - 1), 0, -1):
-        # Windows ids[i : i + n] for every i whose window ends before the last token (i + n < length).
-        windows = ids[:length - 1].unfold(0, n, 1)  # [length - n, n]
-        matches = (windows == ids[length - n:]).all(dim=1).nonzero()
-        if matches.numel():
-            follow = int(matches[-1]) + n  # the token after the most recent occurrence
-            copied = ids.tolist()
-            for i in range(max_tokens):  # copied grows as it goes, so follow + i is always in range
-                copied.append(copied[follow + i])
-            return copied[length:]
-    return []
+    # One pass back from the end over earlier occurrences of the last token: the first one that matches
+    # max_ngram tokens is the answer; otherwise the longest match seen, the most recent among equals.
+    follow, longest = -1, 0
+    for end in range(length - 2, -1, -1):
+        if ids[end] != ids[-1]:
+            continue
+        n = 1
+        while n < max_ngram and end - n >= 0 and ids[end - n] == ids[length - 1 - n]:
+            n += 1
+        if n > longest:
+            follow, longest = end + 1, n
+            if n == max_ngram:
+                break
+    if not longest:
+        return []
+    for i in range(max_tokens):  # ids grows as it goes, so follow + i is always in range
+        ids.append(ids[follow + i])
+    return ids[length:]
 
 
 @dataclass

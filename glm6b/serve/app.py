@@ -29,6 +29,7 @@ from starlette.requests import Request as HTTPRequest
 
 from ..api import load
 from ..config import LoadConfig
+from ..inference.engine import lookup_tokens
 from ..inference.lookup import DEFAULT_MAX_NGRAM
 from ..inference.scheduler import Scheduler
 from . import openai, thudm
@@ -202,7 +203,9 @@ def serve(model: LoadConfig, host: str = "127.0.0.1", port: int = 8000, api_key:
                     max_tokens=max_tokens, compile=model.compile, prompt_lookup=prompt_lookup,
                     prompt_lookup_max_ngram=prompt_lookup_max_ngram)
     compiling = ", compiling the decode step" if server.scheduler.engine.compiled else ""
-    print(f"glm6b serve: warming up {name} ({max_batch} rows of {server.context_length} tokens{compiling})",
+    lookup = lookup_tokens(prompt_lookup, loaded, 1)
+    lookup = f", prompt lookup of up to {lookup} tokens" if lookup else ", no prompt lookup"
+    print(f"glm6b serve: warming up {name} ({max_batch} rows of {server.context_length} tokens{compiling}{lookup})",
           file=sys.stderr, flush=True)
     server.scheduler.warm_up()
     uvicorn.run(create_app(server), host=host, port=port, log_level="info")
