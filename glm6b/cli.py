@@ -3,7 +3,7 @@
     glm6b chat --model glm_6b                      # interactive, streaming, keeps history
     glm6b generate --model PATH --prompt "你好"
     glm6b generate --model PATH --input prompts.jsonl --output out.jsonl --max-new-tokens 64 --greedy
-    glm6b quantize --model PATH --bits 4 --output PATH-int4   # THUDM's int4 layout; or --quantize int4 at load
+    glm6b quantize --model PATH --quantize int4 --output PATH-int4   # THUDM's int4 layout (or quantize at load)
     glm6b serve --model PATH --port 8000              # OpenAI + THUDM api.py protocols and a web chat page
 
 Adding a subcommand: write `add_<name>_command(subparsers)` (its arguments, and

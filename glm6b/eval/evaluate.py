@@ -212,7 +212,7 @@ def evaluate_generation(
 
 
 def read_eval_examples(data_path: str | os.PathLike, data_config: DataConfig, mode: str) -> tuple[list, ReadStats]:
-    """The examples of an ADGEN-format jsonl file (see `glm6b.train.data.iter_examples`).
+    """The examples of an ADGEN-format jsonl file (see `glm6b.data.adgen.iter_examples`).
 
     Args:
         data_path: the jsonl file.
@@ -220,7 +220,7 @@ def read_eval_examples(data_path: str | os.PathLike, data_config: DataConfig, mo
         mode: "eval" needs both columns; "predict" only the prompt column.
 
     Returns:
-        (examples, stats): glm6b.train.data.Example items in file order, and the reading counts.
+        (examples, stats): glm6b.data.adgen.Example items in file order, and the reading counts.
 
     Raises:
         DataError: unreadable file, malformed line, or no usable line.

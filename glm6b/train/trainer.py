@@ -223,16 +223,18 @@ class Trainer:
     def device(self) -> torch.device:
         return unwrap_model(self.model).device
 
-    def _build_model(self) -> None:
+    def _build_model(self, for_training: bool) -> None:
         """Load (or randomly initialise) the model described by model_args, with its adapter if any (and its
-        tokenizer, unless one was given)."""
-        self.model, tokenizer = build_model(self.model_args, self.method)
+        tokenizer, unless one was given): a LoRA adapter stays a trainable layer to train it further, and
+        is merged as model_args.merge_adapter says for evaluate / predict."""
+        self.model, tokenizer = build_model(self.model_args, self.method,
+                                            trainable_adapter=for_training and self.method == "lora")
         self.tokenizer = self.tokenizer or tokenizer
 
-    def ensure_model(self) -> None:
+    def ensure_model(self, for_training: bool = False) -> None:
         """Build the model and load the tokenizer from model_args if they were not given."""
         if self.model is None:
-            self._build_model()
+            self._build_model(for_training)
         if self.tokenizer is None:
             source = self.model_args.tokenizer or self.model_args.load_checkpoint
             if source is None:
@@ -246,7 +248,7 @@ class Trainer:
         """Freeze / wrap the model for the method, enable gradient checkpointing, set train mode."""
         if self._prepared:
             return
-        self.ensure_model()
+        self.ensure_model(for_training=True)
         self.model = prepare_model(self.model, self.method, self.lora_config, self.args.gradient_checkpointing,
                                    self.model_args.load_checkpoint)
         self._prepared = True
@@ -355,7 +357,7 @@ class Trainer:
             margs.adapter = str(path)
         else:
             margs.ptuning_checkpoint = str(path)
-        self._build_model()
+        self._build_model(for_training=True)
         return self.train(resume_from_checkpoint)
 
     def train(self, resume_from_checkpoint: str | os.PathLike | None = None) -> TrainOutput:
@@ -385,7 +387,7 @@ class Trainer:
         if info.world_size > 1 and self.model is None and self.model_args.device is None:
             self.model_args.device = str(info.device)
         set_seed(args.seed)  # identical on every rank: FSDP2 does not broadcast weights, TP needs equal lora_A
-        self.ensure_model()
+        self.ensure_model(for_training=True)
         pc.validate(info.world_size, unwrap_model(self.model).config)
         self._prepare_for_training()
         self.mesh = P.build_mesh(pc)
