@@ -552,9 +552,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ checkpoints
 
-
-    # ------------------------------------------------------------------------------ checkpoints
-
     def save_model(self, directory: str | os.PathLike) -> Path:
         """Save the result of the method into `directory` (see glm6b.train.state.save_model)."""
         return checkpoints.save_model(self, directory)
