@@ -1,0 +1,1 @@
+"""Data formats and ADGEN rows."""
