@@ -404,3 +404,70 @@ def test_adgen_files_mindspore_writes_read_as_glm6bs_and_back(ms, tok, examples,
     read = lambda path: list(ds.MindDataset(str(path), shuffle=False).create_dict_iterator(output_numpy=True,
                                                                                             num_epochs=1))
     assert_same_rows(read(ours), rows)
+
+
+# ----------------------------------------------------------------------------------- training on MindRecord files
+
+TRAIN_CONFIG = DataConfig(max_source_length=24, max_target_length=16)
+
+
+@pytest.fixture(scope="module")
+def train_jsonl(tmp_path_factory):
+    """16 lines of the bundled ADGEN sample."""
+    from glm6b.sample_data import DEFAULT_ASSETS
+
+    lines = (DEFAULT_ASSETS / "adgen" / "train.json").read_text(encoding="utf-8").splitlines()[:16]
+    path = tmp_path_factory.mktemp("train") / "train.json"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def train_losses(output_dir, data, tok) -> list[float]:
+    import torch
+    from glm6b.checkpoint.hf import load_model
+    from glm6b.train.trainer import Trainer, TrainingArguments
+
+    from helpers import GOLDEN
+
+    trainer = Trainer(model=load_model(GOLDEN, dtype=torch.float32), tokenizer=tok, data_config=TRAIN_CONFIG,
+                      train_dataset=str(data),
+                      args=TrainingArguments(output_dir=str(output_dir), max_steps=3, per_device_train_batch_size=4,
+                                             save_steps=None, tensorboard=False, disable_tqdm=True))
+    return trainer.train().losses
+
+
+@pytest.fixture(scope="module")
+def jsonl_losses(train_jsonl, tok, tmp_path_factory):
+    return train_losses(tmp_path_factory.mktemp("jsonl_run"), train_jsonl, tok)
+
+
+@pytest.mark.parametrize("writer", ["glm6b", "mindspore"])
+def test_training_on_a_mindrecord_file_has_the_losses_of_the_jsonl_run(tok, train_jsonl, jsonl_losses, tmp_path,
+                                                                       writer, request):
+    pairs = [(ex.prompt, ex.answer) for ex in iter_examples(train_jsonl, TRAIN_CONFIG)]
+    path = tmp_path / "train.mindrecord"
+    source, target = TRAIN_CONFIG.max_source_length, TRAIN_CONFIG.max_target_length
+    if writer == "glm6b":
+        write_adgen_mindrecord(path, pairs, tok, "train", source, target, **SMALL)
+    else:
+        rows = [mindformers_columns(tok, prompt, answer, "train", source, target) for prompt, answer in pairs]
+        write_mindspore(request.getfixturevalue("ms"), path, rows, train_schema(source + target), desc="lm-schema")
+    losses = train_losses(tmp_path / "run", path, tok)
+    assert len(losses) == 3 and losses == jsonl_losses
+
+
+def test_eval_mode_files_are_refused_for_training_and_recipes_take_mindformers_names(tok, examples, tmp_path):
+    from glm6b.train.data import DataError
+    from glm6b.train.preprocess import load_dataset
+    from glm6b.train.recipe import load_recipe
+
+    path = tmp_path / "eval.mindrecord"
+    write_adgen_mindrecord(path, examples[1], tok, "eval", 16, 12, **SMALL)
+    with pytest.raises(DataError, match="holds MindFormers eval-mode rows but 'train' rows are needed here"):
+        load_dataset(path, tok, DataConfig(), "train")
+    assert load_dataset(path, tok, DataConfig(), "eval")[0]["input_ids"].tolist() == tok.encode(examples[1][0][0][:14])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: lora\ndata:\n  train_dataset_dir: train_0604_128.mindrecord\n"
+                      "  eval_dataset_dir: eval_0604_256.mindrecord\n", encoding="utf-8")
+    data = load_recipe(recipe).data
+    assert (data.train_data, data.eval_data) == ("train_0604_128.mindrecord", "eval_0604_256.mindrecord")

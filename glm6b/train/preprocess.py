@@ -1,5 +1,6 @@
 """Offline data: `preprocess` writes a jsonl file's encoded rows once, `EncodedDataset` memory-maps them,
-and `load_dataset` opens either a jsonl file or such a folder (see glm6b.train.data for the layout)."""
+and `load_dataset` opens a jsonl file, such a folder (see glm6b.train.data for the layout) or a
+MindFormers ADGEN MindRecord file (`MindRecordDataset`, see glm6b.data.adgen_mindrecord)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from ..data.adgen_mindrecord import AdgenMindRecord, SpecialIds
+from ..data.mindrecord import is_mindrecord
 from ..io import atomic_write, atomic_write_text
 from .data import (_ARRAYS, FORMAT, META_NAME, DataConfig, DataError, JsonlDataset, Mode, ReadStats, RowDataset,
                    _as_row, _check_mode, _special_ids, encode_example, iter_examples)
@@ -70,6 +73,33 @@ class EncodedDataset(RowDataset):
         index %= len(self)
         (ids_start, labels_start), (ids_end, labels_end) = self.offsets[index], self.offsets[index + 1]
         return _as_row(self.input_ids[ids_start:ids_end], self.labels[labels_start:labels_end])
+
+
+class MindRecordDataset(RowDataset):
+    """The rows of a MindFormers ADGEN MindRecord file (adgen_dataset.py's train or eval mode), read one at
+    a time in glm6b's layout: a train file gives the rows glm6b builds from the same examples.
+
+    Args:
+        path: the file (any shard of a set, or its base name).
+        tokenizer: the ChatGLMTokenizer the file was encoded with.
+        config: batching settings (the file fixes the rows themselves).
+
+    Raises:
+        MindRecordError: not a MindRecord file of MindFormers' ADGEN layout, truncated or corrupt.
+    """
+
+    def __init__(self, path: str | os.PathLike, tokenizer, config: DataConfig):
+        self.path = Path(path)
+        self.rows = AdgenMindRecord(path, SpecialIds.of(tokenizer), config.ignore_pad_token_for_loss)
+        self.mode = self.rows.mode
+        self.config = config
+        self.special_ids = _special_ids(tokenizer)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return _as_row(*self.rows.row(index))
 
 
 def _file_sha256(path: str | os.PathLike) -> str:
@@ -162,10 +192,10 @@ def preprocess(tokenizer, input_path: str | os.PathLike, output_dir: str | os.Pa
 
 
 def load_dataset(path: str | os.PathLike, tokenizer, config: DataConfig, mode: Mode = "train") -> RowDataset:
-    """A dataset from a jsonl file (online encoding) or a preprocessed folder (memory-mapped).
+    """A dataset from a jsonl file (online encoding), a preprocessed folder or a MindRecord file (memory-mapped).
 
     Args:
-        path: jsonl file or folder written by `preprocess`.
+        path: jsonl file, folder written by `preprocess`, or MindFormers ADGEN MindRecord file.
         tokenizer: a ChatGLMTokenizer.
         config: the data settings; a preprocessed folder must have been built with the same ones.
         mode: "train" or "eval"; a preprocessed folder must hold rows of that mode.
@@ -177,6 +207,12 @@ def load_dataset(path: str | os.PathLike, tokenizer, config: DataConfig, mode: M
         DataError: unreadable data, malformed lines, or a folder built with other settings.
     """
     path = Path(path)
+    if is_mindrecord(path):
+        dataset = MindRecordDataset(path, tokenizer, config)
+        if dataset.mode != mode:
+            raise DataError(f"{path}: holds MindFormers {dataset.mode}-mode rows but {mode!r} rows are needed here; "
+                            f"write the file with `glm6b preprocess --format mindrecord --mode {mode}`")
+        return dataset
     if path.is_dir():
         dataset = EncodedDataset(path, config, tokenizer)
         if dataset.mode != mode:

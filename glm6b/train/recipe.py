@@ -70,7 +70,9 @@ SECTIONS: dict[str, type] = {
     "parallel": ParallelConfig,
 }
 # Accepted spellings that map to a field (one name per concept elsewhere; these are user conveniences).
-ALIASES = {("trainer", "batch_size"): "per_device_train_batch_size"}
+ALIASES = {("trainer", "batch_size"): "per_device_train_batch_size",
+           # MindFormers' names (run_mindformer.py --train_dataset_dir / --eval_dataset_dir)
+           ("data", "train_dataset_dir"): "train_data", ("data", "eval_dataset_dir"): "eval_data"}
 # Command-line short flags -> section.key.
 SHORT_FLAGS = {
     "load_checkpoint": "model.load_checkpoint",
@@ -397,6 +399,7 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
         RecipeError: a setting the mode needs is missing.
     """
     from ..checkpoint.hf import check_device
+    from ..data.mindrecord import MindRecordReader, is_mindrecord
     from ..io import atomic_write_text
     from .data import JsonlDataset, ReadStats, iter_examples
     from ..safety import check_writable
@@ -435,11 +438,13 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
             raise RecipeError("trainer.fp16 with parallel.optimizer_shard is not supported: use trainer.bf16 "
                               "(FSDP2 mixed precision)")
         for name, path in (("data.train_data", data.train_data), ("data.eval_data", data.eval_data)):
-            if path is not None and not Path(path).exists():
+            if path is not None and not Path(path).exists() and not is_mindrecord(path):
                 raise RecipeError(f"{name} = {path}: no such file or folder")
         check_device(recipe.model.device)
         check_writable(output_dir, "trainer.output_dir")
-        if Path(data.train_data).is_file():  # every line checked (and rows counted) before the model loads
+        if is_mindrecord(data.train_data):  # its header and pages checked before the model loads
+            MindRecordReader(data.train_data).close()
+        elif Path(data.train_data).is_file():  # every line checked (and rows counted) before the model loads
             stats = ReadStats()
             if not any(True for _ in iter_examples(data.train_data, data, stats)):
                 raise RecipeError(f"data.train_data = {data.train_data}: no training rows: {stats.lines} non-blank "
