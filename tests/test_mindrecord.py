@@ -471,3 +471,54 @@ def test_eval_mode_files_are_refused_for_training_and_recipes_take_mindformers_n
                       "  eval_dataset_dir: eval_0604_256.mindrecord\n", encoding="utf-8")
     data = load_recipe(recipe).data
     assert (data.train_data, data.eval_data) == ("train_0604_128.mindrecord", "eval_0604_256.mindrecord")
+
+
+# ----------------------------------------------------------------------------------- evaluating MindRecord files
+
+
+def test_eval_of_a_mindrecord_file_scores_its_prompts_and_answers(tok, examples, tmp_path, capsys):
+    """`glm6b eval` on an eval-mode file generates from the stored prompts and scores against the stored
+    answers: the same predictions and scores as a jsonl file of those (character-cut) texts."""
+    from glm6b.cli import main
+    from helpers import GOLDEN
+
+    _, pairs = examples
+    path = tmp_path / "eval.mindrecord"
+    write_adgen_mindrecord(path, pairs, tok, "eval", 16, 12, **SMALL)
+    jsonl = tmp_path / "cut.json"
+    jsonl.write_text("".join(json.dumps({"content": p[:14], "summary": a[:10]}, ensure_ascii=False) + "\n"
+                             for p, a in pairs), encoding="utf-8")
+    results = {}
+    for name, data in (("mindrecord", path), ("jsonl", jsonl)):
+        out = tmp_path / name
+        assert main(["eval", "--model", str(GOLDEN), "--data", str(data), "--output-dir", str(out),
+                     "--max-source-length", "16", "--max-target-length", "12", "--max-new-tokens", "4",
+                     "--batch-size", "2", "--dtype", "float32"]) == 0, capsys.readouterr().err
+        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        records = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+        results[name] = ({k: metrics[k] for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "count")}, records)
+    assert results["mindrecord"] == results["jsonl"] and results["jsonl"][0]["count"] == len(pairs)
+
+
+def test_run_predicts_and_evaluates_mindrecord_files(tok, examples, tmp_path, capsys):
+    from glm6b.cli import main
+    from helpers import GOLDEN
+
+    _, pairs = examples
+    path = tmp_path / "train.mindrecord"  # a train-mode file gives its prompts and answers too
+    write_adgen_mindrecord(path, pairs, tok, "train", 16, 12, **SMALL)
+    shared = ["--config", "infer", "--load-checkpoint", str(GOLDEN), "--eval-data", str(path), "--set",
+              "generation.max_new_tokens=3", "--set", "data.max_source_length=16", "--set", "model.dtype=float32",
+              "--set", "trainer.disable_tqdm=true"]
+    assert main(["run", "--mode", "eval", "--output-dir", str(tmp_path / "eval"), *shared]) == 0
+    records = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    prompts = [tok.decode(tok.encode(p, add_special_tokens=False)[:15], clean_up_tokenization_spaces=False)
+               for p, _ in pairs]
+    assert [r["prompt"] for r in records] == prompts
+    eval_file = tmp_path / "eval.mindrecord"
+    write_adgen_mindrecord(eval_file, pairs, tok, "eval", 16, 12, **SMALL)
+    shared[shared.index(str(path))] = str(eval_file)
+    assert main(["run", "--mode", "predict", "--output-dir", str(tmp_path / "predict"), *shared]) == 0
+    records = [json.loads(line) for line in (tmp_path / "predict" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["labels"] for r in records] == [a[:10] for _, a in pairs] and len(records) == len(pairs)
+    capsys.readouterr()

@@ -4,6 +4,7 @@ MindFormers ADGEN MindRecord file (`MindRecordDataset`, see glm6b.data.adgen_min
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -17,8 +18,8 @@ import numpy as np
 from ..data.adgen_mindrecord import AdgenMindRecord, SpecialIds
 from ..data.mindrecord import is_mindrecord
 from ..io import atomic_write, atomic_write_text
-from .data import (_ARRAYS, FORMAT, META_NAME, DataConfig, DataError, JsonlDataset, Mode, ReadStats, RowDataset,
-                   _as_row, _check_mode, _special_ids, encode_example, iter_examples)
+from .data import (_ARRAYS, FORMAT, META_NAME, DataConfig, DataError, Example, JsonlDataset, Mode, ReadStats,
+                   RowDataset, _as_row, _check_mode, _special_ids, encode_example, iter_examples)
 
 
 class EncodedDataset(RowDataset):
@@ -93,6 +94,7 @@ class MindRecordDataset(RowDataset):
         self.rows = AdgenMindRecord(path, SpecialIds.of(tokenizer), config.ignore_pad_token_for_loss)
         self.mode = self.rows.mode
         self.config = config
+        self.tokenizer = tokenizer
         self.special_ids = _special_ids(tokenizer)
 
     def __len__(self) -> int:
@@ -100,6 +102,18 @@ class MindRecordDataset(RowDataset):
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return _as_row(*self.rows.row(index))
+
+    @functools.cached_property
+    def examples(self) -> list[Example]:
+        """Each row's prompt and answer decoded back to text (what generation-based evaluation and
+        predict take); `line` is the row number from 1. The ids decode without clean-up, so the
+        prompt encodes back to the stored ids."""
+        decode = functools.partial(self.tokenizer.decode, clean_up_tokenization_spaces=False)
+        examples = []
+        for index in range(len(self)):
+            prompt, answer = self.rows.texts_ids(index)
+            examples.append(Example(index + 1, decode(prompt), decode(answer)))
+        return examples
 
 
 def _file_sha256(path: str | os.PathLike) -> str:

@@ -402,6 +402,7 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
     from ..data.mindrecord import MindRecordReader, is_mindrecord
     from ..io import atomic_write_text
     from .data import JsonlDataset, ReadStats, iter_examples
+    from .preprocess import MindRecordDataset
     from ..safety import check_writable
     from .state import prepare_run_folder, remove_unfinished_run
     from .trainer import Trainer
@@ -484,7 +485,8 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
         records = [{"prompt": p, "predict": t} for p, t in zip(prompts, texts)]
     else:
         trainer.ensure_model()
-        dataset = JsonlDataset(data.eval_data, trainer.tokenizer, data, mode="eval")
+        dataset = MindRecordDataset(data.eval_data, trainer.tokenizer, data) if is_mindrecord(data.eval_data) else \
+            JsonlDataset(data.eval_data, trainer.tokenizer, data, mode="eval")
         texts = trainer.predict(dataset)
         records = [{"prompt": ex.prompt, "labels": ex.answer, "predict": t} for ex, t in zip(dataset.examples, texts)]
     output_dir.mkdir(parents=True, exist_ok=True)
