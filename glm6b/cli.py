@@ -376,10 +376,16 @@ def add_preprocess_command(subparsers) -> None:
         "preprocess", help="encode ADGEN-style jsonl into input_ids/labels/offsets .npy files + meta.json",
         description="Build training (--mode train) or evaluation (--mode eval) rows exactly as the ADGEN recipe "
                     "does and write them to DIR (input_ids.npy, labels.npy, offsets.npy, meta.json). Pass DIR as "
-                    "data.train_data / data.eval_data of a recipe; its lengths and columns must match.")
+                    "data.train_data / data.eval_data of a recipe; its lengths and columns must match. "
+                    "--format mindrecord writes the MindRecord file MindFormers' adgen_dataset.py writes "
+                    "(--output FILE.mindrecord, with FILE.mindrecord.db), which MindFormers and glm6b read.")
     parser.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer folder (ice_text.model)")
-    parser.add_argument("--input", required=True, metavar="JSONL", help="one JSON object per line")
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder to write")
+    parser.add_argument("--input", "--input_file", dest="input", required=True, metavar="JSONL",
+                        help="one JSON object per line")
+    parser.add_argument("--output", "--output_file", dest="output", required=True, metavar="PATH",
+                        help="folder to write (--format mindrecord: the file)")
+    parser.add_argument("--format", choices=("npy", "mindrecord"), default="npy",
+                        help="npy: glm6b's folder (default); mindrecord: MindFormers' ADGEN MindRecord file")
     parser.add_argument("--mode", choices=("train", "eval"), default="train", help="row layout (default train)")
     parser.add_argument("--max-source-length", "--max_source_length", dest="max_source_length", type=int, default=64,
                         help="prompt budget in tokens (default 64)")
@@ -406,6 +412,19 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     config = DataConfig(max_source_length=args.max_source_length, max_target_length=args.max_target_length,
                         prompt_column=args.prompt_column, response_column=args.response_column,
                         history_column=args.history_column, source_prefix=args.source_prefix)
+    if args.format == "mindrecord":
+        from .safety import check_output_file
+        from .train.preprocess import preprocess_mindrecord
+
+        check_output_file(args.output, inputs=[args.input], flag="--output")
+        meta = preprocess_mindrecord(load_tokenizer(args.tokenizer), args.input, args.output, config, mode=args.mode,
+                                     skip_bad=args.skip_bad)
+        counts = meta["counts"]
+        for line in meta["bad_lines"]:
+            print(f"skipped: {line}", file=sys.stderr)
+        print(f"wrote {counts['rows']} rows (MindFormers' {args.mode} layout) to {args.output} and {args.output}.db; "
+              f"skipped {counts['skipped_empty']} with an empty prompt or answer and {counts['skipped_bad']} malformed")
+        return 0
     meta = preprocess(load_tokenizer(args.tokenizer), args.input, args.output, config, mode=args.mode,
                       skip_bad=args.skip_bad)
     counts = meta["counts"]
@@ -434,8 +453,10 @@ def add_run_command(subparsers) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one recipe key (repeatable)")
     parser.add_argument("--load-checkpoint", dest="load_checkpoint", metavar="PATH", help="= --set model.load_checkpoint")
-    parser.add_argument("--train-data", dest="train_data", metavar="PATH", help="= --set data.train_data")
-    parser.add_argument("--eval-data", dest="eval_data", metavar="PATH", help="= --set data.eval_data")
+    parser.add_argument("--train-data", "--train_dataset_dir", dest="train_data", metavar="PATH",
+                        help="= --set data.train_data (jsonl, preprocessed folder or .mindrecord)")
+    parser.add_argument("--eval-data", "--eval_dataset_dir", dest="eval_data", metavar="PATH",
+                        help="= --set data.eval_data (jsonl, preprocessed folder or .mindrecord)")
     parser.add_argument("--output-dir", dest="output_dir", metavar="DIR", help="= --set trainer.output_dir")
     parser.add_argument("--max-steps", dest="max_steps", type=int, help="= --set trainer.max_steps")
     parser.add_argument("--batch-size", dest="batch_size", type=int, help="= --set trainer.per_device_train_batch_size")
@@ -531,7 +552,8 @@ def add_eval_command(subparsers) -> None:
                     "holds counts, timing and settings but no scores).")
     _add_model_arguments(parser)
     parser.add_argument("--adapter", metavar="PATH", help="PEFT LoRA adapter folder, applied without merging")
-    parser.add_argument("--data", required=True, metavar="FILE", help="jsonl file of examples")
+    parser.add_argument("--data", required=True, metavar="FILE",
+                        help="jsonl file of examples, or a MindFormers ADGEN .mindrecord file")
     parser.add_argument("--output-dir", required=True, metavar="DIR", help="where to write the results")
     parser.add_argument("--mode", choices=("eval", "predict"), default="eval", help="score, or only generate")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")

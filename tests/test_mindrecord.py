@@ -522,3 +522,69 @@ def test_run_predicts_and_evaluates_mindrecord_files(tok, examples, tmp_path, ca
     records = [json.loads(line) for line in (tmp_path / "predict" / "predictions.jsonl").read_text().splitlines()]
     assert [r["labels"] for r in records] == [a[:10] for _, a in pairs] and len(records) == len(pairs)
     capsys.readouterr()
+
+
+# ----------------------------------------------------------------------------------- the card's commands
+
+
+@pytest.fixture(scope="module")
+def card_files(train_jsonl, tmp_path_factory):
+    """`glm6b preprocess --format mindrecord` in both modes, as the card runs adgen_dataset.py."""
+    from glm6b.cli import main
+    from helpers import GOLDEN
+
+    folder = tmp_path_factory.mktemp("card")
+    files = {}
+    for mode, name in (("train", "train_0604_40.mindrecord"), ("eval", "eval_0604_40.mindrecord")):
+        files[mode] = folder / name
+        assert main(["preprocess", "--format", "mindrecord", "--tokenizer", str(GOLDEN), "--input_file",
+                     str(train_jsonl), "--output_file", str(files[mode]), "--max_source_length", "24",
+                     "--max_target_length", "16", "--mode", mode]) == 0
+        assert (folder / f"{name}.db").is_file()
+    return files
+
+
+def test_preprocess_writes_adgen_datasets_files(tok, train_jsonl, card_files):
+    pairs = [(ex.prompt, ex.answer) for ex in iter_examples(train_jsonl, TRAIN_CONFIG)]
+    for mode, path in card_files.items():
+        with mr.MindRecordReader(path) as reader:
+            assert reader.desc == "lm-schema" and len(reader) == len(pairs)
+            assert_same_rows(list(reader), [mindformers_columns(tok, p, a, mode, 24, 16) for p, a in pairs])
+
+
+def test_minddataset_reads_preprocess_files_as_filewriters(ms, tok, train_jsonl, card_files):
+    import mindspore.dataset as ds
+
+    pairs = [(ex.prompt, ex.answer) for ex in iter_examples(train_jsonl, TRAIN_CONFIG)]
+    for mode, path in card_files.items():
+        read = list(ds.MindDataset(str(path), shuffle=False).create_dict_iterator(output_numpy=True, num_epochs=1))
+        assert_same_rows(read, [mindformers_columns(tok, p, a, mode, 24, 16) for p, a in pairs])
+
+
+def test_run_and_eval_take_the_card_files(card_files, train_jsonl, tmp_path, capsys):
+    """`glm6b run` trains on the train file with the losses of the jsonl run (the card's lengths), evaluates
+    the loss on it, and `glm6b eval` scores the eval file."""
+    from glm6b.cli import main
+    from helpers import GOLDEN
+
+    shared = ["--config", "finetune", "--mode", "finetune", "--load-checkpoint", str(GOLDEN), "--max-steps", "3",
+              "--batch-size", "4", "--set", "model.dtype=float32", "--set", "trainer.tensorboard=false",
+              "--set", "trainer.disable_tqdm=true", "--set", "trainer.save_steps=null", "--set", "trainer.eval_steps=3",
+              "--set", "trainer.gradient_accumulation_steps=1", "--set", "trainer.bf16=false",
+              "--set", "trainer.gradient_checkpointing=false", "--set", "trainer.eval_generation_samples=2",
+              "--set", "data.max_source_length=24", "--set", "data.max_target_length=16"]
+    summaries = {}
+    for name, data in (("jsonl", train_jsonl), ("mindrecord", card_files["train"])):
+        capsys.readouterr()
+        assert main(["run", "--train_dataset_dir", str(data), "--eval-data", str(data), "--output-dir",
+                     str(tmp_path / name), *shared]) == 0, capsys.readouterr().err
+        summaries[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        evals = [json.loads(line) for line in (tmp_path / name / "eval_log.jsonl").read_text().splitlines()]
+        summaries[name].update({k: evals[-1][k] for k in ("eval_loss", "eval_tokens", "bleu-4", "rouge-l")})
+    assert summaries["mindrecord"]["final_loss"] == summaries["jsonl"]["final_loss"]
+    assert {k: summaries["mindrecord"][k] for k in ("eval_loss", "eval_tokens", "bleu-4", "rouge-l")} == \
+        {k: summaries["jsonl"][k] for k in ("eval_loss", "eval_tokens", "bleu-4", "rouge-l")}
+    assert main(["eval", "--model", str(GOLDEN), "--data", str(card_files["eval"]), "--output-dir",
+                 str(tmp_path / "eval"), "--max-source-length", "24", "--max-target-length", "16",
+                 "--max-new-tokens", "2"]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["count"] == 16

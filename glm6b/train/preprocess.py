@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data.adgen_mindrecord import AdgenMindRecord, SpecialIds
+from ..data.adgen_mindrecord import AdgenMindRecord, SpecialIds, write_adgen_mindrecord
 from ..data.mindrecord import is_mindrecord
 from ..io import atomic_write, atomic_write_text
 from .data import (_ARRAYS, FORMAT, META_NAME, DataConfig, DataError, Example, JsonlDataset, Mode, ReadStats,
@@ -203,6 +203,37 @@ def preprocess(tokenizer, input_path: str | os.PathLike, output_dir: str | os.Pa
     }
     atomic_write_text(meta_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return meta
+
+
+def preprocess_mindrecord(tokenizer, input_path: str | os.PathLike, output_path: str | os.PathLike,
+                          config: DataConfig, mode: Mode = "train", skip_bad: bool | None = None) -> dict[str, Any]:
+    """Write a jsonl file's examples as the MindRecord file MindFormers' adgen_dataset.py writes (same
+    schema, names, dtypes and shapes; see glm6b.data.adgen_mindrecord), for MindFormers or glm6b.
+
+    Prompts are rendered as glm6b renders them (source_prefix, history_column). Train rows cut the
+    prompt and answer by tokens, eval rows by characters, as adgen_dataset.py does.
+
+    Args:
+        tokenizer: a ChatGLMTokenizer.
+        input_path: the jsonl file.
+        output_path: the MindRecord file (and `<output>.db`), replaced atomically.
+        config: lengths, columns, prefix, ignore_pad_token_for_loss.
+        mode: "train" or "eval".
+        skip_bad: skip and count malformed lines; None takes config.skip_bad.
+
+    Returns:
+        {"counts": {"lines", "rows", "skipped_empty", "skipped_bad"}, "bad_lines": [...]}.
+
+    Raises:
+        DataError: as `iter_examples`.
+    """
+    _check_mode(mode)
+    stats = ReadStats()
+    examples = ((ex.prompt, ex.answer) for ex in iter_examples(input_path, config, stats, skip_bad))
+    write_adgen_mindrecord(output_path, examples, tokenizer, mode, config.max_source_length, config.max_target_length,
+                           config.ignore_pad_token_for_loss)
+    return {"counts": {"lines": stats.lines, "rows": stats.rows, "skipped_empty": stats.skipped_empty,
+                       "skipped_bad": stats.skipped_bad}, "bad_lines": stats.bad_lines}
 
 
 def load_dataset(path: str | os.PathLike, tokenizer, config: DataConfig, mode: Mode = "train") -> RowDataset:
