@@ -656,7 +656,11 @@ def add_convert_command(subparsers) -> None:
                     "checkpoint also gives a PEFT adapter (--adapter-output). --to mindspore (the default for a "
                     "folder): write the .ckpt MindFormers' convert_weight.py would (float16, MindFormers names), "
                     "with --adapter's LoRA under MindPet names. The seed's --pt_ckpt_path/--ms_ckpt_path work too.")
-    parser.add_argument("--input", metavar="PATH", help="a .ckpt file or an HF model folder")
+    parser.add_argument("--input", metavar="PATH",
+                        help="a .ckpt file, a folder holding a MindFormers sharded set (rank_*/), or an HF folder")
+    parser.add_argument("--strategy", metavar="FILE",
+                        help="--to hf of a sharded set: its strategy file (ckpt_strategy.ckpt; a folder of per-stage "
+                             "files for pipeline sets); default: ckpt_strategy.ckpt beside rank_*/")
     parser.add_argument("--output", metavar="PATH", help="the HF folder or .ckpt file to write")
     parser.add_argument("--pt_ckpt_path", metavar="PATH", help="(seed) the HF side: input of --to mindspore, "
                                                                 "output of --to hf")
@@ -691,21 +695,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
                                    else (args.pt_ckpt_path, args.ms_ckpt_path or "ms_glm_6b.ckpt"))
     if args.input is None or args.output is None:
         raise ValueError("convert needs --input and --output (or the seed's --pt_ckpt_path and --ms_ckpt_path)")
-    if to is None:
-        to = "hf" if args.input.endswith(".ckpt") else "mindspore"
-
+    from .checkpoint.hf import is_sharded_set
     from .convert import hf_to_mindspore, mindspore_to_hf
+
+    if to is None:
+        to = "hf" if args.input.endswith(".ckpt") or args.strategy or is_sharded_set(args.input) else "mindspore"
 
     if to == "hf":
         if args.adapter is not None:
             raise ValueError("--adapter goes with --to mindspore; for --to hf use --adapter-output")
         out = mindspore_to_hf(args.input, args.output, adapter_output=args.adapter_output, lora_rank=args.lora_rank,
                               lora_alpha=args.lora_alpha, dtype=args.dtype, config=args.config,
-                              tokenizer=args.tokenizer)
+                              tokenizer=args.tokenizer, strategy=args.strategy)
         print(f"wrote {out}" + (f" and the adapter {args.adapter_output}" if args.adapter_output else ""))
         return 0
-    if args.adapter_output is not None:
-        raise ValueError("--adapter-output goes with --to hf; for --to mindspore use --adapter")
+    if args.adapter_output is not None or args.strategy is not None:
+        raise ValueError("--adapter-output and --strategy go with --to hf; for --to mindspore use --adapter")
     if not args.output.endswith(".ckpt"):
         raise ValueError(f"--output {args.output}: a MindSpore checkpoint file name ends with .ckpt")
     out = hf_to_mindspore(args.input, args.output, dtype=args.dtype or "float16", adapter=args.adapter,

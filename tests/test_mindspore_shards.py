@@ -447,3 +447,97 @@ def test_pipeline_stages_merge_as_mindspore_merges_them(ms, golden_mindformers, 
     for name, whole in golden_mindformers.items():
         assert torch.equal(from_folder[name], theirs[name]) and torch.equal(from_merged[name], theirs[name]), name
         assert torch.equal(from_folder[name], torch.from_numpy(whole)), name
+
+
+# ----------------------------------------------------------------------------------- loading and converting sets
+
+
+@pytest.fixture(scope="module")
+def golden_set(golden_mindformers, tmp_path_factory):
+    """The golden weights as a dp 2 x mp 2 MindFormers set with optimizer sharding: output/checkpoint/rank_*/
+    (with the tokenizer files) and output/strategy/ckpt_strategy.ckpt, as a MindFormers run leaves them."""
+    output = tmp_path_factory.mktemp("output")
+    layouts = {n: mindformers_layout(n, t.shape, opt=True) for n, t in golden_mindformers.items()}
+    folder = golden_folder(output / "checkpoint")
+    adam = {f"adam_v.{n}": np.zeros(3, np.float32) for n in list(golden_mindformers)[:3]}
+    write_set(folder, golden_mindformers, layouts, extra=adam)
+    (output / "strategy").mkdir()
+    (output / "strategy" / "ckpt_strategy.ckpt").write_bytes(strategy_bytes(layouts))
+    return folder
+
+
+def test_convert_merges_a_set_into_an_hf_folder(golden_set, tmp_path, capsys):
+    from glm6b.checkpoint.hf import load_model
+    from glm6b.cli import main
+
+    strategy = golden_set.parent / "strategy" / "ckpt_strategy.ckpt"
+    assert main(["convert", "--input", str(golden_set), "--strategy", str(strategy), "--output",
+                 str(tmp_path / "hf")]) == 0, capsys.readouterr().err
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    golden = load_file(GOLDEN / "model.safetensors")
+    assert all(torch.equal(state[n], golden[n]) for n in state) and "lm_head.weight" not in state  # tied
+    logits, expected = _logits_of(load_model(tmp_path / "hf", dtype=torch.float32))
+    assert_close_rel(logits, expected, what="logits of the converted set")
+
+
+def test_a_set_loads_wherever_a_ckpt_loads(golden_set, tmp_path, capsys):
+    import glm6b
+    from glm6b.auto import resolve_model_path
+    from glm6b.cli import main
+
+    assert resolve_model_path(golden_set) == golden_set
+    logits, expected = _logits_of(glm6b.load_model(golden_set, dtype=torch.float32))  # strategy/ found one level up
+    assert_close_rel(logits, expected, what="logits of the set")
+    for model in (golden_set, GOLDEN):
+        assert main(["generate", "--model", str(model), "--prompt", "你好", "--max-new-tokens", "3", "--greedy",
+                     "--dtype", "float32"]) == 0
+    from_set, from_golden = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert from_set == from_golden
+    data = tmp_path / "train.json"
+    data.write_text('{"content": "类型#裤*颜色#黑色", "summary": "黑色裤子百搭。"}\n', encoding="utf-8")
+    assert main(["run", "--config", "finetune", "--mode", "finetune", "--load-checkpoint", str(golden_set),
+                 "--train-data", str(data), "--output-dir", str(tmp_path / "full"), "--max-steps", "1",
+                 "--set", "model.dtype=float32",
+                 "--set", "trainer.tensorboard=false", "--set", "trainer.disable_tqdm=true",
+                 "--set", "trainer.save_steps=null", "--set", "trainer.gradient_accumulation_steps=1",
+                 "--set", "trainer.bf16=false", "--set", "trainer.gradient_checkpointing=false"]) == 0
+    assert (tmp_path / "full" / "final" / "config.json").is_file()
+
+
+def test_a_missing_rank_is_one_line_from_the_command(golden_set, tmp_path, capsys):
+    from glm6b.cli import main
+
+    broken = tmp_path / "checkpoint"
+    shutil.copytree(golden_set, broken)
+    shutil.copytree(golden_set.parent / "strategy", tmp_path / "strategy")
+    shutil.rmtree(broken / "rank_1")
+    shutil.rmtree(broken / "rank_3")
+    assert main(["convert", "--input", str(broken), "--output", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("glm6b convert: error: ")
+    assert err.endswith("parameter lm_head.weight: its slice on rank(s) 1 is missing (no rank_1/ checkpoint)")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_lora_set_converts_into_a_base_and_an_adapter(golden_mindformers, tmp_path, capsys):
+    """MindPet LoRA tensors in a set (cut along their out dim for B, whole for A) become the PEFT adapter."""
+    from glm6b.cli import main
+
+    g = np.random.default_rng(0)
+    lora = {}
+    for layer in range(3):
+        prefix = f"transformer.layers.{layer}.attention.query_key_value"
+        lora[f"{prefix}.mindpet_delta_lora_a"] = g.standard_normal((4, 128)).astype(np.float16)
+        lora[f"{prefix}.mindpet_delta_lora_b"] = g.standard_normal((384, 4)).astype(np.float16)
+    tensors = golden_mindformers | lora
+    layouts = {n: mindformers_layout(n, t.shape, opt=False) for n, t in golden_mindformers.items()}
+    layouts |= {n: {"dev": [2, 2], "map": [0, -1]} for n in lora if n.endswith("_b")}
+    folder = golden_folder(tmp_path / "checkpoint")
+    write_set(folder, tensors, layouts)
+    (folder / "ckpt_strategy.ckpt").write_bytes(strategy_bytes(layouts))
+    assert main(["convert", "--input", str(folder), "--output", str(tmp_path / "base"), "--adapter-output",
+                 str(tmp_path / "adapter"), "--lora-alpha", "32"]) == 0, capsys.readouterr().err
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    for name, value in lora.items():
+        peft_name = msckpt.mindpet_to_peft_name(name)
+        assert torch.equal(adapter[peft_name], torch.from_numpy(value)), name

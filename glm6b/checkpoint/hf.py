@@ -54,7 +54,7 @@ from ..model import ChatGLMForConditionalGeneration, PrefixEncoder
 from ..quant import cpu_kernels
 from ..quant.linear import QuantizedEmbedding, QuantizedLinear, quantize_model, tie_quantized_lm_head
 from ..quant.thudm import quantize_to_thudm
-from . import mindspore
+from . import mindspore, mindspore_shards
 from .errors import CheckpointError
 
 CONFIG_NAME = "config.json"
@@ -414,13 +414,15 @@ def _load_file_into(model: nn.Module, path: Path, expected: dict[str, torch.Tens
                     unexpected: list[str], device: torch.device, origin: str,
                     rename: Callable[[str], str] = lambda name: name,
                     skip: Callable[[str], bool] = lambda name: False,
-                    convert: Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]] | None = None) -> None:
+                    convert: Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]] | None = None,
+                    open_tensors: Callable[..., Iterator[tuple[str, torch.Tensor]]] | None = None) -> None:
     """Copy the tensors of one file into `model`: check name and shape, cast and move each on its own.
 
-    `convert` may turn one file tensor into several (quantizing a float weight at load).
+    `convert` may turn one file tensor into several (quantizing a float weight at load); `open_tensors`
+    (default `iter_file_tensors`) gives the (name, tensor) pairs of `path`.
     """
     mapped = None  # the file's memory mappings, looked up once it is open
-    with contextlib.closing(iter_file_tensors(path, skip)) as file_tensors:
+    with contextlib.closing((open_tensors or iter_file_tensors)(path, skip)) as file_tensors:
         for raw_name, file_tensor in file_tensors:
             if mapped is None:
                 mapped = _file_mapping_ranges(path) if hasattr(mmap, "MADV_DONTNEED") else []
@@ -552,8 +554,11 @@ def load_model(
     quantize: str | int | None = None,
     quantize_embeddings: bool = False,
     config: ChatGLMConfig | str | os.PathLike | None = None,
+    strategy: str | os.PathLike | None = None,
 ) -> ChatGLMForConditionalGeneration:
-    """Load a ChatGLM-6B model from a HF-layout folder (see the module docstring for the layouts).
+    """Load a ChatGLM-6B model from a HF-layout folder (see the module docstring for the layouts), a
+    MindSpore `.ckpt` file, or a folder holding a MindFormers sharded set (`rank_<r>/` and a strategy file,
+    merged while loading: see glm6b.checkpoint.mindspore_shards).
 
     The model is built on the meta device and filled shard by shard; each tensor is cast to `dtype`
     and moved to `device` on its own, so peak memory stays near the loaded model's size plus one shard.
@@ -584,9 +589,12 @@ def load_model(
             it; asking for another bit width than the folder's is an error.
         quantize_embeddings: with `quantize`, also quantize the word embeddings and the tied lm_head
             (THUDM's int4-qe scheme).
-        config: for a MindSpore `.ckpt` path only (see `glm6b.checkpoint.mindspore.ckpt_config`): the
-            config (or config.json path) to use instead of the config.json beside the file or,
-            without one, the built-in `glm_6b` preset.
+        config: for a MindSpore `.ckpt` path or a sharded set only (see
+            `glm6b.checkpoint.mindspore.ckpt_config`): the config (or config.json path) to use instead
+            of the config.json beside the file (in the set's folder) or, without one, the built-in
+            `glm_6b` preset.
+        strategy: for a sharded set: its strategy file (or folder of per-stage files); default: the
+            one `glm6b.checkpoint.mindspore_shards.find_strategy` finds beside `rank_*/`.
 
     Returns:
         The model in eval mode, lm_head tied to the word embeddings when config.tie_word_embeddings.
@@ -597,12 +605,21 @@ def load_model(
     """
     folder = Path(path)
     is_ckpt = mindspore.is_ckpt_file(folder)  # a MindSpore / MindFormers .ckpt file instead of a folder
+    sharded = not is_ckpt and is_sharded_set(folder)  # a MindFormers set: rank_<r>/ folders, merged while loading
+    open_tensors = None
     if is_ckpt:
         files, config = [folder], mindspore.ckpt_config(folder, config, strict)
+    elif sharded:
+        with mindspore_shards.ShardedCheckpoint(folder, strategy) as shards:
+            files, config = [folder], shards.config(config, strict)
+
+        def open_tensors(path: Path, skip: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
+            with mindspore_shards.ShardedCheckpoint(path, strategy) as shards:
+                yield from shards.iter_model_tensors(skip)
     else:
         files = find_weight_files(folder)
         config = ChatGLMConfig.from_json_file(folder / CONFIG_NAME)
-    rename = mindspore.to_hf_name_or_same if is_ckpt else (lambda name: name)
+    rename = mindspore.to_hf_name_or_same if is_ckpt or sharded else (lambda name: name)
     quantized = bool(config.quantization_bit or _quantize_bits(quantize))
     device, dtype = _resolve_device_dtype(device, dtype, quantized)
 
@@ -639,7 +656,7 @@ def load_model(
 
     for file in files:
         _load_file_into(model, file, base_expected, loaded, unexpected, device, "config.json", rename=rename,
-                        skip=skip, convert=convert)
+                        skip=skip, convert=convert, open_tensors=open_tensors)
 
     missing = [name for name in base_expected if name not in loaded]
     prefix_names = [name for name in base_expected if name.startswith(PREFIX_ENCODER)]
@@ -664,6 +681,12 @@ def load_model(
     if still_meta:
         raise CheckpointError(f"{folder}: {len(still_meta)} tensor(s) were not loaded: {_name_list(still_meta)}")
     return model.eval()
+
+
+def is_sharded_set(folder: str | os.PathLike) -> bool:
+    """True for a folder holding a MindFormers sharded set (`rank_<r>/`) and no HF weights."""
+    folder = Path(folder)
+    return not any((folder / name).is_file() for name in WEIGHT_LAYOUTS) and mindspore_shards.is_sharded_folder(folder)
 
 
 def load_ptuning_state(model: ChatGLMForConditionalGeneration, path: str | os.PathLike,

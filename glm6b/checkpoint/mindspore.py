@@ -751,9 +751,9 @@ def check_network_entries(where: Path, entries: Iterable[CkptEntry], config: Cha
         entry, full = mismatched[0]
         raise CheckpointError(
             f"{where} looks like one rank's shard of a model-parallel MindFormers run ({entry.name} is "
-            f"{list(entry.shape)}, the whole model's is {list(full)}); glm6b reads whole checkpoints: merge the "
-            f"rank_*/ files with their strategy file first (mindspore.transform_checkpoints(src_dir, dst_dir, "
-            f"prefix, src_strategy_file, None) or MindFormers' auto_trans_ckpt), then load the result")
+            f"{list(entry.shape)}, the whole model's is {list(full)}): load the folder holding rank_*/ with its "
+            f"strategy file beside it (ckpt_strategy.ckpt), or merge it into an HF folder with `glm6b convert "
+            f"--input FOLDER --strategy STRATEGY_FILE --output HF_DIR`")
     lora = [e.name for e in model_entries if is_lora_entry(e.name)]
     if lora and strict:
         raise CheckpointError(
