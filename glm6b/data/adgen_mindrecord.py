@@ -28,6 +28,7 @@ This module needs only numpy (and a tokenizer object with glm6b's ChatGLMTokeniz
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal
@@ -86,9 +87,17 @@ def prefix_lm_inputs(input_ids: np.ndarray, bos: int, gmask: int) -> tuple[np.nd
     positions[context:] = mask_position
     blocks = np.zeros(seq_length, dtype=np.int32)
     blocks[context:] = np.arange(1, seq_length - context + 1)
+    return np.stack([positions, blocks]), _prefix_lm_mask(seq_length, context)
+
+
+@functools.lru_cache(maxsize=128)
+def _prefix_lm_mask(seq_length: int, context: int) -> np.ndarray:
+    """[1, L, L] int32, 1 = masked; cached (read-only) because rows of a file share few context lengths."""
     visible = np.tril(np.ones((seq_length, seq_length), dtype=bool))
     visible[:, :context] = True
-    return np.stack([positions, blocks]), (~visible).astype(np.int32)[None]
+    mask = (~visible).astype(np.int32)[None]
+    mask.flags.writeable = False
+    return mask
 
 
 def train_columns(tokenizer, prompt: str, answer: str, max_source_length: int, max_target_length: int,

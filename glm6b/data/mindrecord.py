@@ -182,8 +182,20 @@ def decode_ints(buf: memoryview, dtype: np.dtype) -> np.ndarray:
     if 4 + map_bytes > len(buf):
         raise ValueError(f"{count} elements need {map_bytes} width bytes, only {len(buf) - 4} remain")
     bitmap = np.frombuffer(buf, dtype=np.uint8, count=map_bytes, offset=4)
-    codes = np.stack([bitmap >> 6, (bitmap >> 4) & 3, (bitmap >> 2) & 3, bitmap & 3], axis=1).reshape(-1)[:count]
     data = np.frombuffer(buf, dtype=np.uint8, offset=4 + map_bytes)
+    # the common case, one width for every element (a mask, small ids): no per-element codes needed
+    full, rest = divmod(count, 4)
+    first = int(bitmap[0]) if count else 0
+    if count and first in (0x00, 0x55, 0xAA, 0xFF) and (bitmap[:full] == first).all() and \
+            (not rest or int(bitmap[full]) >> (8 - 2 * rest) == first >> (8 - 2 * rest)):
+        width = int(_WIDTHS[first & 3])
+        if width * count != len(data):
+            raise ValueError(f"{count} elements of {width} bytes take {width * count} bytes, the field holds "
+                             f"{len(data)}")
+        if dtype.itemsize == 4 and width == 8:
+            raise ValueError("an 8-byte element in an int32 column")
+        return data.view(_INT_OF_WIDTH[width]).astype(dtype)
+    codes = np.stack([bitmap >> 6, (bitmap >> 4) & 3, (bitmap >> 2) & 3, bitmap & 3], axis=1).reshape(-1)[:count]
     widths = _WIDTHS[codes]
     if int(widths.sum()) != len(data):
         raise ValueError(f"{count} elements of the widths given take {int(widths.sum())} bytes, the field holds "
@@ -391,6 +403,7 @@ class _Shard:
             self.blob_fields = list(self.header["schema"][0]["blob_fields"])
             self._check_blob_fields()
             self.spans = self._walk_pages(size) if walk else None
+            self.release(0, size)  # the walk touched a page per row: they leave this process
         except BaseException:
             self.close()
             raise
