@@ -26,11 +26,17 @@ Where we differ, on purpose:
 `evaluate_generation` works on a model object and lists of strings (what a trainer has at hand);
 `run_eval` is the command-line task: load a checkpoint (and a LoRA adapter), read a jsonl file, write
 predictions.jsonl and metrics.json.
+
+A MindFormers ADGEN MindRecord file (adgen_dataset.py's eval mode holds only token ids) is read by
+decoding each row's prompt ids and label ids back to text with the model's tokenizer (without
+clean-up, so a prompt encodes back to the ids stored), then scored like a jsonl file: the prompt is
+generated from, the decoded labels are the reference.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -40,14 +46,18 @@ from typing import Literal
 
 import torch
 
-from ..api import load
+from ..api import load, resolve
 from ..config import DataConfig, DataError, GenerationConfig, LoadConfig, make_generation_config
 from ..data.adgen import ReadStats, iter_examples
+from ..data.mindrecord import is_mindrecord
+from ..data.preprocess import MindRecordDataset
 from ..inference.generation import generate
 from ..io import atomic_write_text
 from ..safety import OutputError, check_output_file
+from ..tokenizer import load_tokenizer
 from .metrics import METRIC_NAMES, compute_metrics
 
+logger = logging.getLogger(__name__)
 PREDICTIONS_NAME = "predictions.jsonl"
 METRICS_NAME = "metrics.json"
 
@@ -211,20 +221,38 @@ def evaluate_generation(
     return predictions, compute_metrics(predictions, reference_texts(tokenizer, references, max_target_length))
 
 
-def read_eval_examples(data_path: str | os.PathLike, data_config: DataConfig, mode: str) -> tuple[list, ReadStats]:
-    """The examples of an ADGEN-format jsonl file (see `glm6b.data.adgen.iter_examples`).
+def read_eval_examples(data_path: str | os.PathLike, data_config: DataConfig, mode: str,
+                       tokenizer=None) -> tuple[list, ReadStats]:
+    """The examples of an ADGEN-format jsonl file (see `glm6b.data.adgen.iter_examples`), or of a MindFormers
+    ADGEN MindRecord file (train or eval mode: token ids, decoded back to the prompt and answer texts).
 
     Args:
-        data_path: the jsonl file.
-        data_config: column names (and prefix / history settings).
+        data_path: the jsonl or MindRecord file.
+        data_config: column names (and prefix / history settings) of a jsonl file; the prompt budget.
         mode: "eval" needs both columns; "predict" only the prompt column.
+        tokenizer: the ChatGLMTokenizer; needed for a MindRecord file.
 
     Returns:
         (examples, stats): glm6b.data.adgen.Example items in file order, and the reading counts.
 
     Raises:
         DataError: unreadable file, malformed line, or no usable line.
+        MindRecordError: a MindRecord file that is not MindFormers' ADGEN layout.
     """
+    if is_mindrecord(data_path):
+        if tokenizer is None:
+            raise ValueError(f"{data_path}: a MindRecord file holds token ids; reading its examples needs the "
+                             f"tokenizer")
+        dataset = MindRecordDataset(data_path, tokenizer, data_config)
+        examples = dataset.examples
+        if not examples:
+            raise DataError(f"{data_path}: no rows")
+        longer = sum(len(tokenizer.encode(ex.prompt)) > data_config.max_source_length for ex in examples)
+        if longer:  # MindFormers cuts eval prompts by characters; glm6b keeps max_source_length tokens
+            logger.warning("%s: %d of %d prompts are longer than max_source_length = %d tokens and lose their tail "
+                           "(the card's eval file was written with 256)", data_path, longer, len(examples),
+                           data_config.max_source_length)
+        return examples, ReadStats(lines=len(examples), rows=len(examples))
     read_config = data_config
     if mode == "predict":
         # iter_examples checks (and skips empty) prompt and answer fields; point both at the prompt.
@@ -268,7 +296,8 @@ def run_eval(
     Args:
         model: what to load (glm6b.config.LoadConfig: the folder or name, a LoRA adapter, dtype, device,
             quantization, compile), or a model folder / name.
-        data_path: jsonl file, one {prompt_column: ..., response_column: ...} object per line.
+        data_path: jsonl file, one {prompt_column: ..., response_column: ...} object per line, or a
+            MindFormers ADGEN MindRecord file (see the module docstring).
         output_dir: created if needed.
         mode: "eval" (generate and score) or "predict" (generate only; no references needed).
         batch_size: prompts per generate call.
@@ -308,8 +337,10 @@ def run_eval(
     if Path(output_dir).is_dir():  # e.g. the data file itself named predictions.jsonl in that folder
         for name in ("predictions.jsonl", "metrics.json"):
             check_output_file(Path(output_dir) / name, inputs=[data_path], flag="--output-dir")
-    examples, stats = read_eval_examples(data_path, data_config, mode)
     spec = model if isinstance(model, LoadConfig) else LoadConfig(load_checkpoint=os.fspath(model))
+    # A MindRecord file holds token ids: decoded with the model's tokenizer, still before the weights load.
+    tokenizer = load_tokenizer(resolve(spec).tokenizer) if is_mindrecord(data_path) else None
+    examples, stats = read_eval_examples(data_path, data_config, mode, tokenizer)
     generation = make_generation_config(generation_config, **{**generation_kwargs, "max_new_tokens": max_new_tokens})
     if generation.compile == "auto":
         generation.compile = spec.compile

@@ -12,29 +12,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint.hf import (
-    MODEL_FOLDER_FILES,
-    MODEL_FOLDER_PREFIXES,
-    PREFIX_ENCODER,
-    CheckpointError,
-    estimate_model_bytes,
-    load_model,
-    save_pretrained,
-)
+from ..checkpoint.hf import (MODEL_FOLDER_FILES, MODEL_FOLDER_PREFIXES, PREFIX_ENCODER, CheckpointError,
+                             estimate_model_bytes, load_model, save_pretrained)
 from ..config import ChatGLMConfig
 from ..extras import import_extra
 from ..io import atomic_folder
 from ..model import ChatGLMForConditionalGeneration
 from ..safety import check_output_dir, folder_bytes
-from .dcp import (
-    PEFT_PREFIX,
-    copy_tokenizer,
-    load_full_model_state,
-    method_of,
-    model_parts,
-    read_checkpoint_info,
-    tied_keys,
-)
+from .dcp import (PEFT_PREFIX, copy_tokenizer, load_full_model_state, method_of, model_parts, read_checkpoint_info,
+                  tied_keys)
 from .parallel import barrier, is_main_process
 
 

@@ -22,15 +22,8 @@ import numpy as np
 import torch
 
 from ..checkpoint.adapters import ADAPTER_WEIGHTS_NAME, is_adapter_folder
-from ..checkpoint.hf import (
-    PREFIX_ENCODER,
-    CheckpointError,
-    iter_checkpoint_tensors,
-    iter_file_tensors,
-    load_ptuning_state,
-    save_pretrained,
-    save_ptuning_checkpoint,
-)
+from ..checkpoint.hf import (PREFIX_ENCODER, CheckpointError, iter_checkpoint_tensors, iter_file_tensors,
+                             load_ptuning_state, save_pretrained, save_ptuning_checkpoint)
 from ..config import TrainerError
 from ..io import atomic_folder, atomic_write_text
 from ..model import ChatGLMForConditionalGeneration
