@@ -126,6 +126,19 @@ def test_qkv_row_chunks_hold_whole_heads():
                     assert torch.equal(chunk[local * 3 * d + j * d: local * 3 * d + (j + 1) * d], rows)
 
 
+def test_clip_grad_norm_scales_the_gradients():
+    """The norm is measured and the gradients are scaled to max_norm (torch's clip_grads_with_norm_ takes the
+    parameters, not their gradients)."""
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))
+    a.grad, b.grad = torch.full((3,), 3.0), torch.full((4,), 4.0)
+    norm = D.clip_grad_norm_([a, b], max_norm=1.0)
+    assert norm.item() == pytest.approx((3 * 9 + 4 * 16) ** 0.5)
+    assert D.grad_norm([a, b]).item() == pytest.approx(1.0, rel=1e-5)
+    assert torch.allclose(a.grad, torch.full((3,), 3.0) / norm)
+    D.clip_grad_norm_([a, b], max_norm=float("inf"))  # measures only
+    assert D.grad_norm([a, b]).item() == pytest.approx(1.0, rel=1e-5)
+
+
 def test_single_process_is_a_no_op(monkeypatch):
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)

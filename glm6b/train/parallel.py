@@ -481,35 +481,62 @@ def no_sync(model: nn.Module, enabled: bool = True) -> Iterator[None]:
         yield
 
 
-def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ that also handles sharded (DTensor) and mixed gradients.
+def _grad_groups(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Tensors grouped by (mesh, placements): DTensors of one group reduce together, plain tensors apart."""
+    from torch.distributed.tensor import DTensor
 
-    Under FSDP2 / tensor parallelism a gradient may be a DTensor shard; its norm is reduced over its
-    mesh. Gradients are grouped by (mesh, placements) so each group costs one reduction; plain
-    tensors (replicated parameters) are counted once. Returns the total norm as a plain tensor
-    (identical on every rank); max_norm=inf only measures it.
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for t in tensors:
+        key = (id(t.device_mesh), t.placements) if isinstance(t, DTensor) else ("plain", t.device)
+        groups.setdefault(key, []).append(t)
+    return list(groups.values())
+
+
+def grad_norm(parameters, norm_type: float = 2.0) -> torch.Tensor:
+    """The total norm of the parameters' gradients, also over sharded (DTensor) and mixed gradients.
+
+    A DTensor shard's norm is reduced over its mesh (one reduction per (mesh, placements) group);
+    plain tensors (replicated parameters) are counted once. Returns a plain tensor, identical on
+    every rank of the meshes involved (0 when no parameter has a gradient).
     """
     from torch.distributed.tensor import DTensor
 
-    if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    groups: dict[Any, list[torch.Tensor]] = {}
-    for g in grads:
-        key = (id(g.device_mesh), g.placements) if isinstance(g, DTensor) else ("plain", g.device)
-        groups.setdefault(key, []).append(g)
     norms = []
-    for group in groups.values():
+    for group in _grad_groups(grads):
         norm = torch.nn.utils.get_total_norm(group, norm_type=norm_type)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         norms.append(norm)
     device = norms[0].device
-    total = torch.nn.utils.get_total_norm([n.to(device) for n in norms], norm_type=norm_type)
-    for group in groups.values():
-        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return torch.nn.utils.get_total_norm([n.to(device) for n in norms], norm_type=norm_type)
+
+
+def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale the gradients by max_norm / total_norm where that is below 1 (DTensor and plain gradients)."""
+    # torch's clip_grads_with_norm_ takes the parameters (it scales their .grad), grouped as their gradients
+    with_grads = [p for p in parameters if p.grad is not None]
+    by_grad = {id(p.grad): p for p in with_grads}
+    for grads in _grad_groups([p.grad for p in with_grads]):
+        torch.nn.utils.clip_grads_with_norm_([by_grad[id(g)] for g in grads], max_norm, total_norm)
+
+
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ that also handles sharded (DTensor) and mixed gradients.
+
+    Under FSDP2 / tensor parallelism a gradient may be a DTensor shard; its norm is reduced over its
+    mesh (see `grad_norm`). Returns the total norm as a plain tensor (identical on every rank);
+    max_norm=inf only measures it.
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    parameters = list(parameters)
+    if not any(p.grad is not None for p in parameters):
+        return torch.tensor(0.0)
+    total = grad_norm(parameters, norm_type)
+    clip_grads_with_norm_(parameters, max_norm, total)
     return total
 
 
