@@ -82,7 +82,8 @@ def assert_same_losses(ours: list[float], ref: list[float], rel: float = 1e-5) -
     (dict(data_parallel=2, model_parallel=2, optimizer_shard=True), 2, {}, "= 4 must equal"),
     (dict(model_parallel=3), 3, {}, "must divide num_attention_heads (4)"),
     (dict(model_parallel=4), 4, dict(inner_hidden_size=322), "must divide inner_hidden_size (322)"),
-    (dict(pipeline_stage=2), 1, {}, "parallel.pipeline_stage = 2: pipeline parallelism is not supported"),
+    (dict(pipeline_stage=2, model_parallel=2), 4, {}, "parallel.pipeline_stage = 2 with parallel.model_parallel = 2 "
+                                                      "is not supported"),
     (dict(data_parallel=0), 0, {}, "parallel.data_parallel = 0: expected an integer >= 1"),
     (dict(micro_batch_num=0), 1, {}, "parallel.micro_batch_num = 0"),
     (dict(model_parallel=-1), 1, {}, "parallel.model_parallel = -1"),

@@ -1,5 +1,5 @@
-"""The parallelisation plan: process groups from torchrun, the ("dp", "tp") mesh, tensor parallelism,
-FSDP2 / DDP, gradient clipping over sharded gradients, rank-0 helpers.
+"""The parallelisation plan: process groups from torchrun, the ("dp", "tp") mesh (("pp", "dp") with pipeline
+stages), tensor parallelism, FSDP2 / DDP, gradient clipping over sharded gradients, rank-0 helpers.
 
 Launch (one machine; add torchrun's --nnodes/--rdzv-* flags for several):
 
@@ -12,7 +12,7 @@ with a `parallel:` recipe section named as MindFormers names it:
       model_parallel: 2     # tensor parallel: whole heads / MLP columns per rank
       optimizer_shard: true # FSDP2: shard params, grads and AdamW state over the data-parallel ranks
       micro_batch_num: 1    # gradient accumulation (micro-batches per optimizer step)
-      pipeline_stage: 1     # must be 1: pipeline parallelism is not supported
+      pipeline_stage: 1     # pipeline stages (glm6b.train.pipeline); not with model_parallel
 
 Everything is applied from outside the model (torchtitan's habit). `parallelize_model` runs the steps
 in the order that composes: tensor parallel first (it turns weights into DTensors on the "tp" mesh),
@@ -23,7 +23,9 @@ under all three.
 
 
 On one process (no torchrun, or WORLD_SIZE=1) everything here is a no-op. Sharded checkpoints are in
-glm6b.train.dcp, the final-folder writing and the merge in glm6b.train.export.
+glm6b.train.dcp, the final-folder writing and the merge in glm6b.train.export, pipeline parallelism
+(which splits the model before the data parallelism here is applied to each stage) in
+glm6b.train.pipeline.
 """
 
 from __future__ import annotations
@@ -144,7 +146,12 @@ def cleanup() -> None:
 
 
 def build_mesh(parallel_config: ParallelConfig, device_type: str | None = None):
-    """The [data_parallel, model_parallel] DeviceMesh with dims ("dp", "tp").
+    """The DeviceMesh of the layout: [data_parallel, model_parallel] with dims ("dp", "tp"), or with
+    pipeline stages [pipeline_stage, data_parallel] with dims ("pp", "dp").
+
+    The stage dimension is the outer one: a stage's data-parallel ranks are neighbours (on one
+    node), since their gradient reduction moves far more bytes than the activations a stage
+    hands to the next.
 
     Args:
         parallel_config: the layout (validated against the world size here).
@@ -162,12 +169,16 @@ def build_mesh(parallel_config: ParallelConfig, device_type: str | None = None):
     from torch.distributed.device_mesh import init_device_mesh
 
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if parallel_config.pipeline_stage > 1:
+        return init_device_mesh(device_type, (parallel_config.pipeline_stage, parallel_config.data_parallel),
+                                mesh_dim_names=("pp", "dp"))
     return init_device_mesh(device_type, (parallel_config.data_parallel, parallel_config.model_parallel),
                             mesh_dim_names=("dp", "tp"))
 
 
 def data_parallel_rank_and_size(mesh) -> tuple[int, int]:
-    """(rank, size) along "dp": what DistributedSampler needs (tensor-parallel peers share the data)."""
+    """(rank, size) along "dp": what DistributedSampler needs (tensor-parallel peers and the stages of one
+    pipeline share the data)."""
     if mesh is None:
         return 0, 1
     return mesh.get_local_rank("dp"), mesh.size(mesh.mesh_dim_names.index("dp"))
