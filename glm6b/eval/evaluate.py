@@ -40,6 +40,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -76,6 +77,7 @@ def generate_predictions(
     max_new_tokens: int = 64,
     generation_config: GenerationConfig | None = None,
     progress: bool = True,
+    generate_fn: Callable | None = None,
     **generation_kwargs,
 ) -> tuple[list[str], dict]:
     """Generate an answer for every prompt, in left-padded batches of similar length.
@@ -90,6 +92,8 @@ def generate_predictions(
         max_new_tokens: limit on generated tokens per prompt.
         generation_config: base settings; greedy when not given.
         progress: show a tqdm progress bar (on stderr).
+        generate_fn: called instead of glm6b.inference.generation.generate, with its arguments (model,
+            input_ids, attention_mask, position_ids, generation_config=, tokenizer=): e.g. a pipeline's.
         **generation_kwargs: GenerationConfig fields overriding `generation_config` (do_sample,
             temperature, top_p, top_k, repetition_penalty, seed, ...).
 
@@ -127,8 +131,9 @@ def generate_predictions(
                 rows = order[first:first + batch_size]
                 inputs = tokenizer([prompts[i] for i in rows], max_length=max_source_length, truncation=True,
                                    padding=True, return_tensors="pt")
-                sequences = generate(model, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
-                                     generation_config=config, tokenizer=tokenizer)
+                sequences = (generate_fn or generate)(model, inputs["input_ids"], inputs["attention_mask"],
+                                                      inputs["position_ids"], generation_config=config,
+                                                      tokenizer=tokenizer)
                 new_tokens = sequences[:, inputs["input_ids"].shape[1]:].cpu()
                 for row, tokens in zip(rows, new_tokens):
                     predictions[row] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
@@ -182,6 +187,7 @@ def evaluate_generation(
     max_target_length: int = 64,
     generation_config: GenerationConfig | None = None,
     progress: bool = True,
+    generate_fn: Callable | None = None,
     **generation_kwargs,
 ) -> tuple[list[str], dict | None]:
     """Generate answers for `prompts` and score them against `references` (BLEU-4, ROUGE-1/2/L).
@@ -201,6 +207,7 @@ def evaluate_generation(
             max_new_tokens.
         generation_config: base generation settings; greedy when not given.
         progress: show a progress bar.
+        generate_fn: see `generate_predictions`.
         **generation_kwargs: GenerationConfig fields (do_sample, temperature, top_p, seed, ...).
 
     Returns:
@@ -215,7 +222,7 @@ def evaluate_generation(
     predictions, _ = generate_predictions(
         model, tokenizer, prompts, batch_size=batch_size, max_source_length=max_source_length,
         max_new_tokens=max_new_tokens if max_new_tokens is not None else max_target_length,
-        generation_config=generation_config, progress=progress, **generation_kwargs)
+        generation_config=generation_config, progress=progress, generate_fn=generate_fn, **generation_kwargs)
     if references is None:
         return predictions, None
     return predictions, compute_metrics(predictions, reference_texts(tokenizer, references, max_target_length))

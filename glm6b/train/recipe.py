@@ -11,7 +11,8 @@ name of that section's dataclass:
     lora:       glm6b.config.LoraConfig
     generation: glm6b.config.GenerationConfig
     parallel:   glm6b.config.ParallelConfig (data_parallel, model_parallel, pipeline_stage,
-                micro_batch_num, optimizer_shard); checked against the process count by `run`
+                micro_batch_num, optimizer_shard, pipeline_schedule); checked against the process
+                count by `run`
 
 An unknown key, a duplicated key or a value of the wrong type is a RecipeError naming the file, the
 line and the key. Overrides (`--set trainer.learning_rate=1e-4`, values parsed as YAML) go through
@@ -383,6 +384,12 @@ def check_recipe(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -
     if pc.optimizer_shard and args.fp16:
         raise RecipeError("trainer.fp16 with parallel.optimizer_shard is not supported: use trainer.bf16 "
                           "(FSDP2 mixed precision)")
+    if pc.pipeline_stage > 1:
+        if args.fp16:
+            raise RecipeError("trainer.fp16 with parallel.pipeline_stage > 1 is not supported: use trainer.bf16")
+        micro_batches = pc.micro_batch_num if pc.micro_batch_num > 1 else args.gradient_accumulation_steps
+        if pc.pipeline_schedule == "1f1b" and micro_batches < pc.pipeline_stage:
+            raise RecipeError(pc.schedule_error(micro_batches))
     for name, path in (("data.train_data", data.train_data), ("data.eval_data", data.eval_data)):
         if path is not None and not Path(path).exists() and not is_mindrecord(path):
             raise RecipeError(f"{name} = {path}: no such file or folder")
