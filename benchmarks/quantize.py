@@ -298,7 +298,7 @@ def load_table(float_folder: Path, work: Path) -> None:
     row("bf16 (float)", float_folder, dict(dtype=torch.bfloat16), kernels=False)
     for bits in (8, 4):
         folder = work / f"int{bits}"
-        quantize_folder(float_folder, folder, bits)
+        quantize_folder(float_folder, folder, f"int{bits}")
         for dtype in (torch.bfloat16, torch.float16):
             row(f"int{bits} (glm6b quantize)", folder, dict(dtype=dtype), kernels=dtype == torch.bfloat16)
     row("bf16, quantize='int4' at load", float_folder, dict(dtype=torch.bfloat16, quantize="int4"), kernels=False)

@@ -249,7 +249,7 @@ def load_model(path: str | os.PathLike, device=None, compile: bool | str = "auto
     return load(spec, default_dtype=dtype, with_tokenizer=False).model
 
 
-def quantize_folder(model: LoadConfig | str | os.PathLike, output: str | os.PathLike, bits: int | str | None = None,
+def quantize_folder(model: LoadConfig | str | os.PathLike, output: str | os.PathLike, quantize: str | None = None,
                     embeddings: bool = False, max_shard_size: int | str = "2GB") -> Path:
     """Load a float model quantized (THUDM's per-row int8 / int4) and write it as a folder in THUDM's
     quantized layout (`glm6b quantize`; see glm6b.checkpoint.quantized.save_quantized_folder).
@@ -260,7 +260,7 @@ def quantize_folder(model: LoadConfig | str | os.PathLike, output: str | os.Path
     Args:
         model: what to load (a LoadConfig with quantize set, or a float model folder / name).
         output: the folder to write.
-        bits: 4 or 8 ("int4" / "int8"); None takes model.quantize.
+        quantize: "int8" or "int4"; None takes model.quantize.
         embeddings: also quantize the word embeddings and the tied lm_head (THUDM's int4-qe).
         max_shard_size: bytes per weight file (an int or e.g. "2GB").
 
@@ -272,8 +272,8 @@ def quantize_folder(model: LoadConfig | str | os.PathLike, output: str | os.Path
         OutputError: the output holds other files.
     """
     spec = model if isinstance(model, LoadConfig) else LoadConfig(load_checkpoint=os.fspath(model))
-    if bits is not None:
-        spec = dataclasses.replace(spec, quantize=f"int{quantize_bits(bits)}",
+    if quantize is not None or embeddings:
+        spec = dataclasses.replace(spec, quantize=quantize or spec.quantize,
                                    quantize_embeddings=embeddings or spec.quantize_embeddings)
     if not spec.quantize:
         raise ConfigError("quantize: say how many bits (--quantize int4 or int8)")

@@ -3,7 +3,7 @@
     glm6b chat --model glm_6b                      # interactive, streaming, keeps history
     glm6b generate --model PATH --prompt "你好"
     glm6b generate --model PATH --input prompts.jsonl --output out.jsonl --max-new-tokens 64 --greedy
-    glm6b quantize --model PATH --bits 4 --output PATH-int4   # THUDM's int4 layout; or --quantize int4 at load
+    glm6b quantize --model PATH --quantize int4 --output PATH-int4   # THUDM's int4 layout (or quantize at load)
     glm6b serve --model PATH --port 8000              # OpenAI + THUDM api.py protocols and a web chat page
 
 Adding a subcommand: write `add_<name>_command(subparsers)` (its arguments, and
@@ -482,10 +482,16 @@ def add_preprocess_command(subparsers) -> None:
         "preprocess", help="encode ADGEN-style jsonl into input_ids/labels/offsets .npy files + meta.json",
         description="Build training (--mode train) or evaluation (--mode eval) rows exactly as the ADGEN recipe "
                     "does and write them to DIR (input_ids.npy, labels.npy, offsets.npy, meta.json). Pass DIR as "
-                    "data.train_data / data.eval_data of a recipe; its lengths and columns must match.")
+                    "data.train_data / data.eval_data of a recipe; its lengths and columns must match. "
+                    "--format mindrecord writes the MindRecord file MindFormers' adgen_dataset.py writes "
+                    "(--output FILE.mindrecord, with FILE.mindrecord.db), which MindFormers and glm6b read.")
     parser.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer folder (ice_text.model)")
-    parser.add_argument("--input", required=True, metavar="JSONL", help="one JSON object per line")
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder to write")
+    parser.add_argument("--input", "--input_file", dest="input", required=True, metavar="JSONL",
+                        help="one JSON object per line")
+    parser.add_argument("--output", "--output_file", dest="output", required=True, metavar="PATH",
+                        help="folder to write (--format mindrecord: the file)")
+    parser.add_argument("--format", choices=("npy", "mindrecord"), default="npy",
+                        help="npy: glm6b's folder (default); mindrecord: MindFormers' ADGEN MindRecord file")
     parser.add_argument("--mode", choices=("train", "eval"), default="train", help="row layout (default train)")
     add_data_arguments(parser)
     parser.set_defaults(func=cmd_preprocess)
@@ -493,9 +499,21 @@ def add_preprocess_command(subparsers) -> None:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     """Encode --input into --output and report the counts."""
-    from .data.preprocess import preprocess
+    from .data.preprocess import preprocess, preprocess_mindrecord
     from .tokenizer import load_tokenizer
 
+    if args.format == "mindrecord":
+        from .safety import check_output_file
+
+        check_output_file(args.output, inputs=[args.input], flag="--output")
+        meta = preprocess_mindrecord(load_tokenizer(args.tokenizer), args.input, args.output, data_config(args),
+                                     mode=args.mode, skip_bad=args.skip_bad)
+        counts = meta["counts"]
+        for line in meta["bad_lines"]:
+            print(f"skipped: {line}", file=sys.stderr)
+        print(f"wrote {counts['rows']} rows (MindFormers' {args.mode} layout) to {args.output} and {args.output}.db; "
+              f"skipped {counts['skipped_empty']} with an empty prompt or answer and {counts['skipped_bad']} malformed")
+        return 0
     meta = preprocess(load_tokenizer(args.tokenizer), args.input, args.output, data_config(args), mode=args.mode,
                       skip_bad=args.skip_bad)
     counts = meta["counts"]
@@ -523,8 +541,10 @@ def add_run_command(subparsers) -> None:
                              "predict (answers for --prompt or eval_data)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one recipe key (repeatable)")
-    parser.add_argument("--train-data", dest="train_data", metavar="PATH", help="= --set data.train_data")
-    parser.add_argument("--eval-data", dest="eval_data", metavar="PATH", help="= --set data.eval_data")
+    parser.add_argument("--train-data", "--train_dataset_dir", dest="train_data", metavar="PATH",
+                        help="= --set data.train_data (jsonl, preprocessed folder or .mindrecord)")
+    parser.add_argument("--eval-data", "--eval_dataset_dir", dest="eval_data", metavar="PATH",
+                        help="= --set data.eval_data (jsonl, preprocessed folder or .mindrecord)")
     parser.add_argument("--output-dir", dest="output_dir", metavar="DIR", help="= --set trainer.output_dir")
     parser.add_argument("--max-steps", dest="max_steps", type=int, help="= --set trainer.max_steps")
     parser.add_argument("--batch-size", dest="batch_size", type=int, help="= --set trainer.per_device_train_batch_size")
@@ -624,7 +644,8 @@ def add_eval_command(subparsers) -> None:
                     "DIR/metrics.json. --mode predict only generates (no summaries needed; metrics.json then "
                     "holds counts, timing and settings but no scores).")
     add_model_arguments(parser)
-    parser.add_argument("--data", required=True, metavar="FILE", help="jsonl file of examples")
+    parser.add_argument("--data", required=True, metavar="FILE",
+                        help="jsonl file of examples, or a MindFormers ADGEN .mindrecord file")
     parser.add_argument("--output-dir", required=True, metavar="DIR", help="where to write the results")
     parser.add_argument("--mode", choices=("eval", "predict"), default="eval", help="score, or only generate")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
@@ -706,7 +727,11 @@ def add_convert_command(subparsers) -> None:
                     "checkpoint also gives a PEFT adapter (--adapter-output). --to mindspore (the default for a "
                     "folder): write the .ckpt MindFormers' convert_weight.py would (float16, MindFormers names), "
                     "with --adapter's LoRA under MindPet names. The seed's --pt_ckpt_path/--ms_ckpt_path work too.")
-    parser.add_argument("--input", metavar="PATH", help="a .ckpt file or an HF model folder")
+    parser.add_argument("--input", metavar="PATH",
+                        help="a .ckpt file, a folder holding a MindFormers sharded set (rank_*/), or an HF folder")
+    parser.add_argument("--strategy", metavar="FILE",
+                        help="--to hf of a sharded set: its strategy file (ckpt_strategy.ckpt; a folder of per-stage "
+                             "files for pipeline sets); default: ckpt_strategy.ckpt beside rank_*/")
     parser.add_argument("--output", metavar="PATH", help="the HF folder or .ckpt file to write")
     parser.add_argument("--pt_ckpt_path", metavar="PATH", help="(seed) the HF side: input of --to mindspore, "
                                                                 "output of --to hf")
@@ -741,21 +766,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
                                    else (args.pt_ckpt_path, args.ms_ckpt_path or "ms_glm_6b.ckpt"))
     if args.input is None or args.output is None:
         raise ValueError("convert needs --input and --output (or the seed's --pt_ckpt_path and --ms_ckpt_path)")
-    if to is None:
-        to = "hf" if args.input.endswith(".ckpt") else "mindspore"
-
+    from .checkpoint.hf import is_sharded_set
     from .convert import hf_to_mindspore, mindspore_to_hf
+
+    if to is None:
+        to = "hf" if args.input.endswith(".ckpt") or args.strategy or is_sharded_set(args.input) else "mindspore"
 
     if to == "hf":
         if args.adapter is not None:
             raise ValueError("--adapter goes with --to mindspore; for --to hf use --adapter-output")
         out = mindspore_to_hf(args.input, args.output, adapter_output=args.adapter_output, lora_rank=args.lora_rank,
                               lora_alpha=args.lora_alpha, dtype=args.dtype, config=args.config,
-                              tokenizer=args.tokenizer)
+                              tokenizer=args.tokenizer, strategy=args.strategy)
         print(f"wrote {out}" + (f" and the adapter {args.adapter_output}" if args.adapter_output else ""))
         return 0
-    if args.adapter_output is not None:
-        raise ValueError("--adapter-output goes with --to hf; for --to mindspore use --adapter")
+    if args.adapter_output is not None or args.strategy is not None:
+        raise ValueError("--adapter-output and --strategy go with --to hf; for --to mindspore use --adapter")
     if not args.output.endswith(".ckpt"):
         raise ValueError(f"--output {args.output}: a MindSpore checkpoint file name ends with .ckpt")
     out = hf_to_mindspore(args.input, args.output, dtype=args.dtype or "float16", adapter=args.adapter,

@@ -594,17 +594,31 @@ TrainingArguments = TrainingConfig
 class ParallelConfig:
     """How to spread training over processes (the `parallel:` section of a recipe; MindFormers names).
 
-    The process count must be data_parallel * model_parallel; ranks are laid out as a
-    [data_parallel, model_parallel] grid, so the model_parallel ranks of one replica are neighbours
-    (on one node when model_parallel <= GPUs per node: tensor-parallel traffic stays on NVLink).
+    The process count must be data_parallel * model_parallel * pipeline_stage. Without pipeline
+    parallelism the ranks are laid out as a [data_parallel, model_parallel] grid, so the
+    model_parallel ranks of one replica are neighbours (on one node when model_parallel <= GPUs per
+    node: tensor-parallel traffic stays on NVLink). With pipeline_stage > 1 the grid is
+    [pipeline_stage, data_parallel]: the data-parallel ranks of one stage are neighbours (their
+    gradient reduction is the heavy traffic), and a stage hands its activations to the same
+    data-parallel rank of the next stage, which may sit on another node.
 
     Attributes:
         data_parallel: model replicas; the global batch is split over them.
         model_parallel: tensor-parallel degree: query_key_value / dense_h_to_4h are split by output
             rows (whole heads, MLP columns), dense / dense_4h_to_h by input columns. Must divide
             num_attention_heads and inner_hidden_size.
-        pipeline_stage: must be 1 (pipeline parallelism is not supported).
-        micro_batch_num: micro-batches per optimizer step (gradient accumulation).
+        pipeline_stage: pipeline-parallel degree: the blocks are split into this many consecutive
+            stages, one process each (per replica); stage 0 also holds the word embeddings, the
+            last stage the final LayerNorm and the lm_head (tied to the embeddings: both stages
+            keep a copy, their gradients are summed). At most num_layers; not with model_parallel
+            or P-tuning.
+        pipeline_schedule: with pipeline_stage > 1, the order of the micro-batches' forward and
+            backward passes: "1f1b" (one forward, one backward in the steady state: at most
+            pipeline_stage micro-batches' activations alive; needs micro_batch_num >=
+            pipeline_stage) or "gpipe" (all forwards, then all backwards: every micro-batch's
+            activations alive at once).
+        micro_batch_num: micro-batches per optimizer step (gradient accumulation); with
+            pipeline_stage > 1 also the micro-batches the schedule pipelines.
         optimizer_shard: shard parameters, gradients and optimizer state over the data-parallel
             ranks with FSDP2 (ZeRO-3). Without it, data parallelism is DDP (full replicas).
     """
@@ -614,11 +628,12 @@ class ParallelConfig:
     pipeline_stage: int = 1
     micro_batch_num: int = 1
     optimizer_shard: bool = False
+    pipeline_schedule: Literal["1f1b", "gpipe"] = "1f1b"
 
     @property
     def world_size(self) -> int:
         """The number of processes this layout needs."""
-        return self.data_parallel * self.model_parallel
+        return self.data_parallel * self.model_parallel * self.pipeline_stage
 
     def validate(self, world_size: int, model_config: ChatGLMConfig | None = None) -> None:
         """Raise ConfigError, naming the `parallel.<field>`, for a layout that cannot run.
@@ -627,13 +642,16 @@ class ParallelConfig:
 
         Args:
             world_size: the number of processes (torchrun's WORLD_SIZE; 1 without torchrun).
-            model_config: the model's architecture, to check what model_parallel must divide.
+            model_config: the model's architecture, to check what model_parallel must divide and
+                how many stages its blocks allow.
 
         Raises:
-            ConfigError: a value below 1 or of the wrong type, pipeline_stage > 1, a process count
-                that is not data_parallel * model_parallel, heads or MLP width not divisible by
-                model_parallel, P-tuning with model_parallel > 1, or data_parallel and
-                model_parallel both > 1 without optimizer_shard.
+            ConfigError: a value below 1 or of the wrong type, a process count that is not
+                data_parallel * model_parallel * pipeline_stage, heads or MLP width not divisible
+                by model_parallel, P-tuning with model_parallel > 1 or pipeline_stage > 1,
+                pipeline_stage with model_parallel, more stages than blocks, a 1f1b schedule with
+                fewer micro-batches than stages, or data_parallel and model_parallel both > 1
+                without optimizer_shard.
         """
         for key in ("data_parallel", "model_parallel", "pipeline_stage", "micro_batch_num"):
             value = getattr(self, key)
@@ -641,21 +659,34 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.{key} = {value!r}: expected an integer >= 1")
         if not isinstance(self.optimizer_shard, bool):
             raise ConfigError(f"parallel.optimizer_shard = {self.optimizer_shard!r}: expected true or false")
-        if self.pipeline_stage > 1:
-            raise ConfigError(f"parallel.pipeline_stage = {self.pipeline_stage}: pipeline parallelism is not "
-                              f"supported; set it to 1 and use model_parallel (tensor parallel) and "
-                              f"data_parallel with optimizer_shard (FSDP2) instead")
+        if self.pipeline_schedule not in ("1f1b", "gpipe"):
+            raise ConfigError(f"parallel.pipeline_schedule = {self.pipeline_schedule!r}: expected 1f1b or gpipe")
+        pp, tp = self.pipeline_stage, self.model_parallel
+        if pp > 1 and tp > 1:
+            raise ConfigError(f"parallel.pipeline_stage = {pp} with parallel.model_parallel = {tp} is not supported: "
+                              f"use pipeline_stage with data_parallel (DDP or optimizer_shard), or model_parallel "
+                              f"without pipeline_stage")
+        if pp > 1 and self.pipeline_schedule == "1f1b" and 1 < self.micro_batch_num < pp:
+            raise ConfigError(self.schedule_error(self.micro_batch_num))
         if world_size != self.world_size:
             raise ConfigError(
                 f"parallel.data_parallel ({self.data_parallel}) * parallel.model_parallel ({self.model_parallel}) "
-                f"= {self.world_size} must equal the number of processes, which is {world_size} "
-                f"(launch with e.g. `torchrun --nproc-per-node {self.world_size} -m glm6b ...`, or change the "
-                f"parallel section)")
-        tp = self.model_parallel
+                f"* parallel.pipeline_stage ({pp}) = {self.world_size} must equal the number of processes, which "
+                f"is {world_size} (launch with e.g. `torchrun --nproc-per-node {self.world_size} -m glm6b ...`, or "
+                f"change the parallel section)")
         if tp > 1 and self.data_parallel > 1 and not self.optimizer_shard:
             raise ConfigError(
                 f"parallel.data_parallel = {self.data_parallel} with parallel.model_parallel = {tp} needs "
                 f"parallel.optimizer_shard: true (FSDP2 composes with tensor parallelism; DDP does not)")
+        if model_config is not None and pp > 1:
+            if pp > model_config.num_layers:
+                raise ConfigError(f"parallel.pipeline_stage = {pp} must not exceed num_layers "
+                                  f"({model_config.num_layers}): every stage holds at least one block")
+            if model_config.pre_seq_len:
+                raise ConfigError(
+                    f"parallel.pipeline_stage = {pp} with P-tuning (pre_seq_len = {model_config.pre_seq_len}) is "
+                    f"not supported: the prefix encoder feeds every block of every stage; use data_parallel "
+                    f"(P-tuning trains only the small prefix encoder)")
         if model_config is not None and tp > 1:
             if model_config.num_attention_heads % tp:
                 raise ConfigError(
@@ -670,6 +701,12 @@ class ParallelConfig:
                     f"parallel.model_parallel = {tp} with P-tuning (pre_seq_len = {model_config.pre_seq_len}) is "
                     f"not supported: the prefix keys/values are not split by head; use data_parallel "
                     f"(P-tuning trains only the small prefix encoder)")
+
+    def schedule_error(self, micro_batches: int) -> str:
+        """The message for a 1f1b schedule with fewer micro-batches per step than stages."""
+        return (f"parallel.pipeline_schedule = 1f1b needs at least parallel.pipeline_stage ({self.pipeline_stage}) "
+                f"micro-batches per step, got {micro_batches}: set parallel.micro_batch_num (or "
+                f"trainer.gradient_accumulation_steps) >= {self.pipeline_stage}, or parallel.pipeline_schedule: gpipe")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, source: str = "parallel") -> "ParallelConfig":

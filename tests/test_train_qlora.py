@@ -74,7 +74,7 @@ def test_qlora_trains_and_its_adapter_loads_on_the_float_base(tmp_path, data, qu
 
 
 def test_qlora_on_a_thudm_layout_quantized_folder(tmp_path, data):
-    folder = quantize_folder(GOLDEN, tmp_path / "int4", 4)
+    folder = quantize_folder(GOLDEN, tmp_path / "int4", "int4")
     assert json.loads((folder / "config.json").read_text())["quantization_bit"] == 4
     tok = load_tokenizer(GOLDEN)
     dc = DataConfig(max_source_length=24, max_target_length=20)

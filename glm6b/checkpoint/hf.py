@@ -54,7 +54,7 @@ from ..model import ChatGLMForConditionalGeneration, PrefixEncoder
 from ..quant import cpu_kernels
 from ..quant.linear import QuantizedEmbedding, QuantizedLinear, quantize_model, tie_quantized_lm_head
 from ..quant.thudm import quantize_to_thudm
-from . import mindspore
+from . import mindspore, mindspore_shards
 from .errors import CheckpointError
 
 CONFIG_NAME = "config.json"
@@ -425,13 +425,15 @@ def _load_file_into(model: nn.Module, path: Path, expected: dict[str, torch.Tens
                     unexpected: list[str], device: torch.device, origin: str,
                     rename: Callable[[str], str] = lambda name: name,
                     skip: Callable[[str], bool] = lambda name: False,
-                    convert: Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]] | None = None) -> None:
+                    convert: Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]] | None = None,
+                    open_tensors: Callable[..., Iterator[tuple[str, torch.Tensor]]] | None = None) -> None:
     """Copy the tensors of one file into `model`: check name and shape, cast and move each on its own.
 
-    `convert` may turn one file tensor into several (quantizing a float weight at load).
+    `convert` may turn one file tensor into several (quantizing a float weight at load); `open_tensors`
+    (default `iter_file_tensors`) gives the (name, tensor) pairs of `path`.
     """
     mapped = None  # the file's memory mappings, looked up once it is open
-    with contextlib.closing(iter_file_tensors(path, skip)) as file_tensors:
+    with contextlib.closing((open_tensors or iter_file_tensors)(path, skip)) as file_tensors:
         for raw_name, file_tensor in file_tensors:
             if mapped is None:
                 mapped = _file_mapping_ranges(path) if hasattr(mmap, "MADV_DONTNEED") else []
@@ -555,9 +557,12 @@ def load_model(
     quantize: str | int | None = None,
     quantize_embeddings: bool = False,
     config: ChatGLMConfig | str | os.PathLike | None = None,
+    strategy: str | os.PathLike | None = None,
 ) -> ChatGLMForConditionalGeneration:
-    """Read a ChatGLM-6B model from a HF-layout folder or a `.ckpt` file (see the module docstring for the
-    layouts): the reader under glm6b.api.load, which the commands, the server, evaluation and training use.
+    """Read a ChatGLM-6B model from a HF-layout folder, a MindSpore `.ckpt` file or a folder holding a
+    MindFormers sharded set (`rank_<r>/` and a strategy file, merged while loading: see
+    glm6b.checkpoint.mindspore_shards); the module docstring lists the layouts. This is the reader under
+    glm6b.api.load, which the commands, the server, evaluation and training use.
 
     The model is built on the meta device and filled shard by shard; each tensor is cast to `dtype`
     and moved to `device` on its own, so peak memory stays near the loaded model's size plus one shard.
@@ -589,9 +594,12 @@ def load_model(
             it; asking for another bit width than the folder's is an error.
         quantize_embeddings: with `quantize`, also quantize the word embeddings and the tied lm_head
             (THUDM's int4-qe scheme).
-        config: for a MindSpore `.ckpt` path only (see `glm6b.checkpoint.mindspore.ckpt_config`): the
-            config (or config.json path) to use instead of the config.json beside the file or,
-            without one, the built-in `glm_6b` preset.
+        config: for a MindSpore `.ckpt` path or a sharded set only (see
+            `glm6b.checkpoint.mindspore.ckpt_config`): the config (or config.json path) to use instead
+            of the config.json beside the file (in the set's folder) or, without one, the built-in
+            `glm_6b` preset.
+        strategy: for a sharded set: its strategy file (or folder of per-stage files); default: the
+            one `glm6b.checkpoint.mindspore_shards.find_strategy` finds beside `rank_*/`.
 
     Returns:
         The model in eval mode, lm_head tied to the word embeddings when config.tie_word_embeddings.
@@ -601,7 +609,7 @@ def load_model(
         ConfigError: an unreadable or impossible config.json (the message names the file and field).
     """
     folder = Path(path)
-    files, config, rename = _read_source(folder, config, strict)
+    files, config, rename, open_tensors = _read_source(folder, config, strict, strategy)
     device = check_device(device)
     quantized = bool(config.quantization_bit or quantize_bits(quantize))
     dtype = default_dtype(device, quantized) if dtype is None else as_dtype(dtype)
@@ -613,7 +621,7 @@ def load_model(
     if ptuning_weights is not None:  # the prefix encoder comes from the P-tuning file, not the base
         expected = {k: v for k, v in expected.items() if not k.startswith(PREFIX_ENCODER)}
     fresh_prefix = pre_seq_len is not None and ptuning_checkpoint is None
-    _fill_from_files(model, files, expected, device, rename, convert, strict, fresh_prefix,
+    _fill_from_files(model, files, expected, device, rename, convert, open_tensors, strict, fresh_prefix,
                      skip_prefix=ptuning_weights is not None,
                      where=str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)")
     if ptuning_weights is not None:
@@ -627,11 +635,28 @@ def load_model(
     return model.eval()
 
 
-def _read_source(path: Path, config, strict: bool) -> tuple[list[Path], ChatGLMConfig, Callable[[str], str]]:
-    """(weight files, config, tensor-name map) of a model folder or a MindSpore `.ckpt` file."""
+def _read_source(path: Path, config, strict: bool, strategy) -> tuple[list[Path], ChatGLMConfig, Callable[[str], str],
+                                                                    Callable[..., Iterator] | None]:
+    """(weight files, config, tensor-name map, tensor opener or None for iter_file_tensors) of a model folder,
+    a MindSpore `.ckpt` file or a MindFormers sharded set (one "file": the set's folder)."""
     if mindspore.is_ckpt_file(path):  # MindFormers names, mapped to HF ones
-        return [path], mindspore.ckpt_config(path, config, strict), mindspore.to_hf_name_or_same
-    return find_weight_files(path), ChatGLMConfig.from_json_file(path / CONFIG_NAME), lambda name: name
+        return [path], mindspore.ckpt_config(path, config, strict), mindspore.to_hf_name_or_same, None
+    if is_sharded_set(path):  # rank_<r>/ folders, stitched parameter by parameter while loading
+        with mindspore_shards.ShardedCheckpoint(path, strategy) as shards:
+            config = shards.config(config, strict)
+
+        def open_tensors(folder: Path, skip: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
+            with mindspore_shards.ShardedCheckpoint(folder, strategy) as shards:
+                yield from shards.iter_model_tensors(skip)
+
+        return [path], config, mindspore.to_hf_name_or_same, open_tensors
+    return find_weight_files(path), ChatGLMConfig.from_json_file(path / CONFIG_NAME), lambda name: name, None
+
+
+def is_sharded_set(folder: str | os.PathLike) -> bool:
+    """True for a folder holding a MindFormers sharded set (`rank_<r>/`) and no HF weights."""
+    folder = Path(folder)
+    return not any((folder / name).is_file() for name in WEIGHT_LAYOUTS) and mindspore_shards.is_sharded_folder(folder)
 
 
 def _with_ptuning_settings(config: ChatGLMConfig, ptuning_checkpoint, pre_seq_len: int | None,
@@ -657,7 +682,8 @@ def _with_ptuning_settings(config: ChatGLMConfig, ptuning_checkpoint, pre_seq_le
 
 
 def _fill_from_files(model: nn.Module, files: list[Path], expected: dict[str, torch.Tensor], device: torch.device,
-                     rename, convert, strict: bool, fresh_prefix: bool, skip_prefix: bool, where: str) -> None:
+                     rename, convert, open_tensors, strict: bool, fresh_prefix: bool, skip_prefix: bool,
+                     where: str) -> None:
     """Copy every expected tensor from `files` into `model`; a missing tensor (or, with strict, an
     unexpected one) is an error. With `fresh_prefix`, a prefix encoder the files lack is made anew
     (PyTorch's initialisation, to train); with `skip_prefix`, the files' prefix weights are not read."""
@@ -670,7 +696,7 @@ def _fill_from_files(model: nn.Module, files: list[Path], expected: dict[str, to
 
     for file in files:
         _load_file_into(model, file, expected, loaded, unexpected, device, "config.json", rename=rename,
-                        skip=skip, convert=convert)
+                        skip=skip, convert=convert, open_tensors=open_tensors)
     missing = [name for name in expected if name not in loaded]
     prefix_names = [name for name in expected if name.startswith(PREFIX_ENCODER)]
     if fresh_prefix and prefix_names and set(prefix_names) <= set(missing):

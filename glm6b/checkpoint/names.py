@@ -12,7 +12,8 @@ folder in `$GLM6B_HOME/glm_6b_lora` over the base model in `$GLM6B_HOME/glm_6b` 
 writes); `adapter_base` finds the base of such a folder. `glm_6b_lora_chat` falls back to it like
 glm_6b_chat. A path to a MindSpore / MindFormers `.ckpt` file names that file, and so does a folder
 holding one instead of HF weights (`$GLM6B_HOME/glm_6b/glm_6b.ckpt`, as MindFormers downloads it,
-with ice_text.model beside it).
+with ice_text.model beside it), and a folder holding a MindFormers sharded set (`rank_<r>/` and its
+strategy file, merged while loading: glm6b.checkpoint.mindspore_shards).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import json
 import os
 from pathlib import Path
 
-from .hf import WEIGHT_LAYOUTS
+from .hf import WEIGHT_LAYOUTS, is_sharded_set
 
 MODEL_NAMES = ("glm_6b", "glm_6b_chat", "glm_6b_lora", "glm_6b_lora_chat")
 # A name whose own folder is missing is looked up under these names next.
@@ -80,8 +81,8 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
 def _ckpt_in(folder: Path) -> Path:
     """A folder without HF weights but with a MindSpore checkpoint (MindFormers' download folder holds
     glm_6b.ckpt beside ice_text.model) means that file: `<folder name>.ckpt`, else its only `.ckpt`."""
-    if any((folder / name).is_file() for name in (*WEIGHT_LAYOUTS, _ADAPTER_CONFIG)):
-        return folder
+    if any((folder / name).is_file() for name in (*WEIGHT_LAYOUTS, _ADAPTER_CONFIG)) or is_sharded_set(folder):
+        return folder  # a MindFormers sharded set (rank_*/) loads as the folder, its strategy .ckpt beside it
     ckpts = sorted(folder.glob("*.ckpt"))
     if (folder / f"{folder.name}.ckpt").is_file():
         return folder / f"{folder.name}.ckpt"

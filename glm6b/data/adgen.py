@@ -49,7 +49,6 @@ META_NAME = "meta.json"
 ENCODED_ARRAYS = ("input_ids", "labels", "offsets")  # the .npy files of a preprocessed folder
 
 
-
 # ----------------------------------------------------------------------------------- single rows
 
 

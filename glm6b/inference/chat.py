@@ -22,6 +22,7 @@ from .text import process_response, stable_length
 
 History = list[tuple[str, str]]
 
+
 def build_prompt(query: str, history: Sequence[Sequence[str]] | None = None) -> str:
     """The chat prompt of spec §5.2.
 

@@ -87,6 +87,7 @@ class SamplingParams(GenerationConfig):
             raise ValueError("SamplingParams: max_new_tokens is required (the request's token limit)")
         self.stop_strings = [s for s in self.stop if s] or None
 
+
 @dataclass
 class Event:
     """What a request hears from the scheduler: new text, and at the end why it finished.

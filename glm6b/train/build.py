@@ -59,15 +59,16 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def build_model(model_args: LoadConfig, method: Method) -> tuple[nn.Module, Any]:
+def build_model(model_args: LoadConfig, method: Method, trainable_adapter: bool = False) -> tuple[nn.Module, Any]:
     """Load (or randomly initialise) the model that model_args describes, quantized and with its adapter if asked
     (glm6b.api.load).
 
     Args:
         model_args: the `model:` section.
         method: "full", "lora" or "ptuning": decides the default dtype (float32 for full fine-tuning, a
-            bfloat16 frozen base otherwise), whether a prefix is built, and whether an adapter stays
-            trainable (lora).
+            bfloat16 frozen base otherwise) and whether a prefix is built.
+        trainable_adapter: keep model_args.adapter a trainable PEFT layer (to train it further); otherwise
+            it is merged as model_args.merge_adapter says.
 
     Returns:
         (model, tokenizer): the model (a PeftModel when training a LoRA adapter further) and the tokenizer
@@ -79,7 +80,7 @@ def build_model(model_args: LoadConfig, method: Method) -> tuple[nn.Module, Any]
     pre_seq_len = model_args.pre_seq_len if method == "ptuning" or model_args.ptuning_checkpoint else None
     spec = dataclasses.replace(model_args, pre_seq_len=pre_seq_len)
     model, tokenizer, _ = load(spec, default_dtype="float32" if method == "full" else "bfloat16",
-                               trainable_adapter=method == "lora")
+                               trainable_adapter=trainable_adapter)
     return model, tokenizer
 
 

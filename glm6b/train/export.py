@@ -12,29 +12,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint.hf import (
-    MODEL_FOLDER_FILES,
-    MODEL_FOLDER_PREFIXES,
-    PREFIX_ENCODER,
-    CheckpointError,
-    estimate_model_bytes,
-    load_model,
-    save_pretrained,
-)
+from ..checkpoint.hf import (MODEL_FOLDER_FILES, MODEL_FOLDER_PREFIXES, PREFIX_ENCODER, CheckpointError,
+                             estimate_model_bytes, load_model, save_pretrained)
 from ..config import ChatGLMConfig
 from ..extras import import_extra
 from ..io import atomic_folder
 from ..model import ChatGLMForConditionalGeneration
 from ..safety import check_output_dir, folder_bytes
-from .dcp import (
-    PEFT_PREFIX,
-    copy_tokenizer,
-    load_full_model_state,
-    method_of,
-    model_parts,
-    read_checkpoint_info,
-    tied_keys,
-)
+from .dcp import (PEFT_PREFIX, copy_tokenizer, load_full_model_state, method_of, model_parts, read_checkpoint_info,
+                  tied_keys)
 from .parallel import barrier, is_main_process
 
 
@@ -233,29 +219,46 @@ def save_final_model(model: nn.Module, directory: str | os.PathLike, tokenizer=N
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     module, base, peft_config = model_parts(model)
-    kind = method_of(base, peft_config)
-    trainable_only = kind != "full"
+    trainable_only = method_of(base, peft_config) != "full"
     # full_state_dict + cpu_offload: the full tensors land on rank 0's CPU only (the others get {}).
     tensors = get_model_state_dict(model, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only))
     directory = Path(directory)
     if is_main_process():
-        tied = tied_keys(model)
-        if tied:
-            tensors.pop(tied[0], None)
         if trainable_only:
             trainable = {name for name, p in module.named_parameters() if p.requires_grad}
             tensors = {k: v for k, v in tensors.items() if k in trainable}
-        with atomic_folder(directory) as tmp:
-            if kind == "full":
-                _write_model_folder(_base_model_from_state(base.config, dict(tensors), directory), tmp, None)
-            elif kind == "lora":
-                _write_adapter_weights(tensors, getattr(module, "active_adapter", "default"), tmp, None)
-                peft_config.save_pretrained(str(tmp))
-            else:
-                _write_ptuning_folder(tensors, base.config, tmp, None)
-            copy_tokenizer(tokenizer, tmp)
+        write_final_folder(model, tensors, directory, tokenizer=tokenizer)
     barrier()
     return directory
 
 
+def write_final_folder(model: nn.Module, tensors: dict[str, torch.Tensor], directory: str | os.PathLike,
+                       tokenizer=None) -> Path:
+    """Write what `final/` holds from the model's full state dict (one process: no collective).
+
+    Args:
+        model: the trained model (any wrapping): gives the method, the config and the PEFT config.
+        tensors: its full tensors by state-dict name: every tensor (full fine-tuning) or the trainable
+            ones (LoRA, P-tuning); a tied lm_head is left out.
+        directory: the output folder (written as <directory>.tmp, then renamed; replaced if it exists).
+        tokenizer: a tokenizer or a folder with its files, copied into the folder.
+
+    Returns:
+        The folder.
+    """
+    module, base, peft_config = model_parts(model)
+    kind = method_of(base, peft_config)
+    directory = Path(directory)
+    tied = tied_keys(model)
+    tensors = {k: v for k, v in tensors.items() if not (tied and k == tied[0])}
+    with atomic_folder(directory) as tmp:
+        if kind == "full":
+            _write_model_folder(_base_model_from_state(base.config, dict(tensors), directory), tmp, None)
+        elif kind == "lora":
+            _write_adapter_weights(tensors, getattr(module, "active_adapter", "default"), tmp, None)
+            peft_config.save_pretrained(str(tmp))
+        else:
+            _write_ptuning_folder(tensors, base.config, tmp, None)
+        copy_tokenizer(tokenizer, tmp)
+    return directory

@@ -28,7 +28,6 @@ from ..safety import check_output_dir
 __all__ = ["LoraArguments", "LoraConfig", "apply_lora", "merge_lora"]
 
 
-
 def apply_lora(model: torch.nn.Module, args: LoraConfig, base_model_name_or_path: str | None = None):
     """Wrap `model` with fresh LoRA adapters; everything else is frozen.
 

@@ -11,7 +11,8 @@ name of that section's dataclass:
     lora:       glm6b.config.LoraConfig
     generation: glm6b.config.GenerationConfig
     parallel:   glm6b.config.ParallelConfig (data_parallel, model_parallel, pipeline_stage,
-                micro_batch_num, optimizer_shard); checked against the process count by `run`
+                micro_batch_num, optimizer_shard, pipeline_schedule); checked against the process
+                count by `run`
 
 An unknown key, a duplicated key or a value of the wrong type is a RecipeError naming the file, the
 line and the key. Overrides (`--set trainer.learning_rate=1e-4`, values parsed as YAML) go through
@@ -67,7 +68,9 @@ SECTIONS: dict[str, type] = {
     "parallel": ParallelConfig,
 }
 # Accepted spellings that map to a field (one name per concept elsewhere; these are user conveniences).
-ALIASES = {("trainer", "batch_size"): "per_device_train_batch_size"}
+ALIASES = {("trainer", "batch_size"): "per_device_train_batch_size",
+           # MindFormers' names (run_mindformer.py --train_dataset_dir / --eval_dataset_dir)
+           ("data", "train_dataset_dir"): "train_data", ("data", "eval_dataset_dir"): "eval_data"}
 # `glm6b run`'s short flags -> section.key (the model section takes every model flag: glm6b.cli).
 SHORT_FLAGS = {
     "train_data": "data.train_data",
@@ -352,6 +355,7 @@ def check_recipe(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -
     """
     from ..checkpoint.hf import check_device
     from ..data.adgen import ReadStats, iter_examples
+    from ..data.mindrecord import MindRecordReader, is_mindrecord
     from ..safety import check_writable
     from . import parallel as D
 
@@ -380,12 +384,20 @@ def check_recipe(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -
     if pc.optimizer_shard and args.fp16:
         raise RecipeError("trainer.fp16 with parallel.optimizer_shard is not supported: use trainer.bf16 "
                           "(FSDP2 mixed precision)")
+    if pc.pipeline_stage > 1:
+        if args.fp16:
+            raise RecipeError("trainer.fp16 with parallel.pipeline_stage > 1 is not supported: use trainer.bf16")
+        micro_batches = pc.micro_batch_num if pc.micro_batch_num > 1 else args.gradient_accumulation_steps
+        if pc.pipeline_schedule == "1f1b" and micro_batches < pc.pipeline_stage:
+            raise RecipeError(pc.schedule_error(micro_batches))
     for name, path in (("data.train_data", data.train_data), ("data.eval_data", data.eval_data)):
-        if path is not None and not Path(path).exists():
+        if path is not None and not Path(path).exists() and not is_mindrecord(path):
             raise RecipeError(f"{name} = {path}: no such file or folder")
     check_device(model.device)
     check_writable(Path(args.output_dir), "trainer.output_dir")
-    if Path(data.train_data).is_file():  # every line checked (and rows counted) before the model loads
+    if is_mindrecord(data.train_data):  # its header and pages checked before the model loads
+        MindRecordReader(data.train_data).close()
+    elif Path(data.train_data).is_file():  # every line checked (and rows counted) before the model loads
         stats = ReadStats()
         if not any(True for _ in iter_examples(data.train_data, data, stats)):
             raise RecipeError(f"data.train_data = {data.train_data}: no training rows: {stats.lines} non-blank "
@@ -481,6 +493,8 @@ def _evaluate(recipe: Recipe) -> dict[str, Any]:
 def _predict(recipe: Recipe, prompts: list[str] | None) -> dict[str, Any]:
     """Predict mode: the trainer's predict() for the prompts, or for those of data.eval_data."""
     from ..data.adgen import JsonlDataset
+    from ..data.mindrecord import is_mindrecord
+    from ..data.preprocess import MindRecordDataset
     from ..io import atomic_write_text
 
     trainer = _trainer(recipe)
@@ -489,7 +503,9 @@ def _predict(recipe: Recipe, prompts: list[str] | None) -> dict[str, Any]:
         records = [{"prompt": p, "predict": t} for p, t in zip(prompts, texts)]
     else:
         trainer.ensure_model()
-        dataset = JsonlDataset(recipe.data.eval_data, trainer.tokenizer, recipe.data, mode="eval")
+        data = recipe.data
+        dataset = MindRecordDataset(data.eval_data, trainer.tokenizer, data) if is_mindrecord(data.eval_data) \
+            else JsonlDataset(data.eval_data, trainer.tokenizer, data, mode="eval")
         texts = trainer.predict(dataset)
         records = [{"prompt": ex.prompt, "labels": ex.answer, "predict": t} for ex, t in zip(dataset.examples, texts)]
     output_dir = Path(recipe.trainer.output_dir)

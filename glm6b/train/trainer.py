@@ -62,6 +62,7 @@ from .export import save_final_model
 from .logs import EVAL_LOG_NAME, NullLog, TrainLog, plot_losses
 from .loss import forward_backward
 from .parallel import unwrap_model
+from .pipeline import Pipeline
 
 FINAL_NAME = "final"
 
@@ -169,8 +170,8 @@ class Trainer:
         generation_config: default settings for `predict` (greedy, max_target_length new tokens if None).
         callbacks: functions called as callback(trainer, record) after every optimizer step (and its
             checkpoint), record holding at least "step" and "loss".
-        parallel_config: glm6b.train.args.ParallelConfig for runs under torchrun (data / tensor
-            parallel, FSDP2); the default is one process.
+        parallel_config: glm6b.config.ParallelConfig for runs under torchrun (data / tensor /
+            pipeline parallel, FSDP2; see docs/parallelism.md); the default is one process.
     """
 
     def __init__(
@@ -213,6 +214,9 @@ class Trainer:
         self._hook = None
         self.parallel_config = parallel_config or ParallelConfig()
         self.mesh = None
+        # With parallel.pipeline_stage > 1: this process's stage (glm6b.train.pipeline), made by _setup;
+        # self.model is then the stage's part of the model.
+        self.pipeline = None
         # Extra JSON files written into output_dir beside training_args.json once training starts
         # (glm6b run adds recipe.json), so a refused or failed start never leaves them behind.
         self.records: dict[str, Any] = {}
@@ -221,18 +225,22 @@ class Trainer:
 
     @property
     def device(self) -> torch.device:
+        if self.pipeline is not None:  # a stage's part of the model may lack the final LayerNorm it is read from
+            return self.pipeline.device
         return unwrap_model(self.model).device
 
-    def _build_model(self) -> None:
+    def _build_model(self, for_training: bool) -> None:
         """Load (or randomly initialise) the model described by model_args, with its adapter if any (and its
-        tokenizer, unless one was given)."""
-        self.model, tokenizer = build_model(self.model_args, self.method)
+        tokenizer, unless one was given): a LoRA adapter stays a trainable layer to train it further, and
+        is merged as model_args.merge_adapter says for evaluate / predict."""
+        self.model, tokenizer = build_model(self.model_args, self.method,
+                                            trainable_adapter=for_training and self.method == "lora")
         self.tokenizer = self.tokenizer or tokenizer
 
-    def ensure_model(self) -> None:
+    def ensure_model(self, for_training: bool = False) -> None:
         """Build the model and load the tokenizer from model_args if they were not given."""
         if self.model is None:
-            self._build_model()
+            self._build_model(for_training)
         if self.tokenizer is None:
             source = self.model_args.tokenizer or self.model_args.load_checkpoint
             if source is None:
@@ -246,7 +254,7 @@ class Trainer:
         """Freeze / wrap the model for the method, enable gradient checkpointing, set train mode."""
         if self._prepared:
             return
-        self.ensure_model()
+        self.ensure_model(for_training=True)
         self.model = prepare_model(self.model, self.method, self.lora_config, self.args.gradient_checkpointing,
                                    self.model_args.load_checkpoint)
         self._prepared = True
@@ -355,7 +363,7 @@ class Trainer:
             margs.adapter = str(path)
         else:
             margs.ptuning_checkpoint = str(path)
-        self._build_model()
+        self._build_model(for_training=True)
         return self.train(resume_from_checkpoint)
 
     def train(self, resume_from_checkpoint: str | os.PathLike | None = None) -> TrainOutput:
@@ -382,19 +390,30 @@ class Trainer:
         info = P.init_distributed()  # no-op on one process; recipe.run also cleans up
         if pc.optimizer_shard and args.fp16:
             raise TrainerError("fp16 with parallel.optimizer_shard is not supported: use bf16 (FSDP2 mixed precision)")
+        if pc.pipeline_stage > 1 and args.fp16:
+            raise TrainerError("fp16 with parallel.pipeline_stage > 1 is not supported (the schedule runs the "
+                               "backward, without the gradient scaler): use bf16")
         if info.world_size > 1 and self.model is None and self.model_args.device is None:
-            self.model_args.device = str(info.device)
+            # A pipeline stage is cut from the model built on the CPU; only its part moves to the device.
+            self.model_args.device = "cpu" if pc.pipeline_stage > 1 else str(info.device)
         set_seed(args.seed)  # identical on every rank: FSDP2 does not broadcast weights, TP needs equal lora_A
-        self.ensure_model()
+        self.ensure_model(for_training=True)
         pc.validate(info.world_size, unwrap_model(self.model).config)
         self._prepare_for_training()
-        self.mesh = P.build_mesh(pc)
-        if self.mesh is not None:
-            self.model = P.parallelize_model(self.model, self.mesh, pc,
-                                             mixed_precision="bf16" if args.bf16 and pc.optimizer_shard else None,
-                                             device=info.device)
-            torch.manual_seed(P.rank_seed(args.seed, self.mesh))
         dataset = self._training_rows()
+        self.mesh = P.build_mesh(pc)
+        mixed_precision = "bf16" if args.bf16 and pc.optimizer_shard else None
+        if pc.pipeline_stage > 1:
+            width = dataset.config.max_source_length + dataset.config.max_target_length
+            self.pipeline = Pipeline(self.model, self.mesh, pc, args.gradient_accumulation_steps,
+                                     args.per_device_train_batch_size, width, self.tokenizer.pad_token_id,
+                                     info.device, mixed_precision=mixed_precision)
+            self.model = self.pipeline.model
+        elif self.mesh is not None:
+            self.model = P.parallelize_model(self.model, self.mesh, pc, mixed_precision=mixed_precision,
+                                             device=info.device)
+        if self.mesh is not None:
+            torch.manual_seed(P.rank_seed(args.seed, self.mesh))
         output_dir = Path(args.output_dir)
         resume = resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint
         if P.is_main_process():
@@ -464,6 +483,7 @@ class Trainer:
         log = TrainLog(run.output_dir, args.tensorboard, self.state.global_step if run.resumed else None) \
             if main else NullLog()
         trainable = [p for _, p in self._trainable()]
+        run_step = self.pipeline.forward_backward if self.pipeline is not None else forward_backward
         stream = self._micro_batches(run.dataset, self.state.micro_batches)
         self.model.train()
 
@@ -475,7 +495,7 @@ class Trainer:
                   disable=args.disable_tqdm or not main, file=sys.stderr, dynamic_ncols=True) as bar, \
                 contextlib.closing(log), StopRequest(enabled=run.world_size == 1) as stop:
             while self.state.global_step < run.total_steps:
-                step_loss, step_tokens, grad_norm = forward_backward(self, stream, trainable, run.per_epoch)
+                step_loss, step_tokens, grad_norm = run_step(self, stream, trainable, run.per_epoch)
                 lr = self.optimizer.param_groups[0]["lr"]
                 self._optimizer_step()
                 self.state.global_step += 1
@@ -518,7 +538,9 @@ class Trainer:
     def _finish(self, run: "_Run", record: dict[str, Any]) -> TrainOutput:
         """final/ (every rank takes part in a sharded save; rank 0 writes) and the loss curve."""
         final_dir = run.output_dir / FINAL_NAME
-        if self.mesh is not None:
+        if self.pipeline is not None:
+            self.pipeline.save_final_model(final_dir, tokenizer=self.tokenizer)  # collective; rank 0 writes
+        elif self.mesh is not None:
             save_final_model(self.model, final_dir, tokenizer=self.tokenizer)  # collective; rank 0 writes
         else:
             self.save_model(final_dir)
@@ -547,9 +569,6 @@ class Trainer:
             if self.device.type != "cuda":
                 raise TrainerError("fp16 mixed precision needs CUDA; use bf16 on the CPU")
             self.scaler = torch.amp.GradScaler("cuda")
-
-    # ------------------------------------------------------------------------------ checkpoints
-
 
     # ------------------------------------------------------------------------------ checkpoints
 
