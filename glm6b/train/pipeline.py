@@ -422,7 +422,8 @@ class Pipeline:
         step feeds one token per row. The last stage chooses the tokens (glm6b.inference.sampling) and
         sends them to the other stages, so every stage stops at the same step. A new token sees what the
         last prompt token saw and every generated token; its absolute position stays at the mask token and
-        its block position counts on (spec 4.8). Collective over the pipeline.
+        its block position counts on (spec 4.8). Collective over the pipeline. Prompt lookup does not run
+        here (prompt_lookup_num_tokens is ignored, as beam search ignores it): the tokens are the same.
 
         Args:
             model: unused (the signature of generate, for glm6b.eval.evaluate's generate_fn).
