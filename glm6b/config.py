@@ -317,8 +317,9 @@ class GenerationConfig:
             up to this many next tokens, copied from what followed the row's last tokens earlier in its
             own prompt or answer, and checks them all in one forward, so an answer that copies from its
             input takes fewer steps; the tokens are those of greedy decoding, and sampled ones follow
-            the same distribution. 0 or None: off. "auto": on where checking several tokens costs about
-            one step (glm6b.inference.engine.lookup_tokens; docs/speculative.md). Beam search ignores it.
+            the same distribution. 0 or None (the default): off. "auto": on where checking several tokens
+            costs about one step (glm6b.inference.engine.lookup_tokens). Off by default because no
+            measured case gains where it never loses (docs/speculative.md). Beam search ignores it.
         prompt_lookup_max_ngram: the longest run of a row's last tokens that prompt lookup looks up
             (then shorter ones, down to one token).
     """
@@ -341,7 +342,7 @@ class GenerationConfig:
     early_stopping: bool | Literal["never"] = False
     compile: bool | Literal["auto"] = "auto"
     prefill_chunk_size: int = 512
-    prompt_lookup_num_tokens: int | Literal["auto"] | None = "auto"
+    prompt_lookup_num_tokens: int | Literal["auto"] | None = None
     prompt_lookup_max_ngram: int = 3
 
     def validate(self) -> None:

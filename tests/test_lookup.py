@@ -67,24 +67,24 @@ def test_the_proposer_follows_its_rule_on_random_contexts():
         assert propose_from_context(ids, max_tokens, max_ngram) == by_the_rule(ids, max_tokens, max_ngram), ids
 
 
-def test_a_row_whose_proposals_keep_failing_waits_longer_each_time():
+def test_a_row_whose_proposals_fail_waits_until_its_text_copies_again():
     length = ProposalLength(4)
-    assert length.next() == 4
-    waits = []
-    for _ in range(7):
-        length.verified(4, 0)
-        waits.append(length.wait)
-        while length.wait:
-            assert length.next() == 0
-            length.stepped(False)
-    assert waits == [1, 3, 7, 15, 31, MAX_WAIT, MAX_WAIT]
-    length.verified(4, 2)  # something kept: propose at once again
+    assert length.next() == 4  # a new row proposes at once
+    length.verified(4, 2)  # something kept: propose again at once
     assert (length.wait, length.next()) == (0, 4)
+    length.verified(4, 0)  # nothing kept: MAX_WAIT ordinary steps
+    waited = 0
+    while length.wait:
+        assert length.next() == 0
+        length.stepped(False)
+        waited += 1
+    assert (waited, length.next()) == (MAX_WAIT, 4)
     length.verified(4, 0)
-    length.verified(4, 0)
-    assert length.wait == 3
+    length.stepped(False)
     length.stepped(True)  # the token chosen would have matched a proposal: the wait ends
-    assert (length.wait, length.misses, length.next()) == (0, 0, 4)
+    assert (length.wait, length.next()) == (0, 4)
+    length.stepped(False)  # a step taken while not waiting changes nothing
+    assert length.wait == 0
 
 
 def test_auto_is_off_for_tiny_models_and_settings_are_checked(model):
@@ -92,7 +92,7 @@ def test_auto_is_off_for_tiny_models_and_settings_are_checked(model):
     assert lookup_tokens("auto", model, 1) == 0
     assert lookup_tokens(None, model, 1) == lookup_tokens(0, model, 1) == 0
     assert lookup_tokens(5, model, 8) == 5
-    assert GenerationConfig().prompt_lookup_num_tokens == "auto"
+    assert GenerationConfig().prompt_lookup_num_tokens is None  # off by default (docs/speculative.md)
     for bad in (-1, "yes", 2.5):
         with pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
             GenerationConfig(prompt_lookup_num_tokens=bad).validate()
@@ -597,7 +597,8 @@ def test_the_prompt_lookup_flags():
         options = sampling_options(args)
         assert (options["prompt_lookup_num_tokens"], options["prompt_lookup_max_ngram"]) == (4, 2)
         default = sampling_options(build_parser().parse_args([command[0], "--model", "m", *command[1:]]))
-        assert default["prompt_lookup_num_tokens"] == "auto"
+        assert default["prompt_lookup_num_tokens"] is None  # off unless asked for
+    assert build_parser().parse_args(["serve", "--model", "m"]).prompt_lookup_num_tokens is None
     serve = build_parser().parse_args(["serve", "--model", "m", "--prompt-lookup", "auto"])
     assert serve.prompt_lookup_num_tokens == "auto"
     assert build_parser().parse_args(["serve", "--model", "m", "--prompt-lookup", "0"]).prompt_lookup_num_tokens == 0

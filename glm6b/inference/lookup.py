@@ -8,7 +8,7 @@ copying what followed them. The decode engine checks all of them in one forward
 (glm6b.inference.sampling.accept_proposals), so the output is that of ordinary decoding, in fewer
 steps. The proposer is a plain function of the context: a draft model could take its place.
 
-`ProposalLength` switches a row's proposals off for a while after verifications that kept nothing
+`ProposalLength` switches a row's proposals off for a while after a verification that kept nothing
 (a verification of several tokens costs more than a one-token step, a little where the kernels take
 several rows at the price of one, and up to T times where they pay per input row).
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 DEFAULT_MAX_NGRAM = 3
-# Ordinary steps a row waits, at most, after verifications that kept nothing (doubling from 1).
+# Ordinary steps a row waits after a verification that kept nothing (unless its text starts copying again).
 MAX_WAIT = 32
 
 
@@ -106,25 +106,25 @@ class LookupStats:
 
 @dataclass
 class ProposalLength:
-    """How many tokens one row proposes at its next step: `limit`, or none for a while after verifications
+    """How many tokens one row proposes at its next step: `limit`, or none for a while after a verification
     that kept nothing (a switch-off, so that a row whose proposals keep failing stops paying for them).
 
-    After a verification that kept none of the proposals the row waits 1, then 3, 7, 15 and at most
-    MAX_WAIT ordinary steps before it proposes again; one that kept any resets that. While it waits,
-    each step checks, at no model cost, whether a proposal would have matched the token chosen, and
-    such a match ends the wait (the text has started copying again). A proposal is not shortened after
-    a partial rejection: on the ADGEN references (benchmarks/speculative.py, "references") shortening
-    kept fewer tokens per step, and where lookup is on by default a longer proposal costs no more.
+    After a verification that kept none of its proposals the row takes MAX_WAIT ordinary steps before it
+    proposes again. While it waits, each step checks, at no model cost, whether a proposal would have
+    matched the token chosen, and such a match ends the wait (the text has started copying again). So
+    text that never copies pays for about one verification per MAX_WAIT tokens; a wait that doubled
+    from one step (1, 3, 7, ...) had paid for five in a 64-token answer, which where a verification
+    costs several steps (CPUs without glm6b's AMX kernels) made such an answer 7-33 % slower. A
+    proposal is not shortened after a partial rejection: on the ADGEN references
+    (benchmarks/speculative.py, "references") shortening kept fewer tokens per step.
 
     Attributes:
         limit: tokens per proposal (the prompt_lookup_num_tokens setting).
         wait: ordinary steps left before the row proposes again.
-        misses: verifications in a row that kept none of the proposals.
     """
 
     limit: int
     wait: int = 0
-    misses: int = 0
 
     def next(self) -> int:
         """Tokens to propose at this step (0 while waiting)."""
@@ -132,12 +132,8 @@ class ProposalLength:
 
     def verified(self, proposed: int, accepted: int) -> None:
         """Record a verification of `proposed` tokens of which `accepted` were kept."""
-        self.misses = 0 if accepted else self.misses + 1
-        self.wait = min(2 ** self.misses - 1, MAX_WAIT)
+        self.wait = 0 if accepted else MAX_WAIT
 
     def stepped(self, would_have_matched: bool) -> None:
         """Record an ordinary step taken while waiting: whether a proposal would have matched its token."""
-        if would_have_matched:
-            self.wait, self.misses = 0, 0
-        elif self.wait:
-            self.wait -= 1
+        self.wait = 0 if would_have_matched else max(self.wait - 1, 0)

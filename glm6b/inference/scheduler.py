@@ -236,7 +236,7 @@ class Scheduler:
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, context_length: int | None = None,
-                 compile: bool | str = "auto", prompt_lookup: int | str | None = "auto",
+                 compile: bool | str = "auto", prompt_lookup: int | str | None = None,
                  prompt_lookup_max_ngram: int = DEFAULT_MAX_NGRAM):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")

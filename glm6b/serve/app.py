@@ -61,7 +61,7 @@ class Server:
 
     def __init__(self, model, tokenizer, model_name: str = "glm6b", api_key: str | None = None, max_batch: int = 8,
                  max_queue: int = 64, max_tokens: int | None = None, compile: bool | str = "auto",
-                 prompt_lookup: int | str | None = "auto", prompt_lookup_max_ngram: int = DEFAULT_MAX_NGRAM):
+                 prompt_lookup: int | str | None = None, prompt_lookup_max_ngram: int = DEFAULT_MAX_NGRAM):
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.api_key = api_key or None
@@ -186,7 +186,7 @@ def create_app(server: Server) -> FastAPI:
 
 def serve(model: LoadConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, max_queue: int = 64, max_tokens: int | None = None,
-          prompt_lookup: int | str | None = "auto", prompt_lookup_max_ngram: int = DEFAULT_MAX_NGRAM) -> None:
+          prompt_lookup: int | str | None = None, prompt_lookup_max_ngram: int = DEFAULT_MAX_NGRAM) -> None:
     """Load a model (glm6b.api.load: a LoRA adapter merged in, quantized after the merge) and serve it until
     interrupted (what `glm6b serve` runs).
 
