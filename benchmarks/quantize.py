@@ -67,6 +67,25 @@ SHAPES = [(4096, 4096), (16384, 4096), (4096, 16384)]  # [out, in]: dense, dense
 LM_HEAD = (130528, 4096)
 SCHEMES = [("int8", dict(quantize="int8")), ("int4", dict(quantize="int4")),
            ("int4 + emb/lm_head", dict(quantize="int4", quantize_embeddings=True))]
+# The opt-in int8-activation kernels (AVX2 build, GLM6B_INT8_ACTIVATIONS=1): quality and decode rows.
+INT8_ACTIVATION_SCHEMES = [(f"{name}, int8 activations", kwargs) for name, kwargs in SCHEMES]
+
+
+def int8_activations_here() -> bool:
+    return cpu_kernels.isa() == "avx2"
+
+
+def prepare_with_int8_activations(model, dtype=None) -> dict[str, int]:
+    """prepare_kernels with GLM6B_INT8_ACTIVATIONS=1 while the kernels are built."""
+    saved = os.environ.get("GLM6B_INT8_ACTIVATIONS")
+    os.environ["GLM6B_INT8_ACTIVATIONS"] = "1"
+    try:
+        return prepare_kernels(model, dtype=dtype)
+    finally:
+        if saved is None:
+            os.environ.pop("GLM6B_INT8_ACTIVATIONS")
+        else:
+            os.environ["GLM6B_INT8_ACTIVATIONS"] = saved
 
 
 def interleaved_median_ms(fns, repeats: int) -> list[float]:
@@ -114,11 +133,16 @@ def kernel_table(repeats: int, lm_head: bool, row_counts: list[int]) -> None:
                 variants[f"int{bits}, stock ops"] = prepared_with(module, supports=lambda *a: False)
             if cpu_kernels.has_amx():
                 variants[f"int{bits}, glm6b no AMX"] = prepared_with(module, has_amx=lambda: False)
+            if int8_activations_here():
+                copy = prepared_with(module)
+                copy._kernel = None
+                prepare_with_int8_activations(copy, torch.bfloat16)
+                variants[f"int{bits}, int8 activations"] = copy
         for rows in row_counts:
             many = rows >= quant_linear.CPU_DEQUANTIZED_MIN_ROWS
             x = torch.randn(rows, in_f, generator=gen).to(torch.bfloat16)
             cases = [("F.linear bf16", lambda: F.linear(x, w), out_f * in_f * 2)]
-            if cpu_kernels.available() and rows <= cpu_kernels.BF16_MAX_ROWS:  # what BF16DecodeLinear runs
+            if cpu_kernels.available() and rows <= cpu_kernels.bf16_max_rows():  # what BF16DecodeLinear runs
                 cases.append(("glm6b bf16_matmul", lambda: cpu_kernels.bf16_matmul(x, w), out_f * in_f * 2))
             if stock:
                 cases.append(("_weight_int8pack_mm", lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8),
@@ -132,7 +156,7 @@ def kernel_table(repeats: int, lm_head: bool, row_counts: list[int]) -> None:
                 module.prepare("cpu", torch.bfloat16)
                 cases.append((f"QuantizedLinear int{bits} ({module._kernel[0]})", lambda m=module: m(x),
                               bytes_read(module)))
-                if many and module._kernel[0] != "glm6b_cpu":
+                if many and not module._kernel[0].startswith("glm6b_"):
                     cases.append((f"QuantizedLinear int{bits}, row kernel", lambda m=module: row_kernel_only(m, x),
                                   bytes_read(module)))
             for name, module in variants.items():
@@ -171,13 +195,9 @@ def prepared_with(module: QuantizedLinear, **patches) -> QuantizedLinear:
 
 
 def row_kernel_only(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
-    """The module's forward held to the stock row kernel, whatever the number of rows."""
-    threshold = quant_linear.CPU_DEQUANTIZED_MIN_ROWS
-    quant_linear.CPU_DEQUANTIZED_MIN_ROWS = x.shape[0] + 1
-    try:
-        return module(x)
-    finally:
-        quant_linear.CPU_DEQUANTIZED_MIN_ROWS = threshold
+    """The module's product held to the first (row) kernel of its path in glm6b.quant.linear.KERNELS,
+    whatever the number of rows."""
+    return quant_linear.kernel_for("cpu", module._kernel[0], module.bits, 1)(module, x, module._kernel)
 
 
 # ----------------------------------------------------------------------------------- 2. quality
@@ -225,9 +245,12 @@ def quality_rows(folder: Path, run, label: str) -> None:
     reference, real = run(load_model(folder, dtype=torch.bfloat16))
     gc.collect()
     rows = [("float32", dict(dtype=torch.float32))] + [(n, dict(dtype=torch.bfloat16, **kw)) for n, kw in SCHEMES]
+    if int8_activations_here():
+        rows += [(n, dict(dtype=torch.bfloat16, **kw)) for n, kw in INT8_ACTIVATION_SCHEMES]
     for name, kwargs in rows:
         model = load_model(folder, **kwargs)
-        kernels = prepare_kernels(model, dtype=torch.bfloat16) if "quantize" in kwargs else {}
+        prepare = prepare_with_int8_activations if "int8 activations" in name else prepare_kernels
+        kernels = prepare(model, dtype=torch.bfloat16) if "quantize" in kwargs else {}
         logits, _ = run(model)
         del model
         gc.collect()
@@ -318,9 +341,11 @@ def decode_table(folder: Path, layers: int, steps: int, rounds: int = 5) -> None
     print("| precision | ms per decode step | vs bf16 | kernels |")
     print("|-----------|--------------------|---------|---------|")
     models = {}
-    for name, kwargs in [("bf16", {})] + SCHEMES:
+    schemes = [("bf16", {})] + SCHEMES + (INT8_ACTIVATION_SCHEMES if int8_activations_here() else [])
+    for name, kwargs in schemes:
         model = load_model(folder, dtype=torch.bfloat16, **kwargs)
-        models[name] = (model, prepare_kernels(model) if kwargs else {})
+        prepare = prepare_with_int8_activations if "int8 activations" in name else prepare_kernels
+        models[name] = (model, prepare(model) if kwargs else {})
     c = next(iter(models.values()))[0].config
     prompt = torch.cat([torch.randint(6, c.mask_token_id, (1, 30), generator=torch.Generator().manual_seed(2)),
                         torch.tensor([[c.gmask_token_id, c.bos_token_id]])], dim=1)
@@ -370,7 +395,8 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where the random model folders go (default: a temp dir)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; glm6b CPU kernels: "
+          f"{cpu_kernels.isa()}")
     if args.only in (None, "kernels"):
         kernel_table(args.repeats, args.lm_head, args.rows)
     if args.only in ("quality", "load", "decode", None):

@@ -128,7 +128,7 @@ def test_layers_take_the_avx2_table_rows_on_thudms_bytes(bits, dtype, monkeypatc
     dequantize_rows = cpu_kernels.dequantize_rows
     monkeypatch.setattr(cpu_kernels, "dequantize_rows", lambda w, *a: blocks.append(w.shape[0]) or dequantize_rows(w, *a))
     for rows, kernel in ((1, "_avx2_dot"), (5, "_avx2_dot"), (linear.AVX2_GEMM_MIN_ROWS - 1, "_avx2_dot"),
-                         (linear.AVX2_GEMM_MIN_ROWS, "_avx2_float32_blocks"), (100, "_avx2_float32_blocks")):
+                         (linear.AVX2_GEMM_MIN_ROWS, "_avx2_float32_blocks"), (130, "_avx2_float32_blocks")):
         assert kernel_for("cpu", "glm6b_avx2", bits, rows).__name__ == kernel
         blocks.clear()
         x = torch.randn(1, rows, 256).to(dtype)
@@ -154,7 +154,7 @@ def test_int8_activations_are_opt_in(bits, monkeypatch):
     layer._kernel = None
     assert layer.prepare("cpu", torch.float32) == "glm6b_avx2_int8_activations"
     assert kernel_for("cpu", layer._kernel[0], bits, 3).__name__ == "_avx2_int8_activations"
-    assert kernel_for("cpu", layer._kernel[0], bits, linear.AVX2_INT8_GEMM_MIN_ROWS).__name__ == "_avx2_float32_blocks"
+    assert kernel_for("cpu", layer._kernel[0], bits, 1000).__name__ == "_avx2_int8_activations"
     got = layer(x)
     want = int8_activation_reference(x, layer.weight, layer.weight_scale, bits) + layer.bias
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()

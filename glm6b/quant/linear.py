@@ -22,9 +22,8 @@ for an input device and dtype, see `QuantizedLinear`), by `kernel_path`; the row
     (AMD Zen 2 / Zen 3, ...): float32 FMA dot products up to `AVX2_GEMM_MIN_ROWS` rows, then float32
     blocks de-quantized by the kernels and PyTorch's float32 GEMM (such a CPU has no faster product; its
     bfloat16 GEMM is several times slower). PyTorch's weight-only ops are 10-30x slower there.
-  - ``glm6b_avx2_int8_activations``: the same, with each input row quantized to int8 for integer
-    products (vpmaddubsw) below `AVX2_INT8_GEMM_MIN_ROWS` rows. Faster for several rows, but it changes
-    results, so it is opt-in: ``GLM6B_INT8_ACTIVATIONS=1`` when the layer's kernel is built (its quality
+  - ``glm6b_avx2_int8_activations``: each input row quantized to int8 for integer products
+    (vpmaddubsw), for any number of rows. Faster from two rows on, but it changes results, so it is opt-in: ``GLM6B_INT8_ACTIVATIONS=1`` when the layer's kernel is built (its quality
     is in benchmarks/quantize.py's quality table).
 
 Otherwise (float32 / float16 input on an AVX-512 CPU, no kernels, ``GLM6B_CPU_KERNELS=0``):
@@ -76,11 +75,12 @@ CPU_INT4_GROUP = 256
 # of the stock weight-only ops (which work a row at a time; measured: no gain at 32 rows, 1.5-3x at 100).
 CPU_DEQUANTIZED_MIN_ROWS = 64
 CPU_DEQUANTIZED_BLOCK_ROWS = 1024  # output rows de-quantized at a time (8 MiB of bfloat16 for 4096 columns)
-# AVX2 build: input rows from which the float32 GEMM on de-quantized blocks beats the dot products
-# (benchmarks/quantize.py, kernels table), and the bytes of float32 weight de-quantized at a time (a block
-# that stays in the shared cache while the GEMM reads it).
-AVX2_GEMM_MIN_ROWS = 16
-AVX2_INT8_GEMM_MIN_ROWS = 64  # the same with int8 activations (its integer products are faster)
+# AVX2 build: input rows from which the float32 GEMM on de-quantized blocks beats the float32 dot products
+# (benchmarks/quantize.py, kernels table: on a Zen 3 the dot products ran at the GEMM's rate up to about
+# 64 rows), and the bytes of float32 weight de-quantized at a time (a block that stays in the shared cache
+# while the GEMM reads it). With int8 activations the integer products beat the float32 GEMM at every row
+# count measured (about 2.5x at 100 rows), so that path has no GEMM.
+AVX2_GEMM_MIN_ROWS = 64
 AVX2_DEQUANTIZED_BLOCK_BYTES = 4 * 2**20
 CUDA_INT4_GROUP = 128
 CUDA_INT4_INNER_K_TILES = 8
@@ -383,10 +383,8 @@ KERNELS = {
     ("cpu", "glm6b_avx512", 8): ((1, _int8pack), (CPU_DEQUANTIZED_MIN_ROWS, _avx512_bf16_blocks)),
     ("cpu", "glm6b_avx2", 4): ((1, _avx2_dot), (AVX2_GEMM_MIN_ROWS, _avx2_float32_blocks)),
     ("cpu", "glm6b_avx2", 8): ((1, _avx2_dot), (AVX2_GEMM_MIN_ROWS, _avx2_float32_blocks)),
-    ("cpu", "glm6b_avx2_int8_activations", 4): ((1, _avx2_int8_activations),
-                                                (AVX2_INT8_GEMM_MIN_ROWS, _avx2_float32_blocks)),
-    ("cpu", "glm6b_avx2_int8_activations", 8): ((1, _avx2_int8_activations),
-                                                (AVX2_INT8_GEMM_MIN_ROWS, _avx2_float32_blocks)),
+    ("cpu", "glm6b_avx2_int8_activations", 4): ((1, _avx2_int8_activations),),
+    ("cpu", "glm6b_avx2_int8_activations", 8): ((1, _avx2_int8_activations),),
     ("cpu", "int4pack_cpu", 4): ((1, _int4pack), (CPU_DEQUANTIZED_MIN_ROWS, _int4pack_blocks)),
     ("cpu", "int8pack", 8): ((1, _int8pack), (CPU_DEQUANTIZED_MIN_ROWS, _int8_blocks)),
     ("cpu", "dequantize", 4): ((1, _dequantize),),
