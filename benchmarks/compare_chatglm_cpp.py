@@ -572,9 +572,12 @@ def worker_fastllm(spec: dict) -> dict:
     """Load one fastllm model file and time prefill and decode, token by token (greedy, top_k 1)."""
     import ctypes
 
-    pin_threads(spec["threads"])
+    pin_threads(spec["threads"])  # the same cores as the other engines
     llm, _ = _fastllm()
-    llm.set_cpu_threads(spec["threads"])
+    # fastllm's pool of compute threads, set before the model is made (a later change slowed it down); its
+    # own command line takes the cores less 2 (1 here), as the thread that runs the model also computes.
+    threads = spec.get("fastllm_threads") or spec["threads"]
+    llm.set_cpu_threads(threads)
     path = Path(spec["model"])
     prompt = spec["prompt"][0]
     read_s, nbytes = read_bytes_seconds([path])
@@ -594,6 +597,10 @@ def worker_fastllm(spec: dict) -> dict:
         got = 0
         prefilled = None
         while got < new_tokens:
+            # wait for the token asleep: fetch_response_llm_model waits by spinning on a lock, a third busy
+            # thread on the cores fastllm's two compute on (measured: 3-5x slower decoding on 2 cores)
+            while not lib.can_fetch_response_llm_model(model.model, handle):
+                time.sleep(0.0002)
             if lib.fetch_response_llm_model(model.model, handle) < 0:
                 break
             got += 1
@@ -608,7 +615,7 @@ def worker_fastllm(spec: dict) -> dict:
         return {"status": "error", "reason": f"fastllm returned {got} token(s) for {spec['new_tokens']}"}
     return {"status": "ok", "load_s": load_s, "read_bytes_s": read_s, "weight_bytes": nbytes,
             "prefill_tokens_per_s": len(prompt) / prefill_s, "decode_ms_per_token": 1000 * decode_s / (got - 1),
-            "tokens": got, "peak_rss_gb": peak_rss_gb(), "threads": spec["threads"]}
+            "tokens": got, "peak_rss_gb": peak_rss_gb(), "threads": threads}
 
 
 # ------------------------------------------------------------------------------ the machine's limits
@@ -758,6 +765,14 @@ def main() -> None:
     parser.add_argument("--fastllm-python", default=os.environ.get("FASTLLM_PYTHON", ".venv-fastllm/bin/python"),
                         help="python of the environment with fastllm's ftllm (default $FASTLLM_PYTHON; "
                              "'none' leaves fastllm out)")
+    parser.add_argument("--fastllm-threads", type=int, nargs="+", default=None,
+                        help="fastllm's compute threads (set_cpu_threads), one process each, the fastest counted "
+                             "(default: --threads); its process is pinned to --threads cores as the others")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="only write the folders and convert the files of --pairs (no timing; the machine's "
+                             "load does not matter for it)")
+    parser.add_argument("--discard-converted", action="store_true",
+                        help="delete each chatglm.cpp / fastllm file after the last pair that uses it (disk)")
     parser.add_argument("--int8-activations", action="store_true",
                         help="also time glm6b with its opt-in int8-activation kernels (GLM6B_INT8_ACTIVATIONS=1, "
                              "AVX2 build): the 'glm6b a8' column")
@@ -814,8 +829,8 @@ def main() -> None:
     if prep.get("status") != "ok":
         raise SystemExit(f"preparing the folder failed: {prep.get('reason')}")
 
-    cpp_files = {}
-    for cpp_type in dict.fromkeys(cpp_type for _, cpp_type in pairs):
+    def cpp_file(cpp_type: str) -> Path:
+        """chatglm.cpp's file of `cpp_type`, converted by its converter on first use (cached in the work dir)."""
         target = work / f"cpp-L{args.layers}-{cpp_type}.bin"
         if not target.exists():
             print(f"converting with chatglm.cpp's converter to {cpp_type} ...", flush=True)
@@ -824,22 +839,42 @@ def main() -> None:
             if res.get("status") != "ok":
                 raise SystemExit(f"conversion to {cpp_type} failed: {res.get('reason')}")
             print(f"  {res['bytes'] / 1e9:.2f} GB in {res['convert_s']:.0f} s", flush=True)
-        cpp_files[cpp_type] = target
-    fastllm_files = {}  # fastllm type -> file, or the error of its conversion
-    if fastllm.get("status") == "ok":
-        for ft_type in dict.fromkeys(FASTLLM_TYPES[name] for name, _ in pairs):
-            target = work / f"fastllm-L{args.layers}-{ft_type}.flm"
-            if not target.exists():
-                print(f"converting with fastllm's converter to {ft_type} ...", flush=True)
-                res = run_worker(args.fastllm_python, "fastllm_convert", {"folder": str(folder), "output": str(target),
-                                                                           "type": ft_type}, log)
-                if res.get("status") != "ok":
-                    print(f"  failed: {res.get('reason')}", flush=True)
-                    fastllm_files[ft_type] = res
-                    continue
-                print(f"  {res['bytes'] / 1e9:.2f} GB in {res['convert_s']:.0f} s", flush=True)
-            fastllm_files[ft_type] = target
+        return target
 
+    fastllm_failed = {}  # fastllm type -> the error of its conversion (that row's fastllm result)
+
+    def fastllm_file(ft_type: str) -> Path | dict | None:
+        """fastllm's file of `ft_type` (its converter, on first use), its conversion's error, or None (no fastllm)."""
+        if fastllm.get("status") != "ok":
+            return None
+        if ft_type in fastllm_failed:
+            return fastllm_failed[ft_type]
+        target = work / f"fastllm-L{args.layers}-{ft_type}.flm"
+        if not target.exists():
+            print(f"converting with fastllm's converter to {ft_type} ...", flush=True)
+            res = run_worker(args.fastllm_python, "fastllm_convert", {"folder": str(folder), "output": str(target),
+                                                                       "type": ft_type}, log)
+            if res.get("status") != "ok":
+                print(f"  failed: {res.get('reason')}", flush=True)
+                fastllm_failed[ft_type] = res
+                return res
+            print(f"  {res['bytes'] / 1e9:.2f} GB in {res['convert_s']:.0f} s", flush=True)
+        return target
+
+    # The converted files each pair uses, and the last pair that does: with --discard-converted a file is
+    # deleted after that pair's last round (the 28-layer files of all pairs take about 50 GB).
+    last_use = {}
+    for index, (glm_name, cpp_type) in enumerate(pairs):
+        last_use[("cpp", cpp_type)] = index
+        last_use[("fastllm", FASTLLM_TYPES[glm_name])] = index
+
+    if args.prepare_only:  # the folders and converted files of the chosen pairs, for a later timed run
+        for glm_name, cpp_type in pairs:
+            cpp_file(cpp_type)
+            fastllm_file(FASTLLM_TYPES[glm_name])
+        print(f"prepared {', '.join(name for name, _ in pairs)} in {work}")
+        return
+    fastllm_threads = args.fastllm_threads or [args.threads]
     prompt = make_prompt(args.prompt_length, args.seed)
     common = {"threads": args.threads, "prompt": prompt, "new_tokens": args.new_tokens,
               "warmup_tokens": min(args.warmup_tokens, args.new_tokens), "seed": args.seed}
@@ -855,16 +890,19 @@ def main() -> None:
                 glm_spec = {"folder": str(folder), "quantize": quantize}
             batch_sizes = args.batch_sizes if glm_name == "int4" and rnd == 0 else []
             jobs = [("glm6b", glm_python, "glm6b", {**common, **glm_spec, "batch_sizes": batch_sizes}),
-                    ("chatglm_cpp", args.cpp_python, "cpp", {**common, "model": str(cpp_files[cpp_type])})]
+                    ("chatglm_cpp", args.cpp_python, "cpp", {**common, "model": str(cpp_file(cpp_type))})]
             if args.int8_activations:
                 jobs.insert(1, ("glm6b_a8", glm_python, "glm6b", {**common, **glm_spec, "batch_sizes": batch_sizes}))
-            ft_file = fastllm_files.get(FASTLLM_TYPES[glm_name])
+            ft_file = fastllm_file(FASTLLM_TYPES[glm_name])
             if isinstance(ft_file, Path):
-                jobs.append(("fastllm", args.fastllm_python, "fastllm", {**common, "model": str(ft_file)}))
-            elif ft_file is not None:  # its conversion failed: that is the row's fastllm result
+                for ft_threads in fastllm_threads:
+                    jobs.append(("fastllm", args.fastllm_python, "fastllm",
+                                 {**common, "model": str(ft_file), "fastllm_threads": ft_threads}))
+            elif ft_file is not None and rnd == 0:  # its conversion failed: that is the row's fastllm result
                 measured[(glm_name, cpp_type)]["fastllm"].append(ft_file)
             if rnd % 2:
                 jobs.reverse()
+            fastllm_runs = []  # this round's fastllm runs, one per --fastllm-threads: the fastest one counts
             for engine, python, kind, spec in jobs:
                 label = {"glm6b": glm_name, "glm6b_a8": glm_name, "chatglm_cpp": cpp_type,
                          "fastllm": FASTLLM_TYPES[glm_name]}[engine]
@@ -881,7 +919,22 @@ def main() -> None:
                           + (f" [{res['how']}; {', '.join(res['kernels'])}]" if "how" in res else ""), flush=True)
                     for b in res.get("batch") or []:
                         batch_results.append({"engine": engine, **b})
-                measured[(glm_name, cpp_type)][engine].append(res)
+                if engine == "fastllm":
+                    fastllm_runs.append(res)
+                else:
+                    measured[(glm_name, cpp_type)][engine].append(res)
+            if fastllm_runs:
+                ok = [r for r in fastllm_runs if r.get("status") == "ok"]
+                measured[(glm_name, cpp_type)]["fastllm"].append(
+                    min(ok, key=lambda r: r["decode_ms_per_token"]) if ok else fastllm_runs[0])
+            if args.discard_converted and rnd == args.rounds - 1:
+                index = pairs.index((glm_name, cpp_type))
+                for (kind, type_name), last in last_use.items():
+                    path = work / (f"cpp-L{args.layers}-{type_name}.bin" if kind == "cpp"
+                                   else f"fastllm-L{args.layers}-{type_name}.flm")
+                    if last == index and path.exists():
+                        path.unlink()
+                        print(f"  deleted {path.name} (--discard-converted)", flush=True)
     # The limits each glm6b process measured right before its timed run: per row, and over the run.
     limits = [r["limits"] for by_engine in measured.values() for r in by_engine["glm6b"] if r.get("limits")]
 
@@ -922,12 +975,16 @@ def main() -> None:
         kernels = {k for r in by_engine["glm6b"] for k in r.get("kernels", [])}
         if kernels:
             row["glm6b_kernels"] = sorted(kernels)
+        ft_threads = sorted({r["threads"] for r in by_engine.get("fastllm", []) if r.get("status") == "ok"})
+        if ft_threads:
+            row["fastllm_threads"] = ft_threads
         if notes:
             row["notes"] = sorted(set(notes))
         rows.append(row)
     batch = [{"engine": b["engine"], "precision": "int4", "batch": b["batch"],
               "decode_tokens_per_s": b["decode_tokens_per_s"]} for b in batch_results]
-    result = {"threads": args.threads, "layers": args.layers, "cpu": cpu, "build": build, "fastllm": fastllm,
+    result = {"threads": args.threads, "layers": args.layers, "cpu": cpu, "build": build,
+              "fastllm": {**fastllm, "threads_tried": fastllm_threads},
               "limits": {"read_bytes_per_s": read_rate, "gemm_flops_per_s": gemm,
                          "prefill_roofline_tokens_per_s": roofline, "prefill_flops_per_token": prefill_flops,
                          "measured": limits},
@@ -947,7 +1004,9 @@ def main() -> None:
         print(f"chatglm.cpp build: {recorded}")
     print(f"ggml reports: {build.get('ggml_cpu_has')}")
     if fastllm.get("status") == "ok":
-        print(f"fastllm: {fastllm.get('loaded')}")
+        used = {row["fastllm"]: row.get("fastllm_threads") for row in rows}
+        print(f"fastllm: {fastllm.get('loaded')}; compute threads tried {fastllm_threads}, the fastest decode counted "
+              f"(used: {', '.join(f'{k} {v}' for k, v in used.items())})")
     print(f"limits (each glm6b process, before its timed run; best of a few tries, median over rows): memory read {fmt(read_rate and read_rate / 1e9)} GB/s; GEMM "
           f"[{args.prompt_length}, 4096] x [4096, 16384] float32 {fmt(gemm['float32'] and gemm['float32'] / 1e9)}, "
           f"bfloat16 {fmt(gemm['bfloat16'] and gemm['bfloat16'] / 1e9)} GFLOP/s; prefill roofline "

@@ -173,3 +173,35 @@ def test_switches_pick_the_stock_ops_or_the_avx2_kernels():
     avx2 = subprocess.run([sys.executable, "-c", code], env={**env, "GLM6B_AVX512": "0"}, capture_output=True,
                           text=True, check=True).stdout.split()
     assert avx2 == ["avx2", "glm6b_avx2", "glm6b_avx2"]
+
+
+def test_bfloat16_linears_multiply_a_prefill_with_float32_blocks(monkeypatch):
+    """BF16DecodeLinear on the AVX2 build: up to bf16_max_rows rows the dot products, from AVX2_GEMM_MIN_ROWS the
+    float32 GEMM on float32 copies of the weight's blocks (here 64 rows of 256 columns a block, 5 blocks and a
+    part), F.linear in between; every one x @ W.T + b within bfloat16 rounding."""
+    from glm6b.quant.linear import BF16DecodeLinear, use_bf16_decode_kernels
+
+    monkeypatch.setattr(linear, "AVX2_DEQUANTIZED_BLOCK_BYTES", 64 * 256 * 4)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 330)).to(torch.bfloat16)
+    assert use_bf16_decode_kernels(model) == 1
+    layer = model[0]
+    assert type(layer) is BF16DecodeLinear and layer.float32_gemm_min_rows == linear.AVX2_GEMM_MIN_ROWS
+    used = []
+    for name in ("_bf16_weight_float32_mm", "_float32_blocks_mm"):
+        original = getattr(linear, name)
+        monkeypatch.setattr(linear, name, lambda *a, _o=original, _n=name: used.append(_n) or _o(*a))
+    dot = cpu_kernels.bf16_matmul
+    monkeypatch.setattr(cpu_kernels, "bf16_matmul", lambda *a: used.append("dot") or dot(*a))
+    weight, bias = layer.weight.double(), layer.bias.double()
+    for rows, path in ((1, ["dot"]), (layer.kernel_max_rows, ["dot"]), (layer.kernel_max_rows + 1, []),
+                       (linear.AVX2_GEMM_MIN_ROWS, ["_bf16_weight_float32_mm", "_float32_blocks_mm"]),
+                       (130, ["_bf16_weight_float32_mm", "_float32_blocks_mm"])):
+        used.clear()
+        x = torch.randn(1, rows, 256, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+        with torch.no_grad():
+            got = layer(x)
+        product = x.double() @ weight.T
+        want = product + bias
+        bound = 2.0**-8 * (product.abs() + bias.abs() + want.abs()) + 2.0**-20 * (x.double().abs() @ weight.abs().T)
+        assert used == path and got.dtype == torch.bfloat16 and got.shape == (1, rows, 330), rows
+        assert ((got.double() - want).abs() <= 1.01 * bound).all(), rows

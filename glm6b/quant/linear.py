@@ -294,20 +294,39 @@ def _int4_blocked_dequantized_mm(x2d: torch.Tensor, packed: torch.Tensor, scale:
     return out
 
 
-def _float32_dequantized_mm(x2d: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """x2d @ (q * scale).T with blocks of float32 rows de-quantized by glm6b's AVX2 kernel and PyTorch's float32
-    GEMM, in x2d's dtype. Each block's product is written as rows of the transposed result ([out, rows]), a
-    contiguous slice, and transposed back once at the end."""
+def _float32_blocks_mm(x2d: torch.Tensor, out_features: int, fill_block) -> torch.Tensor:
+    """x2d @ W.T with PyTorch's float32 GEMM, W written as float32 blocks of about `AVX2_DEQUANTIZED_BLOCK_BYTES`
+    into a reused buffer by ``fill_block(start, end, block)`` (block: float32 [end - start, in]), in x2d's
+    dtype. Each block's product is written as rows of the transposed result ([out, rows]), a contiguous
+    slice, and transposed back once at the end."""
     x = x2d.float()
-    out_features, in_features = weight.shape[0], x.shape[1]
+    in_features = x.shape[1]
     per_block = max(64, AVX2_DEQUANTIZED_BLOCK_BYTES // (4 * in_features) // 64 * 64)
     out_t = torch.empty(out_features, x.shape[0])
     for start in range(0, out_features, per_block):
         end = min(start + per_block, out_features)
         block = _scratch((end - start) * in_features, torch.float32).view(end - start, in_features)
-        cpu_kernels.dequantize_rows(weight[start:end], scale[start:end], bits, block)
+        fill_block(start, end, block)
         torch.mm(block, x.t(), out=out_t[start:end])
     return out_t.t().contiguous().to(x2d.dtype)
+
+
+def _float32_dequantized_mm(x2d: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """x2d @ (q * scale).T: blocks of float32 rows de-quantized by glm6b's AVX2 kernel and the float32 GEMM."""
+    def fill(start, end, block):
+        cpu_kernels.dequantize_rows(weight[start:end], scale[start:end], bits, block)
+
+    return _float32_blocks_mm(x2d, weight.shape[0], fill)
+
+
+def _bf16_weight_float32_mm(x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x2d @ weight.T for a bfloat16 weight with the float32 GEMM on float32 copies of its blocks: on a CPU
+    without bfloat16 units (the AVX2 build) PyTorch's bfloat16 GEMM ran at about a quarter of the float32
+    one, and a block's conversion is a shift per element, read once for all rows."""
+    def fill(start, end, block):
+        block.copy_(weight[start:end])
+
+    return _float32_blocks_mm(x2d, weight.shape[0], fill)
 
 
 # ------------------------------------------------------------------------- the kernel table
@@ -659,18 +678,27 @@ class QuantizedEmbedding(nn.Module):
 class BF16DecodeLinear(nn.Linear):
     """nn.Linear whose product, for a few bfloat16 rows on the CPU outside autograd (a decode step), is
     glm6b's dot-product kernel (`cpu_kernels.bf16_matmul`: up to `kernel_max_rows` rows, where it reads
-    memory faster than F.linear, which bounds that step); anything else is F.linear. Same parameters and
-    state dict as nn.Linear; `use_bf16_decode_kernels` turns a model's linears into it in place."""
+    memory faster than F.linear, which bounds that step). On the AVX2 build, a prefill's many rows take
+    PyTorch's float32 GEMM on float32 blocks of the weight (`float32_gemm_min_rows`: that CPU has no
+    bfloat16 units, and F.linear's bfloat16 GEMM ran at about a quarter of the float32 one). Anything else
+    is F.linear. Same parameters and state dict as nn.Linear; `use_bf16_decode_kernels` turns a model's
+    linears into it in place."""
 
     kernel_max_rows = 0  # set by use_bf16_decode_kernels: cpu_kernels.bf16_max_rows() of this CPU
+    # Set there too: input rows from which the product is the float32 GEMM on float32 blocks of the weight
+    # (`_bf16_weight_float32_mm`; the AVX2 build, a prefill: AVX2_GEMM_MIN_ROWS), 0 for F.linear throughout.
+    float32_gemm_min_rows = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         rows = x.numel() // x.shape[-1] if x.dim() else 0
-        if (0 < rows <= self.kernel_max_rows and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+        if (0 < rows and (rows <= self.kernel_max_rows or 0 < self.float32_gemm_min_rows <= rows)
+                and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
                 and x.device.type == "cpu" and not torch.is_grad_enabled() and type(weight.data) is torch.Tensor
                 and type(x) is torch.Tensor and weight.is_contiguous() and self.in_features % cpu_kernels.K_MULTIPLE == 0):
-            y = cpu_kernels.bf16_matmul(x.reshape(rows, self.in_features), weight).view(*x.shape[:-1], self.out_features)
+            x2d = x.reshape(rows, self.in_features)
+            y = (cpu_kernels.bf16_matmul(x2d, weight) if rows <= self.kernel_max_rows
+                 else _bf16_weight_float32_mm(x2d.contiguous(), weight)).view(*x.shape[:-1], self.out_features)
             return y + self.bias if self.bias is not None else y
         return F.linear(x, weight, self.bias)
 
@@ -686,6 +714,7 @@ def use_bf16_decode_kernels(model: nn.Module) -> int:
             module.__class__ = BF16DecodeLinear
         if type(module) is BF16DecodeLinear:
             module.kernel_max_rows = cpu_kernels.bf16_max_rows()  # an int on the module: a constant when compiled
+            module.float32_gemm_min_rows = AVX2_GEMM_MIN_ROWS if cpu_kernels.isa() == "avx2" else 0
             count += 1
     return count
 
