@@ -36,7 +36,7 @@ What it does:
 1. Makes a random-weight model of the glm_6b shape (`--layers N` keeps the width; default 28) and
    saves it as a THUDM-layout folder: float16 safetensors, config.json, ice_text.model and
    tokenizer_config.json (`<work-dir>/hf-L<N>`). Where glm6b can write quantized folders
-   (glm6b.quant.folder.quantize_folder) it also writes `hf-L<N>-int4`, `-int4-qe`, `-int8` and
+   (glm6b.api.quantize_folder) it also writes `hf-L<N>-int4`, `-int4-qe`, `-int8` and
    `-int8-qe` from it (the -qe ones with the word embeddings and the tied lm_head quantized too, as
    THUDM's chatglm-6b-int4-qe and as chatglm.cpp's q4_0/q8_0 store them: the equal-bits pairs).
 2. Converts that folder with chatglm.cpp's own converter code (chatglm_cpp.convert.ChatGLMConverter:
@@ -242,7 +242,7 @@ def worker_prepare(spec: dict) -> dict:
             shutil.copyfile(Path(spec["tokenizer_dir"]) / name, folder / name)
         stamp.write_text(json.dumps({"layers": spec["layers"], "seed": spec["seed"]}) + "\n")
     try:
-        from glm6b.quant.folder import quantize_folder
+        from glm6b.api import quantize_folder
     except ImportError:
         return result  # no quantized folders: the glm6b worker quantizes at load (or reports n/a)
     for name in spec["quantized"]:
@@ -252,7 +252,7 @@ def worker_prepare(spec: dict) -> dict:
         if not out_stamp.exists():
             if out.exists():
                 shutil.rmtree(out)
-            quantize_folder(folder, out, bits, embeddings=embeddings)
+            quantize_folder(folder, out, f"int{bits}", embeddings=embeddings)
             out_stamp.write_text(json.dumps({"bits": bits, "embeddings": embeddings, "source": folder.name}) + "\n")
         result["quantized"][name] = str(out)
     return result

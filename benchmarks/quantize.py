@@ -61,7 +61,7 @@ sys.path.insert(0, str(ROOT))
 from glm6b import load_model  # noqa: E402
 from glm6b.config import ChatGLMConfig  # noqa: E402
 from glm6b.model import ChatGLMForConditionalGeneration, build_mask_and_positions  # noqa: E402
-from glm6b.quant.folder import quantize_folder  # noqa: E402
+from glm6b.api import quantize_folder  # noqa: E402
 from glm6b.quant.linear import QuantizedLinear, prepare_kernels  # noqa: E402
 from glm6b.quant import cpu_kernels  # noqa: E402
 from glm6b.quant import linear as quant_linear  # noqa: E402
@@ -331,7 +331,7 @@ def load_table(float_folder: Path, work: Path) -> None:
     row("bf16 (float)", float_folder, dict(dtype=torch.bfloat16), kernels=False)
     for bits in (8, 4):
         folder = work / f"int{bits}"
-        quantize_folder(float_folder, folder, bits)
+        quantize_folder(float_folder, folder, f"int{bits}")
         for dtype in (torch.bfloat16, torch.float16):
             row(f"int{bits} (glm6b quantize)", folder, dict(dtype=dtype), kernels=dtype == torch.bfloat16)
     row("bf16, quantize='int4' at load", float_folder, dict(dtype=torch.bfloat16, quantize="int4"), kernels=False)
@@ -344,7 +344,8 @@ def load_table(float_folder: Path, work: Path) -> None:
 def decode_table(folder: Path, layers: int, steps: int, rounds: int = 5) -> None:
     """All precisions are held at once and timed in turns, round after round, so that a change in the
     machine's load hits them alike; each round times `steps` decode steps of every model."""
-    from glm6b.inference.generation import GenerationConfig, generate_steps
+    from glm6b.config import GenerationConfig
+    from glm6b.inference.generation import generate_steps
 
     print(f"\n## Decode step of the random glm_6b-shape model ({layers} of 28 layers), batch 1, bfloat16 "
           f"activations (median over {rounds} interleaved rounds of {steps} steps)\n")

@@ -62,8 +62,8 @@ def child(case: dict) -> dict:
     """Run one case in this process and return its measurements."""
     import torch
 
-    from glm6b.config import ChatGLMConfig
-    from glm6b.train.trainer import ModelArguments, Trainer, TrainingArguments
+    from glm6b.config import ChatGLMConfig, LoadConfig, TrainingConfig
+    from glm6b.train.trainer import Trainer
 
     torch.manual_seed(0)
     device = torch.device(case["device"])
@@ -82,11 +82,11 @@ def child(case: dict) -> dict:
 
     method = case["method"]
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, max_steps=case["steps"], per_device_train_batch_size=case["batch_size"],
+        args = TrainingConfig(output_dir=out, max_steps=case["steps"], per_device_train_batch_size=case["batch_size"],
                                  learning_rate=1e-4, save_steps=None, logging_steps=10**6, tensorboard=False,
                                  disable_tqdm=True, gradient_checkpointing=case["gradient_checkpointing"],
                                  bf16=case["bf16"])
-        model_args = ModelArguments(preset=case["preset"], dtype=case["dtype"], device=str(device),
+        model_args = LoadConfig(preset=case["preset"], dtype=case["dtype"], device=str(device),
                                     pre_seq_len=case["pre_seq_len"] if method == "ptuning" else None)
         trainer = Trainer(model_args=model_args, tokenizer=_Tokenizer(config), args=args,
                           train_dataset=_random_rows(config, case["batch_size"] * case["steps"], case["seq_len"]), method=method,
@@ -110,7 +110,8 @@ def _random_rows(config, n: int, length: int):
     """A training RowDataset of n random ADGEN-shaped rows of `length` tokens: half prompt, half answer."""
     import torch
 
-    from glm6b.train.data import DataConfig, RowDataset
+    from glm6b.config import DataConfig
+    from glm6b.data.adgen import RowDataset
 
     class Rows(RowDataset):
         def __init__(self):
@@ -144,7 +145,8 @@ def _timed_lora_trainer(model, config, rows, case: dict, out: str, **args):
     Returns:
         (trainer, times, last).
     """
-    from glm6b.train.trainer import Trainer, TrainingArguments
+    from glm6b.config import TrainingConfig
+    from glm6b.train.trainer import Trainer
 
     times: list[float] = []
     last = [0.0]
@@ -155,7 +157,7 @@ def _timed_lora_trainer(model, config, rows, case: dict, out: str, **args):
         last[0] = now
 
     trainer = Trainer(model=model, tokenizer=_Tokenizer(config), method="lora", callbacks=[clock], train_dataset=rows,
-                      args=TrainingArguments(output_dir=out, max_steps=case["steps"],
+                      args=TrainingConfig(output_dir=out, max_steps=case["steps"],
                                              per_device_train_batch_size=case["batch_size"], learning_rate=1e-4,
                                              save_steps=None, logging_steps=10**6, tensorboard=False,
                                              disable_tqdm=True, gradient_checkpointing=True, **args))

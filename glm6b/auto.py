@@ -1,105 +1,43 @@
-"""Model names: `glm_6b` / `glm_6b_chat` / `glm_6b_lora` / `glm_6b_lora_chat`, a folder or a `.ckpt`
-file -> a local checkpoint, and loading from it.
+"""Inference by model name, as MindFormers and transformers offer it: `AutoModel` / `AutoTokenizer`
+(`from_pretrained("glm_6b")`) and `pipeline("text_generation", model="glm_6b_chat")`.
 
-Nothing is ever downloaded. A name is looked up as `$GLM6B_HOME/<name>` (default
-`~/.cache/glm6b/<name>`); put the files of the HF repo THUDM/chatglm-6b there. `glm_6b_chat` names
-the KV-cache inference use of the same weights (our generation always uses the cache), so it falls
-back to the `glm_6b` folder when it has no folder of its own.
-
-`glm_6b_lora` (MindFormers' name for ChatGLM-6B with LoRA) is a base + adapter pair: a PEFT adapter
-folder in `$GLM6B_HOME/glm_6b_lora` over the base model in `$GLM6B_HOME/glm_6b` (what `glm6b convert
---input glm_6b_lora.ckpt --output $GLM6B_HOME/glm_6b --adapter-output $GLM6B_HOME/glm_6b_lora`
-writes). It loads with the adapter merged; `glm_6b_lora_chat` falls back to it like glm_6b_chat.
-A path to a MindSpore / MindFormers `.ckpt` file loads directly (see glm6b.checkpoint.mindspore), and
-so does a folder holding one instead of HF weights (`$GLM6B_HOME/glm_6b/glm_6b.ckpt`, as MindFormers
-downloads it, with ice_text.model beside it).
+A name is a folder under $GLM6B_HOME (default ~/.cache/glm6b) holding the files of the HF repo
+THUDM/chatglm-6b; nothing is ever downloaded (see glm6b.checkpoint.names for the names and their
+fall-backs). A LoRA adapter folder (`glm_6b_lora`) loads merged into its base. Every model is loaded by
+glm6b.api.load.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-MODEL_NAMES = ("glm_6b", "glm_6b_chat", "glm_6b_lora", "glm_6b_lora_chat")
-# A name whose own folder is missing is looked up under these names next.
-_FALLBACKS = {"glm_6b": ("glm_6b",), "glm_6b_chat": ("glm_6b_chat", "glm_6b"),
-              "glm_6b_lora": ("glm_6b_lora",), "glm_6b_lora_chat": ("glm_6b_lora_chat", "glm_6b_lora")}
-_ADAPTER_CONFIG = "adapter_config.json"
-_HF_FILES = "config.json, pytorch_model-*.bin (+ pytorch_model.bin.index.json), ice_text.model, tokenizer_config.json"
+from .api import ChatGLM, load
+from .checkpoint.adapters import is_adapter_folder
+from .checkpoint.names import MODEL_NAMES, ModelNotFoundError, adapter_base, models_home, resolve_model_path
+from .config import LoadConfig
+from .inference.pipelines import OUTPUT_KEY, TextGenerationPipeline
+from .tokenizer import VOCAB_NAME, ChatGLMTokenizer, load_tokenizer
 
+__all__ = ["AutoModel", "AutoTokenizer", "MODEL_NAMES", "ModelNotFoundError", "OUTPUT_KEY", "models_home",
+           "pipeline", "resolve_model_path"]
 
-class ModelNotFoundError(FileNotFoundError):
-    """No local checkpoint for a model name or path; the message says where to put the files."""
-
-
-def models_home() -> Path:
-    """The folder holding named models: $GLM6B_HOME, or ~/.cache/glm6b."""
-    home = os.environ.get("GLM6B_HOME")
-    return Path(home).expanduser() if home else Path.home() / ".cache" / "glm6b"
-
-
-def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
-    """The local folder for a model name (see MODEL_NAMES), an existing folder or a `.ckpt` file path.
-
-    Args:
-        name_or_path: a folder path, a MindSpore `.ckpt` file, or one of MODEL_NAMES (looked up
-            under `models_home()`).
-
-    Returns:
-        The folder (or the `.ckpt` file).
-
-    Raises:
-        ModelNotFoundError: the path does not exist and is not a known name, or the named model's
-            folder is missing; the message says which files to put where.
-    """
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return _ckpt_in(path)
-    if path.suffix == ".ckpt" and path.is_file():
-        return path
-    name = os.fspath(name_or_path)
-    if name in _FALLBACKS:
-        home = models_home()
-        for candidate in _FALLBACKS[name]:
-            if (home / candidate).is_dir():
-                return _ckpt_in(home / candidate)
-        raise ModelNotFoundError(
-            f"model {name!r} not found: expected a folder {home / name}"
-            + (f" (or {home / 'glm_6b'})" if name != "glm_6b" else "")
-            + f" holding the files of the HF repo THUDM/chatglm-6b ({_HF_FILES}); nothing is downloaded. "
-            f"Set GLM6B_HOME to use another folder than {home}")
-    raise ModelNotFoundError(
-        f"model {name!r} not found: it is neither an existing folder nor a known model name "
-        f"({', '.join(MODEL_NAMES)}, looked up under GLM6B_HOME={models_home()}); a model folder holds the "
-        f"files of the HF repo THUDM/chatglm-6b ({_HF_FILES})")
-
-
-def _ckpt_in(folder: Path) -> Path:
-    """A folder without HF weights but with a MindSpore checkpoint (MindFormers' download folder holds
-    glm_6b.ckpt beside ice_text.model) means that file: `<folder name>.ckpt`, else its only `.ckpt`."""
-    from .checkpoint.hf import WEIGHT_LAYOUTS
-
-    if any((folder / name).is_file() for name in (*WEIGHT_LAYOUTS, _ADAPTER_CONFIG)):
-        return folder
-    ckpts = sorted(folder.glob("*.ckpt"))
-    if (folder / f"{folder.name}.ckpt").is_file():
-        return folder / f"{folder.name}.ckpt"
-    return ckpts[0] if len(ckpts) == 1 else folder
+SUPPORTED_TASKS = ("text_generation",)
 
 
 class AutoModel:
     """Load a ChatGLM-6B model by name or folder (`AutoModel.from_pretrained("glm_6b")`)."""
 
     @staticmethod
-    def from_pretrained(name_or_path: str | os.PathLike, dtype=None, device=None, **kwargs):
-        """Load the model from a folder or a named folder under GLM6B_HOME.
+    def from_pretrained(name_or_path: str | os.PathLike, dtype=None, device=None, **kwargs) -> ChatGLM:
+        """Load the model from a folder or a named folder under GLM6B_HOME (glm6b.api.load).
 
         Args:
-            name_or_path: folder path or model name (see `resolve_model_path`).
-            dtype: parameter dtype (None: float32 on CPU, bfloat16 for a quantized model on a CPU
-                where glm6b's kernels run, bfloat16 on CUDA).
-            device: where to put the parameters (default CPU).
-            **kwargs: passed to `glm6b.checkpoint.hf.load_model` (ptuning_checkpoint, pre_seq_len, ...).
+            name_or_path: folder path or model name (see glm6b.checkpoint.names.resolve_model_path).
+            dtype: parameter dtype (None: bfloat16 on CUDA; on the CPU float32, or bfloat16 for a
+                quantized model where glm6b's kernels run).
+            device: where to put the parameters (default: CUDA when available, else the CPU).
+            **kwargs: other glm6b.config.LoadConfig fields (quantize, adapter, ptuning_checkpoint,
+                pre_seq_len, compile, ...).
 
         Returns:
             A `glm6b.ChatGLM` (chat, stream_chat, generate) in eval mode.
@@ -107,26 +45,20 @@ class AutoModel:
         Raises:
             ModelNotFoundError: no such folder or name. CheckpointError/ConfigError: unusable files.
         """
-        from .api import load_model
-
-        path = resolve_model_path(name_or_path)
-        if (path / _ADAPTER_CONFIG).is_file():  # a LoRA adapter (glm_6b_lora): merged into its base
-            from .train.lora import load_adapter
-
-            base = load_model(_adapter_base(path), dtype=dtype, device=device, **kwargs)
-            return load_adapter(base, path).merge_and_unload()
-        return load_model(path, dtype=dtype, device=device, **kwargs)
+        spec = LoadConfig(load_checkpoint=os.fspath(name_or_path), device=None if device is None else str(device),
+                          **kwargs)
+        return load(spec, default_dtype=dtype, with_tokenizer=False).model
 
 
 class AutoTokenizer:
     """Load the tokenizer of a named model or a folder (`AutoTokenizer.from_pretrained("glm_6b")`)."""
 
     @staticmethod
-    def from_pretrained(name_or_path: str | os.PathLike):
+    def from_pretrained(name_or_path: str | os.PathLike) -> ChatGLMTokenizer:
         """Load `ice_text.model` (and `tokenizer_config.json`) from a folder or a named model.
 
         Args:
-            name_or_path: folder path or model name (see `resolve_model_path`).
+            name_or_path: folder path or model name (see glm6b.checkpoint.names.resolve_model_path).
 
         Returns:
             A ChatGLMTokenizer.
@@ -134,23 +66,44 @@ class AutoTokenizer:
         Raises:
             ModelNotFoundError: no such folder or name. TokenizerError: unusable tokenizer files.
         """
-        from .tokenizer import VOCAB_NAME, load_tokenizer
-
         path = resolve_model_path(name_or_path)
-        if (path / _ADAPTER_CONFIG).is_file() and not (path / VOCAB_NAME).is_file():
-            path = _adapter_base(path)
+        if is_adapter_folder(path) and not (path / VOCAB_NAME).is_file():
+            path = adapter_base(path)
         return load_tokenizer(path)
 
 
-def _adapter_base(adapter: Path) -> Path:
-    """The base model of an adapter folder: its recorded base_model_name_or_path if that is a local
-    checkpoint, else the named `glm_6b` model."""
-    import json
+def pipeline(task: str, model=None, tokenizer=None, batch_size: int = 8, dtype=None, device=None,
+             **gen) -> TextGenerationPipeline:
+    """Build a pipeline for a task.
 
-    try:
-        recorded = json.loads((adapter / _ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
-    if recorded and (Path(recorded).is_dir() or Path(recorded).suffix == ".ckpt" and Path(recorded).is_file()):
-        return Path(recorded)
-    return resolve_model_path("glm_6b")
+    Args:
+        task: "text_generation" (also accepted: "text-generation").
+        model: a model object, a folder path, or a model name ("glm_6b", "glm_6b_chat"; looked up
+            under $GLM6B_HOME). None means "glm_6b".
+        tokenizer: a tokenizer object, folder path or name; None loads it from the model's folder
+            (required when `model` is an object).
+        batch_size: prompts per generate call.
+        dtype, device: used when the model is loaded from a folder or name.
+        **gen: default generation options (see TextGenerationPipeline).
+
+    Returns:
+        The pipeline.
+
+    Raises:
+        ValueError: unknown task, or a model object without a tokenizer.
+        ModelNotFoundError: a model name/folder that does not exist locally.
+    """
+    if task.replace("-", "_") not in SUPPORTED_TASKS:
+        raise ValueError(f"unknown pipeline task {task!r}; supported: {', '.join(SUPPORTED_TASKS)} "
+                         f"(also spelled 'text-generation')")
+    if model is None:
+        model = "glm_6b"
+    if isinstance(model, (str, os.PathLike)):
+        if tokenizer is None:
+            tokenizer = model
+        model = AutoModel.from_pretrained(model, dtype=dtype, device=device)
+    elif tokenizer is None:
+        raise ValueError("pipeline: pass tokenizer=... along with a model object (or pass a model folder or name)")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    return TextGenerationPipeline(model, tokenizer, batch_size=batch_size, **gen)

@@ -3,7 +3,7 @@
     glm6b chat --model glm_6b                      # interactive, streaming, keeps history
     glm6b generate --model PATH --prompt "你好"
     glm6b generate --model PATH --input prompts.jsonl --output out.jsonl --max-new-tokens 64 --greedy
-    glm6b quantize --model PATH --bits 4 --output PATH-int4   # THUDM's int4 layout; or --quantize int4 at load
+    glm6b quantize --model PATH --quantize int4 --output PATH-int4   # THUDM's int4 layout (or quantize at load)
     glm6b serve --model PATH --port 8000              # OpenAI + THUDM api.py protocols and a web chat page
 
 Adding a subcommand: write `add_<name>_command(subparsers)` (its arguments, and
@@ -16,19 +16,21 @@ ValueError: `main` prints them as one line on stderr and returns exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
+import inspect
 import json
 import os
-from pathlib import Path
+import re
 import signal
 import sys
 import threading
 import time
+import typing
+from typing import Literal
 
+from .config import DTYPE_NAMES
 from .extras import MissingExtraError
-
-DTYPES = ("float32", "float16", "bfloat16")
-QUANTIZE_CHOICES = ("int8", "int4")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,58 +133,149 @@ def error_line(e: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------------- shared arguments
+#
+# The flags of a settings dataclass of glm6b.config are derived from its fields: one flag per field
+# (`--max-source-length` for max_source_length), its type and choices from the annotation, its help
+# from the field's text in the class's "Attributes:" docs. Every command that loads a model takes the
+# same model flags (all of LoadConfig); the commands that generate take the same sampling flags.
+
+# Older spellings, still accepted (they are left out of --help's list of flags by sharing one entry).
+MODEL_FLAGS = {"load_checkpoint": ("--model", "--load-checkpoint"), "config": ("--model-config", "--config")}
+SAMPLING_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+DATA_FIELDS = ("max_source_length", "max_target_length", "prompt_column", "response_column", "history_column",
+               "source_prefix", "skip_bad")
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="PATH_OR_NAME",
-                        help="model folder (HF THUDM/chatglm-6b files) or name (glm_6b, glm_6b_chat: looked up "
-                             "under $GLM6B_HOME, default ~/.cache/glm6b)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="parameter dtype (default: float32 on CPU, bfloat16 for a quantized model "
-                             "on an AVX512-BF16 CPU, bfloat16 on CUDA)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
-    _add_quantize_arguments(parser)
+def field_docs(cls) -> dict[str, str]:
+    """{field name: its text} from the "Attributes:" section of a dataclass's docstring."""
+    docs: dict[str, str] = {}
+    names: list[str] = []
+    in_attributes = False
+    for line in (inspect.getdoc(cls) or "").splitlines():
+        if line.strip() == "Attributes:":
+            in_attributes = True
+            continue
+        if not in_attributes:
+            continue
+        if line and not line.startswith(" "):  # the next section
+            break
+        entry = re.match(r"^    ([a-z_][a-z0-9_]*(?:, [a-z_][a-z0-9_]*)*): ?(.*)$", line)
+        if entry:
+            names = entry.group(1).split(", ")
+            docs.update({name: entry.group(2) for name in names})
+        elif line.strip() and names:
+            for name in names:
+                docs[name] += " " + line.strip()
+    return docs
 
 
-def _add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
-                        help="weight-only quantize the block Linear layers while loading (THUDM's per-row int8/int4); "
-                             "folders already quantized (quantization_bit in config.json) load quantized without it")
-    parser.add_argument("--quantize-embeddings", dest="quantize_embeddings", action="store_true",
-                        help="with --quantize: also the word embeddings and lm_head (THUDM's int4-qe)")
+def _compile_value(text: str) -> bool | str:
+    values = {"auto": "auto", "true": True, "false": False}
+    if text.lower() not in values:
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {text!r}")
+    return values[text.lower()]
 
 
-def _add_ckpt_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokenizer", default=None, metavar="DIR",
-                        help="tokenizer folder (default: the model's folder, or the folder of a .ckpt file)")
-    parser.add_argument("--config", default=None, metavar="JSON",
-                        help="config.json for a MindSpore .ckpt --model (default: beside it, else the glm_6b preset)")
+def add_config_arguments(parser, cls, names, flags: dict[str, tuple[str, ...]] | None = None,
+                         defaults: dict | None = None, only_given: bool = False, required: tuple[str, ...] = ()) -> None:
+    """Add one flag per field `names` of the dataclass `cls` (see the section comment above).
+
+    Args:
+        parser: an argparse parser or argument group.
+        cls: the dataclass (torch-free: glm6b.config).
+        names: the fields to add, in order.
+        flags: field -> its flag spellings (default `--field-name`).
+        defaults: field -> this command's default instead of the dataclass's.
+        only_given: leave a flag that is not given out of the parsed namespace (for flags that
+            override a recipe).
+        required: the fields whose flag must be given.
+    """
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    field_defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for name in names:
+        kind, options = hints[name], [a for a in typing.get_args(hints[name]) if a is not type(None)]
+        literal = [v for a in options if typing.get_origin(a) is Literal for v in typing.get_args(a)]
+        literal += list(typing.get_args(kind)) if typing.get_origin(kind) is Literal else []
+        kwargs: dict = {"dest": name, "help": docs[name].replace("%", "%%")}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif bool in options and literal:  # compile: true, false or auto
+            kwargs.update(type=_compile_value, metavar="{auto,true,false}")
+        elif literal:
+            kwargs["choices"] = literal
+        elif int in options or kind is int:
+            kwargs["type"] = int
+        elif float in options or kind is float:
+            kwargs["type"] = float
+        default = (defaults or {}).get(name, field_defaults[name])
+        kwargs["default"] = argparse.SUPPRESS if only_given else default
+        if name in required:
+            kwargs["required"] = True
+        parser.add_argument(*(flags or {}).get(name, ("--" + name.replace("_", "-"),)), **kwargs)
 
 
-def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    parser.add_argument("--temperature", type=float, default=0.95, help="sampling temperature (default 0.95)")
-    parser.add_argument("--top-p", type=float, default=0.7, help="nucleus sampling mass (default 0.7)")
+def add_model_arguments(parser, required: bool = True, only_given: bool = False,
+                        extra_flags: dict[str, tuple[str, ...]] | None = None, defaults: dict | None = None) -> None:
+    """The model flags of every command that loads a model: every field of glm6b.config.LoadConfig."""
+    from .config import LoadConfig
+
+    group = parser.add_argument_group("model (glm6b.config.LoadConfig)")
+    flags = {**MODEL_FLAGS, **(extra_flags or {})}
+    add_config_arguments(group, LoadConfig, [f.name for f in dataclasses.fields(LoadConfig)], flags=flags,
+                         defaults=defaults, only_given=only_given, required=("load_checkpoint",) if required else ())
+    # `glm6b quantize`'s first spellings: --bits 4 for --quantize int4, --embeddings for --quantize-embeddings.
+    group.add_argument("--bits", dest="quantize", type=lambda v: f"int{int(v)}", choices=("int8", "int4"),
+                       default=argparse.SUPPRESS, help="older spelling of --quantize (4 = int4, 8 = int8)")
+    group.add_argument("--embeddings", dest="quantize_embeddings", action="store_true", default=argparse.SUPPRESS,
+                       help="older spelling of --quantize-embeddings")
 
 
-def _sampling_options(args: argparse.Namespace) -> dict:
-    return dict(do_sample=not args.greedy, temperature=args.temperature, top_p=args.top_p)
+def load_config(args: argparse.Namespace):
+    """The glm6b.config.LoadConfig of the parsed model flags (checked: a bad value is one ConfigError line)."""
+    from .config import LoadConfig
+
+    return LoadConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LoadConfig)})
+
+
+def add_data_arguments(parser, names=DATA_FIELDS) -> None:
+    """The data flags (glm6b.config.DataConfig fields); the seed's spellings (`--max_source_length`) work too."""
+    from .config import DataConfig
+
+    group = parser.add_argument_group("data (glm6b.config.DataConfig)")
+    add_config_arguments(group, DataConfig, names,
+                         flags={n: ("--" + n.replace("_", "-"), "--" + n) for n in names if "_" in n and n != "skip_bad"})
+
+
+def data_config(args: argparse.Namespace, names=DATA_FIELDS):
+    """The glm6b.config.DataConfig of the parsed data flags."""
+    from .config import DataConfig
+
+    return DataConfig(**{name: getattr(args, name) for name in names})
+
+
+def add_sampling_arguments(parser, do_sample: bool) -> None:
+    """The sampling flags of the commands that generate (chat, generate, eval): GenerationConfig's fields
+    with THUDM's chat settings as defaults (temperature 0.95, top_p 0.7); `do_sample` is this command's
+    default, which `--do-sample` / `--greedy` turn on or off."""
+    from .config import GenerationConfig
+
+    group = parser.add_argument_group("sampling (glm6b.config.GenerationConfig)")
+    add_config_arguments(group, GenerationConfig, SAMPLING_FIELDS,
+                         defaults={"do_sample": do_sample, "temperature": 0.95, "top_p": 0.7})
+    group.add_argument("--greedy", dest="do_sample", action="store_false", help="= --no-do-sample")
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """The GenerationConfig fields of the parsed sampling flags, and the model's compile setting."""
+    return {**{name: getattr(args, name) for name in SAMPLING_FIELDS}, "compile": args.compile}
 
 
 def _load(args: argparse.Namespace):
-    """(model, tokenizer) of --model; the tokenizer first, checked against config.json before the weights load."""
-    from .auto import AutoModel, AutoTokenizer, resolve_model_path
-    from .config import ChatGLMConfig
-    from .tokenizer import check_tokenizer_matches
+    """(model, tokenizer) of the model flags (glm6b.api.load: the tokenizer is checked before the weights load)."""
+    from .api import load
 
-    tokenizer = AutoTokenizer.from_pretrained(getattr(args, "tokenizer", None) or args.model)
-    extra = {"config": args.config} if getattr(args, "config", None) else {}
-    model_path = resolve_model_path(args.model)  # a folder, or a MindSpore .ckpt file
-    config_path = Path(args.config) if extra else (model_path.parent if model_path.is_file() else model_path) / "config.json"
-    if config_path.is_file():
-        check_tokenizer_matches(tokenizer, ChatGLMConfig.from_json_file(config_path), args.model)
-    model = AutoModel.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                                      quantize_embeddings=args.quantize_embeddings, **extra)
+    model, tokenizer, _ = load(load_config(args))
     return model, tokenizer
 
 
@@ -196,20 +289,20 @@ def add_chat_command(subparsers) -> None:
         description="Interactive chat. Type a message and press Enter; 'clear' forgets the history, "
                     "'exit' (or end of input) quits. When the conversation outgrows --max-length the "
                     "oldest rounds are left out of the prompt.")
-    _add_model_arguments(parser)
-    _add_ckpt_arguments(parser)
+    add_model_arguments(parser)
     parser.add_argument("--max-length", type=int, default=2048, help="limit on prompt + answer tokens (default 2048)")
-    _add_sampling_arguments(parser)
+    add_sampling_arguments(parser, do_sample=True)
     parser.set_defaults(func=cmd_chat)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Run the chat loop: stream each answer, then report its speed on stderr."""
     from .inference.chat import stream_chat
+    from .inference.text import stable_length
     from .tokenizer import check_text
 
     model, tokenizer = _load(args)
-    options = _sampling_options(args)
+    options = sampling_options(args)
     history: list[tuple[str, str]] = []
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused by the tokenizer, not fatal
         sys.stdin.reconfigure(errors="surrogateescape")
@@ -234,8 +327,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             check_text(query, "the message")
             for response, new_history in stream_chat(model, tokenizer, query, history, max_length=args.max_length,
                                                      drop_oldest=True, **options):
-                tokens += 1
-                printed = _print_delta(printed, _stable_prefix(response))
+                tokens += 1  # one partial per generated token
+                printed = _print_delta(printed, response[:stable_length(response, chat=True)])
         except ValueError as e:  # e.g. the message alone is longer than --max-length, or not UTF-8
             print(f"\nerror: {error_line(e)} (the conversation so far is kept)", file=sys.stderr)
             continue
@@ -245,20 +338,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history = new_history
         seconds = time.perf_counter() - start
         print(f"[{tokens} tokens in {seconds:.2f} s, {tokens / seconds:.1f} tokens/s]", file=sys.stderr, flush=True)
-
-
-# Later tokens can still change these characters of a partial answer: a space (decoding's clean-up
-# joins " ," into ","), an ASCII mark (process_response makes it full-width next to CJK), an
-# incomplete UTF-8 sequence (U+FFFD), "<" (start of "<n>"), or a prefix of "[[训练时间]]".
-_UNSETTLED = set(" ,!:;?<\ufffd")
-_TRAINING_TIME = "[[训练时间]]"
-
-
-def _stable_prefix(text: str) -> str:
-    for i in range(max(0, len(text) - len(_TRAINING_TIME)), len(text)):
-        if text[i] in _UNSETTLED or _TRAINING_TIME.startswith(text[i:]):
-            return text[:i]
-    return text
 
 
 def _print_delta(printed: str, text: str) -> str:
@@ -279,8 +358,7 @@ def add_generate_command(subparsers) -> None:
         description="Generate continuations (no chat template). --input lines are JSON objects with a "
                     "prompt field, or JSON strings; --output gets one {\"prompt\": ..., \"response\": ...} "
                     "line per prompt, written atomically when all are done.")
-    _add_model_arguments(parser)
-    _add_ckpt_arguments(parser)
+    add_model_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt; the continuation is printed")
     source.add_argument("--input", metavar="JSONL", help="file of prompts, one per line")
@@ -288,8 +366,7 @@ def add_generate_command(subparsers) -> None:
     parser.add_argument("--prompt-field", default="prompt", help="field holding the prompt (default 'prompt')")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="limit on generated tokens (default 256)")
-    _add_sampling_arguments(parser)
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    add_sampling_arguments(parser, do_sample=True)
     parser.set_defaults(func=cmd_generate)
 
 
@@ -302,17 +379,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.output is not None:  # before the model loads: an output that cannot be written fails now
         from .safety import check_output_file
 
-        check_output_file(args.output, inputs=[args.input, args.model])
+        check_output_file(args.output, inputs=[args.input, args.load_checkpoint])
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.input, args.prompt_field)
 
     from tqdm import tqdm
 
-    from .io import atomic_path
     from .inference.pipelines import OUTPUT_KEY, TextGenerationPipeline
+    from .io import atomic_path
 
     model, tokenizer = _load(args)
     pipe = TextGenerationPipeline(model, tokenizer, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                  seed=args.seed, **_sampling_options(args))
+                                  **sampling_options(args))
     if args.prompt is not None:
         print(pipe(args.prompt)[0][OUTPUT_KEY][0])
         return 0
@@ -376,37 +453,39 @@ def add_preprocess_command(subparsers) -> None:
         "preprocess", help="encode ADGEN-style jsonl into input_ids/labels/offsets .npy files + meta.json",
         description="Build training (--mode train) or evaluation (--mode eval) rows exactly as the ADGEN recipe "
                     "does and write them to DIR (input_ids.npy, labels.npy, offsets.npy, meta.json). Pass DIR as "
-                    "data.train_data / data.eval_data of a recipe; its lengths and columns must match.")
+                    "data.train_data / data.eval_data of a recipe; its lengths and columns must match. "
+                    "--format mindrecord writes the MindRecord file MindFormers' adgen_dataset.py writes "
+                    "(--output FILE.mindrecord, with FILE.mindrecord.db), which MindFormers and glm6b read.")
     parser.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer folder (ice_text.model)")
-    parser.add_argument("--input", required=True, metavar="JSONL", help="one JSON object per line")
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder to write")
+    parser.add_argument("--input", "--input_file", dest="input", required=True, metavar="JSONL",
+                        help="one JSON object per line")
+    parser.add_argument("--output", "--output_file", dest="output", required=True, metavar="PATH",
+                        help="folder to write (--format mindrecord: the file)")
+    parser.add_argument("--format", choices=("npy", "mindrecord"), default="npy",
+                        help="npy: glm6b's folder (default); mindrecord: MindFormers' ADGEN MindRecord file")
     parser.add_argument("--mode", choices=("train", "eval"), default="train", help="row layout (default train)")
-    parser.add_argument("--max-source-length", "--max_source_length", dest="max_source_length", type=int, default=64,
-                        help="prompt budget in tokens (default 64)")
-    parser.add_argument("--max-target-length", "--max_target_length", dest="max_target_length", type=int, default=64,
-                        help="answer budget in tokens (default 64)")
-    parser.add_argument("--prompt-column", "--prompt_column", dest="prompt_column", default="content",
-                        help="field of the prompt (default content)")
-    parser.add_argument("--response-column", "--response_column", dest="response_column", default="summary",
-                        help="field of the answer (default summary)")
-    parser.add_argument("--history-column", "--history_column", dest="history_column", default=None,
-                        help="field of earlier [query, response] pairs (chat template)")
-    parser.add_argument("--source-prefix", "--source_prefix", dest="source_prefix", default="",
-                        help="text put before every prompt")
-    parser.add_argument("--skip-bad", action="store_true", help="skip and count malformed lines instead of stopping")
+    add_data_arguments(parser)
     parser.set_defaults(func=cmd_preprocess)
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     """Encode --input into --output and report the counts."""
-    from .train.data import DataConfig
-    from .train.preprocess import preprocess
+    from .data.preprocess import preprocess, preprocess_mindrecord
     from .tokenizer import load_tokenizer
 
-    config = DataConfig(max_source_length=args.max_source_length, max_target_length=args.max_target_length,
-                        prompt_column=args.prompt_column, response_column=args.response_column,
-                        history_column=args.history_column, source_prefix=args.source_prefix)
-    meta = preprocess(load_tokenizer(args.tokenizer), args.input, args.output, config, mode=args.mode,
+    if args.format == "mindrecord":
+        from .safety import check_output_file
+
+        check_output_file(args.output, inputs=[args.input], flag="--output")
+        meta = preprocess_mindrecord(load_tokenizer(args.tokenizer), args.input, args.output, data_config(args),
+                                     mode=args.mode, skip_bad=args.skip_bad)
+        counts = meta["counts"]
+        for line in meta["bad_lines"]:
+            print(f"skipped: {line}", file=sys.stderr)
+        print(f"wrote {counts['rows']} rows (MindFormers' {args.mode} layout) to {args.output} and {args.output}.db; "
+              f"skipped {counts['skipped_empty']} with an empty prompt or answer and {counts['skipped_bad']} malformed")
+        return 0
+    meta = preprocess(load_tokenizer(args.tokenizer), args.input, args.output, data_config(args), mode=args.mode,
                       skip_bad=args.skip_bad)
     counts = meta["counts"]
     for line in meta["bad_lines"]:
@@ -425,7 +504,7 @@ def add_run_command(subparsers) -> None:
         "run", help="train / finetune / eval / predict from a YAML recipe (finetune, lora, infer, lora_infer, or a file)",
         description="Run a recipe. Keys are the fields of glm6b.train.recipe's section dataclasses; --set "
                     "section.key=value (value parsed as YAML) and the short flags override the file.")
-    parser.add_argument("--config", required=True, metavar="YAML",
+    parser.add_argument("--config", dest="recipe", required=True, metavar="YAML",
                         help="the recipe: a shipped one by name (finetune, lora, infer, lora_infer) or a YAML file")
     parser.add_argument("--mode", required=True, choices=("train", "finetune", "eval", "predict"),
                         help="train (from load_checkpoint or a random preset), finetune (load_checkpoint required), "
@@ -433,24 +512,29 @@ def add_run_command(subparsers) -> None:
                              "predict (answers for --prompt or eval_data)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one recipe key (repeatable)")
-    parser.add_argument("--load-checkpoint", dest="load_checkpoint", metavar="PATH", help="= --set model.load_checkpoint")
-    parser.add_argument("--train-data", dest="train_data", metavar="PATH", help="= --set data.train_data")
-    parser.add_argument("--eval-data", dest="eval_data", metavar="PATH", help="= --set data.eval_data")
+    parser.add_argument("--train-data", "--train_dataset_dir", dest="train_data", metavar="PATH",
+                        help="= --set data.train_data (jsonl, preprocessed folder or .mindrecord)")
+    parser.add_argument("--eval-data", "--eval_dataset_dir", dest="eval_data", metavar="PATH",
+                        help="= --set data.eval_data (jsonl, preprocessed folder or .mindrecord)")
     parser.add_argument("--output-dir", dest="output_dir", metavar="DIR", help="= --set trainer.output_dir")
     parser.add_argument("--max-steps", dest="max_steps", type=int, help="= --set trainer.max_steps")
     parser.add_argument("--batch-size", dest="batch_size", type=int, help="= --set trainer.per_device_train_batch_size")
     parser.add_argument("--learning-rate", dest="learning_rate", type=float, help="= --set trainer.learning_rate")
     parser.add_argument("--prompt", action="append", default=None, help="predict mode: a prompt (repeatable)")
-    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
-                        help="eval / predict: = --set model.quantize (weight-only int8/int4 at load)")
+    # The model flags set the recipe's model section (`--model PATH` = --set model.load_checkpoint=PATH).
+    add_model_arguments(parser, required=False, only_given=True, extra_flags={"config": ("--model-config",)})
     parser.set_defaults(func=cmd_run)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Load the recipe with its overrides, run it, print the summary as JSON."""
+    from .config import LoadConfig
     from .train.recipe import SHORT_FLAGS, load_recipe, run
 
-    recipe = load_recipe(args.config, args.overrides, {name: getattr(args, name) for name in SHORT_FLAGS})
+    flags = {path: getattr(args, name) for name, path in SHORT_FLAGS.items()}
+    flags.update({f"model.{f.name}": getattr(args, f.name) for f in dataclasses.fields(LoadConfig)
+                  if hasattr(args, f.name)})  # only the model flags given
+    recipe = load_recipe(args.recipe, args.overrides, flags)
     summary = run(recipe, args.mode, prompts=args.prompt)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 prints the summary
         print(json.dumps(summary, ensure_ascii=False))
@@ -464,13 +548,11 @@ def add_merge_lora_command(subparsers) -> None:
     """`glm6b merge-lora`: fold a LoRA adapter into its base model."""
     parser = subparsers.add_parser(
         "merge-lora", help="merge a LoRA adapter into its base model and save a full HF folder",
-        description="Load --base, apply the PEFT adapter, merge it (W + B A alpha/r) and write a full model "
-                    "folder (config.json, weights, tokenizer) that glm6b.load_model reads.")
-    parser.add_argument("--base", required=True, metavar="PATH", help="base model folder")
-    parser.add_argument("--adapter", required=True, metavar="PATH", help="adapter folder (adapter_config.json)")
+        description="Load --model (also spelled --base), apply the PEFT --adapter, merge it (W + B A alpha/r) in "
+                    "--dtype (default float32: exact) and write a full model folder (config.json, weights, "
+                    "tokenizer) that glm6b.load_model reads.")
+    add_model_arguments(parser, extra_flags={"load_checkpoint": ("--model", "--load-checkpoint", "--base")}, defaults={"dtype": "float32"})
     parser.add_argument("--output", required=True, metavar="DIR", help="folder to write")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32",
-                        help="dtype to merge and save in (default float32: exact; float16 halves the size)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a model folder an earlier merge wrote to --output "
                              "(other files are never deleted)")
@@ -481,7 +563,9 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     """Merge and save."""
     from .train.lora import merge_lora
 
-    folder = merge_lora(args.base, args.adapter, args.output, dtype=args.dtype, overwrite=args.overwrite)
+    if args.adapter is None:
+        raise ValueError("merge-lora needs --adapter DIR (the PEFT LoRA adapter folder to merge)")
+    folder = merge_lora(load_config(args), args.output, overwrite=args.overwrite)
     print(f"wrote the merged model to {folder}")
     return 0
 
@@ -504,7 +588,7 @@ def add_merge_checkpoint_command(subparsers) -> None:
                         help="replace a folder an earlier merge wrote to --output (other files are never deleted)")
     parser.add_argument("--base-model", dest="base_model", metavar="DIR", default=None,
                         help="base HF model folder (for checkpoints that hold only the trained tensors)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the written weights (default: as stored)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="dtype of the written weights (default: as stored)")
     parser.set_defaults(func=cmd_merge_checkpoint)
 
 
@@ -525,30 +609,21 @@ def add_eval_command(subparsers) -> None:
     """`glm6b eval`: generate answers for an ADGEN-format file and score them (BLEU-4, ROUGE-1/2/L)."""
     parser = subparsers.add_parser(
         "eval", help="generate for an ADGEN-format jsonl file and score BLEU-4 / ROUGE-1/2/L",
-        description="Batched greedy generation over --data (one {\"content\": ..., \"summary\": ...} object per "
-                    "line), scored as the ChatGLM-6B ADGEN recipe scores it. Writes DIR/predictions.jsonl and "
+        description="Batched generation (greedy unless --do-sample) over --data (one {\"content\": ..., "
+                    "\"summary\": ...} object per line), scored as the ChatGLM-6B ADGEN recipe scores it; a LoRA "
+                    "--adapter is merged unless --no-merge-adapter. Writes DIR/predictions.jsonl and "
                     "DIR/metrics.json. --mode predict only generates (no summaries needed; metrics.json then "
                     "holds counts, timing and settings but no scores).")
-    _add_model_arguments(parser)
-    parser.add_argument("--adapter", metavar="PATH", help="PEFT LoRA adapter folder, applied without merging")
-    parser.add_argument("--data", required=True, metavar="FILE", help="jsonl file of examples")
+    add_model_arguments(parser)
+    parser.add_argument("--data", required=True, metavar="FILE",
+                        help="jsonl file of examples, or a MindFormers ADGEN .mindrecord file")
     parser.add_argument("--output-dir", required=True, metavar="DIR", help="where to write the results")
     parser.add_argument("--mode", choices=("eval", "predict"), default="eval", help="score, or only generate")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
-    parser.add_argument("--max-source-length", type=int, default=64,
-                        help="prompt budget in tokens, [gMASK] <sop> included (default 64)")
-    parser.add_argument("--max-target-length", type=int, default=64,
-                        help="reference budget in tokens; also the default --max-new-tokens (default 64)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="limit on generated tokens (default: --max-target-length)")
-    parser.add_argument("--prompt-column", default="content", help="field holding the prompt (default 'content')")
-    parser.add_argument("--response-column", default="summary", help="field holding the answer (default 'summary')")
-    parser.add_argument("--do-sample", action="store_true",
-                        help="sample as the reference recipe does (with --temperature/--top-p) instead of greedy")
-    parser.add_argument("--temperature", type=float, default=0.95, help="with --do-sample (default 0.95)")
-    parser.add_argument("--top-p", type=float, default=0.7, help="with --do-sample (default 0.7)")
-    parser.add_argument("--seed", type=int, default=None, help="with --do-sample: seed for sampling")
-    parser.add_argument("--skip-bad", action="store_true", help="skip and count malformed lines instead of stopping")
+    add_data_arguments(parser)
+    add_sampling_arguments(parser, do_sample=False)  # greedy: scores that do not change from run to run
     parser.set_defaults(func=cmd_eval)
 
 
@@ -556,14 +631,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Run the evaluation; the results table goes to stdout, progress to stderr."""
     from .eval.evaluate import run_eval
 
-    sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, seed=args.seed) \
-        if args.do_sample else {}
-    run_eval(args.model, args.data, args.output_dir, adapter=args.adapter, mode=args.mode,
-             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-             max_source_length=args.max_source_length, max_target_length=args.max_target_length,
-             prompt_column=args.prompt_column, response_column=args.response_column,
-             dtype=args.dtype, device=args.device, skip_bad=args.skip_bad, quantize=args.quantize,
-             quantize_embeddings=args.quantize_embeddings, **sampling)
+    run_eval(load_config(args), args.data, args.output_dir, mode=args.mode, batch_size=args.batch_size,
+             max_new_tokens=args.max_new_tokens, data_config=data_config(args), **sampling_options(args))
     print(f"wrote {args.output_dir}/predictions.jsonl and metrics.json", file=sys.stderr)
     return 0
 
@@ -575,23 +644,23 @@ def add_quantize_command(subparsers) -> None:
     """`glm6b quantize`: write a model folder in THUDM's int8/int4 layout."""
     parser = subparsers.add_parser(
         "quantize", help="write a weight-only int8/int4 copy of a model folder (THUDM's chatglm-6b-int4/-int8 layout)",
-        description="Quantize the four Linear layers of every block per output row (THUDM's formula) and write "
-                    "config.json with quantization_bit, pytorch_model.bin with int8 weight + float16 weight_scale "
-                    "per layer, and the input's tokenizer files. The folder loads directly (glm6b.load_model, "
-                    "--model) and with THUDM's own code.")
-    parser.add_argument("--model", required=True, metavar="PATH", help="float model folder (HF THUDM/chatglm-6b files)")
-    parser.add_argument("--bits", required=True, type=int, choices=(4, 8), help="4 or 8")
+        description="Quantize the four Linear layers of every block per output row (THUDM's formula; with "
+                    "--quantize-embeddings also the word embeddings and lm_head) and write config.json with "
+                    "quantization_bit, pytorch_model.bin with int8 weight + float16 weight_scale per layer, and the "
+                    "input's tokenizer files. The folder loads directly (glm6b.load_model, --model) and with "
+                    "THUDM's own code.")
+    add_model_arguments(parser)  # --quantize int4|int8 says how (the first releases' --bits 4|8 works too)
     parser.add_argument("--output", required=True, metavar="DIR", help="folder to write")
-    parser.add_argument("--embeddings", action="store_true",
-                        help="also quantize the word embeddings and the tied lm_head (THUDM's int4-qe)")
     parser.set_defaults(func=cmd_quantize)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Quantize and save."""
-    from .quant.folder import quantize_folder
+    from .api import quantize_folder
 
-    print(f"wrote {quantize_folder(args.model, args.output, args.bits, embeddings=args.embeddings)}")
+    if args.quantize is None:
+        raise ValueError("quantize needs --quantize int4 or --quantize int8")
+    print(f"wrote {quantize_folder(load_config(args), args.output)}")
     return 0
 
 
@@ -603,22 +672,17 @@ def add_quickstart_command(subparsers) -> None:
         "quickstart", help="the whole loop on the built-in default model and data (no downloads, minutes on a CPU)",
         description="Pre-train the small built-in model briefly, score it (BLEU-4/ROUGE) on the ADGEN-format dev "
                     "split, fine-tune it, score it again, and show generations and a chat.")
-    p.add_argument("--method", choices=("lora", "full", "ptuning"), default="lora", help="fine-tuning method")
-    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the method's)")
-    p.add_argument("--pretrain-steps", type=int, default=200, help="pre-training steps of a fresh base model")
-    p.add_argument("--eval-examples", type=int, default=48, help="dev examples scored before and after")
-    p.add_argument("--output-dir", default="runs/quickstart", help="where everything is written")
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
-                   help="fine-tune LoRA / P-tuning on the base quantized to int8 or int4 (QLoRA-style)")
+    from .config import QuickstartConfig
+
+    add_config_arguments(p, QuickstartConfig, [f.name for f in dataclasses.fields(QuickstartConfig)])
     p.set_defaults(func=cmd_quickstart)
 
 
 def cmd_quickstart(args) -> int:
-    from .quickstart import QuickstartSettings, run_quickstart
+    from .config import QuickstartConfig
+    from .quickstart import run_quickstart
 
-    run_quickstart(QuickstartSettings(method=args.method, steps=args.steps, pretrain_steps=args.pretrain_steps,
-                                      eval_examples=args.eval_examples, output_dir=args.output_dir,
-                                      quantize=args.quantize))
+    run_quickstart(QuickstartConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(QuickstartConfig)}))
     return 0
 
 
@@ -634,7 +698,11 @@ def add_convert_command(subparsers) -> None:
                     "checkpoint also gives a PEFT adapter (--adapter-output). --to mindspore (the default for a "
                     "folder): write the .ckpt MindFormers' convert_weight.py would (float16, MindFormers names), "
                     "with --adapter's LoRA under MindPet names. The seed's --pt_ckpt_path/--ms_ckpt_path work too.")
-    parser.add_argument("--input", metavar="PATH", help="a .ckpt file or an HF model folder")
+    parser.add_argument("--input", metavar="PATH",
+                        help="a .ckpt file, a folder holding a MindFormers sharded set (rank_*/), or an HF folder")
+    parser.add_argument("--strategy", metavar="FILE",
+                        help="--to hf of a sharded set: its strategy file (ckpt_strategy.ckpt; a folder of per-stage "
+                             "files for pipeline sets); default: ckpt_strategy.ckpt beside rank_*/")
     parser.add_argument("--output", metavar="PATH", help="the HF folder or .ckpt file to write")
     parser.add_argument("--pt_ckpt_path", metavar="PATH", help="(seed) the HF side: input of --to mindspore, "
                                                                 "output of --to hf")
@@ -642,7 +710,7 @@ def add_convert_command(subparsers) -> None:
                                                                 "input of --to hf")
     parser.add_argument("--to", choices=("hf", "mindspore"), default=None,
                         help="target format (default: hf for a .ckpt input, mindspore otherwise)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None,
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                         help="dtype of the written weights (default: as stored for --to hf, float16 for --to mindspore)")
     parser.add_argument("--adapter-output", dest="adapter_output", metavar="DIR",
                         help="--to hf of a LoRA checkpoint: the PEFT adapter folder to write")
@@ -669,21 +737,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
                                    else (args.pt_ckpt_path, args.ms_ckpt_path or "ms_glm_6b.ckpt"))
     if args.input is None or args.output is None:
         raise ValueError("convert needs --input and --output (or the seed's --pt_ckpt_path and --ms_ckpt_path)")
-    if to is None:
-        to = "hf" if args.input.endswith(".ckpt") else "mindspore"
-
+    from .checkpoint.hf import is_sharded_set
     from .convert import hf_to_mindspore, mindspore_to_hf
+
+    if to is None:
+        to = "hf" if args.input.endswith(".ckpt") or args.strategy or is_sharded_set(args.input) else "mindspore"
 
     if to == "hf":
         if args.adapter is not None:
             raise ValueError("--adapter goes with --to mindspore; for --to hf use --adapter-output")
         out = mindspore_to_hf(args.input, args.output, adapter_output=args.adapter_output, lora_rank=args.lora_rank,
                               lora_alpha=args.lora_alpha, dtype=args.dtype, config=args.config,
-                              tokenizer=args.tokenizer)
+                              tokenizer=args.tokenizer, strategy=args.strategy)
         print(f"wrote {out}" + (f" and the adapter {args.adapter_output}" if args.adapter_output else ""))
         return 0
-    if args.adapter_output is not None:
-        raise ValueError("--adapter-output goes with --to hf; for --to mindspore use --adapter")
+    if args.adapter_output is not None or args.strategy is not None:
+        raise ValueError("--adapter-output and --strategy go with --to hf; for --to mindspore use --adapter")
     if not args.output.endswith(".ckpt"):
         raise ValueError(f"--output {args.output}: a MindSpore checkpoint file name ends with .ckpt")
     out = hf_to_mindspore(args.input, args.output, dtype=args.dtype or "float16", adapter=args.adapter,
@@ -706,16 +775,9 @@ def add_serve_command(subparsers) -> None:
         "serve", help="serve the model over HTTP: OpenAI API, THUDM api.py protocol, web chat page",
         description="Serve a model with continuous batching: POST /v1/chat/completions, /v1/completions, "
                     "GET /v1/models (OpenAI API), POST / (THUDM api.py), GET / (web chat page), GET /health, "
-                    "GET /metrics. Needs the serve extra: pip install 'glm6b[serve]'.")
-    p.add_argument("--model", required=True, metavar="NAME|PATH",
-                   help="model folder (HF THUDM/chatglm-6b files) or name (glm_6b, glm_6b_chat: looked up under "
-                        "$GLM6B_HOME, default ~/.cache/glm6b)")
-    p.add_argument("--adapter", default=None, metavar="DIR", help="a PEFT LoRA adapter folder, merged in at load")
-    p.add_argument("--quantize", choices=("int8", "int4"), default=None, help="weight-only quantization at load")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="parameter dtype (default: float32 on CPU, "
-                                                                 "bfloat16 for a quantized model on an "
-                                                                 "AVX512-BF16 CPU, bfloat16 on CUDA)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+                    "GET /metrics. A LoRA --adapter is merged in (a --quantize model is quantized after the "
+                    "merge). Needs the serve extra: pip install 'glm6b[serve]'.")
+    add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -741,9 +803,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              ("--max-tokens", args.max_tokens, 1), ("--port", args.port, 0)):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
+    spec = load_config(args)  # a bad model flag fails here, before the server's imports
     from .serve.app import serve
 
-    serve(args.model, adapter=args.adapter, quantize=args.quantize, dtype=args.dtype, device=args.device,
-          host=args.host, port=args.port, api_key=args.api_key or os.environ.get("GLM6B_API_KEY") or None,
+    serve(spec, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("GLM6B_API_KEY") or None,
           max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens)
     return 0

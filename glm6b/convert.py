@@ -2,6 +2,7 @@
 
     MindFormers -> HF:  glm_6b.ckpt       -> HF folder (safetensors + config.json + tokenizer files)
                         glm_6b_lora.ckpt  -> HF folder of the base + PEFT adapter folder (MindPet LoRA)
+                        rank_*/ + strategy -> the same, merged from a sharded set (mindspore_shards)
     HF -> MindFormers:  HF folder (+ PEFT adapter) -> .ckpt with the names and dtypes MindFormers'
                         convert_weight.py writes (float16; MindPet names for the adapter)
 
@@ -20,11 +21,13 @@ import torch
 
 from .checkpoint import hf
 from .checkpoint import mindspore as ms
+from .checkpoint.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from .checkpoint.errors import CheckpointError
-from .config import ChatGLMConfig
+from .checkpoint.mindspore_shards import ShardedCheckpoint
+from .config import ChatGLMConfig, LoraConfig
 from .model.model import rotary_inv_freq
 from .tokenizer import load_tokenizer
-from .train.lora import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LoraArguments, apply_lora
+from .train.lora import apply_lora
 
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -50,8 +53,9 @@ def mindspore_to_hf(input_path: str | os.PathLike, output_dir: str | os.PathLike
                     adapter_output: str | os.PathLike | None = None, lora_rank: int | None = None,
                     lora_alpha: float | None = None, dtype: str | torch.dtype | None = None,
                     config: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
-                    max_shard_size: int | str = "2GB") -> Path:
-    """Convert a MindFormers ChatGLM-6B `.ckpt` into an HF folder (and a PEFT adapter for a LoRA file).
+                    max_shard_size: int | str = "2GB", strategy: str | os.PathLike | None = None) -> Path:
+    """Convert a MindFormers ChatGLM-6B `.ckpt` (or sharded set) into an HF folder (and a PEFT adapter for a
+    LoRA file).
 
     Optimizer state and other training entries are skipped. A file with MindPet LoRA tensors
     (glm_6b_lora) becomes the base model in `output_dir` and a PEFT LoRA adapter in `adapter_output`
@@ -59,7 +63,7 @@ def mindspore_to_hf(input_path: str | os.PathLike, output_dir: str | os.PathLike
     `glm6b merge-lora`.
 
     Args:
-        input_path: the `.ckpt` file.
+        input_path: the `.ckpt` file, or the folder holding a sharded set's `rank_<r>/` folders.
         output_dir: the HF folder to write (config.json, model*.safetensors, tokenizer files).
         adapter_output: the PEFT adapter folder to write; required for a LoRA file, refused otherwise.
         lora_rank: the LoRA rank; None reads it from the tensors (a given rank is checked against them).
@@ -68,16 +72,26 @@ def mindspore_to_hf(input_path: str | os.PathLike, output_dir: str | os.PathLike
         config: config.json to use (default: the one beside the file, else the glm_6b preset).
         tokenizer: tokenizer folder (default: the folder of the file).
         max_shard_size: largest safetensors shard.
+        strategy: a sharded set's strategy file (default: found beside `rank_*/`, see
+            glm6b.checkpoint.mindspore_shards.find_strategy).
 
     Returns:
         The output folder.
 
     Raises:
-        CheckpointError: unreadable or mismatched checkpoint, LoRA options that do not fit the file.
+        CheckpointError: unreadable or mismatched checkpoint, LoRA options that do not fit the file; a
+            sharded set with a missing rank or a strategy that does not fit it.
         TokenizerError: no tokenizer files found.
     """
     input_path, output_dir = Path(input_path), Path(output_dir)
-    entries = ms.scan_ckpt(input_path)
+    sharded = hf.is_sharded_set(input_path)
+    if strategy is not None and not sharded:
+        raise CheckpointError(f"--strategy goes with a sharded set (a folder holding rank_*/); {input_path} is not one")
+    if sharded:
+        with ShardedCheckpoint(input_path, strategy) as source:
+            entries = source.entries
+    else:
+        entries = ms.scan_ckpt(input_path)
     lora = [e for e in entries if ms.is_model_entry(e.name) and ms.is_lora_entry(e.name)]
     if lora and adapter_output is None:
         raise CheckpointError(f"{input_path} holds {len(lora)} MindPet LoRA tensors: pass --adapter-output DIR "
@@ -94,10 +108,10 @@ def mindspore_to_hf(input_path: str | os.PathLike, output_dir: str | os.PathLike
         rank = _check_lora_options(input_path, entries, lora_rank, lora_alpha)
     tok = load_tokenizer(tokenizer if tokenizer is not None else input_path)
     torch_dtype = _dtype(dtype) or _stored_dtype(entries, input_path)
-    model = hf.load_model(input_path, dtype=torch_dtype, config=config, strict=not lora)
+    model = hf.load_model(input_path, dtype=torch_dtype, config=config, strict=not lora, strategy=strategy)
     hf.save_pretrained(model, output_dir, tokenizer=tok, max_shard_size=max_shard_size)
     if lora:
-        _write_peft_adapter(model, input_path, Path(adapter_output), rank, lora_alpha, output_dir, tok)
+        _write_peft_adapter(model, input_path, Path(adapter_output), rank, lora_alpha, output_dir, tok, strategy)
     return output_dir
 
 
@@ -113,12 +127,19 @@ def _check_lora_options(path: Path, entries: list[ms.CkptEntry], rank: int | Non
 
 
 def _write_peft_adapter(model, path: Path, adapter_dir: Path, rank: int, alpha: float, base_dir: Path,
-                        tokenizer) -> None:
+                        tokenizer, strategy: str | os.PathLike | None = None) -> None:
     """Put the file's MindPet tensors into a PEFT LoRA wrapping of `model` and save the adapter folder."""
+    import contextlib
     import peft
 
     state = {}
-    for name, tensor in ms.iter_ckpt(path, skip=lambda name: not ms.is_lora_entry(name)):
+    with contextlib.ExitStack() as stack:
+        if hf.is_sharded_set(path):
+            source = stack.enter_context(ShardedCheckpoint(path, strategy))
+            tensors = list(source.iter_model_tensors(skip=lambda name: not ms.is_lora_entry(name)))
+        else:
+            tensors = list(ms.iter_ckpt(path, skip=lambda name: not ms.is_lora_entry(name)))
+    for name, tensor in tensors:
         peft_name = ms.mindpet_to_peft_name(name)
         if peft_name is None:
             raise CheckpointError(f"{path}: LoRA tensor {name} adapts a layer ChatGLM-6B does not have")
@@ -127,7 +148,7 @@ def _write_peft_adapter(model, path: Path, adapter_dir: Path, rank: int, alpha: 
     leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
     every_layer = len(modules) == len(leaves) * model.config.num_layers
     targets = leaves if every_layer else modules  # leaf names when every layer is adapted, as MindFormers does
-    peft_model = apply_lora(model, LoraArguments(r=rank, lora_alpha=alpha, target_modules=targets),
+    peft_model = apply_lora(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets),
                             base_model_name_or_path=str(base_dir.resolve()))
     result = peft.set_peft_model_state_dict(peft_model, state)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])

@@ -18,59 +18,24 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .api import load_model
+from .api import load
 from .checkpoint.hf import MODEL_FOLDER_FILES, MODEL_FOLDER_PREFIXES, find_weight_files, save_pretrained
-from .config import ChatGLMConfig
-from .train.data import DataConfig
+from .config import ChatGLMConfig, DataConfig, LoadConfig, LoraConfig, QuickstartConfig, TrainingConfig
+from .config import QuickstartSettings  # noqa: F401 - QuickstartConfig's first name, still imported from here
 from .eval.evaluate import evaluate_generation
 from .extras import import_extra
 from .io import atomic_folder, atomic_write_text
-from .safety import check_output_dir
-from .train.lora import LoraArguments
 from .model import ChatGLMForConditionalGeneration
+from .safety import check_output_dir
 from .sample_data import DEFAULT_ASSETS, chat_pairs, read_adgen_jsonl
 from .tokenizer import load_tokenizer
-from .train.trainer import Trainer, TrainingArguments
+from .train.trainer import Trainer
 
 METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
-
-
-@dataclass
-class QuickstartSettings:
-    """Knobs of the quickstart; the defaults finish in a few minutes on 2 CPU cores.
-
-    Attributes:
-        method: fine-tuning method: "lora", "full" or "ptuning".
-        steps: fine-tuning optimizer steps (None: the method's default).
-        pretrain_steps: steps of the generic pre-training of a fresh base.
-        output_dir: where everything is written.
-        eval_examples: dev examples scored before and after.
-        batch_size: training rows per step.
-        seed: for weights, data order and sampling.
-        quantize: "int8" or "int4": fine-tune (lora, ptuning) on the base quantized at load (QLoRA-style).
-    """
-
-    method: str = "lora"
-    steps: int | None = None
-    pretrain_steps: int = 200
-    output_dir: str = "runs/quickstart"
-    eval_examples: int = 48
-    batch_size: int = 16
-    seed: int = 0
-    quantize: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.method not in METHOD_DEFAULTS:
-            raise ValueError(f"--method {self.method!r}: expected one of {', '.join(METHOD_DEFAULTS)}")
-        for flag, value in (("--steps", self.steps), ("--pretrain-steps", self.pretrain_steps),
-                            ("--eval-examples", self.eval_examples), ("--batch-size", self.batch_size)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{flag} {value}: expected a positive integer")
 
 
 # Per-method learning rate and default step count, tuned on the default model.
@@ -84,9 +49,9 @@ PRETRAIN_PROMPT_KEYS = 1  # pre-training prompts keep only the first attribute (
 CHAT_REPEATS = 100  # copies of the generic chat rounds in the pre-training data (about a third of it)
 
 
-def _training_args(settings: QuickstartSettings, output_dir: Path, steps: int, learning_rate: float,
-                   tensorboard: bool) -> TrainingArguments:
-    return TrainingArguments(output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=settings.batch_size,
+def _training_args(settings: QuickstartConfig, output_dir: Path, steps: int, learning_rate: float,
+                   tensorboard: bool) -> TrainingConfig:
+    return TrainingConfig(output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=settings.batch_size,
                              learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(steps // 20, 1),
                              weight_decay=0.0, seed=settings.seed, logging_steps=10, save_steps=None,
                              tensorboard=tensorboard, overwrite_output_dir=True)  # quickstart's own folders
@@ -106,7 +71,7 @@ def write_pretraining_data(path: Path, train_examples: list[dict[str, str]]) -> 
     atomic_write_text(path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
 
 
-def build_base_model(settings: QuickstartSettings, tokenizer) -> Path:
+def build_base_model(settings: QuickstartConfig, tokenizer) -> Path:
     """The pre-trained default base model as an HF folder (made once, then reused)."""
     base_dir = Path(settings.output_dir) / "base"
     problem = _incomplete_model_folder(base_dir)
@@ -149,10 +114,9 @@ def _incomplete_model_folder(folder: Path) -> str | None:
 
 
 def _load(base_dir: Path, method: str, quantize: str | None = None) -> ChatGLMForConditionalGeneration:
-    if method == "ptuning":
-        return load_model(base_dir, dtype=torch.float32, device="cpu", pre_seq_len=16, prefix_projection=False,
-                          quantize=quantize)
-    return load_model(base_dir, dtype=torch.float32, device="cpu", quantize=quantize)
+    spec = LoadConfig(load_checkpoint=str(base_dir), dtype="float32", device="cpu", quantize=quantize,
+                      pre_seq_len=16 if method == "ptuning" else None)
+    return load(spec, with_tokenizer=False).model
 
 
 def _score(model, tokenizer, dev: list[dict[str, str]]) -> tuple[list[str], dict]:
@@ -162,11 +126,11 @@ def _score(model, tokenizer, dev: list[dict[str, str]]) -> tuple[list[str], dict
     return predictions, metrics
 
 
-def run_quickstart(settings: QuickstartSettings) -> dict:
+def run_quickstart(settings: QuickstartConfig) -> dict:
     """Run the quickstart and return its summary (also written to DIR/<method>/summary.json).
 
     Args:
-        settings: QuickstartSettings.
+        settings: QuickstartConfig.
 
     Returns:
         {"method", "before": metrics, "after": metrics, "samples", "chat", "seconds", "output_dir"}.
@@ -190,7 +154,7 @@ def run_quickstart(settings: QuickstartSettings) -> dict:
     print(f"Fine-tuning ({settings.method}) for {steps} steps")
     trainer = Trainer(model=model, tokenizer=tokenizer, method=settings.method, data_config=DATA,
                       train_dataset=str(DEFAULT_ASSETS / "adgen" / "train.json"),
-                      lora_config=LoraArguments(r=8, lora_alpha=32, lora_dropout=0.0),
+                      lora_config=LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0),
                       args=_training_args(settings, run_dir, steps, defaults["learning_rate"], tensorboard=True))
     result = trainer.train()
     tuned = trainer.model

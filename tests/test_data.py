@@ -5,10 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from glm6b.train.data import DataConfig, DataError, JsonlDataset, adgen_eval_features, adgen_train_features
-from glm6b.train.preprocess import EncodedDataset, load_dataset, preprocess, read_meta
 from helpers import GOLDEN, golden_cases
+
+from glm6b.config import DataConfig, DataError
+from glm6b.data.adgen import JsonlDataset, adgen_eval_features, adgen_train_features
+from glm6b.data.preprocess import EncodedDataset, load_dataset, preprocess, read_meta
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # helpers and dist_scripts (the spawned processes inherit it)
 
-from helpers import GOLDEN, assert_close_rel  # noqa: E402
-
 import torch.distributed as dist  # noqa: E402
+from helpers import GOLDEN, assert_close_rel  # noqa: E402
 
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("torch.distributed with the gloo backend is not available in this PyTorch build",
@@ -28,12 +27,15 @@ if not (dist.is_available() and dist.is_gloo_available()):
 from dist_scripts import workers  # noqa: E402
 from dist_scripts.harness import ProcessPool  # noqa: E402
 
+from glm6b.checkpoint.hf import CheckpointError, load_model  # noqa: E402
+from glm6b.config import (  # noqa: E402
+    ChatGLMConfig,
+    ConfigError,
+    ParallelConfig,  # noqa: E402
+)
 from glm6b.train import dcp as DCP  # noqa: E402
 from glm6b.train import export  # noqa: E402
 from glm6b.train import parallel as D  # noqa: E402
-from glm6b.train.args import ParallelConfig  # noqa: E402
-from glm6b.checkpoint.hf import CheckpointError, load_model  # noqa: E402
-from glm6b.config import ChatGLMConfig, ConfigError  # noqa: E402
 
 JOB_TIMEOUT_S = 90  # the first job of a pool also imports torch.distributed's parallel modules
 
@@ -80,7 +82,8 @@ def assert_same_losses(ours: list[float], ref: list[float], rel: float = 1e-5) -
     (dict(data_parallel=2, model_parallel=2, optimizer_shard=True), 2, {}, "= 4 must equal"),
     (dict(model_parallel=3), 3, {}, "must divide num_attention_heads (4)"),
     (dict(model_parallel=4), 4, dict(inner_hidden_size=322), "must divide inner_hidden_size (322)"),
-    (dict(pipeline_stage=2), 1, {}, "parallel.pipeline_stage = 2: pipeline parallelism is not supported"),
+    (dict(pipeline_stage=2, model_parallel=2), 4, {}, "parallel.pipeline_stage = 2 with parallel.model_parallel = 2 "
+                                                      "is not supported"),
     (dict(data_parallel=0), 0, {}, "parallel.data_parallel = 0: expected an integer >= 1"),
     (dict(micro_batch_num=0), 1, {}, "parallel.micro_batch_num = 0"),
     (dict(model_parallel=-1), 1, {}, "parallel.model_parallel = -1"),
@@ -122,6 +125,19 @@ def test_qkv_row_chunks_hold_whole_heads():
                 for j in range(3):  # q, k, v of that head: rows h*3d + j*d + k of the full matrix
                     rows = weight[head * 3 * d + j * d: head * 3 * d + (j + 1) * d]
                     assert torch.equal(chunk[local * 3 * d + j * d: local * 3 * d + (j + 1) * d], rows)
+
+
+def test_clip_grad_norm_scales_the_gradients():
+    """The norm is measured and the gradients are scaled to max_norm (torch's clip_grads_with_norm_ takes the
+    parameters, not their gradients)."""
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))
+    a.grad, b.grad = torch.full((3,), 3.0), torch.full((4,), 4.0)
+    norm = D.clip_grad_norm_([a, b], max_norm=1.0)
+    assert norm.item() == pytest.approx((3 * 9 + 4 * 16) ** 0.5)
+    assert D.grad_norm([a, b]).item() == pytest.approx(1.0, rel=1e-5)
+    assert torch.allclose(a.grad, torch.full((3,), 3.0) / norm)
+    D.clip_grad_norm_([a, b], max_norm=float("inf"))  # measures only
+    assert D.grad_norm([a, b]).item() == pytest.approx(1.0, rel=1e-5)
 
 
 def test_single_process_is_a_no_op(monkeypatch):

@@ -1,15 +1,17 @@
 """Generation-based evaluation on the golden checkpoint: batching, result files, predict mode, CLI, LoRA."""
 
 import json
+
 import pytest
 import torch
+from helpers import GOLDEN, golden_cases
 
 from glm6b.checkpoint.hf import load_model, save_pretrained
+from glm6b.config import LoadConfig
 from glm6b.eval.evaluate import evaluate_generation, generate_predictions, reference_texts, run_eval
-from glm6b.inference.generation import generate
 from glm6b.eval.metrics import METRIC_NAMES, compute_metrics
+from glm6b.inference.generation import generate
 from glm6b.tokenizer import load_tokenizer
-from helpers import GOLDEN, golden_cases
 
 MAX_NEW = 8
 SETTINGS = dict(max_source_length=32, max_target_length=24, max_new_tokens=MAX_NEW, progress=False)
@@ -144,7 +146,7 @@ def test_predict_mode(tmp_path):
 
 def test_bad_inputs(tmp_path, data_file):
     from glm6b.checkpoint.hf import CheckpointError
-    from glm6b.train.data import DataError
+    from glm6b.config import DataError
 
     with pytest.raises(DataError, match="cannot read"):
         run_eval(GOLDEN, tmp_path / "missing.json", tmp_path / "out", **SETTINGS)
@@ -157,7 +159,7 @@ def test_bad_inputs(tmp_path, data_file):
     with pytest.raises(DataError, match="line 1: missing field 'summary'"):
         run_eval(GOLDEN, no_answer, tmp_path / "out", **SETTINGS)  # eval mode needs the answers
     with pytest.raises(CheckpointError, match="adapter_config.json"):
-        run_eval(GOLDEN, data_file, tmp_path / "out", adapter=tmp_path, **SETTINGS)
+        run_eval(LoadConfig(load_checkpoint=str(GOLDEN), adapter=str(tmp_path)), data_file, tmp_path / "out", **SETTINGS)
     with pytest.raises(ValueError, match="mode="):
         run_eval(GOLDEN, data_file, tmp_path / "out", mode="train", **SETTINGS)
     assert not (tmp_path / "out").exists()  # nothing written when the run fails up front
@@ -178,11 +180,13 @@ def lora_folders(tmp_path_factory):
     return root / "adapter", root / "merged"
 
 
-def test_lora_adapter_equals_merged_model(lora_folders, runs, tmp_path):
+@pytest.mark.parametrize("merge", [True, False], ids=["merged-at-load", "separate-layer"])
+def test_lora_adapter_equals_merged_model(lora_folders, runs, tmp_path, merge):
     adapter, merged = lora_folders
     data = tmp_path / "dev.json"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _rows()[:4]), encoding="utf-8")
-    with_adapter = run_eval(GOLDEN, data, tmp_path / "adapter", adapter=adapter, batch_size=4, **SETTINGS)
+    spec = LoadConfig(load_checkpoint=str(GOLDEN), adapter=str(adapter), merge_adapter=merge)
+    with_adapter = run_eval(spec, data, tmp_path / "adapter", batch_size=4, **SETTINGS)
     with_merged = run_eval(merged, data, tmp_path / "merged", batch_size=4, **SETTINGS)
     adapter_predictions = [r["prediction"] for r in _read_jsonl(tmp_path / "adapter" / "predictions.jsonl")]
     merged_predictions = [r["prediction"] for r in _read_jsonl(tmp_path / "merged" / "predictions.jsonl")]

@@ -1,13 +1,14 @@
 """The float32 backward of frozen bf16 linears (the CPU path without oneDNN bf16 matmuls)."""
 
 import torch
+from helpers import GOLDEN, golden_cases
 from torch import nn
 
 from glm6b.checkpoint.hf import load_model
+from glm6b.config import LoraConfig
 from glm6b.train.frozen_linear import FrozenLinearFunction, frozen_grad_input, use_fast_frozen_backward
-from glm6b.train.lora import LoraArguments, apply_lora
+from glm6b.train.lora import apply_lora
 from glm6b.train.loss import causal_lm_loss
-from helpers import GOLDEN, golden_cases
 
 
 def test_frozen_grad_input_is_the_float32_product_in_chunks(monkeypatch):
@@ -45,7 +46,7 @@ def test_lora_gradients_on_a_bf16_base_match_the_float32_model():
 
     def adapter_grads(dtype, fast):
         torch.manual_seed(0)
-        model = apply_lora(load_model(GOLDEN, dtype=dtype), LoraArguments(r=4, lora_dropout=0.0))
+        model = apply_lora(load_model(GOLDEN, dtype=dtype), LoraConfig(r=4, lora_dropout=0.0))
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 nn.init.normal_(p, std=0.02)  # non-zero B: gradients reach lora_A and the input

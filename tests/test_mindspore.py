@@ -13,6 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import GOLDEN, assert_close_rel, golden_cases, golden_tensor
 from safetensors.torch import load_file
 
 import glm6b
@@ -20,8 +21,6 @@ from glm6b.checkpoint import mindspore as msckpt
 from glm6b.checkpoint.errors import CheckpointError
 from glm6b.cli import main
 from glm6b.convert import mindspore_to_hf
-
-from helpers import GOLDEN, assert_close_rel, golden_cases, golden_tensor
 
 TOKENIZER_FILES = ("config.json", "ice_text.model", "tokenizer_config.json")
 
@@ -407,7 +406,7 @@ def test_mindpet_lora_checkpoint_becomes_base_and_peft_adapter(ms, golden_state,
                  "--lora-alpha", str(alpha), "--dtype", "float32"]) == 0
     expected, _ = _golden_logits(_merged_model(golden_state, lora, alpha, rank))
 
-    from glm6b.train.lora import load_adapter
+    from glm6b.checkpoint.adapters import load_adapter
 
     with_adapter = load_adapter(glm6b.load_model(base, dtype=torch.float32), adapter)
     assert_close_rel(_golden_logits(with_adapter)[0], expected, what="base + PEFT adapter vs merged by hand")
@@ -468,7 +467,8 @@ def test_named_model_folder_holding_a_ckpt(golden_state, tmp_path, monkeypatch):
     ckpt = _model_folder(tmp_path / "glm_6b", "glm_6b.ckpt")
     msckpt.save_ckpt(ckpt, [(msckpt.to_mindformers_name(n), t) for n, t in golden_state.items()])
     monkeypatch.setenv("GLM6B_HOME", str(tmp_path))
-    from glm6b.auto import AutoModel, AutoTokenizer, resolve_model_path
+    from glm6b.auto import AutoModel, AutoTokenizer
+    from glm6b.checkpoint.names import resolve_model_path
 
     assert resolve_model_path("glm_6b_chat") == ckpt
     assert resolve_model_path(tmp_path / "glm_6b") == ckpt

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from glm6b.auto import AutoModel, AutoTokenizer, ModelNotFoundError, models_home, resolve_model_path
-from glm6b.inference.chat import chat
-from glm6b.cli import main, read_prompts
-from glm6b.inference.pipelines import TextGenerationPipeline, pipeline
-
 from helpers import GOLDEN
+
+from glm6b.auto import AutoModel, AutoTokenizer, pipeline
+from glm6b.checkpoint.names import ModelNotFoundError, models_home, resolve_model_path
+from glm6b.cli import main, read_prompts
+from glm6b.inference.chat import chat
+from glm6b.inference.pipelines import TextGenerationPipeline
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["你好", "Write a short poem about the ocean.", "a", "北京是中国的首都"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import GOLDEN, golden_cases, golden_tensor
 from safetensors.torch import load_file
 
 from glm6b import load_model
@@ -22,8 +23,6 @@ from glm6b.inference.generation import generate
 from glm6b.quant import cpu_kernels
 from glm6b.quant.linear import QUANTIZED_LINEARS, QuantizedEmbedding, QuantizedLinear, quantize_model
 from glm6b.quant.thudm import dequantize, pack_int4, quantize_to_thudm, unpack_int4
-
-from helpers import GOLDEN, golden_cases, golden_tensor
 
 LINEAR_SUFFIXES = tuple(f".{name}.weight" for name in QUANTIZED_LINEARS)
 EMBEDDING = "transformer.word_embeddings.weight"
@@ -513,7 +512,7 @@ def test_cli_quantize_flag_loads_quantized(capsys):
                                   do_sample=False)
     assert printed == pipe("你好")[0][OUTPUT_KEY][0] + "\n"
     assert main(args + ["--quantize-embeddings"]) == 2  # needs --quantize
-    assert "quantize_embeddings=True needs quantize" in capsys.readouterr().err
+    assert "quantize_embeddings needs model.quantize" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", ["eval", "predict"])
@@ -538,10 +537,11 @@ def test_run_and_eval_commands_take_quantize(tmp_path, mode, capsys):
                  str(GOLDEN), "--train-data", str(data), "--output-dir", str(tmp_path / "ft"), "--quantize", "int4"]
         assert main(train) == 2  # LoRA and P-tuning train on a quantized base; full fine-tuning cannot
         assert "model.quantize = 'int4' with method full" in capsys.readouterr().err
-        from glm6b.train.trainer import ModelArguments, Trainer, TrainingArguments
+        from glm6b.config import LoadConfig, TrainingConfig
+        from glm6b.train.trainer import Trainer
 
-        trainer = Trainer(model_args=ModelArguments(load_checkpoint=str(GOLDEN), dtype="float32", quantize="int8"),
-                          args=TrainingArguments(output_dir=str(tmp_path / "t"), tensorboard=False, disable_tqdm=True))
+        trainer = Trainer(model_args=LoadConfig(load_checkpoint=str(GOLDEN), dtype="float32", quantize="int8"),
+                          args=TrainingConfig(output_dir=str(tmp_path / "t"), tensorboard=False, disable_tqdm=True))
         trainer.ensure_model()
         assert isinstance(trainer.model.transformer.layers[0].attention.query_key_value, QuantizedLinear)
 

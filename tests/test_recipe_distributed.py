@@ -140,7 +140,8 @@ def test_sharded_checkpoint_resumes_on_one_process_and_merges(tmp_path, train_fi
 
 @pytest.mark.parametrize("sets,message", [
     (("parallel.data_parallel=3",), "must equal the number of processes, which is 2"),
-    (("parallel.pipeline_stage=2",), "pipeline parallelism is not supported"),
+    (("parallel.pipeline_stage=2",), "parallel.pipeline_schedule = 1f1b needs at least parallel.pipeline_stage (2) "
+                                     "micro-batches per step, got 1"),
     (("parallel.data_parallel=2", "parallel.micro_batch_num=2", "trainer.gradient_accumulation_steps=3"), "disagree"),
 ])
 def test_invalid_parallel_config_fails_before_work(tmp_path, train_file, sets, message):

@@ -5,12 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import GOLDEN, golden_cases
 
 from glm6b.checkpoint.hf import load_model
-from glm6b.train.data import DataConfig, JsonlDataset
+from glm6b.config import DataConfig, TrainingConfig
+from glm6b.data.adgen import JsonlDataset
 from glm6b.tokenizer import load_tokenizer
-from glm6b.train.trainer import Trainer, TrainingArguments
-from helpers import GOLDEN, golden_cases
+from glm6b.train.trainer import Trainer
 
 CONFIGS = Path(__file__).parent.parent / "glm6b" / "configs"
 METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
@@ -32,7 +33,7 @@ def test_evaluate_returns_loss_and_generation_scores(tmp_path, adgen_file):
     data = DataConfig(max_source_length=24, max_target_length=8)
     dataset = JsonlDataset(adgen_file, tok, data)
     trainer = Trainer(model=load_model(GOLDEN, dtype=torch.float32), tokenizer=tok, data_config=data,
-                      args=TrainingArguments(output_dir=str(tmp_path), eval_generation_samples=2, disable_tqdm=True,
+                      args=TrainingConfig(output_dir=str(tmp_path), eval_generation_samples=2, disable_tqdm=True,
                                              tensorboard=False))
     result = trainer.evaluate(dataset)
     assert {"eval_loss", "eval_tokens", *METRICS} <= result.keys()
@@ -46,7 +47,7 @@ def test_eval_steps_record_carries_the_scores(tmp_path, adgen_file):
     data = DataConfig(max_source_length=24, max_target_length=8)
     trainer = Trainer(model=load_model(GOLDEN, dtype=torch.float32), tokenizer=tok, data_config=data,
                       train_dataset=JsonlDataset(adgen_file, tok, data), eval_dataset=JsonlDataset(adgen_file, tok, data),
-                      args=TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                      args=TrainingConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
                                              eval_steps=2, eval_generation_samples=2, save_steps=None,
                                              tensorboard=False, disable_tqdm=True, logging_steps=1))
     trainer.train()
@@ -63,9 +64,10 @@ def test_run_eval_mode_writes_predictions_and_metrics(tmp_path, adgen_file, conf
             "--set", "data.max_source_length=24", "--set", "data.max_target_length=8",
             "--set", "trainer.disable_tqdm=true", "--set", "model.dtype=float32"]
     if config == "lora_infer.yaml":
-        from glm6b.train.lora import LoraArguments, apply_lora
+        from glm6b.config import LoraConfig
+        from glm6b.train.lora import apply_lora
 
-        model = apply_lora(load_model(GOLDEN, dtype=torch.float32), LoraArguments(r=2), str(GOLDEN))
+        model = apply_lora(load_model(GOLDEN, dtype=torch.float32), LoraConfig(r=2), str(GOLDEN))
         model.save_pretrained(str(tmp_path / "adapter"), save_embedding_layers=False)
         argv += ["--set", f"model.adapter={tmp_path / 'adapter'}"]
     assert main(argv) == 0, capsys.readouterr().err
@@ -97,7 +99,7 @@ def test_run_eval_mode_scores_the_prompt_the_model_was_trained_on(tmp_path, caps
     """Train a LoRA adapter with a source prefix and a history column, then `run --mode eval` it with the
     same recipe: the prompts it generates from carry the prefix and the history, as in training."""
     from glm6b.cli import main
-    from glm6b.train.data import render_prompt
+    from glm6b.data.adgen import render_prompt
 
     rows = [{"content": "类型#裤*颜色#黑色", "summary": "黑色裤子百搭。", "history": [["你好", "你好！"]]},
             {"content": "类型#上衣*风格#复古", "summary": "复古上衣很好看。", "history": []}]

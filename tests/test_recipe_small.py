@@ -8,19 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import GOLDEN, golden_cases, write_adgen_sample
 
 from glm6b.checkpoint.hf import load_model
-from helpers import GOLDEN, golden_cases, write_adgen_sample
 
 ROOT = Path(__file__).parent.parent
 
 
 def test_adgen_feature_functions_are_exported():
     import glm6b
-    from glm6b.train import data
+    from glm6b.data import adgen
 
-    assert glm6b.adgen_train_features is data.adgen_train_features
-    assert glm6b.adgen_eval_features is data.adgen_eval_features
+    assert glm6b.adgen_train_features is adgen.adgen_train_features
+    assert glm6b.adgen_eval_features is adgen.adgen_eval_features
     assert {"adgen_train_features", "adgen_eval_features"} <= set(dir(glm6b))
 
 
@@ -28,14 +28,15 @@ def test_adgen_feature_functions_are_exported():
 
 
 def test_training_without_matplotlib_fails_first_with_the_pip_command(tmp_path, monkeypatch):
+    from glm6b.config import TrainingConfig
     from glm6b.extras import MissingExtraError
     from glm6b.tokenizer import load_tokenizer
-    from glm6b.train.trainer import Trainer, TrainingArguments
+    from glm6b.train.trainer import Trainer
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     trainer = Trainer(model=load_model(GOLDEN, dtype=torch.float32), tokenizer=load_tokenizer(GOLDEN),
                       train_dataset=str(write_adgen_sample(tmp_path / "train.json")),
-                      args=TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, tensorboard=False,
+                      args=TrainingConfig(output_dir=str(tmp_path / "out"), max_steps=1, tensorboard=False,
                                              disable_tqdm=True))
     with pytest.raises(MissingExtraError) as excinfo:
         trainer.train()

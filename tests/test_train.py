@@ -5,13 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import GOLDEN, assert_close_rel, golden_cases, write_adgen_sample
 
 from glm6b.checkpoint.hf import load_model
-from glm6b.train.data import DataConfig, JsonlDataset
-from glm6b.train.recipe import RecipeError, load_recipe
+from glm6b.config import DataConfig, TrainingConfig
+from glm6b.data.adgen import JsonlDataset
 from glm6b.tokenizer import load_tokenizer
-from glm6b.train.trainer import Trainer, TrainingArguments
-from helpers import GOLDEN, assert_close_rel, golden_cases, write_adgen_sample
+from glm6b.train.recipe import RecipeError, load_recipe
+from glm6b.train.trainer import Trainer
 
 CONFIGS = Path(__file__).parent.parent / "glm6b" / "configs"
 DATA = DataConfig(max_source_length=24, max_target_length=20)
@@ -44,7 +45,7 @@ def probe():
 def args(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, logging_steps=1,
                 save_steps=None, tensorboard=False, disable_tqdm=True, learning_rate=1e-2)
-    return TrainingArguments(**{**base, **kw})
+    return TrainingConfig(**{**base, **kw})
 
 
 def logits(model, ids):
@@ -107,9 +108,9 @@ def test_lora_trains_only_adapters_round_trips_and_merges(tmp_path, tok, golden_
 def test_lora_memory_layout_on_a_bf16_base(tmp_path, tok, golden_pair):
     """What lets LoRA of the 6B fit one 24 GB device: the frozen base stays bf16 (no fp32 copy), no
     gradients for it, and AdamW state exists only for the float32 adapters."""
-    from glm6b.train.trainer import ModelArguments
+    from glm6b.config import LoadConfig
 
-    trainer = Trainer(model_args=ModelArguments(load_checkpoint=str(GOLDEN)), tokenizer=tok,
+    trainer = Trainer(model_args=LoadConfig(load_checkpoint=str(GOLDEN)), tokenizer=tok,
                       args=args(tmp_path, max_steps=2, gradient_checkpointing=True), train_dataset=golden_pair,
                       method="lora")
     out = trainer.train()
@@ -234,7 +235,7 @@ def test_recipe_errors_name_file_line_and_key(tmp_path, capsys):
     with pytest.raises(RecipeError, match=r"--set lora\.rank=4: unknown key 'lora\.rank'"):
         load_recipe(CONFIGS / "lora.yaml", ["lora.rank=4"])
     overridden = load_recipe(CONFIGS / "lora.yaml", ["trainer.learning_rate=1e-4", "trainer.batch_size=2"],
-                             {"max_steps": 5})
+                             {"trainer.max_steps": 5})
     assert (overridden.trainer.learning_rate, overridden.trainer.batch_size, overridden.trainer.max_steps) == (1e-4, 2, 5)
     assert main(["run", "--config", str(recipe), "--mode", "train", "--train-data", "x.json"]) == 2
     assert "must equal the number of processes, which is 1" in capsys.readouterr().err
@@ -293,4 +294,4 @@ def test_token_normalised_loss_does_not_depend_on_the_micro_batch_split(tmp_path
 
 def test_loss_normalization_is_checked():
     with pytest.raises(ValueError, match="loss_normalization='mean'"):
-        TrainingArguments(loss_normalization="mean")
+        TrainingConfig(loss_normalization="mean")

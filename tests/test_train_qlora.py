@@ -5,17 +5,17 @@ import json
 
 import pytest
 import torch
+from helpers import GOLDEN, golden_cases, write_adgen_sample
 
+from glm6b.api import quantize_folder
+from glm6b.checkpoint.adapters import load_adapter
 from glm6b.checkpoint.hf import load_model
-from glm6b.quant.folder import quantize_folder
+from glm6b.config import DataConfig, LoadConfig, LoraConfig, TrainingConfig
+from glm6b.data.adgen import JsonlDataset
 from glm6b.quant.linear import QuantizedLinear
 from glm6b.tokenizer import load_tokenizer
-from glm6b.train.args import ModelArguments, TrainingArguments
-from glm6b.train.data import DataConfig, JsonlDataset
 from glm6b.train.frozen_linear import use_fast_frozen_backward
-from glm6b.train.lora import LoraArguments, load_adapter
 from glm6b.train.trainer import Trainer
-from helpers import GOLDEN, golden_cases, write_adgen_sample
 
 torch.set_num_threads(1)
 
@@ -46,10 +46,10 @@ def test_qlora_trains_and_its_adapter_loads_on_the_float_base(tmp_path, data, qu
 
     tok = load_tokenizer(GOLDEN)
     dc = DataConfig(max_source_length=24, max_target_length=20)
-    trainer = Trainer(model_args=ModelArguments(load_checkpoint=str(GOLDEN), dtype="bfloat16", quantize=quantize),
-                      tokenizer=tok, method="lora", data_config=dc, lora_config=LoraArguments(r=8, lora_dropout=0.0),
+    trainer = Trainer(model_args=LoadConfig(load_checkpoint=str(GOLDEN), dtype="bfloat16", quantize=quantize),
+                      tokenizer=tok, method="lora", data_config=dc, lora_config=LoraConfig(r=8, lora_dropout=0.0),
                       train_dataset=JsonlDataset(data, tok, dc),
-                      args=TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4,
+                      args=TrainingConfig(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4,
                                              learning_rate=1e-2, save_steps=None, tensorboard=False, disable_tqdm=True,
                                              logging_steps=1, gradient_checkpointing=True))
     out = trainer.train()
@@ -74,14 +74,14 @@ def test_qlora_trains_and_its_adapter_loads_on_the_float_base(tmp_path, data, qu
 
 
 def test_qlora_on_a_thudm_layout_quantized_folder(tmp_path, data):
-    folder = quantize_folder(GOLDEN, tmp_path / "int4", 4)
+    folder = quantize_folder(GOLDEN, tmp_path / "int4", "int4")
     assert json.loads((folder / "config.json").read_text())["quantization_bit"] == 4
     tok = load_tokenizer(GOLDEN)
     dc = DataConfig(max_source_length=24, max_target_length=20)
-    trainer = Trainer(model_args=ModelArguments(load_checkpoint=str(folder), dtype="bfloat16"), tokenizer=tok,
-                      method="lora", data_config=dc, lora_config=LoraArguments(r=4, lora_dropout=0.0),
+    trainer = Trainer(model_args=LoadConfig(load_checkpoint=str(folder), dtype="bfloat16"), tokenizer=tok,
+                      method="lora", data_config=dc, lora_config=LoraConfig(r=4, lora_dropout=0.0),
                       train_dataset=JsonlDataset(data, tok, dc),
-                      args=TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4,
+                      args=TrainingConfig(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4,
                                              learning_rate=1e-2, save_steps=None, tensorboard=False, disable_tqdm=True))
     out = trainer.train()
     assert out.losses[-1] < out.losses[0]

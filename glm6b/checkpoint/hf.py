@@ -48,13 +48,13 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ..config import ChatGLMConfig
+from ..config import ChatGLMConfig, quantize_bits
 from ..io import atomic_write, atomic_write_text
 from ..model import ChatGLMForConditionalGeneration, PrefixEncoder
 from ..quant import cpu_kernels
 from ..quant.linear import QuantizedEmbedding, QuantizedLinear, quantize_model, tie_quantized_lm_head
 from ..quant.thudm import quantize_to_thudm
-from . import mindspore
+from . import mindspore, mindspore_shards
 from .errors import CheckpointError
 
 CONFIG_NAME = "config.json"
@@ -278,25 +278,36 @@ def check_device(device: torch.device | str | None) -> torch.device:
     return resolved
 
 
-def _resolve_device_dtype(device, dtype, quantized: bool = False) -> tuple[torch.device, torch.dtype]:
-    device = check_device(device)
+def default_device() -> torch.device:
+    """Where a model goes when no device is asked for: CUDA when available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device, quantized: bool = False) -> torch.dtype:
+    """The parameter dtype when none is asked for: bfloat16 on CUDA (float16 where it has no bfloat16);
+    on the CPU float32, or bfloat16 for a quantized model where glm6b's CPU kernels run (their fast
+    path, and half the embeddings' memory)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if quantized and cpu_kernels.available():
+        return torch.bfloat16
+    return torch.float32
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A floating-point torch.dtype from a dtype or its name ("bfloat16", "torch.float16", ...).
+
+    Raises:
+        ValueError: an unknown name or a dtype that is not floating point.
+    """
     if isinstance(dtype, str):
         name = dtype.removeprefix("torch.")
         dtype = getattr(torch, name, None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"unknown dtype {name!r}; use float32, float16 or bfloat16")
-    if dtype is None:
-        if device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        elif quantized and cpu_kernels.available():
-            # A quantized model on the CPU runs fastest with bfloat16 activations (glm6b's own int4/int8
-            # kernels), whose embeddings also take half the memory of float32 ones.
-            dtype = torch.bfloat16
-        else:
-            dtype = torch.float32
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point type, got {dtype}")
-    return device, dtype
+    return dtype
 
 
 def _ignored_name(name: str, config: ChatGLMConfig) -> bool:
@@ -414,13 +425,15 @@ def _load_file_into(model: nn.Module, path: Path, expected: dict[str, torch.Tens
                     unexpected: list[str], device: torch.device, origin: str,
                     rename: Callable[[str], str] = lambda name: name,
                     skip: Callable[[str], bool] = lambda name: False,
-                    convert: Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]] | None = None) -> None:
+                    convert: Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]] | None = None,
+                    open_tensors: Callable[..., Iterator[tuple[str, torch.Tensor]]] | None = None) -> None:
     """Copy the tensors of one file into `model`: check name and shape, cast and move each on its own.
 
-    `convert` may turn one file tensor into several (quantizing a float weight at load).
+    `convert` may turn one file tensor into several (quantizing a float weight at load); `open_tensors`
+    (default `iter_file_tensors`) gives the (name, tensor) pairs of `path`.
     """
     mapped = None  # the file's memory mappings, looked up once it is open
-    with contextlib.closing(iter_file_tensors(path, skip)) as file_tensors:
+    with contextlib.closing((open_tensors or iter_file_tensors)(path, skip)) as file_tensors:
         for raw_name, file_tensor in file_tensors:
             if mapped is None:
                 mapped = _file_mapping_ranges(path) if hasattr(mmap, "MADV_DONTNEED") else []
@@ -500,14 +513,6 @@ def _load_prefix_encoder(model: nn.Module, weights: Path, device: torch.device, 
                               f"({origin}): {_name_list(unexpected)}")
 
 
-def _quantize_bits(quantize: str | int | None) -> int:
-    names = {None: 0, "none": 0, "int8": 8, "int4": 4, 8: 8, 4: 4}
-    key = quantize.lower() if isinstance(quantize, str) else quantize
-    if key not in names or isinstance(quantize, bool):
-        raise ValueError(f"quantize = {quantize!r}: expected None, 'int8' or 'int4'")
-    return names[key]
-
-
 def _setup_quantization(model: nn.Module, folder: Path, quantize, quantize_embeddings: bool):
     """Swap in quantized layers (on meta) for a quantized folder or a `quantize=` request.
 
@@ -515,7 +520,7 @@ def _setup_quantization(model: nn.Module, folder: Path, quantize, quantize_embed
     read, or None when the folder already holds THUDM's int8 tensors (or nothing is quantized).
     """
     config = model.config
-    want = _quantize_bits(quantize)
+    want = quantize_bits(quantize)
     if config.quantization_bit:
         if want and want != config.quantization_bit:
             raise CheckpointError(f"{folder / CONFIG_NAME}: the weights are quantized to {config.quantization_bit} "
@@ -552,8 +557,12 @@ def load_model(
     quantize: str | int | None = None,
     quantize_embeddings: bool = False,
     config: ChatGLMConfig | str | os.PathLike | None = None,
+    strategy: str | os.PathLike | None = None,
 ) -> ChatGLMForConditionalGeneration:
-    """Load a ChatGLM-6B model from a HF-layout folder (see the module docstring for the layouts).
+    """Read a ChatGLM-6B model from a HF-layout folder, a MindSpore `.ckpt` file or a folder holding a
+    MindFormers sharded set (`rank_<r>/` and a strategy file, merged while loading: see
+    glm6b.checkpoint.mindspore_shards); the module docstring lists the layouts. This is the reader under
+    glm6b.api.load, which the commands, the server, evaluation and training use.
 
     The model is built on the meta device and filled shard by shard; each tensor is cast to `dtype`
     and moved to `device` on its own, so peak memory stays near the loaded model's size plus one shard.
@@ -565,7 +574,8 @@ def load_model(
             glm6b.quant.cpu_kernels), and bfloat16 (float16 where bfloat16 is unsupported) on CUDA. Tensors are cast
             per tensor: a float32 checkpoint loaded as float32 is exact (the reference rounds it to
             float16). The P-tuning prefix encoder always stays float32, as in the reference recipe.
-        device: where the parameters go (default CPU).
+        device: where the parameters go (default: the CPU; glm6b.api.load, which every command
+            uses, defaults to CUDA when available).
         ptuning_checkpoint: P-tuning v2 weights: a ``.bin``/``.safetensors`` file or a folder with
             ``pytorch_model.bin`` (preferred, the THUDM layout) or ``model.safetensors`` and
             optionally a config.json giving pre_seq_len/prefix_projection. Keys may carry the
@@ -584,9 +594,12 @@ def load_model(
             it; asking for another bit width than the folder's is an error.
         quantize_embeddings: with `quantize`, also quantize the word embeddings and the tied lm_head
             (THUDM's int4-qe scheme).
-        config: for a MindSpore `.ckpt` path only (see `glm6b.checkpoint.mindspore.ckpt_config`): the
-            config (or config.json path) to use instead of the config.json beside the file or,
-            without one, the built-in `glm_6b` preset.
+        config: for a MindSpore `.ckpt` path or a sharded set only (see
+            `glm6b.checkpoint.mindspore.ckpt_config`): the config (or config.json path) to use instead
+            of the config.json beside the file (in the set's folder) or, without one, the built-in
+            `glm_6b` preset.
+        strategy: for a sharded set: its strategy file (or folder of per-stage files); default: the
+            one `glm6b.checkpoint.mindspore_shards.find_strategy` finds beside `rank_*/`.
 
     Returns:
         The model in eval mode, lm_head tied to the word embeddings when config.tie_word_embeddings.
@@ -596,65 +609,21 @@ def load_model(
         ConfigError: an unreadable or impossible config.json (the message names the file and field).
     """
     folder = Path(path)
-    is_ckpt = mindspore.is_ckpt_file(folder)  # a MindSpore / MindFormers .ckpt file instead of a folder
-    if is_ckpt:
-        files, config = [folder], mindspore.ckpt_config(folder, config, strict)
-    else:
-        files = find_weight_files(folder)
-        config = ChatGLMConfig.from_json_file(folder / CONFIG_NAME)
-    rename = mindspore.to_hf_name_or_same if is_ckpt else (lambda name: name)
-    quantized = bool(config.quantization_bit or _quantize_bits(quantize))
-    device, dtype = _resolve_device_dtype(device, dtype, quantized)
-
-    ptuning_weights = None
-    fresh_prefix_allowed = pre_seq_len is not None and ptuning_checkpoint is None
-    if ptuning_checkpoint is not None:
-        ptuning_weights, ptuning_config = _resolve_ptuning_path(ptuning_checkpoint)
-        if pre_seq_len is None:
-            pre_seq_len = ptuning_config.get("pre_seq_len", config.pre_seq_len)
-        if prefix_projection is None:
-            prefix_projection = ptuning_config.get("prefix_projection")
-        if pre_seq_len is None:
-            raise CheckpointError(f"P-tuning checkpoint {ptuning_checkpoint}: pre_seq_len is unknown (pass "
-                                  f"pre_seq_len=..., or put it in the P-tuning folder's config.json)")
-    if pre_seq_len is not None or prefix_projection is not None:
-        changes: dict[str, Any] = {}
-        if pre_seq_len is not None:
-            changes["pre_seq_len"] = pre_seq_len
-        if prefix_projection is not None:
-            changes["prefix_projection"] = bool(prefix_projection)
-        config = config.replace(**changes)
+    files, config, rename, open_tensors = _read_source(folder, config, strict, strategy)
+    device = check_device(device)
+    quantized = bool(config.quantization_bit or quantize_bits(quantize))
+    dtype = default_dtype(device, quantized) if dtype is None else as_dtype(dtype)
+    config, ptuning_weights = _with_ptuning_settings(config, ptuning_checkpoint, pre_seq_len, prefix_projection)
 
     model = model_class(config, dtype=dtype, device="meta")
     convert = _setup_quantization(model, folder, quantize, quantize_embeddings)
-    config = model.config
     expected = _expected_tensors(model)
-    base_expected = expected
     if ptuning_weights is not None:  # the prefix encoder comes from the P-tuning file, not the base
-        base_expected = {k: v for k, v in expected.items() if not k.startswith(PREFIX_ENCODER)}
-    loaded: set[str] = set()
-    unexpected: list[str] = []
-    def skip(name: str) -> bool:  # a P-tuning file given explicitly replaces prefix weights in the base
-        return _ignored_name(name, config) or (ptuning_weights is not None and name.startswith(PREFIX_ENCODER))
-
-    for file in files:
-        _load_file_into(model, file, base_expected, loaded, unexpected, device, "config.json", rename=rename,
-                        skip=skip, convert=convert)
-
-    missing = [name for name in base_expected if name not in loaded]
-    prefix_names = [name for name in base_expected if name.startswith(PREFIX_ENCODER)]
-    if fresh_prefix_allowed and prefix_names and set(prefix_names) <= set(missing):
-        model.transformer.prefix_encoder = PrefixEncoder(config, device=device)
-        missing = [name for name in missing if not name.startswith(PREFIX_ENCODER)]
-    where = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
-    if missing:
-        raise CheckpointError(f"{where}: {len(missing)} tensor(s) missing from the checkpoint: {_name_list(missing)}")
-    if unexpected and strict:
-        hint = ""
-        if any(name.startswith(PREFIX_ENCODER) for name in unexpected):
-            hint = " (prefix-encoder weights: pass pre_seq_len to load them)"
-        raise CheckpointError(f"{where}: {len(unexpected)} unexpected tensor(s) not in the model built from "
-                              f"config.json: {_name_list(unexpected)}{hint}")
+        expected = {k: v for k, v in expected.items() if not k.startswith(PREFIX_ENCODER)}
+    fresh_prefix = pre_seq_len is not None and ptuning_checkpoint is None
+    _fill_from_files(model, files, expected, device, rename, convert, open_tensors, strict, fresh_prefix,
+                     skip_prefix=ptuning_weights is not None,
+                     where=str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)")
     if ptuning_weights is not None:
         _load_prefix_encoder(model, ptuning_weights, device, strict)
 
@@ -664,6 +633,83 @@ def load_model(
     if still_meta:
         raise CheckpointError(f"{folder}: {len(still_meta)} tensor(s) were not loaded: {_name_list(still_meta)}")
     return model.eval()
+
+
+def _read_source(path: Path, config, strict: bool, strategy) -> tuple[list[Path], ChatGLMConfig, Callable[[str], str],
+                                                                    Callable[..., Iterator] | None]:
+    """(weight files, config, tensor-name map, tensor opener or None for iter_file_tensors) of a model folder,
+    a MindSpore `.ckpt` file or a MindFormers sharded set (one "file": the set's folder)."""
+    if mindspore.is_ckpt_file(path):  # MindFormers names, mapped to HF ones
+        return [path], mindspore.ckpt_config(path, config, strict), mindspore.to_hf_name_or_same, None
+    if is_sharded_set(path):  # rank_<r>/ folders, stitched parameter by parameter while loading
+        with mindspore_shards.ShardedCheckpoint(path, strategy) as shards:
+            config = shards.config(config, strict)
+
+        def open_tensors(folder: Path, skip: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
+            with mindspore_shards.ShardedCheckpoint(folder, strategy) as shards:
+                yield from shards.iter_model_tensors(skip)
+
+        return [path], config, mindspore.to_hf_name_or_same, open_tensors
+    return find_weight_files(path), ChatGLMConfig.from_json_file(path / CONFIG_NAME), lambda name: name, None
+
+
+def is_sharded_set(folder: str | os.PathLike) -> bool:
+    """True for a folder holding a MindFormers sharded set (`rank_<r>/`) and no HF weights."""
+    folder = Path(folder)
+    return not any((folder / name).is_file() for name in WEIGHT_LAYOUTS) and mindspore_shards.is_sharded_folder(folder)
+
+
+def _with_ptuning_settings(config: ChatGLMConfig, ptuning_checkpoint, pre_seq_len: int | None,
+                           prefix_projection: bool | None) -> tuple[ChatGLMConfig, Path | None]:
+    """The config with the P-tuning settings asked for (or those of the P-tuning folder), and the
+    P-tuning weights file (None without a ptuning_checkpoint)."""
+    weights = None
+    if ptuning_checkpoint is not None:
+        weights, ptuning_config = _resolve_ptuning_path(ptuning_checkpoint)
+        if pre_seq_len is None:
+            pre_seq_len = ptuning_config.get("pre_seq_len", config.pre_seq_len)
+        if prefix_projection is None:
+            prefix_projection = ptuning_config.get("prefix_projection")
+        if pre_seq_len is None:
+            raise CheckpointError(f"P-tuning checkpoint {ptuning_checkpoint}: pre_seq_len is unknown (pass "
+                                  f"pre_seq_len=..., or put it in the P-tuning folder's config.json)")
+    changes: dict[str, Any] = {}
+    if pre_seq_len is not None:
+        changes["pre_seq_len"] = pre_seq_len
+    if prefix_projection is not None:
+        changes["prefix_projection"] = bool(prefix_projection)
+    return (config.replace(**changes) if changes else config), weights
+
+
+def _fill_from_files(model: nn.Module, files: list[Path], expected: dict[str, torch.Tensor], device: torch.device,
+                     rename, convert, open_tensors, strict: bool, fresh_prefix: bool, skip_prefix: bool,
+                     where: str) -> None:
+    """Copy every expected tensor from `files` into `model`; a missing tensor (or, with strict, an
+    unexpected one) is an error. With `fresh_prefix`, a prefix encoder the files lack is made anew
+    (PyTorch's initialisation, to train); with `skip_prefix`, the files' prefix weights are not read."""
+    config = model.config
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+
+    def skip(name: str) -> bool:
+        return _ignored_name(name, config) or (skip_prefix and name.startswith(PREFIX_ENCODER))
+
+    for file in files:
+        _load_file_into(model, file, expected, loaded, unexpected, device, "config.json", rename=rename,
+                        skip=skip, convert=convert, open_tensors=open_tensors)
+    missing = [name for name in expected if name not in loaded]
+    prefix_names = [name for name in expected if name.startswith(PREFIX_ENCODER)]
+    if fresh_prefix and prefix_names and set(prefix_names) <= set(missing):
+        model.transformer.prefix_encoder = PrefixEncoder(config, device=device)
+        missing = [name for name in missing if not name.startswith(PREFIX_ENCODER)]
+    if missing:
+        raise CheckpointError(f"{where}: {len(missing)} tensor(s) missing from the checkpoint: {_name_list(missing)}")
+    if unexpected and strict:
+        hint = ""
+        if any(name.startswith(PREFIX_ENCODER) for name in unexpected):
+            hint = " (prefix-encoder weights: pass pre_seq_len to load them)"
+        raise CheckpointError(f"{where}: {len(unexpected)} unexpected tensor(s) not in the model built from "
+                              f"config.json: {_name_list(unexpected)}{hint}")
 
 
 def load_ptuning_state(model: ChatGLMForConditionalGeneration, path: str | os.PathLike,

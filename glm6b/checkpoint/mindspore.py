@@ -482,6 +482,84 @@ class _Pending:
         return self.data.view(self.dtype).reshape(self.shape)
 
 
+class CkptReader:
+    """A `.ckpt` file memory-mapped and indexed by its record headers, so that entries are read by name
+    in any order (what merging the ranks of a sharded set needs: one parameter from every file at a time).
+
+    Only the record headers are read on opening; an entry's bytes are copied when it is read, and its
+    pages then leave this process. The CRC trailer is not checked (that needs every byte of the file).
+
+    Args:
+        path: the `.ckpt` file.
+
+    Attributes:
+        path: the file.
+        entries: name -> CkptEntry, in file order.
+
+    Raises:
+        CheckpointError: missing, empty, encrypted, truncated or malformed file; a name that appears twice.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._context = _mapped(self.path)
+        self._map, self._view = self._context.__enter__()
+        self._records: dict[str, list[_Record]] = {}
+        try:
+            last = None
+            for record in _records(self.path, self._view, check_crc=False):
+                if record.tag != last and record.tag in self._records:
+                    raise CheckpointError(f"{self.path}: entry {record.tag} appears twice (again at byte "
+                                          f"{record.offset})")
+                self._records.setdefault(record.tag, []).append(record)
+                last = record.tag
+        except BaseException:
+            self.close()
+            raise
+        self.entries = {
+            name: CkptEntry(name, records[0].tensor_type, _shape(records[0]),
+                            sum(r.content[1] - r.content[0] for r in records), len(records))
+            for name, records in self._records.items()}
+
+    def __enter__(self) -> "CkptReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Unmap the file."""
+        self._context.__exit__(None, None, None)
+
+    def read(self, name: str) -> torch.Tensor | str:
+        """The value of entry `name`, as `iter_ckpt` gives it (a tensor owning its memory, or a str).
+
+        Raises:
+            KeyError: no such entry.
+            CheckpointError: an unknown tensor_type, chunks that disagree, or data that does not fit the dims.
+        """
+        records = self._records[name]
+        pending = _Pending(self.path, records[0], skipped=False)
+        for record in records:
+            if record.dims != records[0].dims or record.tensor_type != records[0].tensor_type:
+                raise CheckpointError(f"{self.path}: entry {name} changes its dims or type between chunks "
+                                      f"(byte {record.offset})")
+            chunk = self._view[record.content[0]:record.content[1]]
+            pending.add(chunk, record.offset)
+            chunk.release()
+        value = pending.finish()
+        for record in records:
+            _release_range(self._map, record.offset, record.content[1])
+        return value
+
+
+def _release_range(mapped: mmap.mmap, start: int, end: int) -> None:
+    """Drop the mapping's pages around [start, end) from this process (they stay in the page cache)."""
+    first = start - start % mmap.PAGESIZE
+    if end > first and hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+
 # ----------------------------------------------------------------------------------- writing
 
 
@@ -625,39 +703,69 @@ def ckpt_config(path: str | os.PathLike, config: ChatGLMConfig | str | os.PathLi
         ConfigError: unusable config.json.
     """
     path = Path(path)
+    resolved = resolve_config(config, path.parent)
+    check_network_entries(path, scan_ckpt(path), resolved, strict)
+    return resolved
+
+
+def resolve_config(config: ChatGLMConfig | str | os.PathLike | None, folder: Path) -> ChatGLMConfig:
+    """`config` itself (a ChatGLMConfig or a config.json path), else `folder`/config.json, else the glm_6b preset.
+
+    Raises:
+        ConfigError: unusable config.json.
+    """
     if isinstance(config, ChatGLMConfig):
-        resolved = config
-    elif config is not None:
-        resolved = ChatGLMConfig.from_json_file(config)
-    elif (path.parent / "config.json").is_file():
-        resolved = ChatGLMConfig.from_json_file(path.parent / "config.json")
-    else:
-        resolved = ChatGLMConfig.from_name("glm_6b")
-    entries = {e.name: e for e in scan_ckpt(path)}
+        return config
+    if config is not None:
+        return ChatGLMConfig.from_json_file(config)
+    if (folder / "config.json").is_file():
+        return ChatGLMConfig.from_json_file(folder / "config.json")
+    return ChatGLMConfig.from_name("glm_6b")
+
+
+def check_network_entries(where: Path, entries: Iterable[CkptEntry], config: ChatGLMConfig, strict: bool = True,
+                          whole: bool = True) -> None:
+    """Check that `entries` are one ChatGLM-6B network of `config`'s shape (see `ckpt_config`).
+
+    Args:
+        where: the file (or folder) to name in errors.
+        entries: its entries.
+        config: the model config.
+        strict: refuse MindPet LoRA tensors.
+        whole: the entries come from one file (so weights cut along one dim mean one rank's shard).
+
+    Raises:
+        CheckpointError: no network tensors; one rank's shard; LoRA tensors with strict.
+    """
+    entries = {e.name: e for e in entries}
     model_entries = [e for e in entries.values() if is_model_entry(e.name)]
     if not model_entries:
-        raise CheckpointError(f"{path} holds no ChatGLM-6B network tensors (no transformer.* entries; found "
+        raise CheckpointError(f"{where} holds no ChatGLM-6B network tensors (no transformer.* entries; found "
                               f"{', '.join(list(entries)[:3]) or 'nothing'})")
-    expected = {name: tuple(p.shape) for name, p in
-                ChatGLMForConditionalGeneration(resolved, device="meta").named_parameters(remove_duplicate=False)}
+    expected = expected_shapes(config)
     mismatched = [(entry, expected[hf]) for entry in model_entries
                   if (hf := to_hf_name(entry.name)) in expected and entry.shape != expected[hf]]
     # a shard cuts some weights k ways along one dim and leaves the rest whole; other mismatches
     # (e.g. a config for another model size) are left to the loader, which names the tensor
-    if mismatched and all(_is_slice_of(entry.shape, whole) for entry, whole in mismatched):
-        entry, whole = mismatched[0]
+    if whole and mismatched and all(_is_slice_of(entry.shape, whole) for entry, whole in mismatched):
+        entry, full = mismatched[0]
         raise CheckpointError(
-            f"{path} looks like one rank's shard of a model-parallel MindFormers run ({entry.name} is "
-            f"{list(entry.shape)}, the whole model's is {list(whole)}); glm6b reads whole checkpoints: merge the "
-            f"rank_*/ files with their strategy file first (mindspore.transform_checkpoints(src_dir, dst_dir, "
-            f"prefix, src_strategy_file, None) or MindFormers' auto_trans_ckpt), then load the result")
+            f"{where} looks like one rank's shard of a model-parallel MindFormers run ({entry.name} is "
+            f"{list(entry.shape)}, the whole model's is {list(full)}): load the folder holding rank_*/ with its "
+            f"strategy file beside it (ckpt_strategy.ckpt), or merge it into an HF folder with `glm6b convert "
+            f"--input FOLDER --strategy STRATEGY_FILE --output HF_DIR`")
     lora = [e.name for e in model_entries if is_lora_entry(e.name)]
     if lora and strict:
         raise CheckpointError(
-            f"{path} holds {len(lora)} MindPet LoRA tensors ({lora[0]}, ...): convert it into a base model and a "
-            f"PEFT adapter with `glm6b convert --input {path} --output BASE_DIR --adapter-output ADAPTER_DIR "
+            f"{where} holds {len(lora)} MindPet LoRA tensors ({lora[0]}, ...): convert it into a base model and a "
+            f"PEFT adapter with `glm6b convert --input {where} --output BASE_DIR --adapter-output ADAPTER_DIR "
             f"--lora-alpha A`, then load BASE_DIR with --adapter ADAPTER_DIR (or merge it with glm6b merge-lora)")
-    return resolved
+
+
+def expected_shapes(config: ChatGLMConfig) -> dict[str, tuple[int, ...]]:
+    """HF parameter name -> shape of the model `config` describes (built on the meta device)."""
+    model = ChatGLMForConditionalGeneration(config, device="meta")
+    return {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
 
 
 def _is_slice_of(shape: tuple[int, ...], whole: tuple[int, ...]) -> bool:

@@ -26,31 +26,39 @@ Where we differ, on purpose:
 `evaluate_generation` works on a model object and lists of strings (what a trainer has at hand);
 `run_eval` is the command-line task: load a checkpoint (and a LoRA adapter), read a jsonl file, write
 predictions.jsonl and metrics.json.
+
+A MindFormers ADGEN MindRecord file (adgen_dataset.py's eval mode holds only token ids) is read by
+decoding each row's prompt ids and label ids back to text with the model's tokenizer (without
+clean-up, so a prompt encodes back to the ids stored), then scored like a jsonl file: the prompt is
+generated from, the decoded labels are the reference.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from ..auto import resolve_model_path
-from ..checkpoint.hf import load_model
-from ..config import ChatGLMConfig
+from ..api import load, resolve
+from ..config import DataConfig, DataError, GenerationConfig, LoadConfig, make_generation_config
+from ..data.adgen import ReadStats, iter_examples
+from ..data.mindrecord import is_mindrecord
+from ..data.preprocess import MindRecordDataset
+from ..inference.generation import generate
 from ..io import atomic_write_text
 from ..safety import OutputError, check_output_file
-from ..train.data import DataConfig, DataError, ReadStats, iter_examples
-from ..inference.generation import GenerationConfig, generate, make_generation_config
-from ..train.lora import load_adapter
+from ..tokenizer import load_tokenizer
 from .metrics import METRIC_NAMES, compute_metrics
-from ..tokenizer import check_tokenizer_matches, load_tokenizer
 
+logger = logging.getLogger(__name__)
 PREDICTIONS_NAME = "predictions.jsonl"
 METRICS_NAME = "metrics.json"
 
@@ -69,6 +77,7 @@ def generate_predictions(
     max_new_tokens: int = 64,
     generation_config: GenerationConfig | None = None,
     progress: bool = True,
+    generate_fn: Callable | None = None,
     **generation_kwargs,
 ) -> tuple[list[str], dict]:
     """Generate an answer for every prompt, in left-padded batches of similar length.
@@ -83,6 +92,8 @@ def generate_predictions(
         max_new_tokens: limit on generated tokens per prompt.
         generation_config: base settings; greedy when not given.
         progress: show a tqdm progress bar (on stderr).
+        generate_fn: called instead of glm6b.inference.generation.generate, with its arguments (model,
+            input_ids, attention_mask, position_ids, generation_config=, tokenizer=): e.g. a pipeline's.
         **generation_kwargs: GenerationConfig fields overriding `generation_config` (do_sample,
             temperature, top_p, top_k, repetition_penalty, seed, ...).
 
@@ -120,8 +131,9 @@ def generate_predictions(
                 rows = order[first:first + batch_size]
                 inputs = tokenizer([prompts[i] for i in rows], max_length=max_source_length, truncation=True,
                                    padding=True, return_tensors="pt")
-                sequences = generate(model, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
-                                     generation_config=config, tokenizer=tokenizer)
+                sequences = (generate_fn or generate)(model, inputs["input_ids"], inputs["attention_mask"],
+                                                      inputs["position_ids"], generation_config=config,
+                                                      tokenizer=tokenizer)
                 new_tokens = sequences[:, inputs["input_ids"].shape[1]:].cpu()
                 for row, tokens in zip(rows, new_tokens):
                     predictions[row] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
@@ -175,6 +187,7 @@ def evaluate_generation(
     max_target_length: int = 64,
     generation_config: GenerationConfig | None = None,
     progress: bool = True,
+    generate_fn: Callable | None = None,
     **generation_kwargs,
 ) -> tuple[list[str], dict | None]:
     """Generate answers for `prompts` and score them against `references` (BLEU-4, ROUGE-1/2/L).
@@ -194,6 +207,7 @@ def evaluate_generation(
             max_new_tokens.
         generation_config: base generation settings; greedy when not given.
         progress: show a progress bar.
+        generate_fn: see `generate_predictions`.
         **generation_kwargs: GenerationConfig fields (do_sample, temperature, top_p, seed, ...).
 
     Returns:
@@ -208,26 +222,44 @@ def evaluate_generation(
     predictions, _ = generate_predictions(
         model, tokenizer, prompts, batch_size=batch_size, max_source_length=max_source_length,
         max_new_tokens=max_new_tokens if max_new_tokens is not None else max_target_length,
-        generation_config=generation_config, progress=progress, **generation_kwargs)
+        generation_config=generation_config, progress=progress, generate_fn=generate_fn, **generation_kwargs)
     if references is None:
         return predictions, None
     return predictions, compute_metrics(predictions, reference_texts(tokenizer, references, max_target_length))
 
 
-def read_eval_examples(data_path: str | os.PathLike, data_config: DataConfig, mode: str) -> tuple[list, ReadStats]:
-    """The examples of an ADGEN-format jsonl file (see `glm6b.train.data.iter_examples`).
+def read_eval_examples(data_path: str | os.PathLike, data_config: DataConfig, mode: str,
+                       tokenizer=None) -> tuple[list, ReadStats]:
+    """The examples of an ADGEN-format jsonl file (see `glm6b.data.adgen.iter_examples`), or of a MindFormers
+    ADGEN MindRecord file (train or eval mode: token ids, decoded back to the prompt and answer texts).
 
     Args:
-        data_path: the jsonl file.
-        data_config: column names (and prefix / history settings).
+        data_path: the jsonl or MindRecord file.
+        data_config: column names (and prefix / history settings) of a jsonl file; the prompt budget.
         mode: "eval" needs both columns; "predict" only the prompt column.
+        tokenizer: the ChatGLMTokenizer; needed for a MindRecord file.
 
     Returns:
-        (examples, stats): glm6b.train.data.Example items in file order, and the reading counts.
+        (examples, stats): glm6b.data.adgen.Example items in file order, and the reading counts.
 
     Raises:
         DataError: unreadable file, malformed line, or no usable line.
+        MindRecordError: a MindRecord file that is not MindFormers' ADGEN layout.
     """
+    if is_mindrecord(data_path):
+        if tokenizer is None:
+            raise ValueError(f"{data_path}: a MindRecord file holds token ids; reading its examples needs the "
+                             f"tokenizer")
+        dataset = MindRecordDataset(data_path, tokenizer, data_config)
+        examples = dataset.examples
+        if not examples:
+            raise DataError(f"{data_path}: no rows")
+        longer = sum(len(tokenizer.encode(ex.prompt)) > data_config.max_source_length for ex in examples)
+        if longer:  # MindFormers cuts eval prompts by characters; glm6b keeps max_source_length tokens
+            logger.warning("%s: %d of %d prompts are longer than max_source_length = %d tokens and lose their tail "
+                           "(the card's eval file was written with 256)", data_path, longer, len(examples),
+                           data_config.max_source_length)
+        return examples, ReadStats(lines=len(examples), rows=len(examples))
     read_config = data_config
     if mode == "predict":
         # iter_examples checks (and skips empty) prompt and answer fields; point both at the prompt.
@@ -241,10 +273,9 @@ def read_eval_examples(data_path: str | os.PathLike, data_config: DataConfig, mo
 
 
 def run_eval(
-    model_path: str | os.PathLike,
+    model: LoadConfig | str | os.PathLike,
     data_path: str | os.PathLike,
     output_dir: str | os.PathLike,
-    adapter: str | os.PathLike | None = None,
     mode: Literal["eval", "predict"] = "eval",
     batch_size: int = 16,
     max_new_tokens: int | None = None,
@@ -252,13 +283,10 @@ def run_eval(
     max_target_length: int = 64,
     prompt_column: str = "content",
     response_column: str = "summary",
-    dtype: torch.dtype | str | None = None,
-    device: torch.device | str | None = None,
     progress: bool = True,
     skip_bad: bool = False,
     data_config: DataConfig | None = None,
-    quantize: str | None = None,
-    quantize_embeddings: bool = False,
+    generation_config: GenerationConfig | None = None,
     **generation_kwargs,
 ) -> dict:
     """Evaluate (or just run) a checkpoint on an ADGEN-format jsonl file and write the results.
@@ -273,26 +301,27 @@ def run_eval(
       says what was run and an older metrics.json there cannot be mistaken for this run's.
 
     Args:
-        model_path: model folder or name (see glm6b.auto.resolve_model_path).
-        data_path: jsonl file, one {prompt_column: ..., response_column: ...} object per line.
+        model: what to load (glm6b.config.LoadConfig: the folder or name, a LoRA adapter, dtype, device,
+            quantization, compile), or a model folder / name.
+        data_path: jsonl file, one {prompt_column: ..., response_column: ...} object per line, or a
+            MindFormers ADGEN MindRecord file (see the module docstring).
         output_dir: created if needed.
-        adapter: a PEFT LoRA adapter folder, applied without merging.
         mode: "eval" (generate and score) or "predict" (generate only; no references needed).
         batch_size: prompts per generate call.
         max_new_tokens: limit on generated tokens; None means max_target_length.
         max_source_length: prompt budget in tokens, [gMASK] <sop> included.
         max_target_length: reference budget in tokens (answers are truncated to it for scoring).
         prompt_column, response_column: jsonl fields (ADGEN: "content", "summary").
-        dtype, device: where and how to load the model (see glm6b.checkpoint.hf.load_model).
         progress: show a progress bar and print the results table.
         skip_bad: skip (and count) malformed lines instead of stopping at the first one (ignored
             when data_config is given: its own skip_bad applies).
         data_config: the training run's data settings (source_prefix, history_column, columns,
             lengths); when given, it replaces max_source_length, max_target_length, prompt_column and
             response_column, so the prompts are exactly those the model was trained on.
-        quantize, quantize_embeddings: weight-only int8/int4 at load (see glm6b.checkpoint.hf.load_model).
-        **generation_kwargs: GenerationConfig fields (do_sample, temperature, top_p, top_k, seed, ...);
-            greedy by default.
+        generation_config: base generation settings (greedy when not given); with compile "auto" the
+            decode step compiles as model.compile says.
+        **generation_kwargs: GenerationConfig fields overriding it (do_sample, temperature, top_p, top_k,
+            seed, ...).
 
     Returns:
         The dict written to metrics.json.
@@ -315,16 +344,16 @@ def run_eval(
     if Path(output_dir).is_dir():  # e.g. the data file itself named predictions.jsonl in that folder
         for name in ("predictions.jsonl", "metrics.json"):
             check_output_file(Path(output_dir) / name, inputs=[data_path], flag="--output-dir")
-    examples, stats = read_eval_examples(data_path, data_config, mode)
-    generation = make_generation_config(max_new_tokens=max_new_tokens, **generation_kwargs)
+    spec = model if isinstance(model, LoadConfig) else LoadConfig(load_checkpoint=os.fspath(model))
+    # A MindRecord file holds token ids: decoded with the model's tokenizer, still before the weights load.
+    tokenizer = load_tokenizer(resolve(spec).tokenizer) if is_mindrecord(data_path) else None
+    examples, stats = read_eval_examples(data_path, data_config, mode, tokenizer)
+    generation = make_generation_config(generation_config, **{**generation_kwargs, "max_new_tokens": max_new_tokens})
+    if generation.compile == "auto":
+        generation.compile = spec.compile
 
-    folder = resolve_model_path(model_path)
-    tokenizer = load_tokenizer(folder)
-    check_tokenizer_matches(tokenizer, ChatGLMConfig.from_json_file(folder / "config.json"), model_path)
+    model, tokenizer, _ = load(spec)
     generation = make_generation_config(generation, allowed_vocab_size=len(tokenizer))
-    model = load_model(folder, dtype=dtype, device=device, quantize=quantize, quantize_embeddings=quantize_embeddings)
-    if adapter is not None:
-        model = load_adapter(model, adapter)  # not merged
     prompts = [ex.prompt for ex in examples]
     predictions, timing = generate_predictions(model, tokenizer, prompts, batch_size=batch_size,
                                                max_source_length=data_config.max_source_length,
@@ -346,8 +375,8 @@ def run_eval(
         "skipped_empty": stats.skipped_empty,
         "timing": timing,
         "settings": {
-            "model": str(model_path),
-            "adapter": None if adapter is None else str(adapter),
+            "model": spec.load_checkpoint,
+            "adapter": spec.adapter,
             "data": str(data_path),
             "batch_size": batch_size,
             "max_source_length": data_config.max_source_length,

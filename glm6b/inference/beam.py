@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import torch
 
+from ..config import GenerationConfig
 from .engine import DecodeEngine, prompt_inputs
-from .sampling import GenerationConfig, new_token_budget, process_scores
+from .sampling import new_token_budget, process_scores
 
 
 class BeamHypotheses:
@@ -119,7 +120,7 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     for step in range(new_tokens):
         cur_len = sequences.shape[1]
         scores = torch.log_softmax(logits.float(), dim=-1)
-        scores = process_scores(scores, sequences, config, eos_ids[0]) + beam_scores[:, None]
+        scores = process_scores(scores, [config] * len(sequences), sequences, eos_ids[0]) + beam_scores[:, None]
         vocab = scores.shape[-1]
         top_scores, top_ids = torch.topk(scores.view(batch, beams * vocab), 2 * beams, dim=1)
         top_scores_list, top_ids_list = top_scores.tolist(), top_ids.tolist()

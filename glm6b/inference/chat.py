@@ -13,18 +13,14 @@ with these deliberate differences:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 
 import torch
 
 from .generation import generate, generate_steps, make_generation_config
+from .text import process_response, stable_length
 
 History = list[tuple[str, str]]
-
-# Rule 3 of process_response: ASCII marks next to a CJK character become full-width (spec §5.4).
-_PUNCTUATION = ((",", "，"), ("!", "！"), (":", "："), (";", "；"), ("?", "？"))
-_CJK = "[\u4e00-\u9fff]"
 
 
 def build_prompt(query: str, history: Sequence[Sequence[str]] | None = None) -> str:
@@ -44,25 +40,6 @@ def build_prompt(query: str, history: Sequence[Sequence[str]] | None = None) -> 
     for i, (old_query, response) in enumerate(history):
         prompt += f"[Round {i}]\n问：{old_query}\n答：{response}\n"
     return prompt + f"[Round {len(history)}]\n问：{query}\n答："
-
-
-def process_response(text: str) -> str:
-    """Clean up a decoded answer exactly as the reference does (spec §5.4).
-
-    Args:
-        text: the decoded answer.
-
-    Returns:
-        The text stripped, with "[[训练时间]]" replaced by "2023年" and ASCII , ! : ; ? next to a
-        CJK character (U+4E00-U+9FFF) turned into their full-width forms.
-    """
-    text = text.strip()
-    text = text.replace("[[训练时间]]", "2023年")
-    for ascii_mark, full_width in _PUNCTUATION:
-        mark = re.escape(ascii_mark)
-        text = re.sub(f"({_CJK}){mark}", rf"\g<1>{full_width}", text)
-        text = re.sub(f"{mark}({_CJK})", rf"{full_width}\g<1>", text)
-    return text
 
 
 def chat(model, tokenizer, query: str, history: Sequence[Sequence[str]] | None = None, max_length: int = 2048,
@@ -98,16 +75,19 @@ def chat(model, tokenizer, query: str, history: Sequence[Sequence[str]] | None =
 
 def stream_chat(model, tokenizer, query: str, history: Sequence[Sequence[str]] | None = None, max_length: int = 2048,
                 do_sample: bool = True, top_p: float = 0.7, temperature: float = 0.95, drop_oldest: bool = False,
-                **gen) -> Iterator[tuple[str, History]]:
+                stable_only: bool = False, **gen) -> Iterator[tuple[str, History]]:
     """Like `chat`, yielding the answer so far after every generated token.
 
     Each partial is the decode of all tokens generated so far, cleaned up by process_response (so
-    a later partial can differ from an earlier one in its last characters, not only extend it).
-    The last partial equals what `chat` returns for the same inputs and random state.
+    a later partial can differ from an earlier one in its last characters, not only extend it),
+    unless `stable_only`: then only the part later tokens cannot change is yielded (glm6b.inference.text.
+    stable_length), whenever it grows, so each partial extends the one before; the last partial is the
+    whole answer either way, and equals what `chat` returns for the same inputs and random state.
 
     Args:
         model, tokenizer, query, history, max_length, do_sample, top_p, temperature, drop_oldest,
             **gen: as for `chat`.
+        stable_only: yield growing stable prefixes only (what a terminal or a web page prints).
 
     Yields:
         (partial_response, history + [(query, partial_response)]), at least once.
@@ -123,13 +103,20 @@ def stream_chat(model, tokenizer, query: str, history: Sequence[Sequence[str]] |
         return
     stop_ids = _stop_ids(model.config, config)
     ids: list[int] = []
-    response = None  # the first step always yields: at least one new token is generated
+    response = None
+    sent = ""  # with stable_only: the partial yielded last
     for next_tokens, _, _ in generate_steps(model, input_ids, config=config, tokenizer=tokenizer):
         token = int(next_tokens[0])
         ids.append(token)
         previous, response = response, _decode_response(tokenizer, ids)
-        if token in stop_ids and response == previous:
-            continue  # <eop> decodes to nothing: the last partial already is the answer
+        if not stable_only:
+            if token in stop_ids and response == previous:
+                continue  # <eop> decodes to nothing: the last partial already is the answer
+            yield response, history + [(query, response)]
+        elif len(stable := response[:stable_length(response, config.stop_strings or (), chat=True)]) > len(sent):
+            sent = stable
+            yield sent, history + [(query, sent)]
+    if stable_only and response != sent:  # what was held back at the end (at least one token was generated)
         yield response, history + [(query, response)]
 
 

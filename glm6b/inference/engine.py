@@ -25,7 +25,7 @@ and the results are those of one pass (the reference's, padding positions includ
 Compilation (`compile="auto"`, the default) is on for CUDA models and for CPU models whose decode step
 reads at least `COMPILE_ON_CPU_FROM_BYTES` of weights (every real ChatGLM-6B, in any precision); tiny
 models (tests, the quickstart) run eagerly, as a compile would take longer than their whole run. True
-or False force it either way (per call, or per model with glm6b.load_model(compile=...)).
+or False force it either way (per call, or per model with glm6b.load(LoadConfig(compile=...))).
 
 On CUDA the whole step is one compiled graph. On the CPU each layer's step (GLMBlock.decode) is
 compiled, and one graph serves all layers, as it takes everything that differs between layers (the
@@ -43,7 +43,9 @@ import functools
 
 import torch
 
-from ..model import GLMBlock, StaticKVCache, build_mask_and_positions
+from ..config import check_compile
+from ..model import GLMBlock, StaticKVCache
+from ..model import prompt_inputs as derive_prompt_inputs
 from ..quant.linear import use_bf16_decode_kernels
 
 DEFAULT_PREFILL_CHUNK_SIZE = 512
@@ -52,22 +54,13 @@ DEFAULT_PREFILL_CHUNK_SIZE = 512
 COMPILE_ON_CPU_FROM_BYTES = 256 * 2**20
 
 
-def default_device() -> torch.device:
-    """CUDA when available, else the CPU (inference's default device)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def should_compile(model, compile: bool | str = "auto") -> bool:
-    """Resolve the `compile` setting for a model: True, False, or "auto" (see the module docstring;
-    "auto" first takes the model's `compile_default` when it has one, as glm6b.api.ChatGLM does).
+    """Resolve the `compile` setting for a model: True, False, or "auto" (see the module docstring).
 
     Raises:
         ValueError: a value other than True, False or "auto".
     """
-    if compile not in (True, False, "auto"):
-        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
-    if compile == "auto":  # a model loaded with glm6b.load_model(compile=...) carries its own default
-        compile = getattr(model, "compile_default", "auto")
+    check_compile(compile)
     if compile != "auto":
         return bool(compile)
     return model.device.type == "cuda" or weight_bytes(model) >= COMPILE_ON_CPU_FROM_BYTES
@@ -81,25 +74,10 @@ def weight_bytes(model) -> int:
 
 def prompt_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                   position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompt's prefix-LM mask [B, 1, T, T] and positions [B, 2, T] for `DecodeEngine.prefill`.
-
-    Args:
-        model: gives the config (special ids).
-        input_ids: [B, T] prompts.
-        attention_mask: the tokenizer's [B, 1, T, T] bool mask, a [B, T] 0/1 padding mask, or None.
-        position_ids: the tokenizer's [B, 2, T], or None.
-
-    Returns:
-        The given tensors, or those built from the ids (spec 4.7), on the ids' device.
-    """
-    padding_mask = None
-    if attention_mask is not None and attention_mask.dim() == 2:
-        padding_mask, attention_mask = attention_mask, None
-    if attention_mask is None or position_ids is None:
-        built_mask, built_positions = build_mask_and_positions(input_ids, model.config, padding_mask)
-        attention_mask = built_mask if attention_mask is None else attention_mask
-        position_ids = built_positions if position_ids is None else position_ids
-    return attention_mask.to(input_ids.device), position_ids.to(input_ids.device)
+    """The prompt's prefix-LM mask [B, 1, T, T] and positions [B, 2, T] for `DecodeEngine.prefill`, on the
+    ids' device (glm6b.model.prompt_inputs with the model's config: the given ones, or derived from the ids)."""
+    mask, positions = derive_prompt_inputs(input_ids, model.config, attention_mask, position_ids)
+    return mask.to(input_ids.device), positions.to(input_ids.device)
 
 
 def decode_step(model, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

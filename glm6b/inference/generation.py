@@ -1,9 +1,8 @@
 """Token generation: greedy, sampling and beam search over a batch, stop conditions, streaming.
 
 The prompt is run once (prefill into the decode engine's static KV cache); each later step feeds
-only the newest token of every row through the engine's (compiled) decode step. Logits processing
-is in glm6b.inference.sampling (transformers 4.27.1's order), beam search in glm6b.inference.beam;
-the names they define are importable from here as well.
+only the newest token of every row through the engine's (compiled) decode step. Tokens are chosen by
+the sampler of glm6b.inference.sampling (transformers 4.27.1's order), beams by glm6b.inference.beam.
 """
 
 from __future__ import annotations
@@ -13,14 +12,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import GenerationConfig, make_generation_config
 from .beam import beam_search
 from .engine import DecodeEngine, prompt_inputs
-from .sampling import (GenerationConfig, apply_repetition_penalty, apply_top_k, apply_top_p, choose_next_tokens,
-                       guard_invalid_scores, make_generation_config, new_token_budget, process_scores)
+from .sampling import choose_tokens, new_token_budget, process_scores, row_generators
+from .text import TextStreamer
 
-__all__ = ["GenerationConfig", "GenerationOutput", "TextStreamer", "apply_repetition_penalty", "apply_top_k",
-           "apply_top_p", "choose_next_tokens", "generate", "generate_steps", "guard_invalid_scores",
-           "make_generation_config", "process_scores"]
+__all__ = ["GenerationConfig", "GenerationOutput", "TextStreamer", "generate", "generate_steps",
+           "make_generation_config"]
 
 
 @dataclass
@@ -84,16 +83,15 @@ def generate_steps(
         rows = torch.arange(batch, device=device).repeat_interleave(n)
         engine.reorder_rows(rows)
         logits, sequences = logits[rows], sequences[rows]
-    generator = None
-    if config.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(config.seed)
+    settings = [config] * sequences.shape[0]
+    generators = row_generators(config.seed, sequences.shape[0])
     eos = torch.tensor(eos_ids, device=device)
     finished = torch.zeros(sequences.shape[0], dtype=torch.bool, device=device)
     generated_texts_start = prompt_len
 
     for step in range(new_tokens):
-        scores = process_scores(logits, sequences, config, eos_ids[0])
-        next_tokens = choose_next_tokens(scores, config.do_sample, generator)
+        scores = process_scores(logits, settings, sequences, eos_ids[0])
+        next_tokens = choose_tokens(scores, settings, generators)
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
         sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
         finished = finished | torch.isin(next_tokens, eos)
@@ -151,39 +149,3 @@ def generate(
     if columns:
         sequences = torch.cat([sequences, torch.stack(columns, dim=1)], dim=1)
     return GenerationOutput(sequences, scores) if output_scores else sequences
-
-
-class TextStreamer:
-    """Turns a growing list of generated ids into text deltas that never need taking back.
-
-    Each call decodes everything generated so far and releases only the part that later tokens
-    cannot change: it holds back an incomplete UTF-8 byte sequence (decoded as U+FFFD), and a
-    short tail that starts with a space (decoding's clean-up may still remove that space, as in
-    " ," -> ","). The concatenated deltas equal the final decoded text.
-    """
-
-    HOLD = 5  # longest clean-up pattern (" n't", " 've") plus one
-
-    def __init__(self, tokenizer, **decode_kwargs):
-        self.tokenizer = tokenizer
-        self.decode_kwargs = decode_kwargs
-        self.ids: list[int] = []
-        self.sent = ""
-
-    def push(self, token_ids: int | Sequence[int]) -> str:
-        self.ids.extend(_as_list(token_ids))
-        text = self.tokenizer.decode(self.ids, **self.decode_kwargs)
-        stable = len(text.rstrip("\ufffd"))
-        space = text.rfind(" ", max(0, stable - self.HOLD), stable)
-        if space != -1:
-            stable = space
-        return self._release(text[:stable])
-
-    def flush(self) -> str:
-        return self._release(self.tokenizer.decode(self.ids, **self.decode_kwargs))
-
-    def _release(self, text: str) -> str:
-        if not text.startswith(self.sent) or len(text) <= len(self.sent):
-            return ""
-        delta, self.sent = text[len(self.sent):], text
-        return delta

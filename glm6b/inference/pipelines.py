@@ -1,6 +1,7 @@
-"""The text-generation pipeline: (model, tokenizer) or a model name/folder -> a callable over prompts.
+"""The text-generation pipeline: (model, tokenizer) -> a callable over prompts (`glm6b.pipeline` builds one
+from a model name or folder, see glm6b.auto).
 
-    pipe = pipeline("text_generation", model="glm_6b", max_new_tokens=64, do_sample=False)
+    pipe = TextGenerationPipeline(model, tokenizer, max_new_tokens=64, do_sample=False)
     pipe("你好")          # [{'text_generation_text': ['...']}]
     pipe(["a", "b"])      # one dict per prompt
 
@@ -12,14 +13,11 @@ a submodule `glm6b.pipeline` would rebind that package attribute to the module.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
-from ..auto import AutoModel, AutoTokenizer
 from ..tokenizer import check_tokenizer_matches
 from .generation import generate, make_generation_config
 
-SUPPORTED_TASKS = ("text_generation",)
 OUTPUT_KEY = "text_generation_text"
 
 
@@ -84,40 +82,3 @@ class TextGenerationPipeline:
             for i in range(len(chunk)):
                 results.append({OUTPUT_KEY: decoded[i * n:(i + 1) * n]})
         return results
-
-
-def pipeline(task: str, model=None, tokenizer=None, batch_size: int = 8, dtype=None, device=None,
-             **gen) -> TextGenerationPipeline:
-    """Build a pipeline for a task.
-
-    Args:
-        task: "text_generation" (also accepted: "text-generation").
-        model: a model object, a folder path, or a model name ("glm_6b", "glm_6b_chat"; looked up
-            under $GLM6B_HOME). None means "glm_6b".
-        tokenizer: a tokenizer object, folder path or name; None loads it from the model's folder
-            (required when `model` is an object).
-        batch_size: prompts per generate call.
-        dtype, device: used when the model is loaded from a folder or name.
-        **gen: default generation options (see TextGenerationPipeline).
-
-    Returns:
-        The pipeline.
-
-    Raises:
-        ValueError: unknown task, or a model object without a tokenizer.
-        ModelNotFoundError: a model name/folder that does not exist locally.
-    """
-    if task.replace("-", "_") not in SUPPORTED_TASKS:
-        raise ValueError(f"unknown pipeline task {task!r}; supported: {', '.join(SUPPORTED_TASKS)} "
-                         f"(also spelled 'text-generation')")
-    if model is None:
-        model = "glm_6b"
-    if isinstance(model, (str, os.PathLike)):
-        if tokenizer is None:
-            tokenizer = model
-        model = AutoModel.from_pretrained(model, dtype=dtype, device=device)
-    elif tokenizer is None:
-        raise ValueError("pipeline: pass tokenizer=... along with a model object (or pass a model folder or name)")
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    return TextGenerationPipeline(model, tokenizer, batch_size=batch_size, **gen)

@@ -1,98 +1,16 @@
-"""What to generate and how tokens are chosen: GenerationConfig and the logits processing.
+"""How tokens are chosen: the one sampler (`process_scores`, `choose_tokens`) every decoding loop uses.
 
-Logits processing follows transformers 4.27.1, which the reference uses: repetition penalty and the
-invalid-score guard first, then temperature, top-k and top-p, then a multinomial draw.
+Logits processing follows transformers 4.27.1, which the reference uses: the invalid-score guard and
+the repetition penalty first, then temperature, top-k and top-p, then one draw from the distribution.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Literal
+from collections.abc import Sequence
 
 import torch
 
-
-@dataclass
-class GenerationConfig:
-    """How to generate. Defaults are those of transformers' `generate` for this model.
-
-    Attributes:
-        max_length: total length limit, prompt included (padding counts, as in transformers).
-        max_new_tokens: limit on generated tokens; overrides max_length when set.
-        do_sample: sample instead of taking the argmax.
-        temperature, top_k, top_p: sampling warpers (top_k=0 and top_p=1.0 disable them).
-        repetition_penalty: >1 discourages tokens already in the sequence (CTRL-style).
-        num_return_sequences: samples per prompt.
-        eos_token_id: stop token(s); None takes the model config's <eop>.
-        pad_token_id: filler after a row stops; None takes the model config's <pad>.
-        stop_strings: stop a row once its decoded text contains one of these (needs a tokenizer).
-        seed: seeds a private generator for sampling; None uses torch's global RNG.
-        allowed_vocab_size: never produce ids at or above this (the model's vocab has unused
-            padding rows past the tokenizer's vocabulary, which cannot be decoded).
-        num_beams: beam search with this many beams when > 1 (greedy, not sampled; see
-            glm6b.inference.beam).
-        length_penalty: beam hypotheses are ranked by sum of log-probabilities / length**length_penalty
-            (length = prompt + generated tokens, as in transformers 4.27).
-        early_stopping: beam search stops a prompt once num_beams hypotheses are finished (True),
-            when no running beam can still beat the worst finished one by the usual estimate (False),
-            or only when none can beat it at the maximum length ("never").
-        compile: run the decode step compiled (True), eagerly (False), or "auto": compiled on CUDA
-            and for CPU models of real size, eager for tiny ones (glm6b.inference.engine).
-        prefill_chunk_size: prompt tokens per chunk when filling the KV cache.
-    """
-
-    max_length: int | None = 20
-    max_new_tokens: int | None = None
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    num_return_sequences: int = 1
-    eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
-    stop_strings: list[str] | None = None
-    seed: int | None = None
-    allowed_vocab_size: int | None = None
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    early_stopping: bool | Literal["never"] = False
-    compile: bool | Literal["auto"] = "auto"
-    prefill_chunk_size: int = 512
-
-    def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(f"generation: {message}")
-
-        need(self.max_new_tokens is None or self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
-        need(self.max_length is None or self.max_length >= 1, "max_length must be >= 1")
-        need(self.temperature > 0, "temperature must be > 0 (use do_sample=False for greedy)")
-        need(self.top_k >= 0, "top_k must be >= 0")
-        need(0 < self.top_p <= 1, "top_p must be in (0, 1]")
-        need(self.repetition_penalty > 0, "repetition_penalty must be > 0")
-        need(self.num_return_sequences >= 1, "num_return_sequences must be >= 1")
-        need(self.num_beams >= 1, "num_beams must be >= 1")
-        need(self.num_beams == 1 or not self.do_sample,
-             "num_beams > 1 is beam search, which does not sample: pass do_sample=False")
-        need(self.num_beams == 1 or self.num_return_sequences <= self.num_beams,
-             f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")
-        need(self.num_beams > 1 or self.do_sample or self.num_return_sequences == 1,
-             "num_return_sequences > 1 needs do_sample=True or num_beams > 1 (greedy decoding gives one answer)")
-        need(self.early_stopping in (True, False, "never"), "early_stopping must be true, false or 'never'")
-        need(self.compile in (True, False, "auto"), "compile must be true, false or 'auto'")
-        need(self.prefill_chunk_size >= 1, "prefill_chunk_size must be >= 1")
-
-
-def make_generation_config(base: GenerationConfig | None = None, **kwargs) -> GenerationConfig:
-    """A GenerationConfig from keyword arguments; unknown names are an error that lists them."""
-    known = {f.name for f in fields(GenerationConfig)}
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        raise TypeError(f"unknown generation argument(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    config = GenerationConfig(**{**(vars(base) if base else {}), **kwargs})
-    config.validate()
-    return config
+from ..config import GenerationConfig
 
 
 def new_token_budget(config: GenerationConfig, prompt_len: int) -> int:
@@ -110,10 +28,16 @@ def new_token_budget(config: GenerationConfig, prompt_len: int) -> int:
     return new_tokens
 
 
-# ----------------------------------------------------------------------------------- logits processing
+# ----------------------------------------------------------------------------------- the sampler
+#
+# One sampler for every decoding loop (generate, chat, evaluation, the server's scheduler, beam
+# search's scores): each row has its own settings (a GenerationConfig: greedy or temperature / top-k /
+# top-p, repetition penalty, vocabulary limit) and its own random generator, so rows with different
+# settings decode in one batch and a seeded row draws the same tokens whatever rows share its batch.
 
 
 def apply_repetition_penalty(scores: torch.Tensor, sequences: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty on every token in `sequences` [n, T]: positive scores divided by it, negative ones multiplied."""
     seen = torch.gather(scores, 1, sequences)
     seen = torch.where(seen < 0, seen * penalty, seen / penalty)
     return scores.scatter(1, sequences, seen)
@@ -131,43 +55,95 @@ def guard_invalid_scores(scores: torch.Tensor, eos_token_id: int) -> torch.Tenso
     return torch.where(bad, forced, scores)
 
 
-def apply_top_k(scores: torch.Tensor, top_k: int) -> torch.Tensor:
-    top_k = min(top_k, scores.shape[-1])
-    kth = torch.topk(scores, top_k).values[..., -1:]
-    return scores.masked_fill(scores < kth, float("-inf"))
+def _top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """transformers' TopKLogitsWarper then TopPLogitsWarper, row by row settings, on [n, V] scores.
+
+    Top-k keeps each row's k best (k = V where it is off). Top-p then drops the least likely tokens whose
+    total mass is <= 1 - top_p, the most likely token always kept. Both work on the k_max best columns
+    only (everything else is already -inf after top-k), so a row with top_k 50 never sorts the vocabulary.
+    """
+    values, candidates = scores.topk(int(top_k.max()), dim=-1)  # [n, K], most likely first
+    ranks = torch.arange(values.shape[-1], device=scores.device)
+    values = values.masked_fill(ranks[None] >= top_k[:, None], float("-inf"))
+    # The mass of each token and all less likely ones, summed from the least likely up (transformers' order).
+    tail_mass = values.softmax(dim=-1).flip(-1).cumsum(-1).flip(-1)
+    drop = tail_mass <= (1 - top_p)[:, None]
+    drop[:, 0] = False
+    return torch.full_like(scores, float("-inf")).scatter(1, candidates, values.masked_fill(drop, float("-inf")))
 
 
-def apply_top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus filtering as transformers does it: drop the low tail whose mass is <= 1 - top_p."""
-    sorted_scores, sorted_idx = torch.sort(scores, descending=False)
-    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    remove_sorted = cumulative <= (1 - top_p)
-    remove_sorted[..., -1:] = False  # always keep the most likely token
-    remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
-    return scores.masked_fill(remove, float("-inf"))
+def process_scores(logits: torch.Tensor, settings: Sequence[GenerationConfig],
+                   histories: torch.Tensor | Sequence[torch.Tensor] | None, eos_token_id: int) -> torch.Tensor:
+    """The scores each row's next token is chosen from, in transformers 4.27.1's order.
 
+    The NaN/Inf guard (on the model's own scores), the vocabulary limit (allowed_vocab_size) and the
+    repetition penalty apply to every row; temperature, top-k and top-p to the rows that sample.
 
-def process_scores(scores: torch.Tensor, sequences: torch.Tensor, config: GenerationConfig,
-                   eos_token_id: int) -> torch.Tensor:
-    """Processors then (when sampling) warpers, in transformers 4.27.1's order."""
-    # The guard looks at the model's own scores, before the -inf that filtering below introduces.
-    scores = guard_invalid_scores(scores.float(), eos_token_id)
-    if config.allowed_vocab_size is not None and config.allowed_vocab_size < scores.shape[-1]:
-        scores[:, config.allowed_vocab_size:] = float("-inf")
-    if config.repetition_penalty != 1.0:
-        scores = apply_repetition_penalty(scores, sequences, config.repetition_penalty)
-    if config.do_sample:
-        if config.temperature != 1.0:
-            scores = scores / config.temperature
-        if config.top_k > 0:
-            scores = apply_top_k(scores, config.top_k)
-        if config.top_p < 1.0:
-            scores = apply_top_p(scores, config.top_p)
+    Args:
+        logits: [n, V] the model's logits (or log-probabilities: beam search).
+        settings: one GenerationConfig per row (the same object for all rows is fine).
+        histories: the tokens each row has seen, for the repetition penalty: an [n, T] tensor or one
+            1-D tensor per row (None when no row has a penalty).
+        eos_token_id: what a row with NaN/Inf scores is forced to produce.
+
+    Returns:
+        [n, V] float32 scores, -inf where filtered.
+    """
+    scores = guard_invalid_scores(logits.float(), eos_token_id)
+    vocab = scores.shape[-1]
+    for limit in {s.allowed_vocab_size for s in settings}:
+        if limit is not None and limit < vocab:
+            rows = [i for i, s in enumerate(settings) if s.allowed_vocab_size == limit]
+            scores[rows, limit:] = float("-inf")
+    penalties = {s.repetition_penalty for s in settings}
+    if len(penalties) == 1 and isinstance(histories, torch.Tensor):  # one penalty for the whole batch
+        if penalties != {1.0}:
+            scores = apply_repetition_penalty(scores, histories, penalties.pop())
+    else:
+        for i, s in enumerate(settings):
+            if s.repetition_penalty != 1.0:
+                scores[i:i + 1] = apply_repetition_penalty(scores[i:i + 1], histories[i].reshape(1, -1),
+                                                           s.repetition_penalty)
+    sampled = [i for i, s in enumerate(settings) if s.do_sample]
+    if sampled:
+        rows = torch.tensor(sampled, device=scores.device)
+        chosen = [settings[i] for i in sampled]
+        warped = scores[rows] / torch.tensor([s.temperature for s in chosen], device=scores.device)[:, None]
+        if any(0 < s.top_k < vocab or s.top_p < 1.0 for s in chosen):
+            top_k = torch.tensor([s.top_k if 0 < s.top_k < vocab else vocab for s in chosen], device=scores.device)
+            top_p = torch.tensor([s.top_p for s in chosen], device=scores.device)
+            warped = _top_k_top_p(warped, top_k, top_p)
+        scores[rows] = warped
     return scores
 
 
-def choose_next_tokens(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | None) -> torch.Tensor:
-    if not do_sample:
-        return scores.argmax(dim=-1)
-    probs = scores.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+def choose_tokens(scores: torch.Tensor, settings: Sequence[GenerationConfig],
+                  generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """The next token of each row from its processed scores: the argmax for greedy rows, a draw from
+    softmax(scores) with the row's own generator (torch's global RNG where it is None) for the others.
+
+    Args:
+        scores: [n, V] from `process_scores`.
+        settings: one GenerationConfig per row.
+        generators: one CPU torch.Generator (or None) per row; rows may share one (drawn in row order).
+
+    Returns:
+        [n] int64 token ids.
+    """
+    tokens = scores.argmax(dim=-1)
+    sampled = [i for i, s in enumerate(settings) if s.do_sample]
+    if sampled:
+        rows = torch.tensor(sampled, device=scores.device)
+        cdf = scores[rows].softmax(dim=-1).cumsum(dim=-1)  # [m, V]
+        draws = torch.stack([torch.rand((), generator=generators[i]) for i in sampled]).to(scores.device)
+        # The first token whose cumulative probability exceeds the draw (scaled by the total, so that rounding
+        # can never step past the last possible token; a token of probability 0 never gets chosen).
+        tokens[rows] = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)[:, 0]
+    return tokens
+
+
+def row_generators(seed: int | None, rows: int) -> list[torch.Generator | None]:
+    """The generators of `rows` rows that sample with one `seed`: one seeded generator they share (drawn in
+    row order, so the run repeats), or None (torch's global RNG)."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return [generator] * rows

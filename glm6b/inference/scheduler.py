@@ -39,19 +39,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import GenerationConfig
 from ..model import build_mask_and_positions
-from .chat import process_response
 from .engine import DecodeEngine
-from .generation import TextStreamer
-from .sampling import guard_invalid_scores
+from .sampling import choose_tokens, process_scores
+from .text import process_response, stable_length
 
 log = logging.getLogger(__name__)
-
-# process_response turns an ASCII mark followed by a CJK character into its full-width form, and
-# replaces this marker: a text ending in a mark or in part of the marker may still change.
-_MARKS = ",!:;?"
-_TRAINING_TIME = "[[训练时间]]"
-
 
 # Tokens decoded again at every step at most (about): older ones are decoded once into a fixed head.
 _DECODE_WINDOW = 32
@@ -64,36 +58,29 @@ class QueueFullError(RuntimeError):
 
 
 @dataclass
-class SamplingParams:
-    """How one request generates.
+class SamplingParams(GenerationConfig):
+    """How one request generates: a GenerationConfig (validated and sampled as every other decoding loop's,
+    glm6b.inference.sampling) with THUDM's chat settings as defaults, and the OpenAI API's name `stop`.
 
     Attributes:
         max_new_tokens: limit on generated tokens (<eop> included).
         do_sample: sample; False takes the argmax (greedy).
-        temperature, top_k, top_p: sampling warpers, applied in transformers' order (top_k=0 and
-            top_p=1.0 disable them).
+        temperature, top_k, top_p, repetition_penalty: as in GenerationConfig.
         seed: seeds this request's own random generator; None draws a fresh seed.
-        stop: strings that end the answer; the text is cut before the first one found.
+        stop: strings that end the answer (GenerationConfig.stop_strings); the text is cut before the
+            first one found.
     """
 
-    max_new_tokens: int
+    max_new_tokens: int | None = None
     do_sample: bool = True
     temperature: float = 0.95
-    top_k: int = 50
     top_p: float = 0.7
-    seed: int | None = None
     stop: Sequence[str] = ()
 
-    def validate(self) -> None:
-        """Raise ValueError naming the first impossible setting."""
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.do_sample and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+    def __post_init__(self) -> None:
+        if self.max_new_tokens is None:
+            raise ValueError("SamplingParams: max_new_tokens is required (the request's token limit)")
+        self.stop_strings = [s for s in self.stop if s] or None
 
 
 @dataclass
@@ -156,8 +143,7 @@ class _Row:
         self.final_text = ""
         seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
-        stops = self.params.stop or ()
-        self.stops = [s for s in stops if s]
+        self.stops = self.params.stop_strings or []
 
     def text(self, exact: bool = False) -> str:
         """The answer so far: decoded (incrementally unless `exact`) and, for chat, cleaned up."""
@@ -205,26 +191,7 @@ class _Row:
         if self.finish_reason is not None:
             self.final_text = text
             return self._release(text)
-        return self._release(text[:self._stable_length(text)])
-
-    def _stable_length(self, text: str) -> int:
-        """How much of `text` later tokens can no longer change."""
-        stable = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence decodes as U+FFFD
-        space = text.rfind(" ", max(0, stable - TextStreamer.HOLD), stable)  # clean-up may drop a space
-        if space != -1:
-            stable = space
-        holds = [self.stops]
-        if self.request.chat:
-            if stable and text[stable - 1] in _MARKS:
-                stable -= 1
-            holds.append([_TRAINING_TIME])
-        for strings in holds:  # a tail that may be the start of a stop string or of the marker
-            for s in strings:
-                for k in range(min(len(s) - 1, stable), 0, -1):
-                    if text[:stable].endswith(s[:k]):
-                        stable -= k
-                        break
-        return stable
+        return self._release(text[:stable_length(text, self.stops, chat=self.request.chat)])
 
     def _release(self, text: str) -> str:
         if len(text) <= len(self.sent) or not text.startswith(self.sent):
@@ -306,6 +273,8 @@ class Scheduler:
             ValueError: impossible settings, or a prompt + token limit beyond the context length.
         """
         request.params.validate()
+        if request.params.allowed_vocab_size is None:
+            request.params.allowed_vocab_size = self.vocab_limit
         total = len(request.prompt_ids) + request.params.max_new_tokens
         if not request.prompt_ids or total > self.context_length:
             raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens "
@@ -484,31 +453,10 @@ class Scheduler:
         self._emit(row.request, Event(text, reason, len(row.ids), len(row.request.prompt_ids), full, error))
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
-        """Next token per row: greedy rows take the argmax, the others sample with their own settings."""
-        scores = guard_invalid_scores(logits.float(), self.eos_id)
-        if self.vocab_limit < scores.shape[-1]:
-            scores[:, self.vocab_limit:] = float("-inf")
-        tokens = scores.argmax(dim=-1)
-        sampled = [i for i, row in enumerate(rows) if row.params.do_sample]
-        if sampled:
-            index = torch.tensor(sampled, device=scores.device)
-            params = [rows[i].params for i in sampled]
-            temperature = torch.tensor([p.temperature for p in params], device=scores.device)
-            s = scores[index] / temperature[:, None]
-            vocab = s.shape[-1]
-            top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-            values, candidates = s.topk(max(top_k), dim=-1)  # sorted, most likely first
-            ranks = torch.arange(values.shape[-1], device=s.device)
-            values = values.masked_fill(ranks[None] >= torch.tensor(top_k, device=s.device)[:, None], float("-inf"))
-            # top-p as transformers does it: drop the least likely tokens whose total mass is <= 1 - top_p.
-            top_p = torch.tensor([p.top_p for p in params], device=s.device)
-            tail_mass = values.softmax(dim=-1).flip(-1).cumsum(-1).flip(-1)  # this token and all less likely
-            drop = tail_mass <= (1 - top_p)[:, None]
-            drop[:, 0] = False
-            probs = values.masked_fill(drop, float("-inf")).softmax(dim=-1)
-            draws = torch.stack([torch.rand((), generator=rows[i].generator) for i in sampled]).to(s.device)
-            choice = torch.searchsorted(probs.cumsum(-1), draws[:, None])
-            # Rounding can leave the cumulative sum a hair under the draw: stay on a possible token.
-            choice = torch.minimum(choice, (probs > 0).sum(-1, keepdim=True) - 1)
-            tokens[index] = candidates.gather(1, choice)[:, 0]
-        return tokens.tolist()
+        """Next token per row, each with its own settings and random generator (glm6b.inference.sampling)."""
+        settings = [row.params for row in rows]
+        histories = None
+        if any(p.repetition_penalty != 1.0 for p in settings):
+            histories = [torch.tensor(row.request.prompt_ids + row.ids, device=logits.device) for row in rows]
+        scores = process_scores(logits, settings, histories, self.eos_id)
+        return choose_tokens(scores, settings, [row.generator for row in rows]).tolist()

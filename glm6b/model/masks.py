@@ -78,6 +78,32 @@ def build_mask_and_positions(
     return _masks_and_positions(t, c, mask_pos, pad, real)
 
 
+def prompt_inputs(input_ids: torch.Tensor, config: ChatGLMConfig, attention_mask: torch.Tensor | None = None,
+                  position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt's prefix-LM mask [B, 1, T, T] and positions [B, 2, T]: the given ones, or those derived from
+    the ids (`build_mask_and_positions`, model rule). The one place a prompt's inputs are completed, for the
+    model's forward and for the decode engine's prefill.
+
+    Args:
+        input_ids: [B, T] prompts.
+        config: gives the special ids.
+        attention_mask: the tokenizer's [B, 1, T, T] bool mask, a [B, T] 0/1 padding mask (1 = real
+            token), or None.
+        position_ids: the tokenizer's [B, 2, T], or None.
+
+    Raises:
+        InputError: a mask or positions must be derived and a row lacks <sop> or [gMASK]/[MASK].
+    """
+    padding_mask = None
+    if attention_mask is not None and attention_mask.dim() == 2:
+        padding_mask, attention_mask = attention_mask, None
+    if attention_mask is None or position_ids is None:
+        built_mask, built_positions = build_mask_and_positions(input_ids, config, padding_mask)
+        attention_mask = built_mask if attention_mask is None else attention_mask
+        position_ids = built_positions if position_ids is None else position_ids
+    return attention_mask, position_ids
+
+
 def _masks_and_positions(t, c, mask_pos, pad, real) -> tuple[torch.Tensor, torch.Tensor]:
     # Query i sees key j when both are real tokens and j is in the context (j < c) or j <= i.
     i, j = t[:, None], t[None, :]

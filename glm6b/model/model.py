@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ChatGLMConfig
 from .cache import KVCache, PrefixPast, StaticKVCache, write_slots
-from .masks import InputError, build_mask_and_positions
+from .masks import InputError, prompt_inputs
 
 # The reference's GLMBlock takes `num_layers` with a default of 28 and the model never passes
 # config.num_layers, so the residual scale is sqrt(2 * 28) for every depth (spec 4.2).
@@ -426,15 +426,10 @@ class ChatGLMForConditionalGeneration(nn.Module):
                              f"passed as kv_cache=KVCache(...) (there is no past_key_values / use_cache)")
         batch, length = source.shape[:2]
         first_call = kv_cache is None or kv_cache.length == 0
-        padding_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2:
-            padding_mask, attention_mask = attention_mask, None
-        if first_call and (attention_mask is None or position_ids is None):
+        if first_call and (attention_mask is None or attention_mask.dim() == 2 or position_ids is None):
             if input_ids is None:
                 raise InputError("with inputs_embeds, pass attention_mask and position_ids as well")
-            built_mask, built_positions = build_mask_and_positions(input_ids, c, padding_mask)
-            attention_mask = built_mask if attention_mask is None else attention_mask
-            position_ids = built_positions if position_ids is None else position_ids
+            attention_mask, position_ids = prompt_inputs(input_ids, c, attention_mask, position_ids)
         if position_ids is None:
             raise InputError("decoding with a KV cache needs position_ids for the new tokens")
 

@@ -27,6 +27,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
 
+from ..api import load
+from ..config import LoadConfig
 from ..inference.scheduler import Scheduler
 from . import openai, thudm
 from .metrics import CONTENT_TYPE, Metrics
@@ -51,14 +53,15 @@ class Server:
         max_batch: rows decoded together.
         max_queue: requests waiting for a row before 429.
         max_tokens: most tokens one request may generate (default: the context length).
+        compile: the decode step's compilation (True, False or "auto"; see glm6b.inference.engine).
     """
 
     def __init__(self, model, tokenizer, model_name: str = "glm6b", api_key: str | None = None, max_batch: int = 8,
-                 max_queue: int = 64, max_tokens: int | None = None):
+                 max_queue: int = 64, max_tokens: int | None = None, compile: bool | str = "auto"):
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.api_key = api_key or None
-        self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+        self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue, compile=compile)
         self.context_length = self.scheduler.context_length
         self.max_tokens = min(max_tokens or self.context_length, self.context_length)
         if self.max_tokens < 1:
@@ -176,61 +179,22 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
-def load_for_serving(model: str, adapter: str | None = None, quantize: str | None = None, dtype: str | None = None,
-                     device: str | None = None):
-    """(model, tokenizer, name) for `glm6b serve`: the folder or named model, a LoRA adapter merged in,
-    weight-only int8/int4 quantization if asked (after the merge).
-
-    Raises:
-        ModelNotFoundError, CheckpointError, ConfigError: unusable model or adapter folder.
-        ValueError: an unknown --quantize value, or quantization unavailable in this installation.
-    """
-    from ..auto import AutoModel, AutoTokenizer, resolve_model_path
-
-    if quantize not in (None, "int8", "int4"):
-        raise ValueError(f"--quantize must be int8 or int4, got {quantize!r}")
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    try:
-        if adapter is None and quantize is not None:
-            loaded = AutoModel.from_pretrained(model, dtype=dtype, device=device, quantize=quantize)
-        else:
-            loaded = AutoModel.from_pretrained(model, dtype=dtype, device=device)
-        if adapter is not None:
-            from ..train.lora import load_adapter
-
-            loaded = load_adapter(loaded, adapter).merge_and_unload()
-            if quantize is not None:
-                from ..quant.linear import quantize_model
-
-                loaded = quantize_model(loaded, {"int8": 8, "int4": 4}[quantize])
-    except (ImportError, TypeError) as e:
-        if quantize is None:
-            raise
-        raise ValueError(f"--quantize {quantize}: weight-only quantization (glm6b.quant) is not available in this "
-                         f"installation ({e})") from None
-    loaded.eval()
-    return loaded, tokenizer, resolve_model_path(model).name
-
-
-def serve(model: str, adapter: str | None = None, quantize: str | None = None, dtype: str | None = None,
-          device: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+def serve(model: LoadConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, max_queue: int = 64, max_tokens: int | None = None) -> None:
-    """Load a model and serve it until interrupted (what `glm6b serve` runs).
+    """Load a model (glm6b.api.load: a LoRA adapter merged in, quantized after the merge) and serve it until
+    interrupted (what `glm6b serve` runs).
 
     Args:
-        model: model folder or name.
-        adapter: a PEFT LoRA adapter folder to merge in.
-        quantize: "int8" or "int4" weight-only quantization.
-        dtype, device: as for AutoModel.from_pretrained.
+        model: what to load.
         host, port: where to listen (127.0.0.1 by default: only this machine can connect).
         api_key: required as a Bearer token on the API routes when set.
         max_batch, max_queue, max_tokens: see Server.
     """
     import uvicorn
 
-    loaded, tokenizer, name = load_for_serving(model, adapter, quantize, dtype, device)
+    loaded, tokenizer, name = load(model)
     server = Server(loaded, tokenizer, model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                    max_tokens=max_tokens)
+                    max_tokens=max_tokens, compile=model.compile)
     compiling = ", compiling the decode step" if server.scheduler.engine.compiled else ""
     print(f"glm6b serve: warming up {name} ({max_batch} rows of {server.context_length} tokens{compiling})",
           file=sys.stderr, flush=True)

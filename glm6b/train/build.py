@@ -4,21 +4,22 @@ the seeds and the learning-rate schedule."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint.hf import PREFIX_ENCODER, load_model, load_ptuning_state
-from ..config import ChatGLMConfig
-from ..model import ChatGLMForConditionalGeneration
-from ..quant.linear import quantize_model
-from .args import Method, ModelArguments, TrainerError
+from ..api import load
+from ..checkpoint.hf import PREFIX_ENCODER
+from ..config import LoadConfig, LoraConfig, TrainerError
+from .args import Method
 from .frozen_linear import onednn_bf16_matmul_available, use_fast_frozen_backward
-from .lora import LoraArguments, apply_lora, load_adapter
+from .lora import apply_lora
 from .parallel import unwrap_model
 
 
@@ -58,50 +59,32 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def build_model(model_args: ModelArguments, method: Method) -> nn.Module:
-    """Load (or randomly initialise) the model that model_args describes, quantized and with its adapter if asked.
+def build_model(model_args: LoadConfig, method: Method, trainable_adapter: bool = False) -> tuple[nn.Module, Any]:
+    """Load (or randomly initialise) the model that model_args describes, quantized and with its adapter if asked
+    (glm6b.api.load).
 
     Args:
         model_args: the `model:` section.
-        method: "full", "lora" or "ptuning" (decides the default dtype and whether a prefix is built).
+        method: "full", "lora" or "ptuning": decides the default dtype (float32 for full fine-tuning, a
+            bfloat16 frozen base otherwise) and whether a prefix is built.
+        trainable_adapter: keep model_args.adapter a trainable PEFT layer (to train it further); otherwise
+            it is merged as model_args.merge_adapter says.
 
     Returns:
-        The model (a PeftModel when model_args.adapter is set).
+        (model, tokenizer): the model (a PeftModel when training a LoRA adapter further) and the tokenizer
+        of its folder or model_args.tokenizer (None for a preset without one).
 
     Raises:
-        TrainerError: neither load_checkpoint nor preset.
+        ConfigError: neither load_checkpoint nor preset.
     """
-    margs = model_args
-    dtype = margs.dtype or ("float32" if method == "full" else "bfloat16")
-    device = margs.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pre_seq_len = margs.pre_seq_len if method == "ptuning" or margs.ptuning_checkpoint else None
-    if margs.load_checkpoint is not None:
-        model = load_model(margs.load_checkpoint, dtype=dtype, device=device,
-                           ptuning_checkpoint=margs.ptuning_checkpoint, pre_seq_len=pre_seq_len,
-                           prefix_projection=margs.prefix_projection if pre_seq_len else None,
-                           quantize=margs.quantize)
-    elif margs.preset is not None:
-        config = ChatGLMConfig.from_name(margs.preset, pre_seq_len=pre_seq_len,
-                                         prefix_projection=bool(pre_seq_len and margs.prefix_projection))
-        model = ChatGLMForConditionalGeneration(config, dtype=getattr(torch, dtype), device="meta")
-        model.to_empty(device=device)
-        model.tie_weights()  # to_empty makes new tensors: tie them again
-        model.init_weights()
-        if config.pre_seq_len:
-            model.transformer.prefix_encoder.float()
-            if margs.ptuning_checkpoint:
-                load_ptuning_state(model, margs.ptuning_checkpoint)
-        if margs.quantize:
-            quantize_model(model, 4 if margs.quantize == "int4" else 8)
-    else:
-        raise TrainerError("no model: pass model=..., set model.load_checkpoint (a model folder) or "
-                           "model.preset (random initialisation), or call finetune(checkpoint)")
-    if margs.adapter is not None:
-        model = load_adapter(model, margs.adapter, is_trainable=method == "lora")
-    return model
+    pre_seq_len = model_args.pre_seq_len if method == "ptuning" or model_args.ptuning_checkpoint else None
+    spec = dataclasses.replace(model_args, pre_seq_len=pre_seq_len)
+    model, tokenizer, _ = load(spec, default_dtype="float32" if method == "full" else "bfloat16",
+                               trainable_adapter=trainable_adapter)
+    return model, tokenizer
 
 
-def prepare_model(model: nn.Module, method: Method, lora_config: LoraArguments, gradient_checkpointing: bool,
+def prepare_model(model: nn.Module, method: Method, lora_config: LoraConfig, gradient_checkpointing: bool,
                   base_name: str | None = None) -> nn.Module:
     """Freeze / wrap `model` for the method, enable gradient checkpointing, set train mode.
 

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from ..checkpoint.hf import CheckpointError
+from ..config import ParallelConfig
 from ..io import commit_folder, staging_folder
 from ..model import ChatGLMForConditionalGeneration
-from .args import ParallelConfig
 from .parallel import barrier, get_world_size, is_main_process, unwrap_parallel
 
 # Files a DCP checkpoint folder holds besides DCP's own (.metadata, __<rank>_<n>.distcp).
@@ -40,7 +40,7 @@ TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
 # ----------------------------------------------------------------------------------- DCP checkpoints
 
 
-def _model_parts(model: nn.Module) -> tuple[nn.Module, ChatGLMForConditionalGeneration, Any]:
+def model_parts(model: nn.Module) -> tuple[nn.Module, ChatGLMForConditionalGeneration, Any]:
     """(unwrapped module, the ChatGLM model, PEFT config or None)."""
     module = unwrap_parallel(model)
     base = module.get_base_model() if hasattr(module, "get_base_model") else module
@@ -53,56 +53,108 @@ def _model_parts(model: nn.Module) -> tuple[nn.Module, ChatGLMForConditionalGene
     return module, base, peft_config
 
 
-def _state_dict_options(trainable_only: bool, full: bool = False):
+def _state_dict_options(trainable_only: bool, full: bool = False, flat_optimizer: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     # strict=False when only trainable tensors are stored: the frozen base is then not in the
     # checkpoint by design (DCP itself still fails on any requested key it cannot find).
-    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only, full_state_dict=full)
+    # flat_optimizer: the optimizer state keyed per parameter ("state.<name>.exp_avg",
+    # "param_groups.<name>.lr"): pipeline stages hold different parameters, and a nested
+    # param_groups list of names would differ from stage to stage.
+    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only, full_state_dict=full,
+                            flatten_optimizer_state_dict=flat_optimizer)
 
 
-def _tied_keys(model: nn.Module) -> tuple[str, str] | None:
+def tied_keys(model: nn.Module) -> tuple[str, str] | None:
     """(lm_head key, word-embedding key) when lm_head is tied to the embeddings (as state-dict keys)."""
-    module, base, peft_config = _model_parts(model)
+    module, base, peft_config = model_parts(model)
     if not base.config.tie_word_embeddings:
         return None
     prefix = PEFT_PREFIX if peft_config is not None else ""
     return prefix + "lm_head.weight", prefix + "transformer.word_embeddings.weight"
 
 
-def _train_state_dicts(model: nn.Module, optimizer, trainable_only: bool) -> dict[str, Any]:
+def holds_lm_head_copy(model: nn.Module) -> bool:
+    """True for the last stage of a pipeline: it holds the tied lm_head as its own copy, without the
+    word embeddings (glm6b.train.pipeline keeps both copies equal; checkpoints store stage 0's)."""
+    _, base, _ = model_parts(model)
+    return (base.config.tie_word_embeddings and base.lm_head is not None
+            and base.transformer.word_embeddings is None)
+
+
+def _rename_parameter(payload: dict[str, Any], old: str, new: str) -> None:
+    """Move parameter `old`'s model and optimizer entries (flat or nested optimizer state) to the name `new`."""
+    model_sd = payload[MODEL_KEY]
+    if old in model_sd:
+        model_sd[new] = model_sd.pop(old)
+    optim_sd = payload.get(OPTIMIZER_KEY)
+    if optim_sd is None:
+        return
+    if "state" in optim_sd and "param_groups" in optim_sd:  # nested (checkpoints of version 1)
+        if old in optim_sd["state"]:
+            optim_sd["state"][new] = optim_sd["state"].pop(old)
+        for group in optim_sd["param_groups"]:
+            group["params"] = [new if name == old else name for name in group["params"]]
+        return
+    for key in list(optim_sd):
+        for section in ("state.", "param_groups."):
+            if key.startswith(f"{section}{old}."):
+                optim_sd[f"{section}{new}{key[len(section) + len(old):]}"] = optim_sd.pop(key)
+
+
+def _drop_parameter(payload: dict[str, Any], name: str) -> None:
+    """Remove parameter `name`'s model and (flat) optimizer entries."""
+    payload[MODEL_KEY].pop(name, None)
+    optim_sd = payload.get(OPTIMIZER_KEY)
+    for key in list(optim_sd or {}):
+        if key.startswith((f"state.{name}.", f"param_groups.{name}.")):
+            optim_sd.pop(key)
+
+
+def _train_state_dicts(model: nn.Module, optimizer, trainable_only: bool, flat_optimizer: bool = True,
+                       lm_head_copy_as_embedding: bool = False) -> dict[str, Any]:
     """{"model": ..., "optimizer": ...} as DCP stores them (FQN keys, DTensor shards where sharded).
 
     The tied lm_head is left out (it is the word-embedding matrix: storing it twice costs V x H
     values), and with trainable_only so is every frozen tensor (get_state_dict's
     ignore_frozen_params keeps the tied alias of a frozen embedding, hence the explicit filter).
+    A pipeline's last stage holds the lm_head as a copy of the embeddings: it is left out too when
+    saving (stage 0 saves the matrix), and with lm_head_copy_as_embedding (loading) it is asked for
+    under the embedding's name, with its optimizer state.
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    options = _state_dict_options(trainable_only)
+    options = _state_dict_options(trainable_only, flat_optimizer=flat_optimizer)
     if optimizer is None:
         model_sd, optim_sd = get_model_state_dict(model, options=options), None
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-    tied = _tied_keys(model)
-    if tied:
-        model_sd.pop(tied[0], None)
     if trainable_only:
         trainable = {name for name, p in unwrap_parallel(model).named_parameters() if p.requires_grad}
         model_sd = {k: v for k, v in model_sd.items() if k in trainable}
     payload = {MODEL_KEY: model_sd}
     if optim_sd is not None:
         payload[OPTIMIZER_KEY] = optim_sd
+    tied = tied_keys(model)
+    if tied and holds_lm_head_copy(model):
+        if lm_head_copy_as_embedding:
+            _rename_parameter(payload, *tied)
+        else:
+            _drop_parameter(payload, tied[0])
+    elif tied:
+        model_sd.pop(tied[0], None)
     return payload
 
 
-def _checkpoint_kind(base: ChatGLMForConditionalGeneration, peft_config) -> str:
+def method_of(base: ChatGLMForConditionalGeneration, peft_config) -> str:
+    """What a model trains: "lora" (a PEFT config), "ptuning" (a prefix) or "full"."""
     if peft_config is not None:
         return "lora"
     return "ptuning" if base.config.pre_seq_len else "full"
 
 
-def _copy_tokenizer(tokenizer, folder: Path) -> None:
+def copy_tokenizer(tokenizer, folder: Path) -> None:
+    """Write the tokenizer files into `folder`: a tokenizer object saves itself, a folder's files are copied."""
     if tokenizer is None:
         return
     if hasattr(tokenizer, "save_pretrained"):
@@ -149,7 +201,7 @@ def save_sharded(state: dict[str, Any], directory: str | os.PathLike, *, tokeniz
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     model = state[MODEL_KEY]
-    module, base, peft_config = _model_parts(model)
+    module, base, peft_config = model_parts(model)
     adapter_name = getattr(module, "active_adapter", "default") if peft_config is not None else None
     if trainable_only is None:
         trainable_only = any(not p.requires_grad for p in model.parameters())
@@ -164,16 +216,17 @@ def save_sharded(state: dict[str, Any], directory: str | os.PathLike, *, tokeniz
     with _quiet_single_process():
         dcp.save(payload, checkpoint_id=str(tmp))
     if is_main_process():
-        info = {"format": CHECKPOINT_FORMAT, "version": 1, "kind": _checkpoint_kind(base, peft_config),
+        info = {"format": CHECKPOINT_FORMAT, "version": 2, "optimizer_state": "flat",
+                "kind": method_of(base, peft_config),
                 "trainable_only": trainable_only, "world_size": get_world_size(), "adapter_name": adapter_name,
                 "parallel": dataclasses.asdict(parallel_config) if parallel_config else None,
                 "keys": _saved_keys(tmp)}
-        dtype_name = str(base.transformer.word_embeddings.weight.dtype).removeprefix("torch.")
+        dtype_name = str(base.transformer.word_embeddings.weight.dtype).removeprefix("torch.")  # rank 0: stage 0
         (tmp / "config.json").write_text(base.config.replace(torch_dtype=dtype_name).to_json_string(),
                                          encoding="utf-8")
         if peft_config is not None:
             peft_config.save_pretrained(str(tmp))
-        _copy_tokenizer(tokenizer, tmp)
+        copy_tokenizer(tokenizer, tmp)
         (tmp / CHECKPOINT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     barrier()  # every shard is on disk before the folder gets its final name
     if is_main_process():
@@ -240,16 +293,19 @@ def load_sharded(state: dict[str, Any], directory: str | os.PathLike) -> dict[st
     directory = Path(directory)
     info = read_checkpoint_info(directory)
     model = state[MODEL_KEY]
-    _, base, peft_config = _model_parts(model)
-    kind = _checkpoint_kind(base, peft_config)
+    _, base, peft_config = model_parts(model)
+    kind = method_of(base, peft_config)
     if kind != info["kind"]:
         raise CheckpointError(f"{directory} is a {info['kind']} checkpoint; the model to load it into is {kind}")
     missing = [k for k in state if k not in info["keys"]]
     if missing:
         raise CheckpointError(f"{directory} has no {', '.join(missing)} (it holds {', '.join(info['keys'])})")
     trainable_only = info["trainable_only"]
+    flat = info.get("optimizer_state") == "flat"  # version 1 stored it nested
     optimizer = state.get(OPTIMIZER_KEY)
-    payload = _train_state_dicts(model, optimizer, trainable_only)
+    lm_head_copy = holds_lm_head_copy(model)
+    payload = _train_state_dicts(model, optimizer, trainable_only, flat_optimizer=flat,
+                                 lm_head_copy_as_embedding=lm_head_copy)
     plain = []
     for key, value in state.items():
         if key in (MODEL_KEY, OPTIMIZER_KEY):
@@ -264,17 +320,36 @@ def load_sharded(state: dict[str, Any], directory: str | os.PathLike) -> dict[st
     except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
         raise CheckpointError(f"{directory}: cannot load the sharded checkpoint into this model: "
                               f"{_dcp_reason(e)}") from e
-    tied = _tied_keys(model)
-    if tied and tied[1] in payload[MODEL_KEY]:
+    tied = tied_keys(model)
+    if tied and lm_head_copy:
+        _rename_parameter(payload, tied[1], tied[0])  # the stage's copy takes the embeddings' values
+    elif tied and tied[1] in payload[MODEL_KEY]:
         payload[MODEL_KEY][tied[0]] = payload[MODEL_KEY][tied[1]]  # the same tensor, for a strict load
-    set_state_dict(model, optimizer if optimizer is not None else [],
-                   model_state_dict=payload[MODEL_KEY], optim_state_dict=payload.get(OPTIMIZER_KEY, {}),
-                   options=_state_dict_options(trainable_only))
+    with _without_empty_param_groups(optimizer if flat else None):
+        set_state_dict(model, optimizer if optimizer is not None else [],
+                       model_state_dict=payload[MODEL_KEY], optim_state_dict=payload.get(OPTIMIZER_KEY, {}),
+                       options=_state_dict_options(trainable_only, flat_optimizer=flat))
     if plain:
         # Plain values are read whole by every rank (they were the same on every rank when saved),
         # whatever the caller's placeholder holds: {} gets the saved dict back.
         state.update(_read_entries(directory, set(plain)))
     return state
+
+
+@contextlib.contextmanager
+def _without_empty_param_groups(optimizer) -> Iterator[None]:
+    """Hide the optimizer's parameter groups that hold no parameter (LoRA's group of biases and LayerNorms)
+    while a flat optimizer state loads: it is keyed by parameter, so such a group has no entry, and
+    torch's unflattening fails on it. The groups keep their settings and are put back in place."""
+    empty = [(i, group) for i, group in enumerate(optimizer.param_groups) if not group["params"]] \
+        if optimizer is not None else []
+    for i, _ in reversed(empty):
+        del optimizer.param_groups[i]
+    try:
+        yield
+    finally:
+        for i, group in empty:
+            optimizer.param_groups.insert(i, group)
 
 
 def _dcp_reason(exc: BaseException) -> str:

@@ -11,12 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import GenerationConfig, TrainerError
+from ..data.adgen import RowDataset, render_prompt
 from ..eval.evaluate import evaluate_generation, generate_predictions
 from ..eval.metrics import METRIC_NAMES
-from ..inference.generation import GenerationConfig
 from ..model import GLMBlock
-from .args import TrainerError
-from .data import RowDataset, render_prompt
 from .loss import causal_lm_loss, count_target_tokens
 from .parallel import unwrap_model, unwrap_parallel
 
@@ -46,22 +45,35 @@ def evaluate(trainer, eval_dataset: RowDataset | str | os.PathLike | None = None
                            "(prompt + answer rows); generation metrics are in glm6b.eval.evaluate")
     was_training = trainer.model.training
     trainer.model.eval()
-    total, tokens = 0.0, 0
-    bs = trainer.args.per_device_eval_batch_size
     try:
-        for start in range(0, len(dataset), bs):
-            batch = dataset.collate([dataset[i] for i in range(start, min(start + bs, len(dataset)))])
-            labels = batch["labels"].to(trainer.device)
-            with trainer.autocast():
-                logits = trainer.model(input_ids=batch["input_ids"].to(trainer.device)).logits
-                total += causal_lm_loss(logits, labels, reduction="sum").item()
-            tokens += count_target_tokens(labels)
+        # under pipeline parallelism the batches run stage by stage (glm6b.train.pipeline)
+        loss_sums = trainer.pipeline.loss_sums if trainer.pipeline is not None else _loss_sums
+        total, tokens = loss_sums(trainer, dataset)
     finally:
         trainer.model.train(was_training)
     result = {"step": trainer.state.global_step, "eval_loss": total / max(tokens, 1), "eval_tokens": tokens,
               "eval_rows": len(dataset)}
     result.update(generation_metrics(trainer, dataset))
     return result
+
+
+def _loss_sums(trainer, dataset: RowDataset) -> tuple[float, int]:
+    """(sum of the token losses, target tokens) of `dataset` on the whole model (see Pipeline.loss_sums)."""
+    total, tokens = 0.0, 0
+    bs = trainer.args.per_device_eval_batch_size
+    for start in range(0, len(dataset), bs):
+        batch = dataset.collate([dataset[i] for i in range(start, min(start + bs, len(dataset)))])
+        labels = batch["labels"].to(trainer.device)
+        with trainer.autocast():
+            logits = trainer.model(input_ids=batch["input_ids"].to(trainer.device)).logits
+            total += causal_lm_loss(logits, labels, reduction="sum").item()
+        tokens += count_target_tokens(labels)
+    return total, tokens
+
+
+def _generate_fn(trainer):
+    """What generates under the trainer's layout: None (the model's own generate), or the pipeline's."""
+    return trainer.pipeline.generate if trainer.pipeline is not None else None
 
 
 def generation_metrics(trainer, dataset: RowDataset) -> dict[str, float]:
@@ -72,7 +84,8 @@ def generation_metrics(trainer, dataset: RowDataset) -> dict[str, float]:
     Under the bf16 policy it runs in bf16 autocast: with FSDP2 the queries are then bf16 like the
     gathered weights, while the KV cache takes the float32 dtype of the sharded master weights;
     autocast casts attention's inputs to one dtype. Under tensor parallelism the KV cache is sized
-    for this rank's heads (`local_heads_config`).
+    for this rank's heads (`local_heads_config`). Under pipeline parallelism every stage runs it
+    too: the tokens pass through the stages (Pipeline.generate).
     """
     limit = trainer.args.eval_generation_samples
     examples = [ex for ex in getattr(dataset, "examples", None) or [] if getattr(ex, "answer", None)]
@@ -85,7 +98,7 @@ def generation_metrics(trainer, dataset: RowDataset) -> dict[str, float]:
             unwrap_parallel(trainer.model), trainer.tokenizer, [ex.prompt for ex in examples],
             [ex.answer for ex in examples], batch_size=trainer.args.per_device_eval_batch_size,
             max_new_tokens=dc.max_target_length, max_source_length=dc.max_source_length,
-            max_target_length=dc.max_target_length, progress=False)
+            max_target_length=dc.max_target_length, progress=False, generate_fn=_generate_fn(trainer))
     return {name: scores[name] for name in METRIC_NAMES}
 
 
@@ -124,7 +137,7 @@ def predict(trainer, input_data: str | list[str] | RowDataset, generation_config
             unwrap_parallel(trainer.model), trainer.tokenizer, prompts,
             batch_size=batch_size or trainer.args.per_device_eval_batch_size,
             max_source_length=trainer.data_config.max_source_length, max_new_tokens=new_tokens,
-            generation_config=config, progress=not trainer.args.disable_tqdm)
+            generation_config=config, progress=not trainer.args.disable_tqdm, generate_fn=_generate_fn(trainer))
     return predictions
 
 

@@ -19,8 +19,8 @@ from ..extras import import_extra
 from ..io import atomic_folder
 from ..model import ChatGLMForConditionalGeneration
 from ..safety import check_output_dir, folder_bytes
-from .dcp import (PEFT_PREFIX, _checkpoint_kind, _copy_tokenizer, _model_parts, _tied_keys, load_full_model_state,
-                  read_checkpoint_info)
+from .dcp import (PEFT_PREFIX, copy_tokenizer, load_full_model_state, method_of, model_parts, read_checkpoint_info,
+                  tied_keys)
 from .parallel import barrier, is_main_process
 
 
@@ -62,7 +62,7 @@ def merge_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathLike
       `glm6b.load_model` reads.
     * LoRA: with `base_model_path`, the adapter merged into the base weights (W + B A * scaling),
       as an HF folder; without it, the PEFT adapter folder (adapter_config.json +
-      adapter_model.safetensors, + tokenizer files) for `glm6b.train.lora.load_adapter` /
+      adapter_model.safetensors, + tokenizer files) for `glm6b.checkpoint.adapters.load_adapter` /
       `PeftModel.from_pretrained`. A LoRA checkpoint written with trainable_only=False carries
       its base and merges without `base_model_path`.
     * P-tuning: with `base_model_path`, an HF folder holding the base and the prefix encoder
@@ -113,7 +113,7 @@ def merge_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathLike
         writer = functools.partial(_write_model_folder, model)
     with atomic_folder(output_dir) as tmp:
         writer(tmp, dtype)
-        _copy_tokenizer(input_dir, tmp)
+        copy_tokenizer(input_dir, tmp)
     return output_dir
 
 
@@ -218,30 +218,47 @@ def save_final_model(model: nn.Module, directory: str | os.PathLike, tokenizer=N
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    module, base, peft_config = _model_parts(model)
-    kind = _checkpoint_kind(base, peft_config)
-    trainable_only = kind != "full"
+    module, base, peft_config = model_parts(model)
+    trainable_only = method_of(base, peft_config) != "full"
     # full_state_dict + cpu_offload: the full tensors land on rank 0's CPU only (the others get {}).
     tensors = get_model_state_dict(model, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only))
     directory = Path(directory)
     if is_main_process():
-        tied = _tied_keys(model)
-        if tied:
-            tensors.pop(tied[0], None)
         if trainable_only:
             trainable = {name for name, p in module.named_parameters() if p.requires_grad}
             tensors = {k: v for k, v in tensors.items() if k in trainable}
-        with atomic_folder(directory) as tmp:
-            if kind == "full":
-                _write_model_folder(_base_model_from_state(base.config, dict(tensors), directory), tmp, None)
-            elif kind == "lora":
-                _write_adapter_weights(tensors, getattr(module, "active_adapter", "default"), tmp, None)
-                peft_config.save_pretrained(str(tmp))
-            else:
-                _write_ptuning_folder(tensors, base.config, tmp, None)
-            _copy_tokenizer(tokenizer, tmp)
+        write_final_folder(model, tensors, directory, tokenizer=tokenizer)
     barrier()
     return directory
 
 
+def write_final_folder(model: nn.Module, tensors: dict[str, torch.Tensor], directory: str | os.PathLike,
+                       tokenizer=None) -> Path:
+    """Write what `final/` holds from the model's full state dict (one process: no collective).
+
+    Args:
+        model: the trained model (any wrapping): gives the method, the config and the PEFT config.
+        tensors: its full tensors by state-dict name: every tensor (full fine-tuning) or the trainable
+            ones (LoRA, P-tuning); a tied lm_head is left out.
+        directory: the output folder (written as <directory>.tmp, then renamed; replaced if it exists).
+        tokenizer: a tokenizer or a folder with its files, copied into the folder.
+
+    Returns:
+        The folder.
+    """
+    module, base, peft_config = model_parts(model)
+    kind = method_of(base, peft_config)
+    directory = Path(directory)
+    tied = tied_keys(model)
+    tensors = {k: v for k, v in tensors.items() if not (tied and k == tied[0])}
+    with atomic_folder(directory) as tmp:
+        if kind == "full":
+            _write_model_folder(_base_model_from_state(base.config, dict(tensors), directory), tmp, None)
+        elif kind == "lora":
+            _write_adapter_weights(tensors, getattr(module, "active_adapter", "default"), tmp, None)
+            peft_config.save_pretrained(str(tmp))
+        else:
+            _write_ptuning_folder(tensors, base.config, tmp, None)
+        copy_tokenizer(tokenizer, tmp)
+    return directory

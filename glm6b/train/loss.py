@@ -15,8 +15,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..data.adgen import IGNORE_INDEX
 from . import parallel as P
-from .data import IGNORE_INDEX
 
 LossNormalization = Literal["token", "per_micro_batch"]
 

@@ -1,5 +1,5 @@
-"""The parallelisation plan: process groups from torchrun, the ("dp", "tp") mesh, tensor parallelism,
-FSDP2 / DDP, gradient clipping over sharded gradients, rank-0 helpers.
+"""The parallelisation plan: process groups from torchrun, the ("dp", "tp") mesh (("pp", "dp") with pipeline
+stages), tensor parallelism, FSDP2 / DDP, gradient clipping over sharded gradients, rank-0 helpers.
 
 Launch (one machine; add torchrun's --nnodes/--rdzv-* flags for several):
 
@@ -12,7 +12,7 @@ with a `parallel:` recipe section named as MindFormers names it:
       model_parallel: 2     # tensor parallel: whole heads / MLP columns per rank
       optimizer_shard: true # FSDP2: shard params, grads and AdamW state over the data-parallel ranks
       micro_batch_num: 1    # gradient accumulation (micro-batches per optimizer step)
-      pipeline_stage: 1     # must be 1: pipeline parallelism is not supported
+      pipeline_stage: 1     # pipeline stages (glm6b.train.pipeline); not with model_parallel
 
 Everything is applied from outside the model (torchtitan's habit). `parallelize_model` runs the steps
 in the order that composes: tensor parallel first (it turns weights into DTensors on the "tp" mesh),
@@ -23,7 +23,9 @@ under all three.
 
 
 On one process (no torchrun, or WORLD_SIZE=1) everything here is a no-op. Sharded checkpoints are in
-glm6b.train.dcp, the final-folder writing and the merge in glm6b.train.export.
+glm6b.train.dcp, the final-folder writing and the merge in glm6b.train.export, pipeline parallelism
+(which splits the model before the data parallelism here is applied to each stage) in
+glm6b.train.pipeline.
 """
 
 from __future__ import annotations
@@ -40,10 +42,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, ParallelConfig
 from ..model import ChatGLMForConditionalGeneration, GLMBlock
-from .args import ParallelConfig
-
 
 # ----------------------------------------------------------------------------------- process group
 
@@ -146,7 +146,12 @@ def cleanup() -> None:
 
 
 def build_mesh(parallel_config: ParallelConfig, device_type: str | None = None):
-    """The [data_parallel, model_parallel] DeviceMesh with dims ("dp", "tp").
+    """The DeviceMesh of the layout: [data_parallel, model_parallel] with dims ("dp", "tp"), or with
+    pipeline stages [pipeline_stage, data_parallel] with dims ("pp", "dp").
+
+    The stage dimension is the outer one: a stage's data-parallel ranks are neighbours (on one
+    node), since their gradient reduction moves far more bytes than the activations a stage
+    hands to the next.
 
     Args:
         parallel_config: the layout (validated against the world size here).
@@ -164,12 +169,16 @@ def build_mesh(parallel_config: ParallelConfig, device_type: str | None = None):
     from torch.distributed.device_mesh import init_device_mesh
 
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if parallel_config.pipeline_stage > 1:
+        return init_device_mesh(device_type, (parallel_config.pipeline_stage, parallel_config.data_parallel),
+                                mesh_dim_names=("pp", "dp"))
     return init_device_mesh(device_type, (parallel_config.data_parallel, parallel_config.model_parallel),
                             mesh_dim_names=("dp", "tp"))
 
 
 def data_parallel_rank_and_size(mesh) -> tuple[int, int]:
-    """(rank, size) along "dp": what DistributedSampler needs (tensor-parallel peers share the data)."""
+    """(rank, size) along "dp": what DistributedSampler needs (tensor-parallel peers and the stages of one
+    pipeline share the data)."""
     if mesh is None:
         return 0, 1
     return mesh.get_local_rank("dp"), mesh.size(mesh.mesh_dim_names.index("dp"))
@@ -483,35 +492,62 @@ def no_sync(model: nn.Module, enabled: bool = True) -> Iterator[None]:
         yield
 
 
-def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ that also handles sharded (DTensor) and mixed gradients.
+def _grad_groups(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Tensors grouped by (mesh, placements): DTensors of one group reduce together, plain tensors apart."""
+    from torch.distributed.tensor import DTensor
 
-    Under FSDP2 / tensor parallelism a gradient may be a DTensor shard; its norm is reduced over its
-    mesh. Gradients are grouped by (mesh, placements) so each group costs one reduction; plain
-    tensors (replicated parameters) are counted once. Returns the total norm as a plain tensor
-    (identical on every rank); max_norm=inf only measures it.
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for t in tensors:
+        key = (id(t.device_mesh), t.placements) if isinstance(t, DTensor) else ("plain", t.device)
+        groups.setdefault(key, []).append(t)
+    return list(groups.values())
+
+
+def grad_norm(parameters, norm_type: float = 2.0) -> torch.Tensor:
+    """The total norm of the parameters' gradients, also over sharded (DTensor) and mixed gradients.
+
+    A DTensor shard's norm is reduced over its mesh (one reduction per (mesh, placements) group);
+    plain tensors (replicated parameters) are counted once. Returns a plain tensor, identical on
+    every rank of the meshes involved (0 when no parameter has a gradient).
     """
     from torch.distributed.tensor import DTensor
 
-    if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    groups: dict[Any, list[torch.Tensor]] = {}
-    for g in grads:
-        key = (id(g.device_mesh), g.placements) if isinstance(g, DTensor) else ("plain", g.device)
-        groups.setdefault(key, []).append(g)
     norms = []
-    for group in groups.values():
+    for group in _grad_groups(grads):
         norm = torch.nn.utils.get_total_norm(group, norm_type=norm_type)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         norms.append(norm)
     device = norms[0].device
-    total = torch.nn.utils.get_total_norm([n.to(device) for n in norms], norm_type=norm_type)
-    for group in groups.values():
-        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return torch.nn.utils.get_total_norm([n.to(device) for n in norms], norm_type=norm_type)
+
+
+def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale the gradients by max_norm / total_norm where that is below 1 (DTensor and plain gradients)."""
+    # torch's clip_grads_with_norm_ takes the parameters (it scales their .grad), grouped as their gradients
+    with_grads = [p for p in parameters if p.grad is not None]
+    by_grad = {id(p.grad): p for p in with_grads}
+    for grads in _grad_groups([p.grad for p in with_grads]):
+        torch.nn.utils.clip_grads_with_norm_([by_grad[id(g)] for g in grads], max_norm, total_norm)
+
+
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ that also handles sharded (DTensor) and mixed gradients.
+
+    Under FSDP2 / tensor parallelism a gradient may be a DTensor shard; its norm is reduced over its
+    mesh (see `grad_norm`). Returns the total norm as a plain tensor (identical on every rank);
+    max_norm=inf only measures it.
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    parameters = list(parameters)
+    if not any(p.grad is not None for p in parameters):
+        return torch.tensor(0.0)
+    total = grad_norm(parameters, norm_type)
+    clip_grads_with_norm_(parameters, max_norm, total)
     return total
 
 

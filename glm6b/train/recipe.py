@@ -5,13 +5,14 @@ them by name) has a top-level `method` and one mapping per section; every key is
 name of that section's dataclass:
 
     method      full | lora | ptuning
-    model:      glm6b.train.args.ModelArguments
-    data:       glm6b.train.data.DataConfig
-    trainer:    glm6b.train.args.TrainingArguments
-    lora:       glm6b.train.lora.LoraArguments
-    generation: glm6b.inference.generation.GenerationConfig
-    parallel:   glm6b.train.args.ParallelConfig (data_parallel, model_parallel, pipeline_stage,
-                micro_batch_num, optimizer_shard); checked against the process count by `run`
+    model:      glm6b.config.LoadConfig
+    data:       glm6b.config.DataConfig
+    trainer:    glm6b.config.TrainingConfig
+    lora:       glm6b.config.LoraConfig
+    generation: glm6b.config.GenerationConfig
+    parallel:   glm6b.config.ParallelConfig (data_parallel, model_parallel, pipeline_stage,
+                micro_batch_num, optimizer_shard, pipeline_schedule); checked against the process
+                count by `run`
 
 An unknown key, a duplicated key or a value of the wrong type is a RecipeError naming the file, the
 line and the key. Overrides (`--set trainer.learning_rate=1e-4`, values parsed as YAML) go through
@@ -33,10 +34,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .args import ModelArguments, ParallelConfig, TrainingArguments
-from .data import DataConfig
-from ..inference.generation import GenerationConfig
-from .lora import LoraArguments
+from ..config import DataConfig, GenerationConfig, LoadConfig, LoraConfig, ParallelConfig, TrainingConfig
 
 # The four recipes shipped inside the package (`--config lora` finds glm6b/configs/lora.yaml).
 PACKAGED_RECIPES = Path(__file__).resolve().parent.parent / "configs"
@@ -53,34 +51,34 @@ class Recipe:
     """A whole recipe: the method and one dataclass per section."""
 
     method: Literal["full", "lora", "ptuning"] = "full"
-    model: ModelArguments = field(default_factory=ModelArguments)
+    model: LoadConfig = field(default_factory=LoadConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    trainer: TrainingArguments = field(default_factory=TrainingArguments)
-    lora: LoraArguments = field(default_factory=LoraArguments)
+    trainer: TrainingConfig = field(default_factory=TrainingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 SECTIONS: dict[str, type] = {
-    "model": ModelArguments,
+    "model": LoadConfig,
     "data": DataConfig,
-    "trainer": TrainingArguments,
-    "lora": LoraArguments,
+    "trainer": TrainingConfig,
+    "lora": LoraConfig,
     "generation": GenerationConfig,
     "parallel": ParallelConfig,
 }
 # Accepted spellings that map to a field (one name per concept elsewhere; these are user conveniences).
-ALIASES = {("trainer", "batch_size"): "per_device_train_batch_size"}
-# Command-line short flags -> section.key.
+ALIASES = {("trainer", "batch_size"): "per_device_train_batch_size",
+           # MindFormers' names (run_mindformer.py --train_dataset_dir / --eval_dataset_dir)
+           ("data", "train_dataset_dir"): "train_data", ("data", "eval_dataset_dir"): "eval_data"}
+# `glm6b run`'s short flags -> section.key (the model section takes every model flag: glm6b.cli).
 SHORT_FLAGS = {
-    "load_checkpoint": "model.load_checkpoint",
     "train_data": "data.train_data",
     "eval_data": "data.eval_data",
     "output_dir": "trainer.output_dir",
     "max_steps": "trainer.max_steps",
     "batch_size": "trainer.per_device_train_batch_size",
     "learning_rate": "trainer.learning_rate",
-    "quantize": "model.quantize",
 }
 
 
@@ -286,7 +284,8 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
         path: the YAML file, or the name of a recipe shipped with glm6b ("finetune", "lora",
             "infer", "lora_infer"; see `recipe_path`). None: all defaults.
         overrides: "section.key=value" strings (values parsed as YAML), applied in order.
-        flags: short command-line flags {name: value} (see SHORT_FLAGS); None values are ignored.
+        flags: command-line flags {"section.key": value} applied after the overrides, each named in an
+            error as `--flag value`; None values are ignored.
 
     Returns:
         The Recipe.
@@ -298,10 +297,10 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
     for name in SECTIONS:  # the file's own values are checked even where an override replaces them
         _build_section(name, tree.get(name, {}))
     changes = [(f"--set {text}", *parse_override(text)) for text in overrides or []]
-    for name, value in (flags or {}).items():
+    for path, value in (flags or {}).items():
         if value is not None:
-            section, key = SHORT_FLAGS[name].split(".")
-            changes.append((f"--{name.replace('_', '-')} {value}", section, key, value))
+            section, key = path.split(".")
+            changes.append((f"--{key.replace('_', '-')} {value}", section, key, value))
     for where, section, key, value in changes:
         if section == "method":
             tree["method"] = _Entry(value, where)
@@ -346,31 +345,65 @@ def _model_config(recipe: Recipe):
     return None
 
 
-def _run_generation_eval(recipe: Recipe) -> dict[str, Any]:
-    """Eval mode: glm6b.eval.evaluate.run_eval on data.eval_data (P-tuning models: Trainer.evaluate)."""
-    from ..eval.evaluate import run_eval
-    from .trainer import Trainer
+def check_recipe(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> None:
+    """Everything about a recipe that can be checked before a process group starts or a model loads: what
+    the mode needs, settings that contradict each other, the parallel layout against the process count,
+    the device, the output folder, and (training) every line of the training data.
 
-    margs, data, gen = recipe.model, recipe.data, recipe.generation
-    if margs.ptuning_checkpoint is not None:
-        trainer = Trainer(model_args=margs, args=recipe.trainer, eval_dataset=data.eval_data, method=recipe.method,
-                          lora_config=recipe.lora, data_config=data, generation_config=gen)
-        return trainer.evaluate()
-    if margs.load_checkpoint is None:
-        raise RecipeError("eval needs model.load_checkpoint (use --load-checkpoint PATH)")
-    sampling = {}
-    if gen.do_sample:
-        sampling = dict(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, seed=gen.seed)
-    if gen.repetition_penalty != 1.0:
-        sampling["repetition_penalty"] = gen.repetition_penalty
-    summary = run_eval(margs.load_checkpoint, data.eval_data, recipe.trainer.output_dir, adapter=margs.adapter,
-                       mode="eval", batch_size=recipe.trainer.per_device_eval_batch_size,
-                       max_new_tokens=gen.max_new_tokens, data_config=data, dtype=margs.dtype,
-                       device=margs.device, quantize=margs.quantize, progress=not recipe.trainer.disable_tqdm,
-                       **sampling)
-    output_dir = Path(recipe.trainer.output_dir)
-    return {**{k: v for k, v in summary.items() if k not in ("timing", "settings")},
-            "output": str(output_dir / "predictions.jsonl"), "metrics": str(output_dir / "metrics.json")}
+    Raises:
+        RecipeError, ConfigError, DataError, OutputError: the first problem, in one line.
+    """
+    from ..checkpoint.hf import check_device
+    from ..data.adgen import ReadStats, iter_examples
+    from ..data.mindrecord import MindRecordReader, is_mindrecord
+    from ..safety import check_writable
+    from . import parallel as D
+
+    if mode not in MODES:
+        raise RecipeError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
+    data, model, args, pc = recipe.data, recipe.model, recipe.trainer, recipe.parallel
+    if mode in ("train", "finetune") and data.train_data is None:
+        raise RecipeError("data.train_data is not set (use --train-data FILE)")
+    if mode in ("finetune", "eval") and model.load_checkpoint is None and not (mode == "eval" and model.ptuning_checkpoint):
+        raise RecipeError(f"{mode} needs model.load_checkpoint (use --load-checkpoint PATH)")
+    if mode == "eval" and data.eval_data is None:
+        raise RecipeError("data.eval_data is not set (use --eval-data FILE)")
+    if mode == "predict" and not prompts and data.eval_data is None:
+        raise RecipeError("predict needs prompts (--prompt TEXT) or data.eval_data (--eval-data FILE)")
+    if mode not in ("train", "finetune"):
+        return
+    if model.quantize is not None and recipe.method == "full":
+        raise RecipeError(f"model.quantize = {model.quantize!r} with method full: a quantized base cannot "
+                          f"be trained itself; use method lora (QLoRA-style) or ptuning on it")
+    pc.validate(D.get_world_size() if D.is_distributed() else int(os.environ.get("WORLD_SIZE", "1")),
+                _model_config(recipe))  # before any process group or model: every rank fails alike
+    if pc.micro_batch_num > 1 and args.gradient_accumulation_steps not in (1, pc.micro_batch_num):
+        raise RecipeError(f"parallel.micro_batch_num = {pc.micro_batch_num} and "
+                          f"trainer.gradient_accumulation_steps = {args.gradient_accumulation_steps} disagree "
+                          f"(they are the same setting: set one of them)")
+    if pc.optimizer_shard and args.fp16:
+        raise RecipeError("trainer.fp16 with parallel.optimizer_shard is not supported: use trainer.bf16 "
+                          "(FSDP2 mixed precision)")
+    if pc.pipeline_stage > 1:
+        if args.fp16:
+            raise RecipeError("trainer.fp16 with parallel.pipeline_stage > 1 is not supported: use trainer.bf16")
+        micro_batches = pc.micro_batch_num if pc.micro_batch_num > 1 else args.gradient_accumulation_steps
+        if pc.pipeline_schedule == "1f1b" and micro_batches < pc.pipeline_stage:
+            raise RecipeError(pc.schedule_error(micro_batches))
+    for name, path in (("data.train_data", data.train_data), ("data.eval_data", data.eval_data)):
+        if path is not None and not Path(path).exists() and not is_mindrecord(path):
+            raise RecipeError(f"{name} = {path}: no such file or folder")
+    check_device(model.device)
+    check_writable(Path(args.output_dir), "trainer.output_dir")
+    if is_mindrecord(data.train_data):  # its header and pages checked before the model loads
+        MindRecordReader(data.train_data).close()
+    elif Path(data.train_data).is_file():  # every line checked (and rows counted) before the model loads
+        stats = ReadStats()
+        if not any(True for _ in iter_examples(data.train_data, data, stats)):
+            raise RecipeError(f"data.train_data = {data.train_data}: no training rows: {stats.lines} non-blank "
+                              f"line(s) read, {stats.skipped_empty} with an empty prompt or answer, "
+                              f"{stats.skipped_bad} malformed line(s) skipped (check data.prompt_column / "
+                              f"data.response_column and the file's contents)")
 
 
 def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[str, Any]:
@@ -394,98 +427,91 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
         A summary dict (printed as JSON by the command line).
 
     Raises:
-        RecipeError: a setting the mode needs is missing.
+        RecipeError: a setting the mode needs is missing (see `check_recipe`).
     """
-    from ..checkpoint.hf import check_device
-    from ..io import atomic_write_text
-    from .data import JsonlDataset, ReadStats, iter_examples
-    from ..safety import check_writable
-    from .state import prepare_run_folder, remove_unfinished_run
+    check_recipe(recipe, mode, prompts)
+    if mode in ("train", "finetune"):
+        return _train(recipe, mode)
+    if mode == "eval":
+        return {"mode": mode, **_evaluate(recipe)}
+    return _predict(recipe, prompts)
+
+
+def _trainer(recipe: Recipe, **kwargs):
     from .trainer import Trainer
 
-    if mode not in MODES:
-        raise RecipeError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
-    data = recipe.data
-    if mode in ("train", "finetune") and data.train_data is None:
-        raise RecipeError("data.train_data is not set (use --train-data FILE)")
-    if mode == "finetune" and recipe.model.load_checkpoint is None:
-        raise RecipeError("finetune needs model.load_checkpoint (use --load-checkpoint PATH)")
-    if mode == "eval" and data.eval_data is None:
-        raise RecipeError("data.eval_data is not set (use --eval-data FILE)")
-    if mode in ("train", "finetune") and recipe.model.quantize is not None and recipe.method == "full":
-        raise RecipeError(f"model.quantize = {recipe.model.quantize!r} with method full: a quantized base cannot "
-                          f"be trained itself; use method lora (QLoRA-style) or ptuning on it")
-    if mode == "predict" and not prompts and data.eval_data is None:
-        raise RecipeError("predict needs prompts (--prompt TEXT) or data.eval_data (--eval-data FILE)")
-    output_dir = Path(recipe.trainer.output_dir)
-    if mode in ("train", "finetune"):
-        from . import parallel as D
+    return Trainer(model_args=recipe.model, args=recipe.trainer, train_dataset=recipe.data.train_data,
+                   eval_dataset=recipe.data.eval_data, method=recipe.method, lora_config=recipe.lora,
+                   data_config=recipe.data, generation_config=recipe.generation, **kwargs)
 
-        pc = recipe.parallel
-        pc.validate(D.get_world_size() if D.is_distributed() else int(os.environ.get("WORLD_SIZE", "1")),
-                    _model_config(recipe))  # before any process group or model: every rank fails alike
-        args = recipe.trainer
-        if pc.micro_batch_num > 1:
-            if args.gradient_accumulation_steps not in (1, pc.micro_batch_num):
-                raise RecipeError(f"parallel.micro_batch_num = {pc.micro_batch_num} and "
-                                  f"trainer.gradient_accumulation_steps = {args.gradient_accumulation_steps} disagree "
-                                  f"(they are the same setting: set one of them)")
-            args.gradient_accumulation_steps = pc.micro_batch_num
-        if pc.optimizer_shard and args.fp16:
-            raise RecipeError("trainer.fp16 with parallel.optimizer_shard is not supported: use trainer.bf16 "
-                              "(FSDP2 mixed precision)")
-        for name, path in (("data.train_data", data.train_data), ("data.eval_data", data.eval_data)):
-            if path is not None and not Path(path).exists():
-                raise RecipeError(f"{name} = {path}: no such file or folder")
-        check_device(recipe.model.device)
-        check_writable(output_dir, "trainer.output_dir")
-        if Path(data.train_data).is_file():  # every line checked (and rows counted) before the model loads
-            stats = ReadStats()
-            if not any(True for _ in iter_examples(data.train_data, data, stats)):
-                raise RecipeError(f"data.train_data = {data.train_data}: no training rows: {stats.lines} non-blank "
-                                  f"line(s) read, {stats.skipped_empty} with an empty prompt or answer, "
-                                  f"{stats.skipped_bad} malformed line(s) skipped (check data.prompt_column / "
-                                  f"data.response_column and the file's contents)")
-        existed = output_dir.exists()
-        info = D.init_distributed()
-        try:
-            if D.is_main_process():  # before anything is written: never mix two runs in one folder
-                prepare_run_folder(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
-            if info.world_size > 1 and recipe.model.device is None:
-                recipe.model.device = str(info.device)  # each rank on its own device
-            trainer = Trainer(model_args=recipe.model, args=args, train_dataset=data.train_data,
-                              eval_dataset=data.eval_data, method=recipe.method, lora_config=recipe.lora,
-                              data_config=data, generation_config=recipe.generation, parallel_config=pc)
-            trainer.records["recipe.json"] = recipe_to_dict(recipe)  # written when training starts
-            if mode == "train":
-                out = trainer.train()
-            else:
-                out = trainer.finetune(recipe.model.load_checkpoint)
-        except BaseException:
-            if D.is_main_process():  # a run that left nothing to resume leaves no folder that looks like a run
-                remove_unfinished_run(output_dir, existed)
-            raise
-        finally:
-            D.cleanup()
-        return {"mode": mode, "method": recipe.method, "steps": out.global_step, "world_size": info.world_size,
-                "final_loss": out.losses[-1] if out.losses else None, "output": str(out.final_dir)}
-    trainer = Trainer(model_args=recipe.model, args=recipe.trainer, train_dataset=data.train_data,
-                      eval_dataset=data.eval_data, method=recipe.method, lora_config=recipe.lora,
-                      data_config=data, generation_config=recipe.generation)
-    if mode == "eval":
-        return {"mode": mode, **_run_generation_eval(recipe)}
+
+def _train(recipe: Recipe, mode: Mode) -> dict[str, Any]:
+    """Train or fine-tune under torchrun or in one process; a failed run that left nothing to resume
+    leaves no folder that looks like a run."""
+    from . import parallel as D
+    from .state import prepare_run_folder, remove_unfinished_run
+
+    args, pc = recipe.trainer, recipe.parallel
+    if pc.micro_batch_num > 1:  # MindFormers' name for gradient accumulation
+        args.gradient_accumulation_steps = pc.micro_batch_num
+    output_dir = Path(args.output_dir)
+    existed = output_dir.exists()
+    info = D.init_distributed()
+    try:
+        if D.is_main_process():  # before anything is written: never mix two runs in one folder
+            prepare_run_folder(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+        if info.world_size > 1 and recipe.model.device is None:
+            recipe.model.device = str(info.device)  # each rank on its own device
+        trainer = _trainer(recipe, parallel_config=pc)
+        trainer.records["recipe.json"] = recipe_to_dict(recipe)  # written when training starts
+        out = trainer.train() if mode == "train" else trainer.finetune(recipe.model.load_checkpoint)
+    except BaseException:
+        if D.is_main_process():
+            remove_unfinished_run(output_dir, existed)
+        raise
+    finally:
+        D.cleanup()
+    return {"mode": mode, "method": recipe.method, "steps": out.global_step, "world_size": info.world_size,
+            "final_loss": out.losses[-1] if out.losses else None, "output": str(out.final_dir)}
+
+
+def _evaluate(recipe: Recipe) -> dict[str, Any]:
+    """Eval mode: glm6b.eval.evaluate.run_eval on data.eval_data (P-tuning models: Trainer.evaluate)."""
+    from ..eval.evaluate import run_eval
+
+    if recipe.model.ptuning_checkpoint is not None:
+        return _trainer(recipe).evaluate()
+    gen = recipe.generation
+    summary = run_eval(recipe.model, recipe.data.eval_data, recipe.trainer.output_dir, mode="eval",
+                       batch_size=recipe.trainer.per_device_eval_batch_size, max_new_tokens=gen.max_new_tokens,
+                       data_config=recipe.data, progress=not recipe.trainer.disable_tqdm, generation_config=gen)
+    output_dir = Path(recipe.trainer.output_dir)
+    return {**{k: v for k, v in summary.items() if k not in ("timing", "settings")},
+            "output": str(output_dir / "predictions.jsonl"), "metrics": str(output_dir / "metrics.json")}
+
+
+def _predict(recipe: Recipe, prompts: list[str] | None) -> dict[str, Any]:
+    """Predict mode: the trainer's predict() for the prompts, or for those of data.eval_data."""
+    from ..data.adgen import JsonlDataset
+    from ..data.mindrecord import is_mindrecord
+    from ..data.preprocess import MindRecordDataset
+    from ..io import atomic_write_text
+
+    trainer = _trainer(recipe)
     if prompts:
         texts = trainer.predict(prompts)
         records = [{"prompt": p, "predict": t} for p, t in zip(prompts, texts)]
     else:
         trainer.ensure_model()
-        dataset = JsonlDataset(data.eval_data, trainer.tokenizer, data, mode="eval")
+        data = recipe.data
+        dataset = MindRecordDataset(data.eval_data, trainer.tokenizer, data) if is_mindrecord(data.eval_data) \
+            else JsonlDataset(data.eval_data, trainer.tokenizer, data, mode="eval")
         texts = trainer.predict(dataset)
         records = [{"prompt": ex.prompt, "labels": ex.answer, "predict": t} for ex, t in zip(dataset.examples, texts)]
+    output_dir = Path(recipe.trainer.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / "predictions.jsonl",
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     for record in records[:5]:
         print(json.dumps(record, ensure_ascii=False), file=sys.stderr)
-    return {"mode": mode, "count": len(records), "output": str(output_dir / "predictions.jsonl")}
-
+    return {"mode": "predict", "count": len(records), "output": str(output_dir / "predictions.jsonl")}

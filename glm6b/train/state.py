@@ -21,13 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoint.adapters import ADAPTER_WEIGHTS_NAME, is_adapter_folder
 from ..checkpoint.hf import (PREFIX_ENCODER, CheckpointError, iter_checkpoint_tensors, iter_file_tensors,
                              load_ptuning_state, save_pretrained, save_ptuning_checkpoint)
+from ..config import TrainerError
 from ..io import atomic_folder, atomic_write_text
 from ..model import ChatGLMForConditionalGeneration
-from .args import TrainerError, TrainerState
+from .args import TrainerState
 from .dcp import is_sharded_checkpoint, load_sharded, read_checkpoint_info, save_sharded
-from .lora import ADAPTER_WEIGHTS_NAME, is_adapter_folder
 from .parallel import barrier, data_parallel_rank_and_size, get_rank, get_world_size, is_main_process, unwrap_model
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -393,10 +394,15 @@ def load_checkpoint(trainer, folder: Path) -> dict[str, list]:
 
     Raises:
         CheckpointError: a missing, truncated or corrupt file (the message names it).
-        TrainerError: another method, or a setting the checkpoint fixes changed.
+        TrainerError: another method, a setting the checkpoint fixes changed, or a one-process checkpoint
+            for pipeline stages.
     """
     if is_sharded_checkpoint(folder):
         return _load_sharded_checkpoint(trainer, folder)
+    if getattr(trainer, "pipeline", None) is not None:
+        raise TrainerError(f"{folder} was written by one process (not a sharded checkpoint): resume it on one "
+                           f"process, or with a layout without parallel.pipeline_stage; pipeline stages resume "
+                           f"the sharded checkpoints of runs under torchrun")
     try:
         state = json.loads((folder / STATE_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:

@@ -1,6 +1,6 @@
 """Fine-tuning on one machine: full-parameter, LoRA (PEFT) and P-tuning v2, with checkpoints that resume exactly.
 
-    trainer = Trainer(model=model, tokenizer=tok, args=TrainingArguments(output_dir="out", max_steps=100),
+    trainer = Trainer(model=model, tokenizer=tok, args=TrainingConfig(output_dir="out", max_steps=100),
                       train_dataset=load_dataset("train.json", tok, DataConfig()), method="lora")
     trainer.train()
 
@@ -26,6 +26,7 @@ Output folder layout (`args.output_dir`):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,31 +37,32 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..checkpoint.adapters import load_adapter
 from ..checkpoint.hf import CheckpointError, load_ptuning_state
-from ..inference.generation import GenerationConfig
+from ..config import DataConfig, GenerationConfig, LoadConfig, LoraConfig, ParallelConfig, TrainerError, TrainingConfig
+from ..data.adgen import RowDataset
+from ..data.preprocess import load_dataset
 from ..extras import import_extra
 from ..io import atomic_write_text
 from ..safety import check_writable
 from ..tokenizer import check_tokenizer_matches, load_tokenizer
-from . import evaluation, state as checkpoints
+from . import evaluation
 from . import parallel as P
-from .args import (METHODS, Method, ModelArguments, ParallelConfig, TrainerError, TrainerState, TrainingArguments,
-                   TrainOutput)
+from . import state as checkpoints
+from .args import METHODS, Method, TrainerState, TrainOutput
 from .build import build_model, lr_lambda, prepare_model, set_seed
-from .data import DataConfig, RowDataset
-from .lora import LoraArguments, load_adapter
-from .logs import NullLog, TrainLog, plot_losses
-from .loss import forward_backward
-from .preprocess import load_dataset
 from .export import save_final_model
+from .logs import EVAL_LOG_NAME, NullLog, TrainLog, plot_losses
+from .loss import forward_backward
 from .parallel import unwrap_model
+from .pipeline import Pipeline
 
 FINAL_NAME = "final"
 
@@ -117,6 +119,39 @@ class StopRequest:
         self._restore()
 
 
+@dataclass
+class _Run:
+    """What the loop and the finish of one `train` call share (made by Trainer._setup)."""
+
+    output_dir: Path
+    dataset: RowDataset
+    per_epoch: int  # global micro-batches per epoch
+    total_steps: int
+    world_size: int
+    resumed: bool
+
+
+class _LogWindow:
+    """The losses and tokens of the steps since the last log line."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.losses.append(loss)
+        self.tokens += tokens
+
+    @property
+    def mean_loss(self) -> float:
+        return sum(self.losses) / len(self.losses)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+
+
 class Trainer:
     """Train, fine-tune, evaluate and run a ChatGLM-6B model on one machine.
 
@@ -125,18 +160,18 @@ class Trainer:
         model: a ChatGLMForConditionalGeneration (or a PeftModel for LoRA). None builds it from
             `model_args` when training starts, or from the folder given to `finetune`.
         tokenizer: a ChatGLMTokenizer; None loads it with the model.
-        args: TrainingArguments.
+        args: TrainingConfig.
         train_dataset, eval_dataset: RowDatasets in "train" mode (teacher-forced rows), or paths of
             jsonl files / preprocessed folders (encoded with `data_config`).
         method: "full", "lora" or "ptuning".
-        lora_config: LoraArguments (method lora).
-        model_args: ModelArguments used when the trainer builds the model itself.
+        lora_config: LoraConfig (method lora).
+        model_args: LoadConfig used when the trainer builds the model itself.
         data_config: DataConfig for datasets given as paths and for `predict` (max_source_length).
         generation_config: default settings for `predict` (greedy, max_target_length new tokens if None).
         callbacks: functions called as callback(trainer, record) after every optimizer step (and its
             checkpoint), record holding at least "step" and "loss".
-        parallel_config: glm6b.train.args.ParallelConfig for runs under torchrun (data / tensor
-            parallel, FSDP2); the default is one process.
+        parallel_config: glm6b.config.ParallelConfig for runs under torchrun (data / tensor /
+            pipeline parallel, FSDP2; see docs/parallelism.md); the default is one process.
     """
 
     def __init__(
@@ -144,12 +179,12 @@ class Trainer:
         task: str = "text_generation",
         model: nn.Module | None = None,
         tokenizer=None,
-        args: TrainingArguments | None = None,
+        args: TrainingConfig | None = None,
         train_dataset: RowDataset | str | os.PathLike | None = None,
         eval_dataset: RowDataset | str | os.PathLike | None = None,
         method: Method = "full",
-        lora_config: LoraArguments | None = None,
-        model_args: ModelArguments | None = None,
+        lora_config: LoraConfig | None = None,
+        model_args: LoadConfig | None = None,
         data_config: DataConfig | None = None,
         generation_config: GenerationConfig | None = None,
         callbacks: list[Callable[["Trainer", dict[str, Any]], None]] | None = None,
@@ -162,10 +197,10 @@ class Trainer:
         self.task = task
         self.model = model
         self.tokenizer = tokenizer
-        self.args = args or TrainingArguments()
+        self.args = args or TrainingConfig()
         self.method = method
-        self.lora_config = lora_config or LoraArguments()
-        self.model_args = model_args or ModelArguments()
+        self.lora_config = lora_config or LoraConfig()
+        self.model_args = model_args or LoadConfig()
         self.data_config = data_config or DataConfig()
         self.generation_config = generation_config
         self.callbacks = list(callbacks or [])
@@ -179,6 +214,9 @@ class Trainer:
         self._hook = None
         self.parallel_config = parallel_config or ParallelConfig()
         self.mesh = None
+        # With parallel.pipeline_stage > 1: this process's stage (glm6b.train.pipeline), made by _setup;
+        # self.model is then the stage's part of the model.
+        self.pipeline = None
         # Extra JSON files written into output_dir beside training_args.json once training starts
         # (glm6b run adds recipe.json), so a refused or failed start never leaves them behind.
         self.records: dict[str, Any] = {}
@@ -187,16 +225,22 @@ class Trainer:
 
     @property
     def device(self) -> torch.device:
+        if self.pipeline is not None:  # a stage's part of the model may lack the final LayerNorm it is read from
+            return self.pipeline.device
         return unwrap_model(self.model).device
 
-    def _build_model(self) -> None:
-        """Load (or randomly initialise) the model described by model_args, with its adapter if any."""
-        self.model = build_model(self.model_args, self.method)
+    def _build_model(self, for_training: bool) -> None:
+        """Load (or randomly initialise) the model described by model_args, with its adapter if any (and its
+        tokenizer, unless one was given): a LoRA adapter stays a trainable layer to train it further, and
+        is merged as model_args.merge_adapter says for evaluate / predict."""
+        self.model, tokenizer = build_model(self.model_args, self.method,
+                                            trainable_adapter=for_training and self.method == "lora")
+        self.tokenizer = self.tokenizer or tokenizer
 
-    def ensure_model(self) -> None:
+    def ensure_model(self, for_training: bool = False) -> None:
         """Build the model and load the tokenizer from model_args if they were not given."""
         if self.model is None:
-            self._build_model()
+            self._build_model(for_training)
         if self.tokenizer is None:
             source = self.model_args.tokenizer or self.model_args.load_checkpoint
             if source is None:
@@ -210,7 +254,7 @@ class Trainer:
         """Freeze / wrap the model for the method, enable gradient checkpointing, set train mode."""
         if self._prepared:
             return
-        self.ensure_model()
+        self.ensure_model(for_training=True)
         self.model = prepare_model(self.model, self.method, self.lora_config, self.args.gradient_checkpointing,
                                    self.model_args.load_checkpoint)
         self._prepared = True
@@ -319,7 +363,7 @@ class Trainer:
             margs.adapter = str(path)
         else:
             margs.ptuning_checkpoint = str(path)
-        self._build_model()
+        self._build_model(for_training=True)
         return self.train(resume_from_checkpoint)
 
     def train(self, resume_from_checkpoint: str | os.PathLike | None = None) -> TrainOutput:
@@ -333,28 +377,62 @@ class Trainer:
         Returns:
             TrainOutput (global_step, per-step losses, output and final folders, last log record).
         """
-        args = self.args
-        pc = self.parallel_config
+        run = self._setup(resume_from_checkpoint)
+        record = self._loop(run)
+        return self._finish(run, record)
+
+    def _setup(self, resume_from_checkpoint) -> "_Run":
+        """Everything before the first step: processes, model, parallelism, data, run folder, optimizer, resume."""
+        args, pc = self.args, self.parallel_config
         import_extra("matplotlib", "train", "training (it draws loss.png)")  # fail before any work, not at the end
         if self.method == "lora":
             import_extra("peft", "train", "LoRA")
         info = P.init_distributed()  # no-op on one process; recipe.run also cleans up
         if pc.optimizer_shard and args.fp16:
             raise TrainerError("fp16 with parallel.optimizer_shard is not supported: use bf16 (FSDP2 mixed precision)")
+        if pc.pipeline_stage > 1 and args.fp16:
+            raise TrainerError("fp16 with parallel.pipeline_stage > 1 is not supported (the schedule runs the "
+                               "backward, without the gradient scaler): use bf16")
         if info.world_size > 1 and self.model is None and self.model_args.device is None:
-            self.model_args.device = str(info.device)
+            # A pipeline stage is cut from the model built on the CPU; only its part moves to the device.
+            self.model_args.device = "cpu" if pc.pipeline_stage > 1 else str(info.device)
         set_seed(args.seed)  # identical on every rank: FSDP2 does not broadcast weights, TP needs equal lora_A
-        if self.model is None:
-            self.ensure_model()
+        self.ensure_model(for_training=True)
         pc.validate(info.world_size, unwrap_model(self.model).config)
         self._prepare_for_training()
+        dataset = self._training_rows()
         self.mesh = P.build_mesh(pc)
-        if self.mesh is not None:
-            self.model = P.parallelize_model(self.model, self.mesh, pc,
-                                             mixed_precision="bf16" if args.bf16 and pc.optimizer_shard else None,
+        mixed_precision = "bf16" if args.bf16 and pc.optimizer_shard else None
+        if pc.pipeline_stage > 1:
+            width = dataset.config.max_source_length + dataset.config.max_target_length
+            self.pipeline = Pipeline(self.model, self.mesh, pc, args.gradient_accumulation_steps,
+                                     args.per_device_train_batch_size, width, self.tokenizer.pad_token_id,
+                                     info.device, mixed_precision=mixed_precision)
+            self.model = self.pipeline.model
+        elif self.mesh is not None:
+            self.model = P.parallelize_model(self.model, self.mesh, pc, mixed_precision=mixed_precision,
                                              device=info.device)
+        if self.mesh is not None:
             torch.manual_seed(P.rank_seed(args.seed, self.mesh))
-        main = P.is_main_process()
+        output_dir = Path(args.output_dir)
+        resume = resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint
+        if P.is_main_process():
+            checkpoints.prepare_run_folder(output_dir, resume, args.overwrite_output_dir)
+        P.barrier()
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+        per_epoch = self.batches_per_epoch(len(dataset))
+        total_steps = args.max_steps or math.ceil(args.num_train_epochs * per_epoch / args.gradient_accumulation_steps)
+        schedule = lr_lambda(args.lr_scheduler_type, args.warmup_steps or math.ceil(args.warmup_ratio * total_steps),
+                             total_steps)
+        self._build_optimizer(schedule)
+        if P.is_main_process():  # room for one checkpoint and final/, before the first step
+            check_writable(output_dir, "trainer.output_dir", needed_bytes=checkpoints.estimate_checkpoint_bytes(self))
+        resumed = self._resume(resume, schedule)
+        self._write_run_files(output_dir, info.world_size, resumed)
+        return _Run(output_dir, dataset, per_epoch, total_steps, info.world_size, resumed=bool(resume))
+
+    def _training_rows(self) -> RowDataset:
         self.train_dataset = self.resolve_dataset(self.train_dataset)
         self.eval_dataset = self.resolve_dataset(self.eval_dataset)
         dataset = self.train_dataset
@@ -364,21 +442,10 @@ class Trainer:
             raise TrainerError(_empty_data_message(dataset))
         if dataset.mode != "train":
             raise TrainerError("train_dataset holds evaluation rows; build it with mode='train'")
-        output_dir = Path(args.output_dir)
-        resume = resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint
-        if main:
-            checkpoints.prepare_run_folder(output_dir, resume, args.overwrite_output_dir)
-        P.barrier()
-        output_dir.mkdir(parents=True, exist_ok=True)
+        return dataset
 
-        per_epoch = self.batches_per_epoch(len(dataset))
-        total_steps = args.max_steps or math.ceil(args.num_train_epochs * per_epoch / args.gradient_accumulation_steps)
-        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
-        schedule = lr_lambda(args.lr_scheduler_type, warmup, total_steps)
-        self._build_optimizer(schedule)
-        if main:  # room for one checkpoint and final/, before the first step
-            check_writable(output_dir, "trainer.output_dir", needed_bytes=checkpoints.estimate_checkpoint_bytes(self))
-
+    def _resume(self, resume, schedule) -> dict[str, Any]:
+        """A fresh state, or the one of the checkpoint to resume (what changed is reported and recorded)."""
         self.state = TrainerState()
         resumed: dict[str, Any] = {}
         if resume:
@@ -386,93 +453,103 @@ class Trainer:
             checkpoints.apply_schedule(self, schedule)
             resumed = {"resumed_from": str(folder), "resumed_at_step": self.state.global_step,
                        "changed_on_resume": changes}
-            if changes and main:
+            if changes and P.is_main_process():
                 print(f"resuming {folder} at step {self.state.global_step} with changed settings, applied from "
                       f"here on: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items()),
                       file=sys.stderr)
         if not self.state.run_id:
             self.state.run_id = uuid.uuid4().hex
-        self.state.rows_per_micro_batch = args.per_device_train_batch_size * P.data_parallel_rank_and_size(self.mesh)[1]
-        if main:
-            checkpoints.write_run_id(output_dir, self.state.run_id)
-            atomic_write_text(output_dir / "training_args.json", json.dumps(
-                {"method": self.method, "args": asdict(args), "lora": asdict(self.lora_config),
-                 "model": asdict(self.model_args), "parallel": asdict(pc), "world_size": info.world_size,
-                 "run_id": self.state.run_id, **resumed},
-                indent=2) + "\n")
-            for name, data in self.records.items():
-                atomic_write_text(output_dir / name, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-        log = TrainLog(output_dir, args.tensorboard, self.state.global_step if resume else None) if main else NullLog()
+        self.state.rows_per_micro_batch = (self.args.per_device_train_batch_size
+                                           * P.data_parallel_rank_and_size(self.mesh)[1])
+        return resumed
+
+    def _write_run_files(self, output_dir: Path, world_size: int, resumed: dict[str, Any]) -> None:
+        """run.json, training_args.json and the records (recipe.json) in output_dir (rank 0)."""
+        if not P.is_main_process():
+            return
+        checkpoints.write_run_id(output_dir, self.state.run_id)
+        atomic_write_text(output_dir / "training_args.json", json.dumps(
+            {"method": self.method, "args": asdict(self.args), "lora": asdict(self.lora_config),
+             "model": asdict(self.model_args), "parallel": asdict(self.parallel_config), "world_size": world_size,
+             "run_id": self.state.run_id, **resumed},
+            indent=2) + "\n")
+        for name, data in self.records.items():
+            atomic_write_text(output_dir / name, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+    def _loop(self, run: "_Run") -> dict[str, Any]:
+        """The optimizer steps: log, evaluate and save as the arguments say; a first Ctrl-C / SIGTERM saves a
+        checkpoint after the step and stops (TrainingInterrupted). Returns the last log record."""
+        args, main = self.args, P.is_main_process()
+        log = TrainLog(run.output_dir, args.tensorboard, self.state.global_step if run.resumed else None) \
+            if main else NullLog()
         trainable = [p for _, p in self._trainable()]
-        stream = self._micro_batches(dataset, self.state.micro_batches)
+        run_step = self.pipeline.forward_backward if self.pipeline is not None else forward_backward
+        stream = self._micro_batches(run.dataset, self.state.micro_batches)
         self.model.train()
 
         from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=self.state.global_step, desc=f"train ({self.method})", unit="step",
-                   disable=args.disable_tqdm or not main, file=sys.stderr, dynamic_ncols=True)
-        window_losses, window_tokens, window_start = [], 0, time.perf_counter()
+        window = _LogWindow()
         record: dict[str, Any] = {}
-        stop = StopRequest(enabled=info.world_size == 1)
-        try:
-            stop.__enter__()
-            while self.state.global_step < total_steps:
-                step_loss, step_tokens, grad_norm = forward_backward(self, stream, trainable, per_epoch)
+        with tqdm(total=run.total_steps, initial=self.state.global_step, desc=f"train ({self.method})", unit="step",
+                  disable=args.disable_tqdm or not main, file=sys.stderr, dynamic_ncols=True) as bar, \
+                contextlib.closing(log), StopRequest(enabled=run.world_size == 1) as stop:
+            while self.state.global_step < run.total_steps:
+                step_loss, step_tokens, grad_norm = run_step(self, stream, trainable, run.per_epoch)
                 lr = self.optimizer.param_groups[0]["lr"]
-                if self.scaler:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self._optimizer_step()
                 self.state.global_step += 1
                 self.state.losses.append(step_loss)
-                window_losses.append(step_loss)
-                window_tokens += step_tokens
                 step = self.state.global_step
-
-                elapsed = max(time.perf_counter() - window_start, 1e-9)
-                tokens_per_s = window_tokens / elapsed
+                window.add(step_loss, step_tokens)
                 bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{window.tokens_per_s:.0f}")
                 record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm}
-                if step % args.logging_steps == 0 or step == total_steps:
-                    record = {"step": step, "epoch": round(self.state.micro_batches / per_epoch, 4),
-                              "loss": sum(window_losses) / len(window_losses), "lr": lr, "grad_norm": grad_norm,
-                              "tokens_per_s": tokens_per_s, "tokens": window_tokens}
+                if step % args.logging_steps == 0 or step == run.total_steps:
+                    record = {"step": step, "epoch": round(self.state.micro_batches / run.per_epoch, 4),
+                              "loss": window.mean_loss, "lr": lr, "grad_norm": grad_norm,
+                              "tokens_per_s": window.tokens_per_s, "tokens": window.tokens}
                     log.write(record)
                     self.state.log_history.append(record)
-                    window_losses, window_tokens, window_start = [], 0, time.perf_counter()
+                    window = _LogWindow()
                 if args.eval_steps and step % args.eval_steps == 0 and self.eval_dataset is not None:
                     log.write(self.evaluate(), eval_record=True)
-                if args.save_steps and step % args.save_steps == 0:
+                saved = bool(args.save_steps and step % args.save_steps == 0)
+                if saved:
                     self.save_checkpoint()
                 for callback in self.callbacks:
                     callback(self, {**record, "step": step, "loss": step_loss})
                 if stop.requested:
-                    folder = output_dir / f"checkpoint-{step}"
-                    if not (args.save_steps and step % args.save_steps == 0):
-                        folder = self.save_checkpoint()
+                    folder = run.output_dir / f"checkpoint-{step}" if saved else self.save_checkpoint()
                     raise TrainingInterrupted(
-                        f"stopped at step {step} of {total_steps}; checkpoint saved in {folder}; continue with "
+                        f"stopped at step {step} of {run.total_steps}; checkpoint saved in {folder}; continue with "
                         f"--set trainer.resume_from_checkpoint=latest (same output_dir)")
-        finally:
-            stop.__exit__(None, None, None)
-            bar.close()
-            log.close()
+        return record
 
-        final_dir = output_dir / FINAL_NAME
-        if self.mesh is not None:
+    def _optimizer_step(self) -> None:
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _finish(self, run: "_Run", record: dict[str, Any]) -> TrainOutput:
+        """final/ (every rank takes part in a sharded save; rank 0 writes) and the loss curve."""
+        final_dir = run.output_dir / FINAL_NAME
+        if self.pipeline is not None:
+            self.pipeline.save_final_model(final_dir, tokenizer=self.tokenizer)  # collective; rank 0 writes
+        elif self.mesh is not None:
             save_final_model(self.model, final_dir, tokenizer=self.tokenizer)  # collective; rank 0 writes
         else:
             self.save_model(final_dir)
-        if main:
-            eval_history = []
-            if log.eval_path.is_file():
-                eval_history = [json.loads(line) for line in log.eval_path.read_text().splitlines() if line.strip()]
-            plot_losses(self.state.losses, output_dir / "loss.png", self.state.log_history, eval_history)
-        return TrainOutput(self.state.global_step, list(self.state.losses), output_dir, final_dir, record)
+        if P.is_main_process():
+            eval_path = run.output_dir / EVAL_LOG_NAME
+            eval_history = [json.loads(line) for line in eval_path.read_text().splitlines() if line.strip()] \
+                if eval_path.is_file() else []
+            plot_losses(self.state.losses, run.output_dir / "loss.png", self.state.log_history, eval_history)
+        return TrainOutput(self.state.global_step, list(self.state.losses), run.output_dir, final_dir, record)
 
     def _build_optimizer(self, lr_lambda: Callable[[int], float]) -> None:
         """AdamW over the trainable parameters only; weight decay on matrices, not on biases/LayerNorms."""
@@ -492,9 +569,6 @@ class Trainer:
             if self.device.type != "cuda":
                 raise TrainerError("fp16 mixed precision needs CUDA; use bf16 on the CPU")
             self.scaler = torch.amp.GradScaler("cuda")
-
-    # ------------------------------------------------------------------------------ checkpoints
-
 
     # ------------------------------------------------------------------------------ checkpoints
 

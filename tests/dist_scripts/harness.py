@@ -66,7 +66,7 @@ def _worker(rank: int, world_size: int, port: int, jobs, replies) -> None:
             except BaseException:  # noqa: BLE001
                 replies.put((rank, "error", traceback.format_exc()))
     finally:
-        distributed.cleanup()
+        parallel.cleanup()
 
 
 class ProcessPool:

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import torch
 
+from glm6b.config import ChatGLMConfig, ParallelConfig
+from glm6b.model import ChatGLMForConditionalGeneration
 from glm6b.train import dcp as DCP
 from glm6b.train import export
 from glm6b.train import parallel as D
-from glm6b.train.args import ParallelConfig
-from glm6b.config import ChatGLMConfig
-from glm6b.model import ChatGLMForConditionalGeneration
 
 GOLDEN = Path(__file__).parents[1] / "golden"  # its tokenizer files are copied into saved folders
 SEED = 0
@@ -245,8 +244,8 @@ def lora_reference_and_merge(info, out_dir: Path, checkpoint: str, base_dir: str
     and merge_checkpoint of the distributed run's DCP checkpoint, with and without the base model."""
     if info.rank != 0:
         return None
+    from glm6b.checkpoint.adapters import load_adapter
     from glm6b.checkpoint.hf import load_model, save_pretrained
-    from glm6b.train.lora import load_adapter
 
     reference = reference_training("lora")
     save_pretrained(tiny_model(), base_dir)
@@ -271,18 +270,16 @@ def trainer_with_generation(info, out_dir: Path, data_file: str, layout: dict, m
     then predict(); returns the eval records and the predictions."""
     import json
 
+    from glm6b.config import DataConfig, LoadConfig, LoraConfig, TrainingConfig
     from glm6b.tokenizer import load_tokenizer
-    from glm6b.train.args import ModelArguments, TrainingArguments
-    from glm6b.train.data import DataConfig
-    from glm6b.train.lora import LoraArguments
     from glm6b.train.trainer import Trainer
 
     output = Path(out_dir) / "run"
     trainer = Trainer(
-        model_args=ModelArguments(load_checkpoint=str(GOLDEN), dtype="float32"), tokenizer=load_tokenizer(GOLDEN),
-        method=method, lora_config=LoraArguments(**LORA), data_config=DataConfig(max_source_length=24, max_target_length=8),
+        model_args=LoadConfig(load_checkpoint=str(GOLDEN), dtype="float32"), tokenizer=load_tokenizer(GOLDEN),
+        method=method, lora_config=LoraConfig(**LORA), data_config=DataConfig(max_source_length=24, max_target_length=8),
         train_dataset=data_file, eval_dataset=data_file, parallel_config=ParallelConfig(**layout),
-        args=TrainingArguments(output_dir=str(output), max_steps=2, per_device_train_batch_size=1, eval_steps=1,
+        args=TrainingConfig(output_dir=str(output), max_steps=2, per_device_train_batch_size=1, eval_steps=1,
                                eval_generation_samples=2, per_device_eval_batch_size=2, bf16=bf16, save_steps=None,
                                logging_steps=1, tensorboard=False, disable_tqdm=True, learning_rate=LR))
     trainer.train()

@@ -1,8 +1,10 @@
 """Offline data: `preprocess` writes a jsonl file's encoded rows once, `EncodedDataset` memory-maps them,
-and `load_dataset` opens either a jsonl file or such a folder (see glm6b.train.data for the layout)."""
+and `load_dataset` opens a jsonl file, such a folder (see glm6b.data.adgen for the layout) or a
+MindFormers ADGEN MindRecord file (`MindRecordDataset`, see glm6b.data.adgen_mindrecord)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -13,9 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from ..config import DataConfig, DataError
 from ..io import atomic_write, atomic_write_text
-from .data import (_ARRAYS, FORMAT, META_NAME, DataConfig, DataError, JsonlDataset, Mode, ReadStats, RowDataset,
-                   _as_row, _check_mode, _special_ids, encode_example, iter_examples)
+from .adgen import (ENCODED_ARRAYS, FORMAT, META_NAME, Example, JsonlDataset, Mode, ReadStats, RowDataset, as_row,
+                    check_mode, encode_example, iter_examples, special_ids_of)
+from .adgen_mindrecord import AdgenMindRecord, SpecialIds, write_adgen_mindrecord
+from .mindrecord import is_mindrecord
 
 
 class EncodedDataset(RowDataset):
@@ -50,7 +55,7 @@ class EncodedDataset(RowDataset):
         self.mode = self.meta["mode"]
         self.special_ids = self.meta["special_ids"]
         arrays = {}
-        for name in _ARRAYS:
+        for name in ENCODED_ARRAYS:
             try:
                 arrays[name] = np.load(self.folder / f"{name}.npy", mmap_mode="r")
             except (OSError, ValueError) as e:
@@ -69,7 +74,47 @@ class EncodedDataset(RowDataset):
             raise IndexError(index)
         index %= len(self)
         (ids_start, labels_start), (ids_end, labels_end) = self.offsets[index], self.offsets[index + 1]
-        return _as_row(self.input_ids[ids_start:ids_end], self.labels[labels_start:labels_end])
+        return as_row(self.input_ids[ids_start:ids_end], self.labels[labels_start:labels_end])
+
+
+class MindRecordDataset(RowDataset):
+    """The rows of a MindFormers ADGEN MindRecord file (adgen_dataset.py's train or eval mode), read one at
+    a time in glm6b's layout: a train file gives the rows glm6b builds from the same examples.
+
+    Args:
+        path: the file (any shard of a set, or its base name).
+        tokenizer: the ChatGLMTokenizer the file was encoded with.
+        config: batching settings (the file fixes the rows themselves).
+
+    Raises:
+        MindRecordError: not a MindRecord file of MindFormers' ADGEN layout, truncated or corrupt.
+    """
+
+    def __init__(self, path: str | os.PathLike, tokenizer, config: DataConfig):
+        self.path = Path(path)
+        self.rows = AdgenMindRecord(path, SpecialIds.of(tokenizer), config.ignore_pad_token_for_loss)
+        self.mode = self.rows.mode
+        self.config = config
+        self.tokenizer = tokenizer
+        self.special_ids = special_ids_of(tokenizer)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return as_row(*self.rows.row(index))
+
+    @functools.cached_property
+    def examples(self) -> list[Example]:
+        """Each row's prompt and answer decoded back to text (what generation-based evaluation and
+        predict take); `line` is the row number from 1. The ids decode without clean-up, so the
+        prompt encodes back to the stored ids."""
+        decode = functools.partial(self.tokenizer.decode, clean_up_tokenization_spaces=False)
+        examples = []
+        for index in range(len(self)):
+            prompt, answer = self.rows.texts_ids(index)
+            examples.append(Example(index + 1, decode(prompt), decode(answer)))
+        return examples
 
 
 def _file_sha256(path: str | os.PathLike) -> str:
@@ -127,7 +172,7 @@ def preprocess(tokenizer, input_path: str | os.PathLike, output_dir: str | os.Pa
     Raises:
         DataError: as `iter_examples`.
     """
-    _check_mode(mode)
+    check_mode(mode)
     input_path, output_dir = Path(input_path), Path(output_dir)
     stats = ReadStats()
     ids_out, labels_out, offsets = array("i"), array("i"), array("q", [0, 0])
@@ -151,7 +196,7 @@ def preprocess(tokenizer, input_path: str | os.PathLike, output_dir: str | os.Pa
         "mode": mode,
         "source": {"path": str(input_path), "sha256": _file_sha256(input_path)},
         "tokenizer": {"path": str(tokenizer.vocab_file), "sha256": _file_sha256(tokenizer.vocab_file)},
-        "special_ids": _special_ids(tokenizer),
+        "special_ids": special_ids_of(tokenizer),
         "data": data,
         "counts": {"lines": stats.lines, "rows": stats.rows, "skipped_empty": stats.skipped_empty,
                    "skipped_bad": stats.skipped_bad, "tokens": len(ids_out)},
@@ -161,11 +206,42 @@ def preprocess(tokenizer, input_path: str | os.PathLike, output_dir: str | os.Pa
     return meta
 
 
-def load_dataset(path: str | os.PathLike, tokenizer, config: DataConfig, mode: Mode = "train") -> RowDataset:
-    """A dataset from a jsonl file (online encoding) or a preprocessed folder (memory-mapped).
+def preprocess_mindrecord(tokenizer, input_path: str | os.PathLike, output_path: str | os.PathLike,
+                          config: DataConfig, mode: Mode = "train", skip_bad: bool | None = None) -> dict[str, Any]:
+    """Write a jsonl file's examples as the MindRecord file MindFormers' adgen_dataset.py writes (same
+    schema, names, dtypes and shapes; see glm6b.data.adgen_mindrecord), for MindFormers or glm6b.
+
+    Prompts are rendered as glm6b renders them (source_prefix, history_column). Train rows cut the
+    prompt and answer by tokens, eval rows by characters, as adgen_dataset.py does.
 
     Args:
-        path: jsonl file or folder written by `preprocess`.
+        tokenizer: a ChatGLMTokenizer.
+        input_path: the jsonl file.
+        output_path: the MindRecord file (and `<output>.db`), replaced atomically.
+        config: lengths, columns, prefix, ignore_pad_token_for_loss.
+        mode: "train" or "eval".
+        skip_bad: skip and count malformed lines; None takes config.skip_bad.
+
+    Returns:
+        {"counts": {"lines", "rows", "skipped_empty", "skipped_bad"}, "bad_lines": [...]}.
+
+    Raises:
+        DataError: as `iter_examples`.
+    """
+    check_mode(mode)
+    stats = ReadStats()
+    examples = ((ex.prompt, ex.answer) for ex in iter_examples(input_path, config, stats, skip_bad))
+    write_adgen_mindrecord(output_path, examples, tokenizer, mode, config.max_source_length, config.max_target_length,
+                           config.ignore_pad_token_for_loss)
+    return {"counts": {"lines": stats.lines, "rows": stats.rows, "skipped_empty": stats.skipped_empty,
+                       "skipped_bad": stats.skipped_bad}, "bad_lines": stats.bad_lines}
+
+
+def load_dataset(path: str | os.PathLike, tokenizer, config: DataConfig, mode: Mode = "train") -> RowDataset:
+    """A dataset from a jsonl file (online encoding), a preprocessed folder or a MindRecord file (memory-mapped).
+
+    Args:
+        path: jsonl file, folder written by `preprocess`, or MindFormers ADGEN MindRecord file.
         tokenizer: a ChatGLMTokenizer.
         config: the data settings; a preprocessed folder must have been built with the same ones.
         mode: "train" or "eval"; a preprocessed folder must hold rows of that mode.
@@ -177,6 +253,12 @@ def load_dataset(path: str | os.PathLike, tokenizer, config: DataConfig, mode: M
         DataError: unreadable data, malformed lines, or a folder built with other settings.
     """
     path = Path(path)
+    if is_mindrecord(path):
+        dataset = MindRecordDataset(path, tokenizer, config)
+        if dataset.mode != mode:
+            raise DataError(f"{path}: holds MindFormers {dataset.mode}-mode rows but {mode!r} rows are needed here; "
+                            f"write the file with `glm6b preprocess --format mindrecord --mode {mode}`")
+        return dataset
     if path.is_dir():
         dataset = EncodedDataset(path, config, tokenizer)
         if dataset.mode != mode:

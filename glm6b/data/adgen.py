@@ -18,7 +18,7 @@ fine-tuned model sees at training time exactly the prompt that chat() will give 
 Two ways to feed a run, which give identical batches:
 
 * online: `JsonlDataset` reads and checks the jsonl once and encodes rows when they are asked for;
-* offline: `glm6b.train.preprocess.preprocess` writes the encoded rows once to ``input_ids.npy`` / ``labels.npy`` (int32,
+* offline: `glm6b.data.preprocess.preprocess` writes the encoded rows once to ``input_ids.npy`` / ``labels.npy`` (int32,
   all rows concatenated, unpadded), ``offsets.npy`` (int64 [rows + 1, 2]: row i's input_ids are
   ``input_ids[offsets[i, 0]:offsets[i + 1, 0]]``, its labels ``labels[offsets[i, 1]:offsets[i + 1, 1]]``;
   the two columns are equal for training rows) and ``meta.json`` (settings, tokenizer hash, counts);
@@ -38,6 +38,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ..config import DataConfig, DataError
 from ..inference.chat import build_prompt
 from ..model.masks import build_mask_and_positions
 
@@ -45,53 +46,7 @@ Mode = Literal["train", "eval"]
 IGNORE_INDEX = -100
 FORMAT = "glm6b-encoded-rows-v1"
 META_NAME = "meta.json"
-_ARRAYS = ("input_ids", "labels", "offsets")
-
-
-class DataError(ValueError):
-    """Unusable data: the message names the file, the line and what is wrong."""
-
-
-@dataclass
-class DataConfig:
-    """Where the data is and how rows are built (the `data:` section of a recipe).
-
-    Attributes:
-        train_data: jsonl file, or a folder written by `glm6b preprocess`.
-        eval_data: jsonl file or preprocessed folder for evaluation (teacher-forced loss).
-        max_source_length: prompt budget in tokens (the prompt keeps max_source_length - 1 ids in
-            training rows, - 2 in evaluation rows).
-        max_target_length: answer budget (the answer keeps max_target_length - 2 ids).
-        prompt_column: field holding the prompt (ADGEN: "content").
-        response_column: field holding the answer (ADGEN: "summary").
-        history_column: optional field with earlier [query, response] pairs (chat template).
-        source_prefix: text put in front of every prompt.
-        ignore_pad_token_for_loss: labels equal to the pad id become -100 (the recipe's default).
-        dynamic_padding: pad training batches to their longest row instead of max_source_length +
-            max_target_length. Right padding sits after <eop> in the causal part, so the loss is the
-            same; it only saves compute.
-        skip_bad: skip (and count) malformed lines instead of stopping at the first one.
-    """
-
-    train_data: str | None = None
-    eval_data: str | None = None
-    max_source_length: int = 64
-    max_target_length: int = 64
-    prompt_column: str = "content"
-    response_column: str = "summary"
-    history_column: str | None = None
-    source_prefix: str = ""
-    ignore_pad_token_for_loss: bool = True
-    dynamic_padding: bool = False
-    skip_bad: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_source_length < 3:
-            raise DataError(f"max_source_length={self.max_source_length}: must be at least 3 "
-                            f"(one prompt token plus [gMASK] <sop>)")
-        if self.max_target_length < 3:
-            raise DataError(f"max_target_length={self.max_target_length}: must be at least 3 "
-                            f"(one answer token plus <sop> and <eop>)")
+ENCODED_ARRAYS = ("input_ids", "labels", "offsets")  # the .npy files of a preprocessed folder
 
 
 # ----------------------------------------------------------------------------------- single rows
@@ -372,12 +327,14 @@ class RowDataset(torch.utils.data.Dataset):
                 "position_ids": torch.stack(positions)}
 
 
-def _special_ids(tok) -> dict[str, int]:
+def special_ids_of(tok) -> dict[str, int]:
+    """The special token ids rows are built with (recorded in a preprocessed folder's meta.json)."""
     return {"pad": tok.pad_token_id, "bos": tok.bos_token_id, "mask": tok.mask_token_id,
             "gmask": tok.gmask_token_id}
 
 
-def _as_row(input_ids: Sequence[int], labels: Sequence[int]) -> dict[str, np.ndarray]:
+def as_row(input_ids: Sequence[int], labels: Sequence[int]) -> dict[str, np.ndarray]:
+    """One dataset row: {"input_ids", "labels"} as int64 arrays."""
     return {"input_ids": np.asarray(input_ids, dtype=np.int64), "labels": np.asarray(labels, dtype=np.int64)}
 
 
@@ -398,12 +355,12 @@ class JsonlDataset(RowDataset):
 
     def __init__(self, path: str | os.PathLike, tokenizer, config: DataConfig, mode: Mode = "train",
                  skip_bad: bool | None = None):
-        _check_mode(mode)
+        check_mode(mode)
         self.path = Path(path)
         self.tokenizer = tokenizer
         self.config = config
         self.mode = mode
-        self.special_ids = _special_ids(tokenizer)
+        self.special_ids = special_ids_of(tokenizer)
         self.stats = ReadStats()
         self.examples = list(iter_examples(path, config, self.stats, skip_bad))
 
@@ -412,9 +369,10 @@ class JsonlDataset(RowDataset):
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         ex = self.examples[index]
-        return _as_row(*encode_example(self.tokenizer, ex.prompt, ex.answer, self.config, self.mode))
+        return as_row(*encode_example(self.tokenizer, ex.prompt, ex.answer, self.config, self.mode))
 
 
-def _check_mode(mode: str) -> None:
+def check_mode(mode: str) -> None:
+    """Raise DataError unless `mode` is "train" or "eval"."""
     if mode not in ("train", "eval"):
         raise DataError(f"mode={mode!r}: expected 'train' or 'eval'")
