@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from glm6b.quant import cpu_kernels
-from glm6b.quant import linear
+from glm6b.quant import cpu_kernels, linear
 from glm6b.quant.linear import QuantizedLinear, kernel_for
 from glm6b.quant.thudm import quantize_to_thudm, unpacked_weight
 
@@ -162,7 +161,8 @@ def test_int8_activations_are_opt_in(bits, monkeypatch):
 
 
 def test_switches_pick_the_stock_ops_or_the_avx2_kernels():
-    """GLM6B_CPU_KERNELS=0: PyTorch's ops; GLM6B_AVX512=0: the AVX2 build even where AVX-512 is there."""
+    """GLM6B_CPU_KERNELS=0: PyTorch's ops; GLM6B_AVX512=0: the AVX2 build even where AVX-512 is there;
+    GLM6B_AMX=0: no AMX tiles."""
     code = ("import torch; from glm6b.quant import cpu_kernels; from glm6b.quant.linear import QuantizedLinear;"
             "layer = QuantizedLinear.from_float(torch.nn.Linear(128, 64), 8);"
             "print(cpu_kernels.isa(), layer.prepare('cpu', torch.float32), layer.prepare('cpu', torch.bfloat16))")
@@ -173,6 +173,10 @@ def test_switches_pick_the_stock_ops_or_the_avx2_kernels():
     avx2 = subprocess.run([sys.executable, "-c", code], env={**env, "GLM6B_AVX512": "0"}, capture_output=True,
                           text=True, check=True).stdout.split()
     assert avx2 == ["avx2", "glm6b_avx2", "glm6b_avx2"]
+    # GLM6B_AMX=0 (with this process's environment, so the AVX2 build): no AMX tiles, the same table rows
+    no_amx = subprocess.run([sys.executable, "-c", code + ";print(cpu_kernels.has_amx())"],
+                            env={**env, "GLM6B_AMX": "0"}, capture_output=True, text=True, check=True).stdout.split()
+    assert no_amx == ["avx2", "glm6b_avx2", "glm6b_avx2", "False"]
 
 
 def test_bfloat16_linears_multiply_a_prefill_with_float32_blocks(monkeypatch):
