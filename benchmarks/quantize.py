@@ -11,16 +11,20 @@ Tables:
    bfloat16 weight against PyTorch's weight-only ops (``_weight_int8pack_mm``,
    ``_weight_int4pack_mm_for_cpu`` with each group size it accepts) and the `QuantizedLinear`
    module as the model runs it (with --lm-head also the 130528 x 4096 lm_head, module only), and for
-   up to cpu_kernels.BF16_MAX_ROWS rows glm6b's bfloat16 kernel (what BF16DecodeLinear runs in a bf16 decode step): on an
-   AVX512-BF16 CPU, glm6b's own kernels (glm6b.quant.cpu_kernels). The same module is also timed
+   up to cpu_kernels.bf16_max_rows() rows glm6b's bfloat16 kernel (what BF16DecodeLinear runs in a bf16 decode
+   step), where they build (AVX512-BF16 or AVX2), glm6b's own kernels (glm6b.quant.cpu_kernels). On the AVX2
+   build, from linear.AVX2_GEMM_MIN_ROWS rows, also the bfloat16 weight multiplied as float32 blocks (what
+   BF16DecodeLinear runs in a prefill there) and F.linear in float32 (the float32 GEMM: that CPU's roofline
+   for a prefill), and the module with int8 activations (opt-in). The same module is also timed
    held to PyTorch's ops ("stock ops") and, on a CPU with AMX, to the kernels' path for CPUs without
    it ("glm6b no AMX"). Where the stock ops run, from glm6b.quant.linear.CPU_DEQUANTIZED_MIN_ROWS rows
    on the module multiplies blocks of de-quantized weight; its "row kernel" line is that module held
    to the stock op. Median of --repeats calls after warm-up, the kernels of a row taking turns call
    by call; "GB/s" counts the bytes of the weight (and scales) read once per call.
 2. quality: top-1 agreement with the bfloat16 model and the largest |logit difference| (also
-   relative to the largest |logit|), for int8, int4 and int4 with the word embeddings and lm_head
-   quantized (THUDM's int4-qe), on the golden checkpoint and inputs (tests/golden, cases.json
+   relative to the largest |logit|), for int8, int4 and each with the word embeddings and lm_head
+   quantized (THUDM's int4-qe; "+ emb/lm_head"), and on the AVX2 build each again with int8 activations
+   (GLM6B_INT8_ACTIVATIONS=1), on the golden checkpoint and inputs (tests/golden, cases.json
    forward_batch and generate_single_greedy prompts, real positions only) and on a random model of
    the glm_6b shape with --layers layers (width, heads and the 130528 vocabulary of the real one).
    The float32 row is the noise floor: bfloat16 against float32.
@@ -65,8 +69,27 @@ from glm6b.quant import linear as quant_linear  # noqa: E402
 GOLDEN = ROOT / "tests" / "golden"
 SHAPES = [(4096, 4096), (16384, 4096), (4096, 16384)]  # [out, in]: dense, dense_h_to_4h, dense_4h_to_h
 LM_HEAD = (130528, 4096)
-SCHEMES = [("int8", dict(quantize="int8")), ("int4", dict(quantize="int4")),
-           ("int4 + emb/lm_head", dict(quantize="int4", quantize_embeddings=True))]
+SCHEMES = [("int8", dict(quantize="int8")), ("int8 + emb/lm_head", dict(quantize="int8", quantize_embeddings=True)),
+           ("int4", dict(quantize="int4")), ("int4 + emb/lm_head", dict(quantize="int4", quantize_embeddings=True))]
+# The opt-in int8-activation kernels (AVX2 build, GLM6B_INT8_ACTIVATIONS=1): quality and decode rows.
+INT8_ACTIVATION_SCHEMES = [(f"{name}, int8 activations", kwargs) for name, kwargs in SCHEMES]
+
+
+def int8_activations_here() -> bool:
+    return cpu_kernels.isa() == "avx2"
+
+
+def prepare_with_int8_activations(model, dtype=None) -> dict[str, int]:
+    """prepare_kernels with GLM6B_INT8_ACTIVATIONS=1 while the kernels are built."""
+    saved = os.environ.get("GLM6B_INT8_ACTIVATIONS")
+    os.environ["GLM6B_INT8_ACTIVATIONS"] = "1"
+    try:
+        return prepare_kernels(model, dtype=dtype)
+    finally:
+        if saved is None:
+            os.environ.pop("GLM6B_INT8_ACTIVATIONS")
+        else:
+            os.environ["GLM6B_INT8_ACTIVATIONS"] = saved
 
 
 def interleaved_median_ms(fns, repeats: int) -> list[float]:
@@ -114,12 +137,23 @@ def kernel_table(repeats: int, lm_head: bool, row_counts: list[int]) -> None:
                 variants[f"int{bits}, stock ops"] = prepared_with(module, supports=lambda *a: False)
             if cpu_kernels.has_amx():
                 variants[f"int{bits}, glm6b no AMX"] = prepared_with(module, has_amx=lambda: False)
+            if int8_activations_here():
+                copy = prepared_with(module)
+                copy._kernel = None
+                prepare_with_int8_activations(copy, torch.bfloat16)
+                variants[f"int{bits}, int8 activations"] = copy
         for rows in row_counts:
             many = rows >= quant_linear.CPU_DEQUANTIZED_MIN_ROWS
             x = torch.randn(rows, in_f, generator=gen).to(torch.bfloat16)
             cases = [("F.linear bf16", lambda: F.linear(x, w), out_f * in_f * 2)]
-            if cpu_kernels.available() and rows <= cpu_kernels.BF16_MAX_ROWS:  # what BF16DecodeLinear runs
+            if cpu_kernels.available() and rows <= cpu_kernels.bf16_max_rows():  # what BF16DecodeLinear runs
                 cases.append(("glm6b bf16_matmul", lambda: cpu_kernels.bf16_matmul(x, w), out_f * in_f * 2))
+            if cpu_kernels.isa() == "avx2" and rows >= quant_linear.AVX2_GEMM_MIN_ROWS:
+                # what BF16DecodeLinear runs in a prefill there, and the float32 GEMM itself (the roofline)
+                cases.append(("bf16 weight, float32 blocks", lambda: quant_linear._bf16_weight_float32_mm(x, w),
+                              out_f * in_f * 2))
+                x32, w32 = x.float(), w.float()
+                cases.append(("F.linear float32 (x, W float32)", lambda: F.linear(x32, w32), out_f * in_f * 4))
             if stock:
                 cases.append(("_weight_int8pack_mm", lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8),
                               out_f * in_f + out_f * 2))
@@ -132,7 +166,7 @@ def kernel_table(repeats: int, lm_head: bool, row_counts: list[int]) -> None:
                 module.prepare("cpu", torch.bfloat16)
                 cases.append((f"QuantizedLinear int{bits} ({module._kernel[0]})", lambda m=module: m(x),
                               bytes_read(module)))
-                if many and module._kernel[0] != "glm6b_cpu":
+                if many and not module._kernel[0].startswith("glm6b_"):
                     cases.append((f"QuantizedLinear int{bits}, row kernel", lambda m=module: row_kernel_only(m, x),
                                   bytes_read(module)))
             for name, module in variants.items():
@@ -171,13 +205,9 @@ def prepared_with(module: QuantizedLinear, **patches) -> QuantizedLinear:
 
 
 def row_kernel_only(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
-    """The module's forward held to the stock row kernel, whatever the number of rows."""
-    threshold = quant_linear.CPU_DEQUANTIZED_MIN_ROWS
-    quant_linear.CPU_DEQUANTIZED_MIN_ROWS = x.shape[0] + 1
-    try:
-        return module(x)
-    finally:
-        quant_linear.CPU_DEQUANTIZED_MIN_ROWS = threshold
+    """The module's product held to the first (row) kernel of its path in glm6b.quant.linear.KERNELS,
+    whatever the number of rows."""
+    return quant_linear.kernel_for("cpu", module._kernel[0], module.bits, 1)(module, x, module._kernel)
 
 
 # ----------------------------------------------------------------------------------- 2. quality
@@ -225,22 +255,25 @@ def quality_rows(folder: Path, run, label: str) -> None:
     reference, real = run(load_model(folder, dtype=torch.bfloat16))
     gc.collect()
     rows = [("float32", dict(dtype=torch.float32))] + [(n, dict(dtype=torch.bfloat16, **kw)) for n, kw in SCHEMES]
+    if int8_activations_here():
+        rows += [(n, dict(dtype=torch.bfloat16, **kw)) for n, kw in INT8_ACTIVATION_SCHEMES]
     for name, kwargs in rows:
         model = load_model(folder, **kwargs)
-        kernels = prepare_kernels(model, dtype=torch.bfloat16) if "quantize" in kwargs else {}
+        prepare = prepare_with_int8_activations if "int8 activations" in name else prepare_kernels
+        kernels = prepare(model, dtype=torch.bfloat16) if "quantize" in kwargs else {}
         logits, _ = run(model)
         del model
         gc.collect()
         top1, diff, rel = agreement(logits, reference, real)
         used = ", ".join(f"{k} x{v}" for k, v in kernels.items()) or "-"
-        print(f"| {label:<24} | {name:<20} | {int(real.sum()):>6} | {top1 * 100:6.2f} % | {diff:9.4f} | "
+        print(f"| {label:<24} | {name:<36} | {int(real.sum()):>6} | {top1 * 100:6.2f} % | {diff:9.4f} | "
               f"{rel * 100:6.2f} % | {used} |")
 
 
 def quality_table(random_folder: Path, layers: int, seq_len: int) -> None:
     print("\n## Quality against the bfloat16 model (activations bfloat16; float32 row = noise floor)\n")
-    print(f"| {'model / inputs':<24} | {'precision':<20} | tokens | top-1 agr | max |diff| | rel max  | kernels |")
-    print(f"|{'-' * 26}|{'-' * 22}|--------|-----------|-----------|----------|---------|")
+    print(f"| {'model / inputs':<24} | {'precision':<36} | tokens | top-1 agr | max |diff| | rel max  | kernels |")
+    print(f"|{'-' * 26}|{'-' * 38}|--------|-----------|-----------|----------|---------|")
     quality_rows(GOLDEN, golden_logits, "golden / cases.json")
     quality_rows(random_folder, lambda m: random_logits(m, seq_len),
                  f"glm_6b x{layers} layers / rand")
@@ -319,9 +352,11 @@ def decode_table(folder: Path, layers: int, steps: int, rounds: int = 5) -> None
     print("| precision | ms per decode step | vs bf16 | kernels |")
     print("|-----------|--------------------|---------|---------|")
     models = {}
-    for name, kwargs in [("bf16", {})] + SCHEMES:
+    schemes = [("bf16", {})] + SCHEMES + (INT8_ACTIVATION_SCHEMES if int8_activations_here() else [])
+    for name, kwargs in schemes:
         model = load_model(folder, dtype=torch.bfloat16, **kwargs)
-        models[name] = (model, prepare_kernels(model) if kwargs else {})
+        prepare = prepare_with_int8_activations if "int8 activations" in name else prepare_kernels
+        models[name] = (model, prepare(model) if kwargs else {})
     c = next(iter(models.values()))[0].config
     prompt = torch.cat([torch.randint(6, c.mask_token_id, (1, 30), generator=torch.Generator().manual_seed(2)),
                         torch.tensor([[c.gmask_token_id, c.bos_token_id]])], dim=1)
@@ -371,7 +406,8 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where the random model folders go (default: a temp dir)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; glm6b CPU kernels: "
+          f"{cpu_kernels.isa()}")
     if args.only in (None, "kernels"):
         kernel_table(args.repeats, args.lm_head, args.rows)
     if args.only in ("quality", "load", "decode", None):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import torch
@@ -61,3 +65,22 @@ def one_error_line(err: str) -> str:
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under `folder` with its bytes, to check that nothing changed."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def kill_torchrun(proc: subprocess.Popen) -> None:
+    """SIGKILL a `torchrun` launch this test started and its workers, then reap it.
+
+    torchrun starts each worker in a session of its own, so killing torchrun alone would leave them
+    running: the workers (found by parent id in Linux's /proc) go first, as in a crash of the machine.
+    """
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # after "pid (name)": state, ppid, ...
+        except (OSError, IndexError, ValueError):  # the process ended meanwhile
+            continue
+        if ppid == proc.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()

@@ -26,10 +26,23 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from helpers import GOLDEN, write_adgen_sample
+from helpers import GOLDEN, kill_torchrun, write_adgen_sample
+
+
+def loopback_tcp() -> bool:
+    """Whether this machine can listen on 127.0.0.1 (the rendezvous endpoint of the two launches)."""
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+        return True
+    except OSError:
+        return False
+
 
 pytestmark = [
     pytest.mark.distributed,
+    pytest.mark.skipif(not loopback_tcp(), reason="no TCP on 127.0.0.1 for the c10d rendezvous of the two nodes"),
     pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                        reason="torch.distributed with the gloo backend is not available"),
     pytest.mark.skipif(find_spec("torch.distributed.run") is None, reason="torchrun (torch.distributed.run) is missing"),
@@ -89,10 +102,9 @@ def test_two_nodes_train_like_one_process_and_resume_on_one(tmp_path):
         for node in nodes:
             outputs.append(node.communicate(timeout=LAUNCH_TIMEOUT_S))
     finally:
-        for node in nodes:  # only the launches this test started
+        for node in nodes:  # only the launches this test started, with their workers
             if node.poll() is None:
-                node.kill()
-                node.communicate()
+                kill_torchrun(node)
     for rank, (node, (_, err)) in enumerate(zip(nodes, outputs)):
         assert node.returncode == 0, f"node {rank}:\n{err[-3000:]}"
     assert sum(out.count('"world_size": 2') for out, _ in outputs) == 1  # one summary, from global rank 0

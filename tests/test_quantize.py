@@ -149,7 +149,9 @@ def exact_reference(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits, kernel", [(8, "int8pack"), (4, "int4pack_cpu")])
 @pytest.mark.parametrize("shape", [(128, 256), (384, 128), (128, 320), (48, 64)])
-def test_cpu_kernel_equals_x_times_dequantized_weight(bits, kernel, shape):
+def test_cpu_kernel_equals_x_times_dequantized_weight(bits, kernel, shape, monkeypatch):
+    """PyTorch's weight-only ops (what runs where glm6b's kernels do not)."""
+    monkeypatch.setattr(cpu_kernels, "supports", lambda *args: False)
     layer = random_layer(bits, *shape)
     x = torch.randn(3, 5, shape[1], generator=torch.Generator().manual_seed(1))
     want = exact_reference(layer, x)
@@ -193,10 +195,15 @@ def test_many_rows_multiply_dequantized_blocks(bits, dtype, rel, monkeypatch):
 
 
 needs_cpu_kernels = pytest.mark.skipif(not cpu_kernels.available(),
-                                       reason="glm6b's CPU kernels need a C++ compiler and an AVX512-BF16 CPU")
+                                       reason="glm6b's CPU kernels need a C++ compiler and an AVX512-BF16 or AVX2 CPU")
+needs_avx512 = pytest.mark.skipif(cpu_kernels.isa() != "avx512bf16",
+                                  reason=f"glm6b's AVX-512 kernels need an AVX512-BF16 CPU (this one: {cpu_kernels.isa()})")
+needs_avx2 = pytest.mark.skipif(cpu_kernels.isa() != "avx2",
+                                reason=f"glm6b's AVX2 kernels run where AVX512-BF16 does not (this CPU: "
+                                       f"{cpu_kernels.isa()}; GLM6B_AVX512=0 picks them on an AVX-512 one)")
 
 
-@needs_cpu_kernels
+@needs_avx512
 @pytest.mark.parametrize("amx", [True, False], ids=["amx", "avx512"])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("out_features, in_features", [(256, 256), (200, 128), (64, 4096), (576, 1088)])
@@ -220,7 +227,7 @@ def test_glm6b_cpu_kernels_equal_x_times_dequantized_weight(bits, out_features, 
         assert (error <= want.abs() * 2 ** -8 + 1e-4 * want.abs().max()).all(), (rows, error.max().item())
 
 
-@needs_cpu_kernels
+@needs_avx512
 @pytest.mark.parametrize("bits", [4, 8])
 def test_glm6b_cpu_dequantize_rounds_q_times_scale_once(bits):
     from glm6b.quant.thudm import unpacked_weight
@@ -232,7 +239,7 @@ def test_glm6b_cpu_dequantize_rounds_q_times_scale_once(bits):
     assert torch.equal(out, want)
 
 
-@needs_cpu_kernels
+@needs_avx512
 @pytest.mark.parametrize("amx", [True, False], ids=["amx", "avx512"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_bfloat16_layers_use_glm6b_kernels_on_thudms_bytes(bits, amx, monkeypatch):
@@ -248,7 +255,7 @@ def test_bfloat16_layers_use_glm6b_kernels_on_thudms_bytes(bits, amx, monkeypatc
     layer = random_layer(bits, 320, 256)
     thudm = layer.weight.detach().clone()
     layer.prepare("cpu", torch.float32)  # the stock int4 op may rewrite the bytes in place ...
-    assert layer.prepare("cpu", torch.bfloat16) == "glm6b_cpu"
+    assert layer.prepare("cpu", torch.bfloat16) == ("glm6b_amx" if amx else "glm6b_avx512")
     assert torch.equal(layer.weight.detach(), thudm) and not layer._in_place  # ... which are given back
     for rows in (1, 5, linear.CPU_DEQUANTIZED_MIN_ROWS + 6):
         x = torch.randn(2, rows, 256, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
@@ -264,7 +271,7 @@ def test_bfloat16_layers_use_glm6b_kernels_on_thudms_bytes(bits, amx, monkeypatc
 def test_glm6b_bf16_matmul_equals_x_times_weight(out_features, in_features):
     generator = torch.Generator().manual_seed(6)
     weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
-    for rows in (1, 2, 5):
+    for rows in (1, 2, 3, 4, 5, 8, 9):
         x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
         want = x.double() @ weight.double().T
         got = cpu_kernels.bf16_matmul(x, weight)
@@ -294,7 +301,8 @@ def test_bf16_decode_linear_uses_the_kernel_only_for_a_few_rows_without_autograd
     assert calls == [(2, 128)] and got.shape == (1, 2, 64)
     assert (got.double() - want).abs().max() <= 1e-2 * want.abs().max()
     with torch.no_grad():
-        layer(torch.randn(cpu_kernels.BF16_MAX_ROWS + 1, 128).to(torch.bfloat16))  # more rows: F.linear
+        assert layer.kernel_max_rows == cpu_kernels.bf16_max_rows() > 0
+        layer(torch.randn(layer.kernel_max_rows + 1, 128).to(torch.bfloat16))  # more rows: F.linear
     x.requires_grad_(True)
     layer(x).sum().backward()  # autograd: F.linear, and gradients flow
     assert calls == [(2, 128)] and x.grad is not None and layer.weight.grad is not None
@@ -441,8 +449,10 @@ def test_thudm_folder_loads_and_matches_a_float_model_of_its_dequantized_weights
         ours = bf16(**batch).logits.float()
         want = dequantized_float_model(folder, torch.bfloat16)(**batch).logits.float()
     assert (ours - want).abs().max() <= 5e-2 * want.abs().max()
-    if cpu_kernels.available():  # bfloat16 on an AVX512-BF16 CPU: every quantized product ran glm6b's kernels
-        assert {m._kernel[0] for m in bf16.modules() if isinstance(m, QuantizedLinear)} == {"glm6b_cpu"}
+    if cpu_kernels.available():  # bfloat16 where glm6b's kernels build: every quantized product ran them
+        assert all(m._kernel[0].startswith("glm6b_") for m in bf16.modules() if isinstance(m, QuantizedLinear))
+    if cpu_kernels.isa() == "avx2":  # and float32 there too
+        assert all(m._kernel[0] == "glm6b_avx2" for m in quantized.modules() if isinstance(m, QuantizedLinear))
 
 
 def test_quantize_at_load_equals_the_thudm_folder(tmp_path):

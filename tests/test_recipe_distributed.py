@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import GOLDEN, write_adgen_sample
+from helpers import GOLDEN, kill_torchrun, write_adgen_sample
 
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
@@ -47,11 +49,19 @@ def argv(config: str, train_file, out, *sets: str, steps: int = 3, batch: int = 
     return args
 
 
+def torchrun_command(args: list[str], nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+            str(_free_port()), "-m", "glm6b", *args]
+
+
+def worker_env() -> dict[str, str]:
+    """The workers import this checkout (PYTHONPATH) and run one thread each."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(_free_port()), "-m", "glm6b", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(torchrun_command(args, nproc), env=worker_env(), capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
 
 
 def single(args: list[str]) -> int:
@@ -136,6 +146,50 @@ def test_sharded_checkpoint_resumes_on_one_process_and_merges(tmp_path, train_fi
                  "--base-model", str(GOLDEN)]) == 0
     model = load_model(merged, dtype=torch.float32)
     assert model.config.num_layers > 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finding torchrun's workers needs Linux's /proc")
+def test_pipeline_run_killed_resumes_on_one_process(tmp_path, varied_file):
+    """`glm6b run` on 2 pipeline stages (full fine-tuning, 1F1B over micro_batch_num 2), SIGKILLed once
+    checkpoint-2 exists, continued in the same folder by one process: train_log.jsonl holds the losses and
+    gradient norms of an uninterrupted one-process run (steps 1-2 from the stages, 3-4 from the resume), and
+    merge-checkpoint turns the stages' checkpoint into an HF folder with one tied embedding matrix."""
+    from glm6b import load_model
+    from glm6b.cli import main
+    from glm6b.train.dcp import read_checkpoint_info
+
+    # A constant LR: the killed run is long (it must still be running when killed), the resumed one ends at 4.
+    # Every checkpoint is kept: the kill may land some steps after checkpoint-2 appeared.
+    common = ("trainer.lr_scheduler_type=constant", "trainer.save_steps=2", "trainer.save_total_limit=null")
+    out = tmp_path / "pp"
+    cmd = torchrun_command(argv("finetune.yaml", varied_file, out, *common, "parallel.pipeline_stage=2",
+                                "parallel.micro_batch_num=2", steps=1000))
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(cmd, env=worker_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 240
+            while proc.poll() is None and not (out / "checkpoint-2").is_dir() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            kill_torchrun(proc)  # the workers, then torchrun: a crash, as the trainer sees it
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}, not killed:\n{stderr[-3000:]}"
+    checkpoint = out / "checkpoint-2"
+    assert checkpoint.is_dir(), stderr[-3000:]
+    assert read_checkpoint_info(checkpoint)["parallel"]["pipeline_stage"] == 2
+
+    merged = tmp_path / "merged"
+    assert main(["merge-checkpoint", "--input", str(checkpoint), "--output", str(merged)]) == 0
+    model = load_model(merged, dtype=torch.float32)
+    assert model.lm_head.weight is model.transformer.word_embeddings.weight
+
+    assert single(argv("finetune.yaml", varied_file, out, *common, "trainer.gradient_accumulation_steps=2",
+                       f"trainer.resume_from_checkpoint={checkpoint}", steps=4)) == 0
+    assert single(argv("finetune.yaml", varied_file, tmp_path / "one", *common,
+                       "trainer.gradient_accumulation_steps=2", steps=4)) == 0
+    assert logged(out, "step") == [1, 2, 3, 4]
+    for key in ("loss", "grad_norm"):  # the token-normalised loss of rows of different lengths, and its gradients
+        assert_same(logged(out, key), logged(tmp_path / "one", key))
 
 
 @pytest.mark.parametrize("sets,message", [

@@ -402,8 +402,8 @@ class Scheduler:
             cancelled, self._cancelled = self._cancelled, set()
             self._waiting = deque(r for r in self._waiting if r.id not in cancelled)
         for row in [row for row in self.rows if row.request.id in cancelled]:
+            self.cancelled_total += 1  # counted before the row leaves, so no reader sees it gone yet uncounted
             self._finish(row, "cancelled")
-            self.cancelled_total += 1
 
     def _prefill(self, requests: list[Request]) -> None:
         """Prefill the new prompts into the lowest free rows, sample their first tokens."""

@@ -7,17 +7,26 @@ names, ``weight`` (int8 [out, in], or [out, in / 2] packed two per byte for 4 bi
 ``weight_scale`` (float16 [out]), plus the float ``bias``; so the HF module names
 (``attention.query_key_value``, ...) and the files of chatglm-6b-int8/-int4/-int4-qe are unchanged.
 
-Kernels (chosen at the first forward for the input's device and dtype, see `QuantizedLinear`):
+Kernels: which one multiplies a layer is the table `KERNELS` below, (device, path, bits) -> the kernel
+for each range of input rows. A layer's path is chosen when its kernel is built (at the first forward
+for an input device and dtype, see `QuantizedLinear`), by `kernel_path`; the rows at each call.
 
-* CPU, bfloat16 input, where glm6b's own kernels build (glm6b.quant.cpu_kernels: AVX512-BF16, and AMX
-  tiles where the CPU has them): they read THUDM's bytes as they are, with no copy and nothing built at
-  the first forward, and unpack each weight block once for all input rows (with AMX, a prefill's too:
-  as fast as a bfloat16 weight's GEMM or faster). Exceptions, measured with benchmarks/quantize.py:
-  int8 below `cpu_kernels.AMX_MIN_ROWS` rows (or without AMX) keeps the stock op below, as fast for one
-  row; without AMX, a prefill (`CPU_DEQUANTIZED_MIN_ROWS` rows or more) multiplies blocks de-quantized
-  by the kernels with the float GEMM.
+* CPU, glm6b's own kernels (glm6b.quant.cpu_kernels; they read THUDM's bytes as they are, with no copy
+  and nothing built at the first forward, and unpack each weight block once for all input rows):
+  - ``glm6b_amx`` / ``glm6b_avx512``: bfloat16 inputs on an AVX512-BF16 CPU, with / without AMX tiles
+    (with AMX a prefill's too: as fast as a bfloat16 weight's GEMM or faster). Exceptions, measured with
+    benchmarks/quantize.py: int8 below `cpu_kernels.AMX_MIN_ROWS` rows (or without AMX) keeps the stock
+    op, as fast for one row; without AMX a prefill (`CPU_DEQUANTIZED_MIN_ROWS` rows or more) multiplies
+    blocks de-quantized by the kernels with the bfloat16 GEMM.
+  - ``glm6b_avx2``: float32 / bfloat16 / float16 inputs on a CPU with AVX2 + FMA but no AVX512-BF16
+    (AMD Zen 2 / Zen 3, ...): float32 FMA dot products up to `AVX2_GEMM_MIN_ROWS` rows, then float32
+    blocks de-quantized by the kernels and PyTorch's float32 GEMM (such a CPU has no faster product; its
+    bfloat16 GEMM is several times slower). PyTorch's weight-only ops are 10-30x slower there.
+  - ``glm6b_avx2_int8_activations``: each input row quantized to int8 for integer products
+    (vpmaddubsw), for any number of rows. Faster from two rows on, but it changes results, so it is opt-in: ``GLM6B_INT8_ACTIVATIONS=1`` when the layer's kernel is built (its quality
+    is in benchmarks/quantize.py's quality table).
 
-Otherwise (float32 / float16 input, or no AVX512-BF16):
+Otherwise (float32 / float16 input on an AVX-512 CPU, no kernels, ``GLM6B_CPU_KERNELS=0``):
 
 * CPU, 8 bits: ``aten._weight_int8pack_mm`` on the stored int8 weight (no copy).
 * CPU, 4 bits: ``aten._weight_int4pack_mm_for_cpu`` on the weight in the byte order of
@@ -36,7 +45,7 @@ Otherwise (float32 / float16 input, or no AVX512-BF16):
   back to de-quantizing into the input dtype and ``F.linear``.
 * Anything else: de-quantize (THUDM's formula) into the input dtype, then ``F.linear``.
 
-`BF16DecodeLinear` is the float counterpart for decoding: an nn.Linear whose one- or two-row bfloat16
+`BF16DecodeLinear` is the float counterpart for decoding: an nn.Linear whose few-row bfloat16
 products on the CPU run glm6b's dot-product kernel (the decode engine turns a bf16 model's linears into
 it; the lm_head of an int4 / int8 model too).
 """
@@ -45,6 +54,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import threading
 
 import torch
@@ -65,6 +75,13 @@ CPU_INT4_GROUP = 256
 # of the stock weight-only ops (which work a row at a time; measured: no gain at 32 rows, 1.5-3x at 100).
 CPU_DEQUANTIZED_MIN_ROWS = 64
 CPU_DEQUANTIZED_BLOCK_ROWS = 1024  # output rows de-quantized at a time (8 MiB of bfloat16 for 4096 columns)
+# AVX2 build: input rows from which the float32 GEMM on de-quantized blocks beats the float32 dot products
+# (benchmarks/quantize.py, kernels table: on a Zen 3 the dot products ran at the GEMM's rate up to about
+# 64 rows), and the bytes of float32 weight de-quantized at a time (a block that stays in the shared cache
+# while the GEMM reads it). With int8 activations the integer products beat the float32 GEMM at every row
+# count measured (about 2.5x at 100 rows), so that path has no GEMM.
+AVX2_GEMM_MIN_ROWS = 64
+AVX2_DEQUANTIZED_BLOCK_BYTES = 4 * 2**20
 CUDA_INT4_GROUP = 128
 CUDA_INT4_INNER_K_TILES = 8
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # input dtypes the CPU int8/int4 ops take
@@ -277,6 +294,160 @@ def _int4_blocked_dequantized_mm(x2d: torch.Tensor, packed: torch.Tensor, scale:
     return out
 
 
+def _float32_blocks_mm(x2d: torch.Tensor, out_features: int, fill_block) -> torch.Tensor:
+    """x2d @ W.T with PyTorch's float32 GEMM, W written as float32 blocks of about `AVX2_DEQUANTIZED_BLOCK_BYTES`
+    into a reused buffer by ``fill_block(start, end, block)`` (block: float32 [end - start, in]), in x2d's
+    dtype. Each block's product is written as rows of the transposed result ([out, rows]), a contiguous
+    slice, and transposed back once at the end."""
+    x = x2d.float()
+    in_features = x.shape[1]
+    per_block = max(64, AVX2_DEQUANTIZED_BLOCK_BYTES // (4 * in_features) // 64 * 64)
+    out_t = torch.empty(out_features, x.shape[0])
+    for start in range(0, out_features, per_block):
+        end = min(start + per_block, out_features)
+        block = _scratch((end - start) * in_features, torch.float32).view(end - start, in_features)
+        fill_block(start, end, block)
+        torch.mm(block, x.t(), out=out_t[start:end])
+    return out_t.t().contiguous().to(x2d.dtype)
+
+
+def _float32_dequantized_mm(x2d: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """x2d @ (q * scale).T: blocks of float32 rows de-quantized by glm6b's AVX2 kernel and the float32 GEMM."""
+    def fill(start, end, block):
+        cpu_kernels.dequantize_rows(weight[start:end], scale[start:end], bits, block)
+
+    return _float32_blocks_mm(x2d, weight.shape[0], fill)
+
+
+def _bf16_weight_float32_mm(x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x2d @ weight.T for a bfloat16 weight with the float32 GEMM on float32 copies of its blocks: on a CPU
+    without bfloat16 units (the AVX2 build) PyTorch's bfloat16 GEMM ran at about a quarter of the float32
+    one, and a block's conversion is a shift per element, read once for all rows."""
+    def fill(start, end, block):
+        block.copy_(weight[start:end])
+
+    return _float32_blocks_mm(x2d, weight.shape[0], fill)
+
+
+# ------------------------------------------------------------------------- the kernel table
+# Each kernel: (layer, x2d [rows, in] contiguous, the layer's built kernel tuple) -> x2d @ W.T [rows, out].
+# The built tuple is (path, ...) with what the path needs, made once in QuantizedLinear._build_kernel.
+
+
+def _avx512_dot(layer, x2d, kernel):  # AVX512-BF16 dot products (AMX off for this call)
+    return cpu_kernels.quantized_matmul(x2d, layer.weight, layer.weight_scale, layer.bits, False)
+
+
+def _amx_tiles(layer, x2d, kernel):  # AMX tiles (a prefill's rows too, see cpu_kernels.cpp)
+    return cpu_kernels.quantized_matmul(x2d, layer.weight, layer.weight_scale, layer.bits, True)
+
+
+def _avx512_bf16_blocks(layer, x2d, kernel):  # bfloat16 blocks de-quantized by the kernels, bfloat16 GEMM
+    def fill(start, end, block):
+        cpu_kernels.dequantize_rows(layer.weight[start:end], layer.weight_scale[start:end], layer.bits, block)
+
+    return _dequantized_blocks_mm(x2d, layer.out_features, fill)
+
+
+def _avx2_dot(layer, x2d, kernel):  # AVX2 float32 FMA dot products
+    return cpu_kernels.quantized_matmul(x2d, layer.weight, layer.weight_scale, layer.bits)
+
+
+def _avx2_int8_activations(layer, x2d, kernel):  # AVX2, int8 activations x THUDM's weights in integers
+    return cpu_kernels.quantized_matmul_int8_activations(x2d, layer.weight, layer.weight_scale, layer.bits)
+
+
+def _avx2_float32_blocks(layer, x2d, kernel):  # float32 blocks de-quantized by the AVX2 kernel, float32 GEMM
+    return _float32_dequantized_mm(x2d, layer.weight, layer.weight_scale, layer.bits)
+
+
+def _int8pack(layer, x2d, kernel):  # PyTorch's weight-only int8 op (CPU or CUDA); kernel[1]: the scale in x's dtype
+    return torch.ops.aten._weight_int8pack_mm(x2d, layer.weight, kernel[1])
+
+
+def _int8_blocks(layer, x2d, kernel):  # blocks de-quantized in x's dtype by PyTorch's ops, then the float GEMM
+    return _int8_dequantized_mm(x2d, layer.weight, kernel[1])
+
+
+def _int4pack(layer, x2d, kernel):  # PyTorch's CPU int4 op on its own byte order (kernel: packed, scales, group)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, kernel[1], kernel[3], kernel[2])
+
+
+def _int4pack_blocks(layer, x2d, kernel):  # de-quantized blocks from that byte order (where it is known)
+    if kernel[4] is None:
+        return _int4pack(layer, x2d, kernel)
+    return _int4_blocked_dequantized_mm(x2d, kernel[1], kernel[4])
+
+
+def _int4pack_cuda(layer, x2d, kernel):
+    return torch.ops.aten._weight_int4pack_mm(x2d, kernel[1], CUDA_INT4_GROUP, kernel[2])
+
+
+def _dequantize(layer, x2d, kernel):  # THUDM's de-quantized weight in x's dtype, then F.linear
+    return F.linear(x2d, layer.dequantized_weight().to(x2d.dtype))
+
+
+# (device, path, bits) -> ((from this many input rows on, kernel), ...): a call takes the last entry whose row
+# count it reaches. The paths, chosen per (device, input dtype) by `kernel_path`:
+#   glm6b_amx       AVX512-BF16 + AMX, bfloat16 inputs (Intel Xeon 4th generation on)
+#   glm6b_avx512    AVX512-BF16 without AMX, bfloat16 inputs (AMD Zen 4; GLM6B_AMX=0)
+#   glm6b_avx2      AVX2 + FMA, no AVX512-BF16: float32 / bfloat16 / float16 inputs (AMD Zen 3; GLM6B_AVX512=0)
+#   glm6b_avx2_int8_activations   the same with GLM6B_INT8_ACTIVATIONS=1 (opt-in: changes results)
+#   int8pack / int4pack_cpu       PyTorch's weight-only ops (no glm6b kernels for this CPU or dtype)
+#   int4pack_cuda / int8pack on CUDA, and dequantize (anything else)
+KERNELS = {
+    ("cpu", "glm6b_amx", 4): ((1, _avx512_dot), (cpu_kernels.AMX_MIN_ROWS, _amx_tiles)),
+    ("cpu", "glm6b_amx", 8): ((1, _int8pack), (cpu_kernels.AMX_MIN_ROWS, _amx_tiles)),
+    ("cpu", "glm6b_avx512", 4): ((1, _avx512_dot), (CPU_DEQUANTIZED_MIN_ROWS, _avx512_bf16_blocks)),
+    ("cpu", "glm6b_avx512", 8): ((1, _int8pack), (CPU_DEQUANTIZED_MIN_ROWS, _avx512_bf16_blocks)),
+    ("cpu", "glm6b_avx2", 4): ((1, _avx2_dot), (AVX2_GEMM_MIN_ROWS, _avx2_float32_blocks)),
+    ("cpu", "glm6b_avx2", 8): ((1, _avx2_dot), (AVX2_GEMM_MIN_ROWS, _avx2_float32_blocks)),
+    ("cpu", "glm6b_avx2_int8_activations", 4): ((1, _avx2_int8_activations),),
+    ("cpu", "glm6b_avx2_int8_activations", 8): ((1, _avx2_int8_activations),),
+    ("cpu", "int4pack_cpu", 4): ((1, _int4pack), (CPU_DEQUANTIZED_MIN_ROWS, _int4pack_blocks)),
+    ("cpu", "int8pack", 8): ((1, _int8pack), (CPU_DEQUANTIZED_MIN_ROWS, _int8_blocks)),
+    ("cpu", "dequantize", 4): ((1, _dequantize),),
+    ("cpu", "dequantize", 8): ((1, _dequantize),),
+    ("cuda", "int4pack_cuda", 4): ((1, _int4pack_cuda),),
+    ("cuda", "int8pack", 8): ((1, _int8pack),),
+    ("cuda", "dequantize", 4): ((1, _dequantize),),
+    ("cuda", "dequantize", 8): ((1, _dequantize),),
+}
+
+
+def kernel_for(device_type: str, path: str, bits: int, rows: int):
+    """The kernel `KERNELS` gives for `rows` input rows (a device without entries de-quantizes)."""
+    entries = KERNELS.get((device_type, path, bits), ((1, _dequantize),))
+    chosen = entries[0][1]
+    for min_rows, kernel in entries:
+        if rows >= min_rows:
+            chosen = kernel
+    return chosen
+
+
+def int8_activations_requested() -> bool:
+    """Whether ``GLM6B_INT8_ACTIVATIONS=1`` asks for the int8-activation kernels (read when a layer's kernel is built)."""
+    return os.environ.get("GLM6B_INT8_ACTIVATIONS", "0") == "1"
+
+
+def kernel_path(device: torch.device, dtype: torch.dtype, bits: int, in_features: int) -> str:
+    """The path of `KERNELS` a layer takes for inputs of `dtype` on `device` (before any stock-op layout check).
+
+    Returns:
+        "glm6b_amx", "glm6b_avx512", "glm6b_avx2", "glm6b_avx2_int8_activations" (glm6b's CPU kernels),
+        "int8pack" / "int4pack_cpu" (PyTorch's ops, CPU or CUDA), or "dequantize".
+    """
+    if device.type == "cpu" and cpu_kernels.supports(bits, in_features, dtype):
+        if cpu_kernels.isa() == "avx2":
+            return "glm6b_avx2_int8_activations" if int8_activations_requested() else "glm6b_avx2"
+        return "glm6b_amx" if cpu_kernels.has_amx() else "glm6b_avx512"
+    if device.type == "cpu" and dtype in _CPU_DTYPES:
+        return "int8pack" if bits == 8 else "int4pack_cpu"
+    if device.type == "cuda":
+        return "int8pack" if bits == 8 else "int4pack_cuda"
+    return "dequantize"
+
+
 # ----------------------------------------------------------------------------------- modules
 
 
@@ -388,20 +559,21 @@ class QuantizedLinear(nn.Module):
         self._kernel_of = (self.weight, self.weight_scale)
 
     def _build_kernel(self, device: torch.device, dtype: torch.dtype) -> tuple:
-        own = device.type == "cpu" and cpu_kernels.supports(self.bits, self.in_features, dtype)
-        cpu_int4 = (not own and device.type == "cpu" and dtype in _CPU_DTYPES and self.bits == 4
-                    and _cpu_int4_group(self.in_features) and self.out_features % 16 == 0)
+        path = kernel_path(device, dtype, self.bits, self.in_features)
+        cpu_int4 = (path == "int4pack_cpu" and _cpu_int4_group(self.in_features) and self.out_features % 16 == 0)
         # Only the stock CPU int4 op reads the in-place layout: for any other kernel (glm6b's, which reads
         # THUDM's bytes, or after a move to CUDA) give the weight back THUDM's byte order.
         if self._in_place and not cpu_int4:
             self.weight.copy_(self.thudm_weight())
             self.__dict__["_in_place_of"] = None
             _return_freed_heap()
-        if own:  # the int8 row scale in `dtype` for PyTorch's op at 1-2 rows (made here, not at every call)
-            return ("glm6b_cpu", cpu_kernels.has_amx(), self.weight_scale.to(dtype) if self.bits == 8 else None)
-        if cpu_int4:
-            return self._build_cpu_int4(dtype)
-        if device.type == "cpu" and dtype in _CPU_DTYPES and self.bits == 8:
+        if path in ("glm6b_amx", "glm6b_avx512"):  # the int8 row scale in `dtype` for PyTorch's op at 1-2 rows
+            return (path, self.weight_scale.to(dtype) if self.bits == 8 else None)
+        if path.startswith("glm6b_"):
+            return (path,)
+        if path == "int4pack_cpu":
+            return self._build_cpu_int4(dtype) if cpu_int4 else ("dequantize",)
+        if path == "int8pack" and device.type == "cpu":
             return ("int8pack", self.weight_scale.to(dtype))
         if device.type == "cuda":
             kernel = self._build_cuda(dtype)
@@ -449,37 +621,8 @@ class QuantizedLinear(nn.Module):
         except (RuntimeError, NotImplementedError, AttributeError):
             return None
 
-    def _run_glm6b_cpu(self, x2d: torch.Tensor, amx: bool, int8_scale: torch.Tensor | None) -> torch.Tensor:
-        """glm6b's own kernels where they are faster (benchmarks/quantize.py, kernels table)."""
-        rows = x2d.shape[0]
-        many = rows >= CPU_DEQUANTIZED_MIN_ROWS
-        # int4: the kernels, but for a prefill without AMX. int8: the kernels on AMX from AMX_MIN_ROWS rows.
-        if (self.bits == 4 and (amx or not many)) or (amx and rows >= cpu_kernels.AMX_MIN_ROWS):
-            return cpu_kernels.quantized_matmul(x2d, self.weight, self.weight_scale, self.bits, amx)
-        if not many:
-            return torch.ops.aten._weight_int8pack_mm(x2d, self.weight, int8_scale)
-        # A prefill without AMX: blocks of de-quantized weight and the float GEMM.
-        def fill(start, end, block):
-            cpu_kernels.dequantize_rows(self.weight[start:end], self.weight_scale[start:end], self.bits, block)
-
-        return _dequantized_blocks_mm(x2d, self.out_features, fill)
-
     def _run_kernel(self, kernel: tuple, x2d: torch.Tensor) -> torch.Tensor:
-        kind = kernel[0]
-        if kind == "glm6b_cpu":
-            return self._run_glm6b_cpu(x2d, kernel[1], kernel[2])
-        many_rows = x2d.shape[0] >= CPU_DEQUANTIZED_MIN_ROWS and x2d.device.type == "cpu"
-        if kind == "int8pack":
-            if many_rows:
-                return _int8_dequantized_mm(x2d, self.weight, kernel[1])
-            return torch.ops.aten._weight_int8pack_mm(x2d, self.weight, kernel[1])
-        if kind == "int4pack_cpu":
-            if many_rows and kernel[4] is not None:
-                return _int4_blocked_dequantized_mm(x2d, kernel[1], kernel[4])
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, kernel[1], kernel[3], kernel[2])
-        if kind == "int4pack_cuda":
-            return torch.ops.aten._weight_int4pack_mm(x2d, kernel[1], CUDA_INT4_GROUP, kernel[2])
-        return F.linear(x2d, self.dequantized_weight().to(x2d.dtype))
+        return kernel_for(x2d.device.type, kernel[0], self.bits, x2d.shape[0])(self, x2d, kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._ensure_kernel(x.device, x.dtype)
@@ -534,17 +677,28 @@ class QuantizedEmbedding(nn.Module):
 
 class BF16DecodeLinear(nn.Linear):
     """nn.Linear whose product, for a few bfloat16 rows on the CPU outside autograd (a decode step), is
-    glm6b's dot-product kernel (`cpu_kernels.bf16_matmul`: about 1.5x the memory bandwidth of F.linear,
-    which bounds that step); anything else is F.linear. Same parameters and state dict as nn.Linear;
-    `use_bf16_decode_kernels` turns a model's linears into it in place."""
+    glm6b's dot-product kernel (`cpu_kernels.bf16_matmul`: up to `kernel_max_rows` rows, where it reads
+    memory faster than F.linear, which bounds that step). On the AVX2 build, a prefill's many rows take
+    PyTorch's float32 GEMM on float32 blocks of the weight (`float32_gemm_min_rows`: that CPU has no
+    bfloat16 units, and F.linear's bfloat16 GEMM ran at about a quarter of the float32 one). Anything else
+    is F.linear. Same parameters and state dict as nn.Linear; `use_bf16_decode_kernels` turns a model's
+    linears into it in place."""
+
+    kernel_max_rows = 0  # set by use_bf16_decode_kernels: cpu_kernels.bf16_max_rows() of this CPU
+    # Set there too: input rows from which the product is the float32 GEMM on float32 blocks of the weight
+    # (`_bf16_weight_float32_mm`; the AVX2 build, a prefill: AVX2_GEMM_MIN_ROWS), 0 for F.linear throughout.
+    float32_gemm_min_rows = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         rows = x.numel() // x.shape[-1] if x.dim() else 0
-        if (0 < rows <= cpu_kernels.BF16_MAX_ROWS and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+        if (0 < rows and (rows <= self.kernel_max_rows or 0 < self.float32_gemm_min_rows <= rows)
+                and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
                 and x.device.type == "cpu" and not torch.is_grad_enabled() and type(weight.data) is torch.Tensor
                 and type(x) is torch.Tensor and weight.is_contiguous() and self.in_features % cpu_kernels.K_MULTIPLE == 0):
-            y = cpu_kernels.bf16_matmul(x.reshape(rows, self.in_features), weight).view(*x.shape[:-1], self.out_features)
+            x2d = x.reshape(rows, self.in_features)
+            y = (cpu_kernels.bf16_matmul(x2d, weight) if rows <= self.kernel_max_rows
+                 else _bf16_weight_float32_mm(x2d.contiguous(), weight)).view(*x.shape[:-1], self.out_features)
             return y + self.bias if self.bias is not None else y
         return F.linear(x, weight, self.bias)
 
@@ -558,7 +712,10 @@ def use_bf16_decode_kernels(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is nn.Linear and module.in_features % cpu_kernels.K_MULTIPLE == 0:
             module.__class__ = BF16DecodeLinear
-        count += type(module) is BF16DecodeLinear
+        if type(module) is BF16DecodeLinear:
+            module.kernel_max_rows = cpu_kernels.bf16_max_rows()  # an int on the module: a constant when compiled
+            module.float32_gemm_min_rows = AVX2_GEMM_MIN_ROWS if cpu_kernels.isa() == "avx2" else 0
+            count += 1
     return count
 
 
@@ -646,4 +803,4 @@ def prepare_kernels(model: nn.Module, device: torch.device | str | None = None,
 
 
 __all__ = ["QuantizedLinear", "QuantizedEmbedding", "quantize_model", "prepare_kernels", "tie_quantized_lm_head",
-           "QUANTIZED_LINEARS", "BF16DecodeLinear", "use_bf16_decode_kernels"]
+           "QUANTIZED_LINEARS", "BF16DecodeLinear", "use_bf16_decode_kernels", "KERNELS", "kernel_for", "kernel_path"]

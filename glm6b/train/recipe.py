@@ -461,7 +461,9 @@ def _train(recipe: Recipe, mode: Mode) -> dict[str, Any]:
         if D.is_main_process():  # before anything is written: never mix two runs in one folder
             prepare_run_folder(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
         if info.world_size > 1 and recipe.model.device is None:
-            recipe.model.device = str(info.device)  # each rank on its own device
+            # Each rank on its own device; a pipeline stage is cut from the model built on the CPU, and only
+            # its part moves to the device (the whole model need not fit one).
+            recipe.model.device = "cpu" if pc.pipeline_stage > 1 else str(info.device)
         trainer = _trainer(recipe, parallel_config=pc)
         trainer.records["recipe.json"] = recipe_to_dict(recipe)  # written when training starts
         out = trainer.train() if mode == "train" else trainer.finetune(recipe.model.load_checkpoint)

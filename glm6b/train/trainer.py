@@ -129,6 +129,10 @@ class _Run:
     total_steps: int
     world_size: int
     resumed: bool
+    # Chosen once for the layout: one optimizer step's micro-batches (glm6b.train.loss.forward_backward, or
+    # Pipeline.forward_backward through the stages), and the writer of final/ (collective under torchrun).
+    forward_backward: Callable[..., tuple[float, int, float]]
+    save_final: Callable[[Path], Any]
 
 
 class _LogWindow:
@@ -430,7 +434,14 @@ class Trainer:
             check_writable(output_dir, "trainer.output_dir", needed_bytes=checkpoints.estimate_checkpoint_bytes(self))
         resumed = self._resume(resume, schedule)
         self._write_run_files(output_dir, info.world_size, resumed)
-        return _Run(output_dir, dataset, per_epoch, total_steps, info.world_size, resumed=bool(resume))
+        if self.pipeline is not None:
+            step_fn, save_final = self.pipeline.forward_backward, self._save_final_pipeline
+        elif self.mesh is not None:
+            step_fn, save_final = forward_backward, self._save_final_sharded
+        else:
+            step_fn, save_final = forward_backward, self.save_model
+        return _Run(output_dir, dataset, per_epoch, total_steps, info.world_size, resumed=bool(resume),
+                    forward_backward=step_fn, save_final=save_final)
 
     def _training_rows(self) -> RowDataset:
         self.train_dataset = self.resolve_dataset(self.train_dataset)
@@ -483,7 +494,6 @@ class Trainer:
         log = TrainLog(run.output_dir, args.tensorboard, self.state.global_step if run.resumed else None) \
             if main else NullLog()
         trainable = [p for _, p in self._trainable()]
-        run_step = self.pipeline.forward_backward if self.pipeline is not None else forward_backward
         stream = self._micro_batches(run.dataset, self.state.micro_batches)
         self.model.train()
 
@@ -495,7 +505,7 @@ class Trainer:
                   disable=args.disable_tqdm or not main, file=sys.stderr, dynamic_ncols=True) as bar, \
                 contextlib.closing(log), StopRequest(enabled=run.world_size == 1) as stop:
             while self.state.global_step < run.total_steps:
-                step_loss, step_tokens, grad_norm = run_step(self, stream, trainable, run.per_epoch)
+                step_loss, step_tokens, grad_norm = run.forward_backward(self, stream, trainable, run.per_epoch)
                 lr = self.optimizer.param_groups[0]["lr"]
                 self._optimizer_step()
                 self.state.global_step += 1
@@ -538,18 +548,21 @@ class Trainer:
     def _finish(self, run: "_Run", record: dict[str, Any]) -> TrainOutput:
         """final/ (every rank takes part in a sharded save; rank 0 writes) and the loss curve."""
         final_dir = run.output_dir / FINAL_NAME
-        if self.pipeline is not None:
-            self.pipeline.save_final_model(final_dir, tokenizer=self.tokenizer)  # collective; rank 0 writes
-        elif self.mesh is not None:
-            save_final_model(self.model, final_dir, tokenizer=self.tokenizer)  # collective; rank 0 writes
-        else:
-            self.save_model(final_dir)
+        run.save_final(final_dir)
         if P.is_main_process():
             eval_path = run.output_dir / EVAL_LOG_NAME
             eval_history = [json.loads(line) for line in eval_path.read_text().splitlines() if line.strip()] \
                 if eval_path.is_file() else []
             plot_losses(self.state.losses, run.output_dir / "loss.png", self.state.log_history, eval_history)
         return TrainOutput(self.state.global_step, list(self.state.losses), run.output_dir, final_dir, record)
+
+    def _save_final_sharded(self, directory: Path) -> Path:
+        """final/ from the ranks' shards (data / tensor parallel, FSDP2): collective; rank 0 writes."""
+        return save_final_model(self.model, directory, tokenizer=self.tokenizer)
+
+    def _save_final_pipeline(self, directory: Path) -> Path:
+        """final/ from the pipeline stages' parts: collective; rank 0 writes."""
+        return self.pipeline.save_final_model(directory, tokenizer=self.tokenizer)
 
     def _build_optimizer(self, lr_lambda: Callable[[int], float]) -> None:
         """AdamW over the trainable parameters only; weight decay on matrices, not on biases/LayerNorms."""

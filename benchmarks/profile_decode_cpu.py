@@ -1,0 +1,118 @@
+"""Where a batch-1 decode step's time goes on this CPU: the glm_6b shape's linears through glm6b's kernels,
+the lm_head, and the machine's read rate they are bound by.
+
+    python benchmarks/profile_decode_cpu.py --threads 2 [--layers 28]
+
+Per token a decode step runs, per layer, the four quantized linears (query_key_value 12288 x 4096, dense
+4096 x 4096, dense_h_to_4h 16384 x 4096, dense_4h_to_h 4096 x 16384), then the lm_head (130528 x 4096:
+bfloat16 for int4 / int8, quantized for -qe). This times each of them alone with random THUDM-layout
+weights (two copies of every shape, taken in turns, so each call reads its weight from memory and not
+from the cache), the same kernels with a weight that fits the last-level cache (what unpacking and the
+dot products cost when memory is not the limit), and the memory read rate (the sum of a 1 GiB float32
+tensor). What a whole step takes beyond the sum of these (attention, norms, rotary, the KV cache and
+the Python / compiled-graph code between layers) is the step time of benchmarks/compare_chatglm_cpp.py
+minus that sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from glm6b.quant import cpu_kernels
+
+LAYER_SHAPES = [(12288, 4096), (4096, 4096), (16384, 4096), (4096, 16384)]  # [out, in]
+LM_HEAD = (130528, 4096)
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def thudm_weight(out_f: int, in_f: int, bits: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random bytes in THUDM's layout (int8 [out, in] or packed int4 [out, in / 2]) and float16 row scales."""
+    g = torch.Generator().manual_seed(seed)
+    cols = in_f // 2 if bits == 4 else in_f
+    weight = torch.randint(-128, 128, (out_f, cols), generator=g, dtype=torch.int8)
+    return weight, (torch.rand(out_f, generator=g) * 0.01 + 0.001).half()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not cpu_kernels.available():
+        raise SystemExit("glm6b's CPU kernels are not available here")
+    x = torch.randn(1, 16384).to(torch.bfloat16)
+
+    big = torch.ones(2**28)
+    read = big.numel() * 4 / min(median_seconds(big.sum, 3) for _ in range(3))
+    del big
+    print(f"kernels: {cpu_kernels.isa()}, {args.threads} threads; memory read {read / 1e9:.1f} GB/s\n")
+    print("| part of one decode token (batch 1, bfloat16 activations) | ms | GB read | GB/s | % of read rate |")
+    print("|---|---:|---:|---:|---:|")
+
+    def row(name: str, seconds: float, nbytes: float) -> None:
+        print(f"| {name} | {1000 * seconds:.1f} | {nbytes / 1e9:.3f} | {nbytes / seconds / 1e9:.1f} | "
+              f"{100 * nbytes / seconds / read:.0f} % |", flush=True)
+
+    # The default float32 FMA kernel, and the opt-in int8-activation one (AVX2 build), which unpacks less
+    kernels = [("", cpu_kernels.quantized_matmul)]
+    if cpu_kernels.isa() == "avx2":
+        kernels.append((", int8 activations (opt-in)", cpu_kernels.quantized_matmul_int8_activations))
+    for bits in (4, 8):
+        for label, kernel in kernels:
+            total_s = total_b = 0.0
+            for out_f, in_f in LAYER_SHAPES:
+                copies = [thudm_weight(out_f, in_f, bits, seed) for seed in (0, 1)]
+                turn = [0]
+
+                def call(copies=copies, turn=turn, in_f=in_f, bits=bits, kernel=kernel):
+                    w, s = copies[turn[0] % 2]
+                    turn[0] += 1
+                    kernel(x[:, :in_f], w, s, bits)
+
+                seconds = median_seconds(call, args.repeats)
+                nbytes = copies[0][0].numel() + 2 * out_f
+                total_s += seconds
+                total_b += nbytes
+                del copies
+            row(f"int{bits}{label}: the 4 linears x {args.layers} layers", total_s * args.layers,
+                total_b * args.layers)
+            # The same kernel with a 16 MiB weight, which stays in the last-level cache (32 MiB on a Zen 3):
+            # unpack + scale + dot products (and the call's overhead) without waiting for memory.
+            w, s = thudm_weight(4096 if bits == 8 else 8192, 4096, bits, 2)
+            seconds = median_seconds(lambda w=w, s=s, bits=bits, kernel=kernel: kernel(x[:, :4096], w, s, bits),
+                                     args.repeats * 5)
+            row(f"int{bits}{label}: same kernel, 16 MiB weight in cache (no memory wait)", seconds,
+                w.numel() + 2 * w.shape[0])
+
+    weight = torch.randn(*LM_HEAD).to(torch.bfloat16)
+    seconds = median_seconds(lambda weight=weight: cpu_kernels.bf16_matmul(x[:, :4096], weight), max(5, args.repeats // 2))
+    row("lm_head bfloat16 (int4 / int8), glm6b bf16 dot products", seconds, weight.numel() * 2)
+    del weight
+    for bits in (4, 8):
+        w, s = thudm_weight(*LM_HEAD, bits, 3)
+        seconds = median_seconds(lambda w=w, s=s, bits=bits: cpu_kernels.quantized_matmul(x[:, :4096], w, s, bits),
+                                 max(5, args.repeats // 2))
+        row(f"lm_head int{bits} (int{bits}-qe)", seconds, w.numel() + 2 * w.shape[0])
+        del w, s
+
+
+if __name__ == "__main__":
+    main()
