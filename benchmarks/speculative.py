@@ -169,6 +169,7 @@ def cost_tables(args) -> dict:
                   + " | ".join(f"{row['measured'][k]:.2f} ({row['c28'][k]:.2f})" for k in args.ks) + " |", flush=True)
         del model
         gc.collect()
+        torch._dynamo.reset()  # each model's graphs afresh: all of them share GLMBlock.decode's recompile limit
     return results
 
 
@@ -259,6 +260,7 @@ def copying_tables(args) -> dict:
             _e2e_row(f"glm_6b x{args.layers} {precision}", row)
         del model
         gc.collect()
+        torch._dynamo.reset()  # each model's graphs afresh: all of them share GLMBlock.decode's recompile limit
     return results
 
 
@@ -372,8 +374,9 @@ def main() -> None:
     parser.add_argument("--copying-precisions", nargs="+", choices=PRECISIONS, default=["float32", "int4"])
     parser.add_argument("--copying-tokens", type=int, default=24, help="new tokens in the glm_6b-shape e2e part")
     parser.add_argument("--reference-tokenizers", nargs="+",
-                        default=["runs/quickstart/base", str(Path(__file__).resolve().parent.parent / "tests/golden")],
-                        help="tokenizer folders for the references part (the quickstart's; the golden test one, "
+                        default=None,
+                        help="tokenizer folders for the references part (default: the quickstart's, QUICKSTART/base; "
+                             "and the golden test one, "
                              "which splits Chinese text into characters and bytes as a large vocabulary does rare words)")
     parser.add_argument("--max-source-length", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
@@ -386,6 +389,9 @@ def main() -> None:
                         help="earlier --json files whose tables 'expected' prices too (e.g. one process per precision)")
     args = parser.parse_args()
     args.compile = {"auto": "auto", "true": True, "false": False}[args.compile]
+    if args.reference_tokenizers is None:
+        args.reference_tokenizers = [str(Path(args.quickstart) / "base"),
+                                     str(Path(__file__).resolve().parent.parent / "tests/golden")]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 

@@ -110,7 +110,6 @@ def generate_steps(
         return
     eos = torch.tensor(eos_ids, device=device)
     finished = torch.zeros(sequences.shape[0], dtype=torch.bool, device=device)
-    generated_texts_start = prompt_len
 
     for step in range(new_tokens):
         scores = process_scores(logits, settings, sequences, eos_ids[0])
@@ -118,17 +117,25 @@ def generate_steps(
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
         sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
         stats.tokens += int((~finished).sum())
-        finished = finished | torch.isin(next_tokens, eos)
-        if config.stop_strings:
-            for row in (~finished).nonzero().flatten().tolist():
-                text = tokenizer.decode(sequences[row, generated_texts_start:].tolist())
-                if any(s in text for s in config.stop_strings):
-                    finished[row] = True
+        finished = _finished_after(next_tokens, finished, eos, sequences, prompt_len, config.stop_strings, tokenizer)
         yield next_tokens, scores, finished
         if bool(finished.all()) or step == new_tokens - 1:
             return
         logits = engine.decode(next_tokens)
         stats.count_step(1)
+
+
+def _finished_after(next_tokens: torch.Tensor, finished: torch.Tensor, eos: torch.Tensor, sequences: torch.Tensor,
+                    prompt_len: int, stop_strings, tokenizer) -> torch.Tensor:
+    """The rows finished once `next_tokens` (the last column of `sequences`) is taken: those finished before,
+    those that chose an end id, and those whose generated text now holds one of the stop strings."""
+    finished = finished | torch.isin(next_tokens, eos)
+    if stop_strings:
+        for row in (~finished).nonzero().flatten().tolist():
+            text = tokenizer.decode(sequences[row, prompt_len:].tolist())
+            if any(s in text for s in stop_strings):
+                finished[row] = True
+    return finished
 
 
 def _steps_with_lookup(engine: DecodeEngine, logits: torch.Tensor, sequences: torch.Tensor, contexts: list[list[int]],
@@ -220,12 +227,7 @@ def _steps_with_lookup(engine: DecodeEngine, logits: torch.Tensor, sequences: to
         scores = torch.stack([token_scores for _, token_scores in column])
         sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
         stats.tokens += int((~finished).sum())
-        finished = finished | torch.isin(next_tokens, eos)
-        if config.stop_strings:
-            for row in (~finished).nonzero().flatten().tolist():
-                text = tokenizer.decode(sequences[row, prompt_len:].tolist())
-                if any(s in text for s in config.stop_strings):
-                    finished[row] = True
+        finished = _finished_after(next_tokens, finished, eos, sequences, prompt_len, config.stop_strings, tokenizer)
         for r in finished.nonzero().flatten().tolist():
             done[r] = True
             pending[r].clear()
