@@ -39,9 +39,9 @@
    run is also priced at an assumed c(T) = `--assumed-cost` (1.2: what glm6b's AMX kernels measured
    for 8 int4 rows against one, docs/benchmarks.md), for a CPU the run did not have.
 
-The CPU's model and flags are printed first (glm6b's own CPU kernels need AVX512-BF16: where they are
-missing, quantized layers use PyTorch's weight-only ops, which work a row at a time), so that a run on
-another machine, or after new kernels land, can be compared.
+The CPU's model and flags are printed first (which of glm6b's CPU kernel builds runs depends on them:
+AVX-512 with AVX512-BF16 and AMX, AVX-512 without AMX, AVX2, or none and PyTorch's weight-only ops), so that
+a run on another machine, or after new kernels land, can be compared.
 """
 
 from __future__ import annotations
