@@ -291,7 +291,7 @@ def reference_tables(args) -> dict:
                         length.verified(len(proposal), accepted)
                         stats.proposed += len(proposal)
                         stats.accepted += accepted
-                    elif length.wait:
+                    elif length.waiting:
                         shadow = propose_from_context(context, 1)
                         length.stepped(bool(shadow) and shadow[0] == answer[made])
                     stats.count_step(len(proposal) + 1)

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from glm6b.inference.chat import build_prompt, chat, process_response, stream_chat
-from glm6b.model import ChatGLMForConditionalGeneration
 
 from helpers import golden_cases
 
@@ -54,8 +53,8 @@ def test_process_response_golden(case):
     assert process_response(case["in"]) == case["out"]
 
 
-@pytest.mark.skipif(not hasattr(ChatGLMForConditionalGeneration, "chat"), reason="model.chat not added yet")
 def test_model_chat_methods(model, tok):
+    """THUDM's `model.chat` / `model.stream_chat`, on the model glm6b's loaders return (glm6b.api.ChatGLM)."""
     response, history = model.chat(tok, CHAT["query"], history=CHAT["history"], max_length=CHAT["max_length"],
                                    do_sample=False)
     assert response == CHAT["response"]

@@ -144,17 +144,25 @@ def assert_same_losses(ours: list[float], ref: list[float], rel: float = 1e-5) -
         assert abs(a - b) <= rel * abs(b), f"step {step}: {a!r} != one-process {b!r}"
 
 
-def assert_same_weights(folder: str, ref_folder: str) -> None:
-    """final/ tensors equal up to float32 noise plus 1% of one step's update (the rule of test_distributed:
-    AdamW turns summation-order noise in a near-zero gradient into up to lr of difference)."""
+def assert_same_weights(folder: str, ref_folder: str, steps: int = 4) -> None:
+    """final/ tensors as one process's: all but a few elements of each equal up to float32 noise (1e-5 of the
+    tensor's largest value plus 1 % of one step's update), and every element within AdamW's reach.
+
+    AdamW moves an element by about lr a step whatever its gradient's size, so summation-order noise in a
+    near-zero gradient can flip its sign and move that element up to 2 lr a step the other way (one bias
+    element of 48 was 1.09e-5 off on an AMD Zen 4); a wrong or missing update moves most of the tensor."""
     from safetensors.torch import load_file
 
     name = "adapter_model.safetensors" if (Path(folder) / "adapter_config.json").is_file() else "model.safetensors"
     ours, ref = load_file(Path(folder) / name), load_file(Path(ref_folder) / name)
     assert sorted(ours) == sorted(ref)
     for key in ref:
-        err = (ours[key] - ref[key]).abs().max().item()
-        assert err <= 1e-5 * ref[key].abs().max().item() + 0.01 * LR, f"{key}: max abs error {err:.3g}"
+        diff = (ours[key] - ref[key]).abs().flatten()
+        tight = 1e-5 * ref[key].abs().max().item() + 0.01 * LR
+        off = int((diff > tight).sum())
+        assert off <= max(1, diff.numel() // 1000), \
+            f"{key}: {off} of {diff.numel()} elements differ by more than {tight:.3g} (largest {diff.max():.3g})"
+        assert diff.max().item() <= 2 * steps * LR, f"{key}: max abs error {diff.max():.3g}"
 
 
 @needs_gloo

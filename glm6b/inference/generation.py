@@ -176,7 +176,7 @@ def _steps_with_lookup(engine: DecodeEngine, logits: torch.Tensor, sequences: to
         for r in active:
             room = new_tokens - (len(histories[r]) - prompt_len) - 1  # tokens beyond the one every step gives
             proposals[r] = propose_from_context(contexts[r], min(lengths[r].next(), room), config.prompt_lookup_max_ngram)
-            if lengths[r].wait:  # would a proposal have been right? (ends the wait; costs no model work)
+            if lengths[r].waiting:  # would a proposal have been right? (ends the wait; costs no model work)
                 shadows[r] = propose_from_context(contexts[r], 1, config.prompt_lookup_max_ngram)
         width = 1 + max((len(p) for p in proposals.values()), default=0)
         feed = torch.full((rows, width), pad_id, dtype=torch.long)

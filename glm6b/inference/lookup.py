@@ -8,9 +8,9 @@ copying what followed them. The decode engine checks all of them in one forward
 (glm6b.inference.sampling.accept_proposals), so the output is that of ordinary decoding, in fewer
 steps. The proposer is a plain function of the context: a draft model could take its place.
 
-`ProposalLength` switches a row's proposals off for a while after a verification that kept nothing
-(a verification of several tokens costs more than a one-token step, a little where the kernels take
-several rows at the price of one, and up to T times where they pay per input row).
+`ProposalLength` switches a row's proposals off after a verification that kept nothing, until its text
+copies again (a verification of several tokens costs more than a one-token step, a little where the
+kernels take several rows at the price of one, and up to T times where they pay per input row).
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 import torch
 
 DEFAULT_MAX_NGRAM = 3
-# Ordinary steps a row waits after a verification that kept nothing (unless its text starts copying again).
-MAX_WAIT = 32
 
 
 def propose_from_context(context: Sequence[int] | torch.Tensor, max_tokens: int,
@@ -106,34 +104,35 @@ class LookupStats:
 
 @dataclass
 class ProposalLength:
-    """How many tokens one row proposes at its next step: `limit`, or none for a while after a verification
-    that kept nothing (a switch-off, so that a row whose proposals keep failing stops paying for them).
+    """How many tokens one row proposes at its next step: `limit`, or none while it waits for its text to
+    copy again (a switch-off, so that a row whose proposals fail stops paying for them).
 
-    After a verification that kept none of its proposals the row takes MAX_WAIT ordinary steps before it
-    proposes again. While it waits, each step checks, at no model cost, whether a proposal would have
-    matched the token chosen, and such a match ends the wait (the text has started copying again). So
-    text that never copies pays for about one verification per MAX_WAIT tokens; a wait that doubled
-    from one step (1, 3, 7, ...) had paid for five in a 64-token answer, which where a verification
-    costs several steps (CPUs without glm6b's AMX kernels) made such an answer 7-33 % slower. A
+    A row proposes from its first step. After a verification that kept none of its proposals it waits:
+    each ordinary step checks, at no model cost, whether a one-token proposal would have matched the
+    token chosen, and the first such match (the text copies again) ends the wait. So an answer whose
+    proposals never come true pays for one verification, plus one per chance match. A wait of a fixed
+    32 steps had paid for two in a 64-token answer (0.93x in float32 on a CPU, where verifying 5 tokens
+    costs 3.4 steps; docs/speculative.md), and one that doubled from a step (1, 3, 7, ...) for five. A
     proposal is not shortened after a partial rejection: on the ADGEN references
     (benchmarks/speculative.py, "references") shortening kept fewer tokens per step.
 
     Attributes:
         limit: tokens per proposal (the prompt_lookup_num_tokens setting).
-        wait: ordinary steps left before the row proposes again.
+        waiting: no proposals until an ordinary step's token matches what would have been proposed.
     """
 
     limit: int
-    wait: int = 0
+    waiting: bool = False
 
     def next(self) -> int:
         """Tokens to propose at this step (0 while waiting)."""
-        return 0 if self.wait else self.limit
+        return 0 if self.waiting else self.limit
 
     def verified(self, proposed: int, accepted: int) -> None:
         """Record a verification of `proposed` tokens of which `accepted` were kept."""
-        self.wait = 0 if accepted else MAX_WAIT
+        self.waiting = accepted == 0
 
     def stepped(self, would_have_matched: bool) -> None:
         """Record an ordinary step taken while waiting: whether a proposal would have matched its token."""
-        self.wait = 0 if would_have_matched else max(self.wait - 1, 0)
+        if would_have_matched:
+            self.waiting = False

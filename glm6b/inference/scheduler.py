@@ -445,7 +445,7 @@ class Scheduler:
         proposals = {row.slot: self._propose(row, limit) for row in rows} if limit else {}
         # Rows waiting to propose again: would a proposal have been right? (costs no model work)
         shadows = {row.slot: propose_from_context(row.context(), 1, self.prompt_lookup_max_ngram)
-                   for row in rows if limit and row.lookup.wait}
+                   for row in rows if limit and row.lookup.waiting}
         if any(proposals.values()):
             chosen = self._verify(rows, proposals)
         else:
