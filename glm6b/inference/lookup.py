@@ -112,7 +112,9 @@ class ProposalLength:
     token chosen, and the first such match (the text copies again) ends the wait. So an answer whose
     proposals never come true pays for one verification, plus one per chance match. A wait of a fixed
     32 steps had paid for two in a 64-token answer (0.93x in float32 on a CPU, where verifying 5 tokens
-    costs 3.4 steps; docs/speculative.md), and one that doubled from a step (1, 3, 7, ...) for five. A
+    costs 3.4 steps), one that doubled from a step (1, 3, 7, ...) for five (benchmarks/speculative.py,
+    "expected"; docs/speculative.md). Waiting from the first step as well would spare short answers their
+    one failed verification, but a row would then never propose before its text has copied once. A
     proposal is not shortened after a partial rejection: on the ADGEN references
     (benchmarks/speculative.py, "references") shortening kept fewer tokens per step.
 
