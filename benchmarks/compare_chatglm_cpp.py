@@ -81,7 +81,8 @@ What it does:
    16384] product. From them: glm6b's read floor per token (the bytes a decode step reads, every weight
    once, / the read rate) and its share of the decode time, the prefill roofline (the faster GEMM's
    rate / the prefill's 2 x 201M x layers flops per token; on a CPU without bfloat16 units that is the
-   float32 GEMM) and the batch decode roofline (memory, or float32 FMA at the GEMM's rate).
+   float32 GEMM) and the batch decode roofline (memory, or the kernels' products at the GEMM's rate:
+   bfloat16 on the AVX-512 build, float32 on the AVX2 one).
    The CPU (vendor, model, AVX2 / AVX-512 / AVX512-BF16 / AMX) and glm6b's kernel build are printed.
 
 Output: a markdown table; `--json FILE` writes
@@ -607,6 +608,8 @@ def worker_fastllm(spec: dict) -> dict:
             if prefilled is None:
                 prefilled = time.perf_counter()
         done = time.perf_counter()
+        if prefilled is None:  # no token came back: the caller reports it
+            return 0.0, 0.0, got
         return prefilled - start, done - prefilled, got
 
     generate(prompt, spec["warmup_tokens"])  # warm-up, not timed
@@ -678,18 +681,9 @@ def measure_limits(torch, rows: int) -> dict:
     return {"read_bytes_per_s": read_rate, "gemm_flops_per_s": rates}
 
 
-def worker_limits(spec: dict) -> dict:
-    torch, _ = _import_glm6b()
-    from glm6b.quant import cpu_kernels
-
-    pin_threads(spec["threads"])
-    torch.set_num_threads(spec["threads"])
-    return {"status": "ok", **measure_limits(torch, spec["rows"]), "kernel_isa": cpu_kernels.isa()}
-
-
 WORKERS = {"prepare": worker_prepare, "glm6b": worker_glm6b, "convert": worker_convert, "cpp": worker_cpp,
            "cppinfo": worker_cppinfo, "fastllminfo": worker_fastllminfo, "fastllm_convert": worker_fastllm_convert,
-           "fastllm": worker_fastllm, "limits": worker_limits}
+           "fastllm": worker_fastllm}
 
 
 # ------------------------------------------------------------------------------- build recording
@@ -1048,7 +1042,9 @@ def main() -> None:
         int4 = next((r for r in rows if r["glm6b"] == "int4"), None)
         int4_bytes = int4["step_bytes"]["glm6b"] if int4 else None
         int4_read, int4_gemm = (int4["limits"]["read_bytes_per_s"], int4["limits"]["gemm_flops_per_s"]) if int4 else (None, {})
-        print("\n| glm6b int4, batch | decode tokens/s | vs batch 1 | roofline tokens/s: min(memory, float32 FMA at "
+        # glm6b's decode kernels multiply in bfloat16 on the AVX-512 build (vdpbf16ps / AMX) and in float32 elsewhere
+        unit = "bfloat16" if isa == "avx512bf16" else "float32"
+        print(f"\n| glm6b int4, batch | decode tokens/s | vs batch 1 | roofline tokens/s: min(memory, {unit} products at "
               "the GEMM's rate) |")
         print("|---|---|---|---|")
         for b in batch:
@@ -1056,7 +1052,7 @@ def main() -> None:
             # a step reads the weights once (memory) and does 2 flops per weight per row (compute)
             memory = int4_read / int4_bytes * b["batch"] if int4_read and int4_bytes else None
             per_token = 2 * (LAYER_MATMUL_PARAMS * args.layers + 130528 * 4096)
-            compute = int4_gemm.get("float32") / per_token if int4_gemm.get("float32") else None
+            compute = int4_gemm.get(unit) / per_token if int4_gemm.get(unit) else None
             bound = min(v for v in (memory, compute) if v) if (memory or compute) else None
             label = ("glm6b a8, " if b["engine"] == "glm6b_a8" else "") + str(b["batch"])
             print(f"| {label} | {b['decode_tokens_per_s']:,.2f} | "

@@ -31,6 +31,11 @@ LAYER_SHAPES = [(12288, 4096), (4096, 4096), (16384, 4096), (4096, 16384)]  # [o
 LM_HEAD = (130528, 4096)
 
 
+def int8pack(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """PyTorch's weight-only int8 product with THUDM's weight and row scales (int8 only)."""
+    return torch.ops.aten._weight_int8pack_mm(x, weight, scale.to(x.dtype))
+
+
 def median_seconds(fn, repeats: int) -> float:
     fn()
     times = []
@@ -71,12 +76,18 @@ def main() -> None:
         print(f"| {name} | {1000 * seconds:.1f} | {nbytes / 1e9:.3f} | {nbytes / seconds / 1e9:.1f} | "
               f"{100 * nbytes / seconds / read:.0f} % |", flush=True)
 
-    # The default float32 FMA kernel, and the opt-in int8-activation one (AVX2 build), which unpacks less
+    # glm6b's kernel, the opt-in int8-activation one (AVX2 build), which unpacks less, and for int8 on the
+    # AVX-512 build PyTorch's weight-only op, which is what decoding runs there below 64 rows
+    # (glm6b.quant.linear.KERNELS).
     kernels = [("", cpu_kernels.quantized_matmul)]
     if cpu_kernels.isa() == "avx2":
         kernels.append((", int8 activations (opt-in)", cpu_kernels.quantized_matmul_int8_activations))
+    if cpu_kernels.isa() == "avx512bf16":
+        kernels.append((", PyTorch's _weight_int8pack_mm (what decoding runs)", int8pack))
     for bits in (4, 8):
         for label, kernel in kernels:
+            if kernel is int8pack and bits != 8:
+                continue
             total_s = total_b = 0.0
             for out_f, in_f in LAYER_SHAPES:
                 copies = [thudm_weight(out_f, in_f, bits, seed) for seed in (0, 1)]
@@ -94,7 +105,7 @@ def main() -> None:
                 del copies
             row(f"int{bits}{label}: the 4 linears x {args.layers} layers", total_s * args.layers,
                 total_b * args.layers)
-            # The same kernel with a 16 MiB weight, which stays in the last-level cache (32 MiB on a Zen 3):
+            # The same kernel with a 16 MiB weight, which stays in the last-level cache (32 MiB on a Zen 3 / Zen 4):
             # unpack + scale + dot products (and the call's overhead) without waiting for memory.
             w, s = thudm_weight(4096 if bits == 8 else 8192, 4096, bits, 2)
             seconds = median_seconds(lambda w=w, s=s, bits=bits, kernel=kernel: kernel(x[:, :4096], w, s, bits),
@@ -111,6 +122,10 @@ def main() -> None:
         seconds = median_seconds(lambda w=w, s=s, bits=bits: cpu_kernels.quantized_matmul(x[:, :4096], w, s, bits),
                                  max(5, args.repeats // 2))
         row(f"lm_head int{bits} (int{bits}-qe)", seconds, w.numel() + 2 * w.shape[0])
+        if bits == 8 and cpu_kernels.isa() == "avx512bf16":
+            seconds = median_seconds(lambda w=w, s=s: int8pack(x[:, :4096], w, s, 8), max(5, args.repeats // 2))
+            row("lm_head int8 (int8-qe), PyTorch's _weight_int8pack_mm (what decoding runs)", seconds,
+                w.numel() + 2 * w.shape[0])
         del w, s
 
 

@@ -1,6 +1,6 @@
 """Prompt lookup (speculative decoding from the prompt): what a verification costs, what lookup saves.
 
-    python benchmarks/speculative.py --layers 2 --threads 2                    # all three parts, a table each
+    python benchmarks/speculative.py --layers 2 --threads 2                    # all five parts, a table each
     python benchmarks/speculative.py --only cost --precisions int4 --batch-sizes 1
     python benchmarks/speculative.py --only e2e --quickstart runs/quickstart   # after `glm6b quickstart`
     python benchmarks/speculative.py --json speculative.json                   # the numbers as JSON too

@@ -90,9 +90,9 @@ def verify_rows_budget(model) -> int:
       int4/int8 layers' tile products take 8 rows for about 1.2x one row's time (README, kernel table),
       and the bfloat16 layers and lm_head run glm6b's memory-bound dot products up to 4 rows.
     * CPU otherwise: 1. PyTorch's weight-only int8/int4 ops unpack the weight again for every row; glm6b's
-      kernels without AMX are bound by their dot products from a few rows on (on an AMD Zen 4, 3 + 1
-      tokens of int8 / int4 cost up to 1.3-1.4 steps at 28 layers, docs/speculative.md); and float32
-      products of 2 rows cost about 2x one row.
+      kernels without AMX are bound by their dot products from a few rows on (on an AMD Zen 4 a
+      verification of 2-4 int8 / int4 tokens cost 1.0-1.4 steps at 28 layers, docs/speculative.md); and
+      float32 products of 2 rows cost about 2x one row.
     * CUDA: 1, as it was not measured here (pass a number of tokens to turn lookup on).
     * Models below COMPILE_ON_CPU_FROM_BYTES: 1. Their steps are bound by per-call overheads, which grow
       with the tokens fed too, and the tests' and the quickstart's outputs stay those of ordinary

@@ -441,7 +441,8 @@ class Scheduler:
     def _decode(self, rows: list[_Row]) -> None:
         """Feed every row in use its newest token (and its proposals, with prompt lookup) and choose the next
         ones."""
-        limit = lookup_tokens(self.prompt_lookup, self.model, len(rows))
+        # A step feeds every slot up to the highest in use (idle ones too): "auto" budgets for those rows.
+        limit = lookup_tokens(self.prompt_lookup, self.model, max(row.slot for row in rows) + 1)
         proposals = {row.slot: self._propose(row, limit) for row in rows} if limit else {}
         # Rows waiting to propose again: would a proposal have been right? (costs no model work)
         shadows = {row.slot: propose_from_context(row.context(), 1, self.prompt_lookup_max_ngram)
