@@ -283,6 +283,10 @@ class LoadConfig:
 ModelArguments = LoadConfig
 
 
+# The longest run of a row's last tokens that prompt lookup looks up (glm6b.inference.lookup).
+PROMPT_LOOKUP_MAX_NGRAM = 3
+
+
 @dataclass
 class GenerationConfig:
     """How to generate. Defaults are those of transformers' `generate` for this model.
@@ -343,7 +347,7 @@ class GenerationConfig:
     compile: bool | Literal["auto"] = "auto"
     prefill_chunk_size: int = 512
     prompt_lookup_num_tokens: int | Literal["auto"] | None = None
-    prompt_lookup_max_ngram: int = 3
+    prompt_lookup_max_ngram: int = PROMPT_LOOKUP_MAX_NGRAM
 
     def validate(self) -> None:
         """Raise ValueError ("generation: ...") naming the first impossible setting."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-DEFAULT_MAX_NGRAM = 3
+from ..config import PROMPT_LOOKUP_MAX_NGRAM as DEFAULT_MAX_NGRAM
 
 
 def propose_from_context(context: Sequence[int] | torch.Tensor, max_tokens: int,
