@@ -67,19 +67,24 @@ def test_the_proposer_follows_its_rule_on_random_contexts():
         assert propose_from_context(ids, max_tokens, max_ngram) == by_the_rule(ids, max_tokens, max_ngram), ids
 
 
-def test_a_row_whose_proposals_fail_waits_until_its_text_copies_again():
+def test_a_row_probes_with_one_token_and_waits_until_its_text_copies_again():
     length = ProposalLength(4)
-    assert length.next() == 4  # a new row proposes at once
-    length.verified(4, 2)  # something kept: propose again at once
+    assert length.next() == 1  # a new row first proposes one token
+    length.verified(1, 1)  # kept: the whole length from now on
     assert (length.waiting, length.next()) == (False, 4)
+    length.verified(4, 2)  # something kept: propose again at once
+    assert length.next() == 4
     length.verified(4, 0)  # nothing kept: no proposals, however long the text does not copy
     for _ in range(1000):
         assert length.next() == 0
         length.stepped(False)
-    length.stepped(True)  # the token chosen would have matched a proposal: the wait ends
-    assert (length.waiting, length.next()) == (False, 4)
+    length.stepped(True)  # the token chosen would have matched a proposal: the wait ends with a probe
+    assert (length.waiting, length.next()) == (False, 1)
     length.stepped(False)  # a step taken while not waiting changes nothing
-    assert length.next() == 4
+    assert length.next() == 1
+    length.verified(1, 0)  # the probe failed: wait again
+    assert length.next() == 0
+    assert ProposalLength(0).next() == 0  # lookup off
 
 
 def test_auto_is_off_for_tiny_models_and_settings_are_checked(model):

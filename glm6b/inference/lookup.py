@@ -104,35 +104,40 @@ class LookupStats:
 
 @dataclass
 class ProposalLength:
-    """How many tokens one row proposes at its next step: `limit`, or none while it waits for its text to
-    copy again (a switch-off, so that a row whose proposals fail stops paying for them).
+    """How many tokens one row proposes at its next step: one (a probe), `limit`, or none while it waits
+    for its text to copy again (a switch-off, so that a row whose proposals fail stops paying for them).
 
-    A row proposes from its first step. After a verification that kept none of its proposals it waits:
-    each ordinary step checks, at no model cost, whether a one-token proposal would have matched the
-    token chosen, and the first such match (the text copies again) ends the wait. So an answer whose
-    proposals never come true pays for one verification, plus one per chance match. A wait of a fixed
-    32 steps had paid for two in a 64-token answer (0.93x in float32 on a CPU, where verifying 5 tokens
-    costs 3.4 steps), one that doubled from a step (1, 3, 7, ...) for five (benchmarks/speculative.py,
-    "expected"; docs/speculative.md). Waiting from the first step as well would spare short answers their
-    one failed verification, but a row would then never propose before its text has copied once. A
-    proposal is not shortened after a partial rejection: on the ADGEN references
-    (benchmarks/speculative.py, "references") shortening kept fewer tokens per step.
+    A row's first proposal is a single token; once one is kept, it proposes `limit` tokens. After a
+    verification that kept none of its proposals it waits: each ordinary step checks, at no model cost,
+    whether a one-token proposal would have matched the token chosen, and the first such match (the text
+    copies again) ends the wait with another one-token probe. So an answer whose proposals never come true
+    pays for one verification of two tokens, plus one per chance match. Verifying 2 tokens costs less than
+    verifying limit + 1 where the kernels pay per row (float32 on a CPU: 2.1 against 3.4 steps for 5
+    tokens), and short answers that do not copy pay that once: the ADGEN references of the quickstart's
+    tokenizer price at 0.94x in float32 with the probe, 0.87x without it (benchmarks/speculative.py,
+    "references" and "expected"; docs/speculative.md). A wait of a fixed 32 steps paid for two
+    verifications per 64 tokens, one that doubled from a step (1, 3, 7, ...) for five. A proposal is not
+    shortened after a partial rejection: on the ADGEN references shortening kept fewer tokens per step.
 
     Attributes:
         limit: tokens per proposal (the prompt_lookup_num_tokens setting).
         waiting: no proposals until an ordinary step's token matches what would have been proposed.
+        probing: the next proposal is one token (a new row's, or the first after a wait).
     """
 
     limit: int
     waiting: bool = False
+    probing: bool = True
 
     def next(self) -> int:
         """Tokens to propose at this step (0 while waiting)."""
-        return 0 if self.waiting else self.limit
+        if self.waiting:
+            return 0
+        return min(1, self.limit) if self.probing else self.limit
 
     def verified(self, proposed: int, accepted: int) -> None:
         """Record a verification of `proposed` tokens of which `accepted` were kept."""
-        self.waiting = accepted == 0
+        self.waiting = self.probing = accepted == 0
 
     def stepped(self, would_have_matched: bool) -> None:
         """Record an ordinary step taken while waiting: whether a proposal would have matched its token."""
