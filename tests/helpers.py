@@ -84,3 +84,16 @@ def kill_torchrun(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait()
+
+
+def run_scheduler(scheduler, schedule: dict) -> None:
+    """Step a glm6b.inference.scheduler.Scheduler until all is done; schedule: {step number: [requests to
+    submit before that step]}."""
+    step = 0
+    while True:
+        for request in schedule.get(step, []):
+            scheduler.submit(request)
+        worked = scheduler.step()
+        step += 1
+        if not worked and step > max(schedule, default=0):
+            return

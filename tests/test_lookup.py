@@ -16,7 +16,7 @@ from glm6b.inference.lookup import LookupStats, ProposalLength, propose_from_con
 from glm6b.inference.sampling import accept_proposals, process_scores
 from glm6b.model import ChatGLMForConditionalGeneration
 
-from helpers import assert_close_rel, golden_cases, golden_tensor
+from helpers import assert_close_rel, golden_cases, golden_tensor, run_scheduler
 
 BATCH = golden_cases()["generate_batch_greedy"]
 SINGLE = golden_cases()["generate_single_greedy"]
@@ -456,17 +456,17 @@ def test_sampling_with_lookup_draws_the_first_tokens_as_ordinary_sampling_does(m
     plain, _ = _sampled_first_tokens(model, prompt, 3, draws, k=0)
     assert _chi_square_p_value(plain, exact, draws) > ALPHA
 
-    from glm6b.inference import generation
+    from glm6b.inference import sampling
 
     def keep_proposal_in_residual(scores, proposals, settings, generator):  # a wrong rule: x stays in p
         kept = []
         for j, token in enumerate(proposals):
             if torch.rand((), generator=generator) >= scores[j].softmax(-1)[token]:
-                return kept + generation.choose_tokens(scores[j:j + 1], [settings], [generator]).tolist()
+                return kept + sampling.choose_tokens(scores[j:j + 1], [settings], [generator]).tolist()
             kept.append(token)
-        return kept + generation.choose_tokens(scores[-1:], [settings], [generator]).tolist()
+        return kept + sampling.choose_tokens(scores[-1:], [settings], [generator]).tolist()
 
-    monkeypatch.setattr(generation, "accept_proposals", keep_proposal_in_residual)
+    monkeypatch.setattr(sampling, "accept_proposals", keep_proposal_in_residual)  # what accept_verified calls
     wrong, _ = _sampled_first_tokens(model, prompt, 3, draws, k=2)
     assert _chi_square_p_value(wrong, exact, draws) < 1e-30
 
@@ -500,17 +500,6 @@ CHATS = [("你好", []), ("hello world, how are you", [("a", "b")]), ("写一首
          ("今天天气", [("你好", "我很好")]), ("546 1125 546 1125", [])]
 
 
-def _run_scheduler(scheduler, schedule):
-    step = 0
-    while True:
-        for request in schedule.get(step, []):
-            scheduler.submit(request)
-        worked = scheduler.step()
-        step += 1
-        if not worked and step > max(schedule, default=0):
-            return
-
-
 def _request(tok, query, history, **params):
     from glm6b.inference.scheduler import Request, SamplingParams
 
@@ -528,7 +517,7 @@ def test_scheduler_with_lookup_gives_chat_answers_to_rows_joining_mid_batch(mode
     def serve_all(prompt_lookup, compile):
         scheduler = Scheduler(model, tok, max_batch=3, max_queue=8, prompt_lookup=prompt_lookup, compile=compile)
         jobs = [_request(tok, q, h, max_new_tokens=12 + 3 * i, do_sample=False) for i, (q, h) in enumerate(CHATS)]
-        _run_scheduler(scheduler, {0: [jobs[0][0]], 2: [jobs[1][0], jobs[2][0]], 5: [j[0] for j in jobs[3:]]})
+        run_scheduler(scheduler, {0: [jobs[0][0]], 2: [jobs[1][0], jobs[2][0]], 5: [j[0] for j in jobs[3:]]})
         assert scheduler.batch_size == 0 and scheduler.queue_length == 0
         return scheduler, [events for _, events in jobs]
 
@@ -562,7 +551,7 @@ def test_scheduler_with_lookup_fills_rows_to_the_context_length(model, tok):
     scheduler = Scheduler(model, tok, max_batch=2, context_length=48, prompt_lookup=6)
     jobs = [_request(tok, q, h, max_new_tokens=48 - len(tok.encode(build_prompt(q, h))), do_sample=False)
             for q, h in CHATS[:4]]
-    _run_scheduler(scheduler, {0: [jobs[0][0]], 7: [jobs[1][0]], 20: [jobs[2][0]], 21: [jobs[3][0]]})
+    run_scheduler(scheduler, {0: [jobs[0][0]], 7: [jobs[1][0]], 20: [jobs[2][0]], 21: [jobs[3][0]]})
     for (query, history), (request, events) in zip(CHATS, jobs):
         expected, _ = chat(model, tok, query, history, do_sample=False, max_new_tokens=request.params.max_new_tokens)
         assert events[-1].full_text == expected, query
@@ -579,7 +568,7 @@ def test_scheduler_seeded_sampling_with_lookup_is_the_same_alone_and_batched(mod
         if others:
             schedule = {0: [_request(tok, "abc", [], max_new_tokens=16, temperature=0.5)[0]], 1: [request],
                         3: [_request(tok, "546 1125 546", [], max_new_tokens=16, do_sample=False)[0]]}
-        _run_scheduler(scheduler, schedule)
+        run_scheduler(scheduler, schedule)
         return events[-1].full_text
 
     assert sample(others=True) == sample(others=False)

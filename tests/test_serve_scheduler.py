@@ -5,6 +5,8 @@ import pytest
 from glm6b.inference.chat import build_prompt
 from glm6b.inference.scheduler import QueueFullError, Request, SamplingParams, Scheduler, _Row
 
+from helpers import run_scheduler
+
 CHATS = [("你好", []), ("hello world, how are you", [("a", "b")]), ("写一首诗", []), ("x" * 40, []),
          ("今天天气", [("你好", "我很好")]), ("abc", [])]
 
@@ -35,23 +37,11 @@ def make_request(tok, query, history, **params):
     return request, recorder
 
 
-def run_all(scheduler, schedule):
-    """schedule: {step number: [requests to submit before that step]}; steps until all is done."""
-    step = 0
-    while True:
-        for request in schedule.get(step, []):
-            scheduler.submit(request)
-        worked = scheduler.step()
-        step += 1
-        if not worked and step > max(schedule, default=0):
-            return
-
-
 def test_greedy_rows_joining_at_different_steps_equal_chat(model, tok):
     # 6 requests on 3 rows: some join a running batch, some wait in the queue for a row to free up.
     scheduler = Scheduler(model, tok, max_batch=3, max_queue=8)
     jobs = [make_request(tok, q, h, max_new_tokens=10 + 3 * i, do_sample=False) for i, (q, h) in enumerate(CHATS)]
-    run_all(scheduler, {0: [jobs[0][0]], 2: [jobs[1][0], jobs[2][0]], 5: [j[0] for j in jobs[3:]]})
+    run_scheduler(scheduler, {0: [jobs[0][0]], 2: [jobs[1][0], jobs[2][0]], 5: [j[0] for j in jobs[3:]]})
     for (query, history), (request, recorder) in zip(CHATS, jobs):
         expected, _ = model.chat(tok, query, history, do_sample=False, max_new_tokens=request.params.max_new_tokens)
         assert recorder.final.full_text == expected, query
@@ -66,7 +56,7 @@ def test_rows_filled_to_the_context_length_stay_exact(model, tok):
     scheduler = Scheduler(model, tok, max_batch=2, context_length=48)
     jobs = [make_request(tok, q, h, max_new_tokens=48 - len(tok.encode(build_prompt(q, h))), do_sample=False)
             for q, h in CHATS[:4]]
-    run_all(scheduler, {0: [jobs[0][0]], 7: [jobs[1][0]], 20: [jobs[2][0]], 21: [jobs[3][0]]})
+    run_scheduler(scheduler, {0: [jobs[0][0]], 7: [jobs[1][0]], 20: [jobs[2][0]], 21: [jobs[3][0]]})
     for (query, history), (request, recorder) in zip(CHATS, jobs):
         expected, _ = model.chat(tok, query, history, do_sample=False, max_new_tokens=request.params.max_new_tokens)
         assert recorder.final.full_text == expected, query
@@ -83,7 +73,7 @@ def test_idle_rows_are_skipped_in_steps(model, tok, monkeypatch):
                                                                  real_step(model, cache, tokens, positions))[1])
     scheduler = Scheduler(model, tok, max_batch=4, compile=False)
     request, recorder = make_request(tok, "你好", [], max_new_tokens=6, do_sample=False)
-    run_all(scheduler, {0: [request]})
+    run_scheduler(scheduler, {0: [request]})
     assert set(counts) == {1}
     assert recorder.final.full_text == model.chat(tok, "你好", [], do_sample=False, max_new_tokens=6)[0]
 
@@ -96,26 +86,26 @@ def test_seeded_sampling_is_the_same_alone_and_batched(model, tok):
         if others:  # unseeded neighbours with other settings, joining before and after
             schedule = {0: [make_request(tok, "abc", [], temperature=0.5)[0]], 1: [request],
                         3: [make_request(tok, "写一首诗", [], do_sample=False)[0]]}
-        run_all(scheduler, schedule)
+        run_scheduler(scheduler, schedule)
         return recorder.final.full_text
 
     alone = sample(others=False)
     assert sample(others=True) == alone
     other_seed = Scheduler(model, tok)
     request, recorder = make_request(tok, "你好", [], max_new_tokens=24, temperature=1.0, top_p=0.9, seed=99)
-    run_all(other_seed, {0: [request]})
+    run_scheduler(other_seed, {0: [request]})
     assert recorder.final.full_text != alone  # the seed matters (24 tokens drawn from ~1000)
 
 
 def test_stop_string_cuts_the_answer(model, tok):
     scheduler = Scheduler(model, tok)
     request, recorder = make_request(tok, "写一首诗", [], max_new_tokens=30, do_sample=False)
-    run_all(scheduler, {0: [request]})
+    run_scheduler(scheduler, {0: [request]})
     full = recorder.final.full_text
     stop = full[len(full) // 2:len(full) // 2 + 2]
     assert len(stop) == 2 and full.find(stop) > 0
     request, recorder = make_request(tok, "写一首诗", [], max_new_tokens=30, do_sample=False, stop=["@@@", stop])
-    run_all(scheduler, {0: [request]})
+    run_scheduler(scheduler, {0: [request]})
     assert recorder.final.finish_reason == "stop"
     assert recorder.final.full_text == full[:full.find(stop)]
     assert recorder.streamed == recorder.final.full_text  # nothing of the stop string was streamed
@@ -182,7 +172,7 @@ def test_cancel_frees_the_row_and_the_queue(model, tok):
     assert running_rec.final.completion_tokens < 200
     assert scheduler.cancelled_total == 1
     assert scheduler.batch_size == 1 and scheduler.queue_length == 0
-    run_all(scheduler, {})
+    run_scheduler(scheduler, {})
     assert waiting_rec.final.finish_reason in ("stop", "length")
 
 
@@ -191,7 +181,7 @@ def test_warm_up_leaves_the_scheduler_empty_and_exact(model, tok):
     scheduler.warm_up()
     assert scheduler.batch_size == 0 and scheduler.generated_tokens_total == 0
     request, recorder = make_request(tok, "你好", [], max_new_tokens=10, do_sample=False)
-    run_all(scheduler, {0: [request]})
+    run_scheduler(scheduler, {0: [request]})
     assert recorder.final.full_text == model.chat(tok, "你好", [], do_sample=False, max_new_tokens=10)[0]
 
 
@@ -214,7 +204,7 @@ def test_a_failing_step_ends_its_requests_not_the_loop(model, tok, monkeypatch):
     assert recorder.final.finish_reason == "error" and "boom" in recorder.final.error
     monkeypatch.undo()
     request, recorder = make_request(tok, "你好", [], do_sample=False)
-    run_all(scheduler, {0: [request]})
+    run_scheduler(scheduler, {0: [request]})
     assert recorder.final.finish_reason in ("stop", "length")
 
 
@@ -224,7 +214,7 @@ def test_sampling_with_a_single_candidate_is_greedy(model, tok, top_k, top_p):
     greedy, greedy_rec = make_request(tok, "写一首诗", [], max_new_tokens=12, do_sample=False)
     sampled, sampled_rec = make_request(tok, "写一首诗", [], max_new_tokens=12, temperature=1.3, top_k=top_k,
                                         top_p=top_p)
-    run_all(scheduler, {0: [greedy, sampled]})
+    run_scheduler(scheduler, {0: [greedy, sampled]})
     assert sampled_rec.final.full_text == greedy_rec.final.full_text
 
 
@@ -246,7 +236,7 @@ def test_compiled_steps_equal_chat(tok, device):
     scheduler = Scheduler(model, tok, max_batch=3, compile=True)
     assert scheduler.engine.compiled
     jobs = [make_request(tok, q, h, max_new_tokens=12, do_sample=False) for q, h in CHATS[:4]]
-    run_all(scheduler, {0: [jobs[0][0]], 2: [jobs[1][0], jobs[2][0]], 4: [jobs[3][0]]})
+    run_scheduler(scheduler, {0: [jobs[0][0]], 2: [jobs[1][0], jobs[2][0]], 4: [jobs[3][0]]})
     for (query, history), (request, recorder) in zip(CHATS, jobs):
         expected, _ = model.chat(tok, query, history, do_sample=False, max_new_tokens=12, compile=True)
         assert recorder.final.full_text == expected, query

@@ -23,7 +23,7 @@ from ..config import GenerationConfig, make_generation_config
 from .beam import beam_search
 from .engine import DecodeEngine, lookup_tokens, prompt_inputs
 from .lookup import LookupStats, ProposalLength, propose_from_context
-from .sampling import accept_proposals, choose_tokens, new_token_budget, process_scores, row_generators
+from .sampling import accept_verified, choose_tokens, new_token_budget, process_scores, row_generators
 from .text import TextStreamer
 
 __all__ = ["GenerationConfig", "GenerationOutput", "TextStreamer", "generate", "generate_steps",
@@ -186,24 +186,15 @@ def _steps_with_lookup(engine: DecodeEngine, logits: torch.Tensor, sequences: to
             counts[r] = 1 + len(proposals[r])
         stats.count_step(width)
         if width == 1:  # no proposals anywhere: an ordinary step
-            fed = engine.decode(feed[:, 0])[active]  # [n, V]
-            positions = [(r, 0) for r in active]
+            step_logits = engine.decode(feed[:, 0])[:, None]  # [B, 1, V]
         else:
-            verified = engine.verify(feed, counts)  # [B, T, V]
-            positions = [(r, j) for r in active for j in range(int(counts[r]))]
-            fed = verified[[r for r, _ in positions], [j for _, j in positions]]  # [N, V]
-        row_settings = [settings[r] for r, _ in positions]
-        row_histories = None
-        if penalised:
-            row_histories = [torch.tensor(histories[r] + proposals[r][:j], device=device) for r, j in positions]
-        scores = process_scores(fed, row_settings, row_histories, eos_ids[0])
+            step_logits = engine.verify(feed, counts)  # [B, T, V]
+        accepted = accept_verified(step_logits, active, [proposals[r] for r in active], [settings[r] for r in active],
+                                   [generators[r] for r in active], eos_ids[0],
+                                   [histories[r] for r in active] if penalised else None)
         kept = torch.zeros(rows, dtype=torch.long)
-        start = 0
-        for r in active:
+        for r, (tokens, row_scores) in zip(active, accepted):
             m = len(proposals[r])
-            row_scores = scores[start:start + m + 1]
-            start += m + 1
-            tokens = accept_proposals(row_scores, proposals[r], settings[r], generators[r])
             kept[r] = len(tokens)  # the newest token and the accepted proposals stay in the cache
             if m:
                 lengths[r].verified(m, len(tokens) - 1)

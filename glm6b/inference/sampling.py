@@ -179,6 +179,41 @@ def accept_proposals(scores: torch.Tensor, proposals: Sequence[int], settings: G
     return kept + choose_tokens(scores[-1:], [settings], [generator]).tolist()
 
 
+def accept_verified(logits: torch.Tensor, rows: Sequence[int], proposals: Sequence[Sequence[int]],
+                    settings: Sequence[GenerationConfig], generators: Sequence[torch.Generator | None],
+                    eos_token_id: int, histories: Sequence[Sequence[int]] | None = None
+                    ) -> list[tuple[list[int], torch.Tensor]]:
+    """What each row keeps of a verification step (glm6b.inference.engine.DecodeEngine.verify): the
+    processed scores of every position it fed (`process_scores`, the repetition penalty seeing the
+    proposals before each position) and `accept_proposals` on them.
+
+    Args:
+        logits: [B, T, V], the verification's logits (row b's position j: after its newest token and
+            its first j proposals).
+        rows: the batch rows to accept for; rows[i] fed its newest token and proposals[i].
+        proposals, settings, generators: per listed row.
+        eos_token_id: for the scores of invalid rows (glm6b.inference.sampling.guard_invalid_scores).
+        histories: per listed row, the tokens the repetition penalty sees before this step (None when
+            no row has a penalty).
+
+    Returns:
+        Per listed row: the tokens it keeps (its accepted proposals and one more token) and the scores
+        [len(proposal) + 1, V] they were chosen from.
+    """
+    positions = [(i, j) for i, proposal in enumerate(proposals) for j in range(len(proposal) + 1)]
+    fed = logits[[rows[i] for i, _ in positions], [j for _, j in positions]]  # [N, V]
+    penalised = None
+    if histories is not None:
+        penalised = [torch.tensor([*histories[i], *proposals[i][:j]], device=logits.device) for i, j in positions]
+    scores = process_scores(fed, [settings[i] for i, _ in positions], penalised, eos_token_id)
+    kept, start = [], 0
+    for i, proposal in enumerate(proposals):
+        row_scores = scores[start:start + len(proposal) + 1]
+        start += len(proposal) + 1
+        kept.append((accept_proposals(row_scores, proposal, settings[i], generators[i]), row_scores))
+    return kept
+
+
 def row_generators(seed: int | None, rows: int) -> list[torch.Generator | None]:
     """The generators of `rows` rows that sample with one `seed`: one seeded generator they share (drawn in
     row order, so the run repeats), or None (torch's global RNG)."""

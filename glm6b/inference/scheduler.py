@@ -45,7 +45,7 @@ from ..config import GenerationConfig
 from ..model import build_mask_and_positions
 from .engine import DecodeEngine, lookup_tokens
 from .lookup import DEFAULT_MAX_NGRAM, ProposalLength, propose_from_context
-from .sampling import accept_proposals, choose_tokens, process_scores
+from .sampling import accept_verified, choose_tokens, process_scores
 from .text import process_response, stable_length
 
 log = logging.getLogger(__name__)
@@ -491,20 +491,14 @@ class Scheduler:
             tokens[row.slot, :fed[row.slot]] = torch.tensor([row.ids[-1], *proposals[row.slot]])
             counts[row.slot] = fed[row.slot]
         logits = engine.verify(tokens, counts, rows=count, slots=slots)  # [count, T, V]
-        positions = [(row, j) for row in rows for j in range(fed[row.slot])]
-        settings = [row.params for row, _ in positions]
-        histories = None
-        if any(p.repetition_penalty != 1.0 for p in settings):
-            histories = [torch.tensor(row.context() + proposals[row.slot][:j], device=logits.device)
-                         for row, j in positions]
-        scores = process_scores(logits[[row.slot for row, _ in positions], [j for _, j in positions]], settings,
-                                histories, self.eos_id)
+        penalised = any(row.params.repetition_penalty != 1.0 for row in rows)
+        accepted = accept_verified(logits, [row.slot for row in rows], [proposals[row.slot] for row in rows],
+                                   [row.params for row in rows], [row.generator for row in rows], self.eos_id,
+                                   [row.context() for row in rows] if penalised else None)
         kept = torch.zeros(count, dtype=torch.long)
-        chosen, start = [], 0
-        for row in rows:
+        chosen = []
+        for row, (row_tokens, _) in zip(rows, accepted):
             proposal = proposals[row.slot]
-            row_tokens = accept_proposals(scores[start:start + fed[row.slot]], proposal, row.params, row.generator)
-            start += fed[row.slot]
             kept[row.slot] = len(row_tokens)  # the newest token and the accepted proposals stay in the cache
             row.filled += len(row_tokens)
             if proposal:

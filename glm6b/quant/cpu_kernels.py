@@ -200,6 +200,15 @@ def _check(weight: torch.Tensor, weight_scale: torch.Tensor, bits: int, in_featu
         raise ValueError(f"in_features must be a multiple of {K_MULTIPLE}, got {in_features}")
 
 
+def _checked_output(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x made contiguous and the empty [rows, out] result in x's dtype, once x, weight and scale are checked."""
+    _check_rows(x)
+    _check(weight, weight_scale, bits, x.shape[1])
+    x = x.contiguous()
+    return x, torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
+
+
 @torch.library.custom_op("glm6b::quantized_matmul", mutates_args=())
 def quantized_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bits: int,
                      amx: bool = True) -> torch.Tensor:
@@ -211,11 +220,8 @@ def quantized_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     otherwise AVX512-BF16 dot products. AVX2 build: FMA dot products (`amx` is ignored).
     """
     library = _loaded_library()
-    _check_rows(x)
+    x, out = _checked_output(x, weight, weight_scale, bits)
     in_features = x.shape[1]
-    _check(weight, weight_scale, bits, in_features)
-    x = x.contiguous()
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
     if x.shape[0] == 0:
         return out
     if isa() == "avx2":
@@ -309,11 +315,8 @@ def quantized_matmul_int8_activations(x: torch.Tensor, weight: torch.Tensor, wei
     library = _loaded_library()
     if isa() != "avx2":
         raise RuntimeError("int8 activations are a kernel of the AVX2 build only (GLM6B_AVX512=0 picks it)")
-    _check_rows(x)
+    x, out = _checked_output(x, weight, weight_scale, bits)
     in_features = x.shape[1]
-    _check(weight, weight_scale, bits, in_features)
-    x = x.contiguous()
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
     if x.shape[0] == 0:
         return out
     status = library.glm6b_avx2_matmul_q8(bits, _AVX2_DTYPE_CODES[x.dtype], x.data_ptr(), x.shape[0], in_features,
