@@ -656,23 +656,30 @@ def describe_cpu(info: dict) -> str:
             f"AVX512-BF16 {yes('avx512_bf16')}, AVX512-VNNI {yes('avx512_vnni')}, AMX {yes('amx')}")
 
 
-def measure_limits(torch, rows: int) -> dict:
-    """What the machine can do right now with torch's threads: the memory read rate (the sum of a 1 GiB
-    float32 tensor, which reads each byte once and computes next to nothing) and the float32 and bfloat16
-    GEMM rates of a prefill-shaped product ([rows, 4096] x [4096, 16384]). Each is the best of a few
-    tries: on a shared machine other work only ever makes a try slower."""
-    def best_seconds(fn, repeats):
+def best_seconds(fn, repeats: int) -> float:
+    """The fastest of `repeats` calls after one untimed call: on a shared machine other work only ever makes
+    a try slower."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
         fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
+
+def memory_read_rate(torch, repeats: int = 5) -> float:
+    """Bytes per second torch's threads read from memory: the sum of a 1 GiB float32 tensor, which reads
+    each byte once and computes next to nothing (benchmarks/profile_decode_cpu.py uses it too)."""
     big = torch.ones(2**28)
-    read_rate = big.numel() * 4 / best_seconds(big.sum, 5)
-    del big
+    return big.numel() * 4 / best_seconds(big.sum, repeats)
+
+
+def measure_limits(torch, rows: int) -> dict:
+    """What the machine can do right now with torch's threads: the memory read rate (`memory_read_rate`)
+    and the float32 and bfloat16 GEMM rates of a prefill-shaped product ([rows, 4096] x [4096, 16384]),
+    each the best of a few tries."""
+    read_rate = memory_read_rate(torch)
     rates = {}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         a = torch.randn(rows, 4096).to(dtype)

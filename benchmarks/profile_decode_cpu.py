@@ -17,15 +17,21 @@ minus that sum.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
+# The weights below in transparent huge pages, as glm6b's loader puts a checkpoint's (a PyTorch switch,
+# read at the first CPU allocation): with 4 KiB pages the int4 / int8 linears read 5-25 % slower.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from glm6b.quant import cpu_kernels
+from benchmarks.compare_chatglm_cpp import memory_read_rate  # noqa: E402
+from glm6b.quant import cpu_kernels  # noqa: E402
 
 LAYER_SHAPES = [(12288, 4096), (4096, 4096), (16384, 4096), (4096, 16384)]  # [out, in]
 LM_HEAD = (130528, 4096)
@@ -65,9 +71,7 @@ def main() -> None:
         raise SystemExit("glm6b's CPU kernels are not available here")
     x = torch.randn(1, 16384).to(torch.bfloat16)
 
-    big = torch.ones(2**28)
-    read = big.numel() * 4 / min(median_seconds(big.sum, 3) for _ in range(3))
-    del big
+    read = memory_read_rate(torch)
     print(f"kernels: {cpu_kernels.isa()}, {args.threads} threads; memory read {read / 1e9:.1f} GB/s\n")
     print("| part of one decode token (batch 1, bfloat16 activations) | ms | GB read | GB/s | % of read rate |")
     print("|---|---:|---:|---:|---:|")
@@ -76,14 +80,14 @@ def main() -> None:
         print(f"| {name} | {1000 * seconds:.1f} | {nbytes / 1e9:.3f} | {nbytes / seconds / 1e9:.1f} | "
               f"{100 * nbytes / seconds / read:.0f} % |", flush=True)
 
-    # glm6b's kernel, the opt-in int8-activation one (AVX2 build), which unpacks less, and for int8 on the
-    # AVX-512 build PyTorch's weight-only op, which is what decoding runs there below 64 rows
-    # (glm6b.quant.linear.KERNELS).
+    # glm6b's kernel (what decoding runs without AMX, glm6b.quant.linear.KERNELS), the opt-in
+    # int8-activation one (AVX2 build), which unpacks less, and for int8 on the AVX-512 build PyTorch's
+    # weight-only op, which decoding ran there before glm6b's int8 dot products beat it.
     kernels = [("", cpu_kernels.quantized_matmul)]
     if cpu_kernels.isa() == "avx2":
         kernels.append((", int8 activations (opt-in)", cpu_kernels.quantized_matmul_int8_activations))
     if cpu_kernels.isa() == "avx512bf16":
-        kernels.append((", PyTorch's _weight_int8pack_mm (what decoding runs)", int8pack))
+        kernels.append((", PyTorch's _weight_int8pack_mm", int8pack))
     for bits in (4, 8):
         for label, kernel in kernels:
             if kernel is int8pack and bits != 8:
@@ -124,7 +128,7 @@ def main() -> None:
         row(f"lm_head int{bits} (int{bits}-qe)", seconds, w.numel() + 2 * w.shape[0])
         if bits == 8 and cpu_kernels.isa() == "avx512bf16":
             seconds = median_seconds(lambda w=w, s=s: int8pack(x[:, :4096], w, s, 8), max(5, args.repeats // 2))
-            row("lm_head int8 (int8-qe), PyTorch's _weight_int8pack_mm (what decoding runs)", seconds,
+            row("lm_head int8 (int8-qe), PyTorch's _weight_int8pack_mm", seconds,
                 w.numel() + 2 * w.shape[0])
         del w, s
 

@@ -206,19 +206,25 @@ needs_avx2 = pytest.mark.skipif(cpu_kernels.isa() != "avx2",
 @needs_avx512
 @pytest.mark.parametrize("amx", [True, False], ids=["amx", "avx512"])
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("out_features, in_features", [(256, 256), (200, 128), (64, 4096), (576, 1088)])
+@pytest.mark.parametrize("out_features, in_features", [(256, 256), (200, 128), (64, 4096), (576, 1088), (75, 4160)])
 def test_glm6b_cpu_kernels_equal_x_times_dequantized_weight(bits, out_features, in_features, amx, monkeypatch):
     """Every row count and shape the kernels split differently gives x @ (q * scale).T up to bfloat16
-    rounding: 1-2 rows: dot products; AMX up to 48 rows: groups of 64 weight rows, input blocks of up
-    to 16; from 49 rows: input blocks of 16 padded to pairs, groups of up to 256 weight rows, slices of
-    1024 columns (576 x 1088: two groups of 256 and one of 64, a slice of 1024 columns and one of 64);
-    weight rows past the groups of 64 by dot products."""
+    rounding: int4, one row: weight lines as bfloat16 136 + q with the offsets taken off per line (rows
+    one at a time up to 4096 columns, eight side by side beyond, the rest one at a time; rows of 64
+    columns past a line: 1088, 4160); int8 and 2 rows on: dot products on table-unpacked chunks; AMX up to 48
+    rows: groups of 64 weight rows, input blocks of up to 16; from 49 rows: input blocks of 16 padded to
+    pairs, groups of up to 256 weight rows, slices of 1024 columns (576 x 1088: two groups of 256 and one
+    of 64, a slice of 1024 columns and one of 64); weight rows past the groups of 64 by dot products.
+    Activations of one sign as well as of both: the int4 one-row kernel's offsets (136 x the activations)
+    then add up instead of cancelling, the hardest case for its float32 sums."""
     if amx and not cpu_kernels.has_amx():
         pytest.skip("this CPU (or OS) has no AMX tiles")
     layer = random_layer(bits, out_features, in_features)
     generator = torch.Generator().manual_seed(5)
-    for rows in (1, 2, 3, 8, 16, 17, 33, 48, 49, 64, 100):
-        x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
+    for rows, positive in [(1, False), (1, True), (2, False), (2, True), (3, False), (8, False), (16, False),
+                           (17, False), (33, False), (48, False), (49, False), (64, False), (100, False)]:
+        x = torch.randn(rows, in_features, generator=generator)
+        x = (x.abs() + 1 if positive else x).to(torch.bfloat16)
         want = exact_reference(layer, x) - layer.bias.double()
         got = cpu_kernels.quantized_matmul(x, layer.weight, layer.weight_scale, bits, amx)
         assert got.shape == want.shape and got.dtype == torch.bfloat16

@@ -200,6 +200,15 @@ def _check(weight: torch.Tensor, weight_scale: torch.Tensor, bits: int, in_featu
         raise ValueError(f"in_features must be a multiple of {K_MULTIPLE}, got {in_features}")
 
 
+def _check_status(status: int, kernel: str, arguments: str) -> None:
+    """Raise for a kernel's status: -2 it could not allocate its activation buffers, other nonzero values
+    it refused the arguments."""
+    if status == -2:
+        raise MemoryError(f"{kernel}: out of memory for its activation buffers ({arguments})")
+    if status != 0:
+        raise RuntimeError(f"{kernel} refused {arguments}")
+
+
 def _checked_output(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                     bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x made contiguous and the empty [rows, out] result in x's dtype, once x, weight and scale are checked."""
@@ -232,8 +241,7 @@ def quantized_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         status = library.glm6b_matmul(bits, x.data_ptr(), x.shape[0], in_features, weight.data_ptr(),
                                       weight_scale.data_ptr(), weight.shape[0], out.data_ptr(),
                                       torch.get_num_threads(), int(amx and has_amx() and x.shape[0] >= AMX_MIN_ROWS))
-    if status != 0:
-        raise RuntimeError(f"glm6b_matmul refused x {list(x.shape)}, weight {list(weight.shape)}, bits {bits}")
+    _check_status(status, "glm6b_matmul", f"x {list(x.shape)}, weight {list(weight.shape)}, bits {bits}")
     return out
 
 
@@ -278,8 +286,7 @@ def bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     else:
         status = library.glm6b_matmul(16, x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), None,
                                       weight.shape[0], out.data_ptr(), torch.get_num_threads(), 0)
-    if status != 0:
-        raise RuntimeError(f"glm6b_matmul refused x {list(x.shape)}, bfloat16 weight {list(weight.shape)}")
+    _check_status(status, "glm6b_matmul", f"x {list(x.shape)}, bfloat16 weight {list(weight.shape)}")
     return out
 
 
@@ -322,8 +329,7 @@ def quantized_matmul_int8_activations(x: torch.Tensor, weight: torch.Tensor, wei
     status = library.glm6b_avx2_matmul_q8(bits, _AVX2_DTYPE_CODES[x.dtype], x.data_ptr(), x.shape[0], in_features,
                                           weight.data_ptr(), weight_scale.data_ptr(), weight.shape[0],
                                           out.data_ptr(), torch.get_num_threads())
-    if status != 0:
-        raise RuntimeError(f"glm6b_avx2_matmul_q8 refused x {list(x.shape)}, weight {list(weight.shape)}, bits {bits}")
+    _check_status(status, "glm6b_avx2_matmul_q8", f"x {list(x.shape)}, weight {list(weight.shape)}, bits {bits}")
     return out
 
 

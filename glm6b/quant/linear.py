@@ -15,9 +15,10 @@ for an input device and dtype, see `QuantizedLinear`), by `kernel_path`; the row
   and nothing built at the first forward, and unpack each weight block once for all input rows):
   - ``glm6b_amx`` / ``glm6b_avx512``: bfloat16 inputs on an AVX512-BF16 CPU, with / without AMX tiles
     (with AMX a prefill's too: as fast as a bfloat16 weight's GEMM or faster). Exceptions, measured with
-    benchmarks/quantize.py: int8 below `cpu_kernels.AMX_MIN_ROWS` rows (or without AMX) keeps the stock
-    op, as fast for one row; without AMX a prefill (`CPU_DEQUANTIZED_MIN_ROWS` rows or more) multiplies
-    blocks de-quantized by the kernels with the bfloat16 GEMM.
+    benchmarks/quantize.py: with AMX, int8 below `cpu_kernels.AMX_MIN_ROWS` rows keeps the stock op, as
+    fast for one row there (without AMX glm6b's int8 dot products beat it at 1-8 rows on weights in huge
+    pages: 1.1-1.9x on a Zen 4); without AMX a prefill (`CPU_DEQUANTIZED_MIN_ROWS` rows or more)
+    multiplies blocks de-quantized by the kernels with the bfloat16 GEMM.
   - ``glm6b_avx2``: float32 / bfloat16 / float16 inputs on a CPU with AVX2 + FMA but no AVX512-BF16
     (AMD Zen 2 / Zen 3, ...): float32 FMA dot products up to `AVX2_GEMM_MIN_ROWS` rows, then float32
     blocks de-quantized by the kernels and PyTorch's float32 GEMM (such a CPU has no faster product; its
@@ -399,7 +400,7 @@ KERNELS = {
     ("cpu", "glm6b_amx", 4): ((1, _avx512_dot), (cpu_kernels.AMX_MIN_ROWS, _amx_tiles)),
     ("cpu", "glm6b_amx", 8): ((1, _int8pack), (cpu_kernels.AMX_MIN_ROWS, _amx_tiles)),
     ("cpu", "glm6b_avx512", 4): ((1, _avx512_dot), (CPU_DEQUANTIZED_MIN_ROWS, _avx512_bf16_blocks)),
-    ("cpu", "glm6b_avx512", 8): ((1, _int8pack), (CPU_DEQUANTIZED_MIN_ROWS, _avx512_bf16_blocks)),
+    ("cpu", "glm6b_avx512", 8): ((1, _avx512_dot), (CPU_DEQUANTIZED_MIN_ROWS, _avx512_bf16_blocks)),
     ("cpu", "glm6b_avx2", 4): ((1, _avx2_dot), (AVX2_GEMM_MIN_ROWS, _avx2_float32_blocks)),
     ("cpu", "glm6b_avx2", 8): ((1, _avx2_dot), (AVX2_GEMM_MIN_ROWS, _avx2_float32_blocks)),
     ("cpu", "glm6b_avx2_int8_activations", 4): ((1, _avx2_int8_activations),),
@@ -567,7 +568,7 @@ class QuantizedLinear(nn.Module):
             self.weight.copy_(self.thudm_weight())
             self.__dict__["_in_place_of"] = None
             _return_freed_heap()
-        if path in ("glm6b_amx", "glm6b_avx512"):  # the int8 row scale in `dtype` for PyTorch's op at 1-2 rows
+        if path == "glm6b_amx":  # the int8 row scale in `dtype` for PyTorch's op at 1-2 rows
             return (path, self.weight_scale.to(dtype) if self.bits == 8 else None)
         if path.startswith("glm6b_"):
             return (path,)

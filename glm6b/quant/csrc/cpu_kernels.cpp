@@ -8,7 +8,8 @@
 // glm6b_matmul: y[M, N] = x[M, K] @ (q * scale)^T, for a few rows (decoding) and, with AMX, for many (a
 // prefill, see amx_group_many). Each block of weight rows is unpacked once into bfloat16 registers and
 // multiplied with every input row (vdpbf16ps, float32 sums), so eight rows cost far less than eight
-// times one row: PyTorch's CPU int4 op unpacks per row.
+// times one row: PyTorch's CPU int4 op unpacks per row. One row of int4 (a decode step) has a kernel of
+// its own that unpacks with bit operations instead of table lookups (int4_one_row).
 // The row scale is applied to the float32 sum, and y rounded to bfloat16 once.
 // The same dot products on a bfloat16 weight (bits 16) read it at about 1.3-1.9x the bandwidth of
 // PyTorch's F.linear for one to four rows (benchmarks/quantize.py, kernels table): decoding in bfloat16.
@@ -139,6 +140,110 @@ void permute_activations(const uint16_t* x, int64_t M, int64_t K, uint16_t* xp) 
     }
 }
 
+
+// ------------------------------------------------------------------------------------ one input row
+// A decode step multiplies one row by every weight once, so it is bound by how fast the weights stream
+// from memory, and on AMD Zen 4 the table lookups of load_weights (vpermw) and the zero extension cost
+// about as much core time as the memory wait. For int4, one 64-byte line of a weight row (128 weights)
+// becomes four bfloat16 vectors with shifts and bit operations alone: the bfloat16 pattern 0x4300 | m is
+// the number 128 + m for m < 128, and a two's complement nibble n with its sign bit flipped (n ^ 8) is
+// its value + 8, so (n ^ 8) | 0x4300 is exactly 136 + q. The offsets (136 times the activations) are taken
+// off per line: each line's sum starts from minus its offsets, so the float32 sums never grow beyond a
+// line's products. The weight rows are walked in memory order where the activations stay in the level-1
+// cache (K <= 4096: one row at a time, so the hardware prefetchers see one stream); for longer rows 8
+// rows side by side share each load of the activations. Against the tiles of rows_tile, the 28 layers'
+// int4 linears of a glm_6b decode step took 0.75-0.85x the time on a Zen 4 (2 threads). int8 stays on
+// rows_tile: split into two nibbles it needs twice the dot products and was slower.
+
+constexpr int64_t LINE = 64;  // bytes of a weight row per step: 128 int4 weights
+
+// The four bfloat16 vectors (136 + q) of one int4 weight line. Word j of the line holds, from its low
+// bits up, columns 4j + 1, 4j, 4j + 3, 4j + 2 (byte c: column 2c high, 2c + 1 low); prepare_row lays the
+// activations out in the same order.
+inline void line_weights(__m512i line, __m512i& a, __m512i& b, __m512i& c, __m512i& d) {
+    const __m512i nibble = _mm512_set1_epi16(0x000F), plus136 = _mm512_set1_epi16(0x4308);  // (n ^ 8) | 0x4300
+    constexpr int AND_XOR = 0x6A;                                                              // (A & B) ^ C
+    a = _mm512_ternarylogic_epi32(line, nibble, plus136, AND_XOR);
+    b = _mm512_ternarylogic_epi32(_mm512_srli_epi16(line, 4), nibble, plus136, AND_XOR);
+    c = _mm512_ternarylogic_epi32(_mm512_srli_epi16(line, 8), nibble, plus136, AND_XOR);
+    d = _mm512_xor_si512(_mm512_srli_epi16(line, 12), plus136);
+}
+
+// The activation row for row_tile: per weight line, 4 x 32 bfloat16 in line_weights' order (columns past
+// K are zeros), and 16 floats: minus the offsets the line's four products add to each float32 lane.
+void prepare_row(const uint16_t* x, int64_t K, int64_t lines, uint16_t* xs, float* offsets) {
+    const __m512bh k136 = (__m512bh)_mm512_set1_epi16(0x4308);
+    for (int64_t l = 0; l < lines; ++l) {
+        auto at = [&](int64_t k) -> uint16_t { return l * 128 + k < K ? x[l * 128 + k] : 0; };
+        uint16_t* d = xs + l * 128;
+        for (int j = 0; j < 32; ++j) {
+            d[j] = at(4 * j + 1);
+            d[32 + j] = at(4 * j);
+            d[64 + j] = at(4 * j + 3);
+            d[96 + j] = at(4 * j + 2);
+        }
+        __m512 sum = _mm512_setzero_ps();
+        for (int v = 0; v < 4; ++v) sum = _mm512_dpbf16_ps(sum, k136, (__m512bh)_mm512_load_si512(d + 32 * v));
+        _mm512_store_ps(offsets + l * 16, _mm512_sub_ps(_mm512_setzero_ps(), sum));
+    }
+}
+
+// The NT sums of weight line l (the first 32 bytes of it where HALF: an int4 row's last 64 columns,
+// K % 128 == 64; the rest would be the next row's, or past the weight's end).
+template <int NT, bool HALF = false>
+inline void add_line(const uint16_t* xs, const float* offsets, int64_t l, const int8_t* w, int64_t row_bytes,
+                     __m512* acc) {
+    const uint16_t* xl = xs + l * 128;
+    const __m512bh x0 = (__m512bh)_mm512_load_si512(xl), x1 = (__m512bh)_mm512_load_si512(xl + 32),
+                   x2 = (__m512bh)_mm512_load_si512(xl + 64), x3 = (__m512bh)_mm512_load_si512(xl + 96);
+    const __m512 start = _mm512_load_ps(offsets + l * 16);
+    for (int t = 0; t < NT; ++t) {
+        const int8_t* p = w + t * row_bytes + l * LINE;
+        // A masked load only where it is needed: on every line it made the loop 10-20 % slower on a Zen 4.
+        const __m512i line = HALF ? _mm512_maskz_loadu_epi8(~0ULL >> 32, p) : _mm512_loadu_si512(p);
+        __m512i a, b, c, d;
+        line_weights(line, a, b, c, d);
+        __m512 sum = _mm512_dpbf16_ps(start, (__m512bh)a, x0);
+        sum = _mm512_dpbf16_ps(sum, (__m512bh)b, x1);
+        sum = _mm512_dpbf16_ps(sum, (__m512bh)c, x2);
+        sum = _mm512_dpbf16_ps(sum, (__m512bh)d, x3);
+        acc[t] = _mm512_add_ps(acc[t], sum);
+    }
+}
+
+// y[t] for NT weight rows from w: each line's four products start from minus its offsets.
+template <int NT>
+void row_tile(const uint16_t* xs, const float* offsets, int64_t row_bytes, const int8_t* w, const uint16_t* scale,
+              uint16_t* y) {
+    __m512 acc[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+    const int64_t full_lines = row_bytes / LINE;
+    for (int64_t l = 0; l < full_lines; ++l) add_line<NT>(xs, offsets, l, w, row_bytes, acc);
+    if (row_bytes % LINE) add_line<NT, true>(xs, offsets, full_lines, w, row_bytes, acc);
+    for (int t = 0; t < NT; ++t) y[t] = f32_to_bf16(_mm512_reduce_add_ps(acc[t]) * f16_to_f32(scale[t]));
+}
+
+// y[N] = x[K] @ (q * scale)^T for one row of an int4 weight. Returns -1 without memory for the activations.
+int int4_one_row(const uint16_t* x, int64_t K, const int8_t* w, const uint16_t* scale, int64_t N, uint16_t* y,
+                 int threads) {
+    const int64_t row_bytes = K / 2;
+    const int64_t lines = (row_bytes + LINE - 1) / LINE;
+    uint16_t* xs = (uint16_t*)aligned_alloc(64, (size_t)lines * (128 * 2 + 16 * 4));
+    if (!xs) return -1;
+    float* offsets = (float*)(xs + lines * 128);
+    prepare_row(x, K, lines, xs, offsets);
+    const int64_t nt = K <= 4096 ? 1 : 8;
+    const int64_t tiles = N / nt;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < tiles; ++i) {
+        const int8_t* wi = w + i * nt * row_bytes;
+        if (nt == 1) row_tile<1>(xs, offsets, row_bytes, wi, scale + i, y + i);
+        else row_tile<8>(xs, offsets, row_bytes, wi, scale + i * 8, y + i * 8);
+    }
+    for (int64_t n = tiles * nt; n < N; ++n) row_tile<1>(xs, offsets, row_bytes, w + n * row_bytes, scale + n, y + n);
+    free(xs);
+    return 0;
+}
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 // ----------------------------------------------------------------------------------------- AMX
@@ -332,7 +437,8 @@ void amx_group_many(const int8_t* w, int64_t row_bytes, int64_t K, int64_t block
 #undef MULTIPLY
 
 // The weight rows in groups of 64 (amx_group) or 256 (amx_group_many), split between the threads. Returns
-// the number of weight rows done (a multiple of 64); the caller does the rest.
+// the number of weight rows done (a multiple of 64; the caller does the rest), or -1 without memory for
+// its buffers.
 template <int BITS>
 int64_t amx_matmul(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale, int64_t N,
                    uint16_t* y, int threads) {
@@ -343,7 +449,16 @@ int64_t amx_matmul(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, con
     // of 16, padded with zero rows to a multiple of 32.
     const bool many = M >= AMX_MANY_MIN_ROWS;
     const int64_t padded = many ? (M + 31) / 32 * 32 : M;
+    // The activations in tile order, and for amx_group_many each thread's unpacked slice and partial sums.
+    const size_t unpacked_bytes = K_SLICE / CHUNK * MANY_BLOCKS * 1024 * 2;
+    const size_t partial_bytes = (size_t)padded / 16 * MANY_BLOCKS * 256 * 4;
     uint16_t* vnni = (uint16_t*)aligned_alloc(64, (size_t)(padded * K * 2 + 63) / 64 * 64);
+    char* scratch = many ? (char*)aligned_alloc(64, threads * (unpacked_bytes + partial_bytes)) : nullptr;
+    if (!vnni || (many && !scratch)) {
+        free(vnni);
+        free(scratch);
+        return -1;
+    }
     for (int64_t m0 = 0; m0 < padded; m0 += 16) {
         const int64_t rows = M - m0 < 0 ? 0 : (M - m0 < 16 ? M - m0 : 16);
         to_vnni<BITS>(x, K, m0, rows, many ? 16 : rows, vnni + m0 * K);
@@ -353,8 +468,9 @@ int64_t amx_matmul(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, con
     {
         alignas(64) uint16_t buffers[2048];
         alignas(64) float sums[256];
-        uint16_t* unpacked = many ? (uint16_t*)aligned_alloc(64, K_SLICE / CHUNK * MANY_BLOCKS * 1024 * 2) : nullptr;
-        float* partial = many ? (float*)aligned_alloc(64, padded / 16 * MANY_BLOCKS * 256 * 4) : nullptr;
+        char* own = many ? scratch + omp_get_thread_num() * (unpacked_bytes + partial_bytes) : nullptr;
+        uint16_t* unpacked = (uint16_t*)own;
+        float* partial = many ? (float*)(own + unpacked_bytes) : nullptr;
         int64_t configured = 0;  // the input rows the tiles are configured for
         if (many) {
             configure_tiles(16);
@@ -379,29 +495,32 @@ int64_t amx_matmul(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, con
             }
         }
         if (configured) _tile_release();
-        free(unpacked);
-        free(partial);
     }
     free(vnni);
+    free(scratch);
     return groups * 64;
 }
 #endif  // AMX
 
+// Returns 0, or -1 without memory for the activations' buffers.
 template <int BITS>
-void matmul(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale, int64_t N,
-            uint16_t* y, int threads, bool use_amx) {
+int matmul(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale, int64_t N,
+           uint16_t* y, int threads, bool use_amx) {
     const int64_t row_bytes = K * BITS / 8;
+    if (BITS == 4 && M == 1 && !use_amx) return int4_one_row(x, K, w, scale, N, y, threads);
     int64_t first_row = 0;  // rows before this one are done by AMX
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
     if constexpr (BITS != 16) {
         if (use_amx && amx_ready()) first_row = amx_matmul<BITS>(x, M, K, w, scale, N, y, threads);
-        if (first_row == N) return;
+        if (first_row < 0) return -1;
+        if (first_row == N) return 0;
     }
 #endif
     const uint16_t* xp = x;
     uint16_t* permuted = nullptr;
     if (BITS == 4) {
         permuted = (uint16_t*)aligned_alloc(64, (size_t)(M * K * 2 + 63) / 64 * 64);
+        if (!permuted) return -1;
         permute_activations(x, M, K, permuted);
         xp = permuted;
     }
@@ -416,6 +535,7 @@ void matmul(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const uint
     }
     for (int64_t n = first_row + tiles * nt; n < N; ++n) rows_tile<BITS, 1>(xp, M, K, w, row_bytes, scale, y, N, n, table);
     free(permuted);
+    return 0;
 }
 
 template <int BITS>
@@ -461,16 +581,17 @@ int glm6b_cpu_kernels_amx(void) {
 }
 
 // x: bfloat16 [M, K]; w: THUDM's int4 [N, K / 2] or int8 [N, K] with scale: float16 [N], or (bits 16) a
-// bfloat16 [N, K] weight and no scale; y: bfloat16 [M, N]. K must be a multiple of 64. Returns 0, or -1
-// for arguments it does not take.
+// bfloat16 [N, K] weight and no scale; y: bfloat16 [M, N]. K must be a multiple of 64. Returns 0, -1 for
+// arguments it does not take, or -2 where its buffers could not be allocated.
 int glm6b_matmul(int bits, const void* x, int64_t M, int64_t K, const void* w, const void* scale, int64_t N,
                  void* y, int threads, int use_amx) {
     if (K % CHUNK || M < 1 || N < 1 || threads < 1) return -1;
-    if (bits == 16) matmul<16>((const uint16_t*)x, M, K, (const int8_t*)w, nullptr, N, (uint16_t*)y, threads, false);
-    else if (bits == 4) matmul<4>((const uint16_t*)x, M, K, (const int8_t*)w, (const uint16_t*)scale, N, (uint16_t*)y, threads, use_amx);
-    else if (bits == 8) matmul<8>((const uint16_t*)x, M, K, (const int8_t*)w, (const uint16_t*)scale, N, (uint16_t*)y, threads, use_amx);
+    int status;
+    if (bits == 16) status = matmul<16>((const uint16_t*)x, M, K, (const int8_t*)w, nullptr, N, (uint16_t*)y, threads, false);
+    else if (bits == 4) status = matmul<4>((const uint16_t*)x, M, K, (const int8_t*)w, (const uint16_t*)scale, N, (uint16_t*)y, threads, use_amx);
+    else if (bits == 8) status = matmul<8>((const uint16_t*)x, M, K, (const int8_t*)w, (const uint16_t*)scale, N, (uint16_t*)y, threads, use_amx);
     else return -1;
-    return 0;
+    return status == 0 ? 0 : -2;
 }
 
 // out: bfloat16 [N, K] = bfloat16(q * scale) of the N rows at w / scale. K must be a multiple of 64.

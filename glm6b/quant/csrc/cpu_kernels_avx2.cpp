@@ -62,8 +62,10 @@ inline void store_y(void* y, int dtype, int64_t i, float v) {
 
 // The activations as float32 [M, K], in the order load_weights unpacks each group of 16 columns in: for
 // int4 and bfloat16 weights the 8 even columns, then the 8 odd ones; for int8 the natural order.
+// nullptr without memory.
 float* activations_f32(const void* x, int dtype, int64_t M, int64_t K, bool even_odd) {
     float* xf = (float*)aligned_alloc(32, (size_t)(M * K * 4 + 31) / 32 * 32);
+    if (!xf) return nullptr;
     for (int64_t m = 0; m < M; ++m)
         for (int64_t g = 0; g < K; g += GROUP)
             for (int i = 0; i < GROUP; ++i) {
@@ -144,25 +146,39 @@ inline void tile(const float* x, int64_t K, const int8_t* w, int64_t row_bytes, 
 }
 
 // Weight rows per tile for MB input rows: as many as keep the MB x NT sums and two weight vectors in
-// the 16 vector registers (4 x 3, 4 input rows a pass, measured fastest for 8 rows).
+// the 16 vector registers (4 x 3, 4 input rows a pass, measured fastest for 8 rows). The integer
+// products of the int8-activation path below use the same tiles.
 constexpr int tile_rows(int mb) { return mb <= 2 ? 4 : 3; }
 constexpr int MAX_BLOCK = 4;  // input rows per pass over a tile (more: several passes, weights hot in cache)
 
-// Input rows [m0, m0 + MB) against the weight rows [n, n + nt): tiles of tile_rows(MB) rows, then single rows.
-template <int KIND, int MB>
-void rows_block(const float* x, int64_t K, const int8_t* w, int64_t row_bytes, const uint16_t* scale,
+// The float32 products: activations from activations_f32, sums as they are.
+template <int KIND>
+struct FloatProducts {
+    using Sum = float;
+    const float* x;
+    template <int MB, int NT>
+    void tile(int64_t m0, int64_t K, const int8_t* w, int64_t row_bytes, Sum* sums) const {
+        ::tile<KIND, MB, NT>(x + m0 * K, K, w, row_bytes, sums);
+    }
+    float value(int64_t m, Sum sum) const { return sum; }
+};
+
+// Input rows [m0, m0 + MB) against the weight rows [n, n + nt): tiles of tile_rows(MB) rows, then single
+// rows; y = the product's value times the row scale (none for bfloat16 weights).
+template <class Products, int MB>
+void rows_block(const Products& products, int64_t K, const int8_t* w, int64_t row_bytes, const uint16_t* scale,
                 void* y, int dtype, int64_t N, int64_t n, int64_t nt, int64_t m0) {
     constexpr int T = tile_rows(MB);
-    float sums[MB * T];
+    typename Products::Sum sums[MB * T];
     for (int64_t t0 = 0; t0 < nt;) {
         const int64_t step = nt - t0 >= T ? T : 1;
         const int8_t* rows = w + (n + t0) * row_bytes;
-        if (step == T) tile<KIND, MB, T>(x + m0 * K, K, rows, row_bytes, sums);
-        else tile<KIND, MB, 1>(x + m0 * K, K, rows, row_bytes, sums);
+        if (step == T) products.template tile<MB, T>(m0, K, rows, row_bytes, sums);
+        else products.template tile<MB, 1>(m0, K, rows, row_bytes, sums);
         for (int m = 0; m < MB; ++m)
             for (int64_t t = 0; t < step; ++t) {
-                const float s = KIND == BF16 ? 1.0f : _cvtsh_ss(scale[n + t0 + t]);
-                store_y(y, dtype, (m0 + m) * N + n + t0 + t, sums[m * step + t] * s);
+                const float s = scale ? _cvtsh_ss(scale[n + t0 + t]) : 1.0f;
+                store_y(y, dtype, (m0 + m) * N + n + t0 + t, products.value(m0 + m, sums[m * step + t]) * s);
             }
         t0 += step;
     }
@@ -170,12 +186,12 @@ void rows_block(const float* x, int64_t K, const int8_t* w, int64_t row_bytes, c
 
 // All input rows, in passes of up to MAX_BLOCK (the weight rows stay in cache between passes), against
 // the weight rows [n, n + nt).
-template <int KIND>
-void all_rows(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t row_bytes, const uint16_t* scale,
-              void* y, int dtype, int64_t N, int64_t n, int64_t nt) {
+template <class Products>
+void all_rows(const Products& products, int64_t M, int64_t K, const int8_t* w, int64_t row_bytes,
+              const uint16_t* scale, void* y, int dtype, int64_t N, int64_t n, int64_t nt) {
     for (int64_t m0 = 0; m0 < M; m0 += MAX_BLOCK) {
         const int64_t mb = M - m0 < MAX_BLOCK ? M - m0 : MAX_BLOCK;
-#define BLOCK(R) rows_block<KIND, R>(x, K, w, row_bytes, scale, y, dtype, N, n, nt, m0)
+#define BLOCK(R) rows_block<Products, R>(products, K, w, row_bytes, scale, y, dtype, N, n, nt, m0)
         switch (mb) {
             case 1: BLOCK(1); break;
             case 2: BLOCK(2); break;
@@ -186,19 +202,28 @@ void all_rows(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t row
     }
 }
 
-template <int KIND>
-void matmul(const void* x, int dtype, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale, int64_t N,
-            void* y, int threads) {
-    const int64_t row_bytes = K * KIND / 8;
-    float* xf = activations_f32(x, dtype, M, K, KIND != INT8);
+// The weight rows in tiles split between the threads, the rest one by one.
+template <class Products>
+void all_tiles(const Products& products, int64_t M, int64_t K, const int8_t* w, int64_t row_bytes,
+               const uint16_t* scale, int64_t N, void* y, int dtype, int threads) {
     // One tile size for the whole call (that of the first pass of rows), so tiles split evenly.
     const int64_t first = M < MAX_BLOCK ? M : MAX_BLOCK;
     const int64_t nt = tile_rows((int)first);
     const int64_t tiles = N / nt;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t i = 0; i < tiles; ++i) all_rows<KIND>(xf, M, K, w, row_bytes, scale, y, dtype, N, i * nt, nt);
-    for (int64_t n = tiles * nt; n < N; ++n) all_rows<KIND>(xf, M, K, w, row_bytes, scale, y, dtype, N, n, 1);
+    for (int64_t i = 0; i < tiles; ++i) all_rows(products, M, K, w, row_bytes, scale, y, dtype, N, i * nt, nt);
+    for (int64_t n = tiles * nt; n < N; ++n) all_rows(products, M, K, w, row_bytes, scale, y, dtype, N, n, 1);
+}
+
+// Returns 0, or -1 without memory for the activations.
+template <int KIND>
+int matmul(const void* x, int dtype, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale, int64_t N,
+           void* y, int threads) {
+    float* xf = activations_f32(x, dtype, M, K, KIND != INT8);
+    if (!xf) return -1;
+    all_tiles(FloatProducts<KIND>{xf}, M, K, w, K * KIND / 8, KIND == BF16 ? nullptr : scale, N, y, dtype, threads);
     free(xf);
+    return 0;
 }
 
 template <int KIND>
@@ -246,11 +271,23 @@ struct QuantizedRows {
     int32_t* sums;    // [M]: sum of q over the row (the int4 offset)
 };
 
+void free_rows(QuantizedRows& r) {
+    free(r.q);
+    free(r.scale);
+    free(r.sums);
+}
+
+// r.q == nullptr without memory.
 QuantizedRows quantize_rows(const void* x, int dtype, int64_t M, int64_t K, bool even_odd) {
     QuantizedRows r;
     r.q = (int8_t*)aligned_alloc(32, (size_t)(M * K + 31) / 32 * 32);
     r.scale = (float*)malloc(M * sizeof(float));
     r.sums = (int32_t*)malloc(M * sizeof(int32_t));
+    if (!r.q || !r.scale || !r.sums) {
+        free_rows(r);
+        r.q = nullptr;
+        return r;
+    }
     for (int64_t m = 0; m < M; ++m) {
         float amax = 0.0f;
         for (int64_t k = 0; k < K; ++k) {
@@ -330,59 +367,28 @@ inline void q8_tile(const int8_t* xq, int64_t K, const int8_t* w, int64_t row_by
         for (int t = 0; t < NT; ++t) sums[m * NT + t] = hsum_epi32(acc[m][t]);
 }
 
-constexpr int q8_tile_rows(int mb) { return mb <= 2 ? 4 : 3; }
-constexpr int Q8_MAX_BLOCK = 4;
-
-template <int BITS, int MB>
-void q8_block(const QuantizedRows& x, int64_t K, const int8_t* w, int64_t row_bytes, const uint16_t* scale,
-              void* y, int dtype, int64_t N, int64_t n, int64_t nt, int64_t m0) {
-    constexpr int T = q8_tile_rows(MB);
-    int32_t sums[MB * T];
-    for (int64_t t0 = 0; t0 < nt;) {
-        const int64_t step = nt - t0 >= T ? T : 1;
-        const int8_t* rows = w + (n + t0) * row_bytes;
-        if (step == T) q8_tile<BITS, MB, T>(x.q + m0 * K, K, rows, row_bytes, sums);
-        else q8_tile<BITS, MB, 1>(x.q + m0 * K, K, rows, row_bytes, sums);
-        for (int m = 0; m < MB; ++m)
-            for (int64_t t = 0; t < step; ++t) {
-                const int32_t total = sums[m * step + t] - (BITS == 4 ? 8 * x.sums[m0 + m] : 0);
-                store_y(y, dtype, (m0 + m) * N + n + t0 + t,
-                        (float)total * x.scale[m0 + m] * _cvtsh_ss(scale[n + t0 + t]));
-            }
-        t0 += step;
-    }
-}
-
+// The integer products: activations from quantize_rows, sums scaled by the row's activation scale (and
+// for int4 the offset 8 x the row's sum taken out).
 template <int BITS>
-void q8_all_rows(const QuantizedRows& x, int64_t M, int64_t K, const int8_t* w, int64_t row_bytes,
-                 const uint16_t* scale, void* y, int dtype, int64_t N, int64_t n, int64_t nt) {
-    for (int64_t m0 = 0; m0 < M; m0 += Q8_MAX_BLOCK) {
-        const int64_t mb = M - m0 < Q8_MAX_BLOCK ? M - m0 : Q8_MAX_BLOCK;
-#define BLOCK(R) q8_block<BITS, R>(x, K, w, row_bytes, scale, y, dtype, N, n, nt, m0)
-        switch (mb) {
-            case 1: BLOCK(1); break;
-            case 2: BLOCK(2); break;
-            case 3: BLOCK(3); break;
-            default: BLOCK(4); break;
-        }
-#undef BLOCK
+struct IntegerProducts {
+    using Sum = int32_t;
+    QuantizedRows x;
+    template <int MB, int NT>
+    void tile(int64_t m0, int64_t K, const int8_t* w, int64_t row_bytes, Sum* sums) const {
+        q8_tile<BITS, MB, NT>(x.q + m0 * K, K, w, row_bytes, sums);
     }
-}
+    float value(int64_t m, Sum sum) const { return (float)(sum - (BITS == 4 ? 8 * x.sums[m] : 0)) * x.scale[m]; }
+};
 
+// Returns 0, or -1 without memory for the quantized activations.
 template <int BITS>
-void q8_matmul(const void* x, int dtype, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale, int64_t N,
-               void* y, int threads) {
-    const int64_t row_bytes = K * BITS / 8;
+int q8_matmul(const void* x, int dtype, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale, int64_t N,
+              void* y, int threads) {
     QuantizedRows xq = quantize_rows(x, dtype, M, K, BITS == 4);
-    const int64_t first = M < Q8_MAX_BLOCK ? M : Q8_MAX_BLOCK;
-    const int64_t nt = q8_tile_rows((int)first);
-    const int64_t tiles = N / nt;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t i = 0; i < tiles; ++i) q8_all_rows<BITS>(xq, M, K, w, row_bytes, scale, y, dtype, N, i * nt, nt);
-    for (int64_t n = tiles * nt; n < N; ++n) q8_all_rows<BITS>(xq, M, K, w, row_bytes, scale, y, dtype, N, n, 1);
-    free(xq.q);
-    free(xq.scale);
-    free(xq.sums);
+    if (!xq.q) return -1;
+    all_tiles(IntegerProducts<BITS>{xq}, M, K, w, K * BITS / 8, scale, N, y, dtype, threads);
+    free_rows(xq);
+    return 0;
 }
 
 bool valid(int dtype, int64_t M, int64_t K, int64_t N, int threads) {
@@ -397,17 +403,19 @@ int glm6b_avx2_available(void) { return 1; }
 
 // x: [M, K] in x_dtype (0 float32, 1 bfloat16, 2 float16); w: THUDM's int4 [N, K / 2] or int8 [N, K]
 // with scale float16 [N], or (kind 16) a bfloat16 [N, K] weight and no scale; y: [M, N] in x_dtype.
-// K a multiple of 64. Returns 0, or -1 for arguments it does not take.
+// K a multiple of 64. Returns 0, -1 for arguments it does not take, or -2 where its buffer could not be
+// allocated.
 int glm6b_avx2_matmul(int kind, int x_dtype, const void* x, int64_t M, int64_t K, const void* w, const void* scale,
                       int64_t N, void* y, int threads) {
     if (!valid(x_dtype, M, K, N, threads)) return -1;
     const int8_t* wb = (const int8_t*)w;
     const uint16_t* s = (const uint16_t*)scale;
-    if (kind == INT4) matmul<INT4>(x, x_dtype, M, K, wb, s, N, y, threads);
-    else if (kind == INT8) matmul<INT8>(x, x_dtype, M, K, wb, s, N, y, threads);
-    else if (kind == BF16) matmul<BF16>(x, x_dtype, M, K, wb, nullptr, N, y, threads);
+    int status;
+    if (kind == INT4) status = matmul<INT4>(x, x_dtype, M, K, wb, s, N, y, threads);
+    else if (kind == INT8) status = matmul<INT8>(x, x_dtype, M, K, wb, s, N, y, threads);
+    else if (kind == BF16) status = matmul<BF16>(x, x_dtype, M, K, wb, nullptr, N, y, threads);
     else return -1;
-    return 0;
+    return status == 0 ? 0 : -2;
 }
 
 // out: float32 [N, K] = q * scale of THUDM's int4 / int8 rows at w / scale. K a multiple of 64.
@@ -423,10 +431,11 @@ int glm6b_avx2_dequantize(int bits, const void* w, const void* scale, int64_t N,
 int glm6b_avx2_matmul_q8(int bits, int x_dtype, const void* x, int64_t M, int64_t K, const void* w,
                          const void* scale, int64_t N, void* y, int threads) {
     if (!valid(x_dtype, M, K, N, threads)) return -1;
-    if (bits == INT4) q8_matmul<INT4>(x, x_dtype, M, K, (const int8_t*)w, (const uint16_t*)scale, N, y, threads);
-    else if (bits == INT8) q8_matmul<INT8>(x, x_dtype, M, K, (const int8_t*)w, (const uint16_t*)scale, N, y, threads);
+    int status;
+    if (bits == INT4) status = q8_matmul<INT4>(x, x_dtype, M, K, (const int8_t*)w, (const uint16_t*)scale, N, y, threads);
+    else if (bits == INT8) status = q8_matmul<INT8>(x, x_dtype, M, K, (const int8_t*)w, (const uint16_t*)scale, N, y, threads);
     else return -1;
-    return 0;
+    return status == 0 ? 0 : -2;
 }
 
 }  // extern "C"
