@@ -5,6 +5,7 @@
     python benchmarks/speculative.py --only e2e --quickstart runs/quickstart   # after `glm6b quickstart`
     python benchmarks/speculative.py --json speculative.json                   # the numbers as JSON too
     python benchmarks/speculative.py --only expected --from-json a.json b.json  # price earlier runs' tables
+    python benchmarks/speculative.py --only e2e references expected --from-json a.json --corpus none  # no corpus rows
 
 1. cost: a verification step of k + 1 tokens per row (DecodeEngine.verify) against an ordinary
    one-token step (DecodeEngine.decode), k = 1..8, on the glm_6b shape with `--layers` layers and
@@ -22,13 +23,15 @@
    DIR/lora/final; the base alone is shown too). With and without lookup: whether the outputs are
    identical, the acceptance rate, tokens per model step, and the decode tokens/s of each (the
    prefill, timed on its own, is left out), alternating per prompt, median of `--rounds` rounds.
+   The "+corpus" rows propose from the fine-tuning answers too (`--corpus`, by default the quickstart's
+   train split: glm6b.inference.lookup.CorpusIndex, indexed before the timing starts).
    2b. copying: the same on the glm_6b shape with `--layers` layers and random weights, which
    continue by repeating their input token, so that proposals are right: the measured product of
    acceptance and verification cost at that shape.
    2c. references: the dev set's reference answers run through the proposer as if a model wrote
    them (teacher-forced, with the same switch-off): how much of ADGEN's text lookup can copy, per
    tokenizer (the quickstart's, whose pieces are whole phrases, and the golden test one, which
-   splits Chinese text into characters and bytes).
+   splits Chinese text into characters and bytes); "+corpus": with the `--corpus` index as well.
 3. expected: the speed-up lookup would give at glm_6b size for the acceptance measured in 2, priced
    with the verification costs of 1 (a computation, not a measurement):
        speed-up = (N - 1) / sum over model steps s of c28(T_s)
@@ -61,7 +64,7 @@ import torch
 from glm6b.checkpoint.hf import default_dtype
 from glm6b.config import ChatGLMConfig
 from glm6b.inference.engine import DecodeEngine, prompt_inputs, should_compile, verify_rows_budget
-from glm6b.inference.lookup import LookupStats, ProposalLength
+from glm6b.inference.lookup import CorpusIndex, LookupStats, ProposalLength, corpus_index, propose
 from glm6b.model import ChatGLMForConditionalGeneration
 from glm6b.quant import cpu_kernels
 
@@ -182,10 +185,14 @@ def read_prompts(path: Path, count: int) -> list[str]:
 
 
 @torch.inference_mode()
-def end_to_end(model, inputs: list[tuple[torch.Tensor, ...]], k: int, rounds: int, **options) -> dict:
+def end_to_end(model, inputs: list[tuple[torch.Tensor, ...]], k: int, rounds: int, corpus: str | None = None,
+               tokenizer=None, **options) -> dict:
     """Greedy generation of every input alone, without and with lookup (alternating per input), `rounds`
-    times: outputs identical?, lookup's statistics, and the decode tokens/s of both (median over rounds)."""
+    times: outputs identical?, lookup's statistics, and the decode tokens/s of both (median over rounds).
+    With `corpus` (a file, indexed for `tokenizer` beforehand) lookup proposes from it too."""
     from glm6b.inference.generation import generate
+
+    lookup_options = {"prompt_lookup_num_tokens": k, "prompt_lookup_corpus": corpus, "tokenizer": tokenizer}
 
     identical, ratios, rates = 0, [], []
     for round_ in range(rounds):
@@ -197,7 +204,7 @@ def end_to_end(model, inputs: list[tuple[torch.Tensor, ...]], k: int, rounds: in
             plain = generate(model, *args, **options, prompt_lookup_num_tokens=0)
             plain_s += time.perf_counter() - start
             start = time.perf_counter()
-            looked_up = generate(model, *args, **options, prompt_lookup_num_tokens=k, stats=stats)
+            looked_up = generate(model, *args, **options, **lookup_options, stats=stats)
             lookup_s += time.perf_counter() - start
             identical += round_ == 0 and torch.equal(plain, looked_up)
         decode_tokens = stats.tokens - len(inputs)  # each answer's first token comes from the prefill
@@ -234,11 +241,15 @@ def e2e_tables(args) -> dict:
             batch = tokenizer([prompt], max_length=args.max_source_length, truncation=True, padding=True,
                               return_tensors="pt")
             inputs.append((batch["input_ids"], batch["attention_mask"], batch["position_ids"]))
+        if args.corpus:
+            corpus_index(args.corpus, tokenizer)  # indexed once, before any timing (generate reuses it)
         for k in args.e2e_k:
-            row = end_to_end(model, inputs, k, args.rounds, max_new_tokens=args.max_new_tokens, do_sample=False,
-                             allowed_vocab_size=len(tokenizer))
-            results[f"{name}/k{k}"] = row
-            _e2e_row(name, row)
+            for corpus in (None, args.corpus) if args.corpus else (None,):
+                row = end_to_end(model, inputs, k, args.rounds, corpus=corpus, tokenizer=tokenizer,
+                                 max_new_tokens=args.max_new_tokens, do_sample=False, allowed_vocab_size=len(tokenizer))
+                label = f"{name}+corpus" if corpus else name
+                results[f"{label}/k{k}"] = row
+                _e2e_row(label, row)
     return results
 
 
@@ -264,46 +275,57 @@ def copying_tables(args) -> dict:
     return results
 
 
+def teacher_forced(tokenizer, lines: list[dict], k: int, corpus: CorpusIndex | None) -> LookupStats:
+    """Lookup's statistics if the model wrote each line's reference answer exactly: the answers run through the
+    proposer (glm6b.inference.lookup.propose, with `corpus` or without) and the switch-off as in generation."""
+    eop = tokenizer.convert_tokens_to_ids("<eop>")
+    stats = LookupStats()
+    for line in lines:
+        context = tokenizer.encode(line["content"])
+        answer = tokenizer.encode(line["summary"], add_special_tokens=False) + [eop]
+        length, made = ProposalLength(k), 1  # the first token comes from the prefill
+        context.append(answer[0])
+        while made < len(answer):
+            proposal = propose(context, min(length.next(), len(answer) - made - 1), corpus=corpus)
+            accepted = 0
+            while accepted < len(proposal) and proposal[accepted] == answer[made + accepted]:
+                accepted += 1
+            if proposal:
+                length.verified(len(proposal), accepted)
+                stats.proposed += len(proposal)
+                stats.accepted += accepted
+            elif length.waiting:
+                shadow = propose(context, 1, corpus=corpus)
+                length.stepped(bool(shadow) and shadow[0] == answer[made])
+            stats.count_step(len(proposal) + 1)
+            context.extend(answer[made:made + accepted + 1])
+            made += accepted + 1
+        stats.tokens += len(answer)
+    return stats
+
+
 def reference_tables(args) -> dict:
     """How far lookup would go if the model wrote the dev references exactly (teacher-forced through the
-    same proposer and switch-off as generation): tokens per step, per tokenizer."""
-    from glm6b.inference.lookup import propose_from_context
+    same proposer and switch-off as generation): tokens per step, per tokenizer, without and with the corpus."""
     from glm6b.tokenizer import load_tokenizer
 
     lines = [json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()]
     results = {}
     for folder in args.reference_tokenizers:
         tokenizer = load_tokenizer(folder)
-        eop = tokenizer.convert_tokens_to_ids("<eop>")
+        corpora = {"": None}
+        if args.corpus:
+            corpora["+corpus"] = corpus_index(args.corpus, tokenizer)
         for k in args.e2e_k:
-            stats = LookupStats()
-            for line in lines:
-                context = tokenizer.encode(line["content"])
-                answer = tokenizer.encode(line["summary"], add_special_tokens=False) + [eop]
-                length, made = ProposalLength(k), 1  # the first token comes from the prefill
-                context.append(answer[0])
-                while made < len(answer):
-                    proposal = propose_from_context(context, min(length.next(), len(answer) - made - 1))
-                    accepted = 0
-                    while accepted < len(proposal) and proposal[accepted] == answer[made + accepted]:
-                        accepted += 1
-                    if proposal:
-                        length.verified(len(proposal), accepted)
-                        stats.proposed += len(proposal)
-                        stats.accepted += accepted
-                    elif length.waiting:
-                        shadow = propose_from_context(context, 1)
-                        length.stepped(bool(shadow) and shadow[0] == answer[made])
-                    stats.count_step(len(proposal) + 1)
-                    context.extend(answer[made:made + accepted + 1])
-                    made += accepted + 1
-                stats.tokens += len(answer)
-            name = f"{Path(folder).name}/k{k}"
-            results[name] = {"k": k, "prompts": len(lines), "tokens": stats.tokens, "acceptance": stats.acceptance_rate,
-                             "tokens_per_step": stats.tokens_per_step, "widths": dict(sorted(stats.widths.items())),
-                             "mean_answer_tokens": stats.tokens / len(lines)}
-            print(f"| {folder} ({len(tokenizer)} pieces) | {k} | {stats.tokens / len(lines):.1f} | "
-                  f"{100 * stats.acceptance_rate:.0f} % | {stats.tokens_per_step:.2f} |", flush=True)
+            for suffix, corpus in corpora.items():
+                stats = teacher_forced(tokenizer, lines, k, corpus)
+                name = f"{Path(folder).name}{suffix}/k{k}"
+                results[name] = {"k": k, "prompts": len(lines), "tokens": stats.tokens,
+                                 "acceptance": stats.acceptance_rate, "tokens_per_step": stats.tokens_per_step,
+                                 "widths": dict(sorted(stats.widths.items())),
+                                 "mean_answer_tokens": stats.tokens / len(lines)}
+                print(f"| {folder}{suffix} ({len(tokenizer)} pieces) | {k} | {stats.tokens / len(lines):.1f} | "
+                      f"{100 * stats.acceptance_rate:.0f} % | {stats.tokens_per_step:.2f} |", flush=True)
     return results
 
 
@@ -366,6 +388,10 @@ def main() -> None:
                         help="the decode step's compilation (auto: as generate() runs it)")
     parser.add_argument("--quickstart", default="runs/quickstart", help="`glm6b quickstart`'s output folder")
     parser.add_argument("--data", default=str(Path(__file__).resolve().parent.parent / "glm6b/assets/default/adgen/dev.json"))
+    parser.add_argument("--corpus", default=str(Path(__file__).resolve().parent.parent / "glm6b/assets/default/adgen"
+                                                  / "train.json"),
+                        help="answers prompt lookup also proposes from in the '+corpus' rows of e2e and references "
+                             "(default: the quickstart's train split; 'none': no such rows)")
     parser.add_argument("--examples", type=int, default=40, help="dev prompts generated in the e2e part")
     parser.add_argument("--e2e-models", nargs="+", choices=("lora", "base"), default=["lora", "base"])
     parser.add_argument("--e2e-k", type=int, nargs="+", default=[4], help="prompt_lookup_num_tokens in the e2e part")
@@ -389,6 +415,7 @@ def main() -> None:
                         help="earlier --json files whose tables 'expected' prices too (e.g. one process per precision)")
     args = parser.parse_args()
     args.compile = {"auto": "auto", "true": True, "false": False}[args.compile]
+    args.corpus = None if args.corpus == "none" else args.corpus
     if args.reference_tokenizers is None:
         args.reference_tokenizers = [str(Path(args.quickstart) / "base"),
                                      str(Path(__file__).resolve().parent.parent / "tests/golden")]

@@ -142,8 +142,9 @@ def error_line(e: BaseException) -> str:
 # Older spellings, still accepted (they are left out of --help's list of flags by sharing one entry).
 MODEL_FLAGS = {"load_checkpoint": ("--model", "--load-checkpoint"), "config": ("--model-config", "--config")}
 SAMPLING_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
-LOOKUP_FIELDS = ("prompt_lookup_num_tokens", "prompt_lookup_max_ngram")
+LOOKUP_FIELDS = ("prompt_lookup_num_tokens", "prompt_lookup_max_ngram", "prompt_lookup_corpus")
 LOOKUP_FLAGS = {"prompt_lookup_num_tokens": ("--prompt-lookup", "--prompt-lookup-num-tokens")}
+LOOKUP_METAVARS = {"prompt_lookup_max_ngram": "N", "prompt_lookup_corpus": "PATH"}
 DATA_FIELDS = ("max_source_length", "max_target_length", "prompt_column", "response_column", "history_column",
                "source_prefix", "skip_bad")
 
@@ -194,7 +195,8 @@ def _number_or(choices: tuple[str, ...]):
 
 
 def add_config_arguments(parser, cls, names, flags: dict[str, tuple[str, ...]] | None = None,
-                         defaults: dict | None = None, only_given: bool = False, required: tuple[str, ...] = ()) -> None:
+                         defaults: dict | None = None, only_given: bool = False, required: tuple[str, ...] = (),
+                         metavars: dict[str, str] | None = None) -> None:
     """Add one flag per field `names` of the dataclass `cls` (see the section comment above).
 
     Args:
@@ -206,6 +208,7 @@ def add_config_arguments(parser, cls, names, flags: dict[str, tuple[str, ...]] |
         only_given: leave a flag that is not given out of the parsed namespace (for flags that
             override a recipe).
         required: the fields whose flag must be given.
+        metavars: field -> the name its value goes by in --help (default: argparse's).
     """
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
@@ -231,6 +234,8 @@ def add_config_arguments(parser, cls, names, flags: dict[str, tuple[str, ...]] |
         kwargs["default"] = argparse.SUPPRESS if only_given else default
         if name in required:
             kwargs["required"] = True
+        if name in (metavars or {}):
+            kwargs["metavar"] = metavars[name]
         parser.add_argument(*(flags or {}).get(name, ("--" + name.replace("_", "-"),)), **kwargs)
 
 
@@ -287,17 +292,31 @@ def add_sampling_arguments(parser, do_sample: bool) -> None:
 
 
 def add_lookup_arguments(parser) -> None:
-    """The prompt-lookup flags (GenerationConfig's prompt_lookup_* fields): --prompt-lookup K|auto and
-    --prompt-lookup-max-ngram N; chat, generate, eval and serve take them."""
+    """The prompt-lookup flags (GenerationConfig's prompt_lookup_* fields): --prompt-lookup K|auto,
+    --prompt-lookup-max-ngram N and --prompt-lookup-corpus PATH; chat, generate, eval and serve take them."""
     from .config import GenerationConfig
 
     group = parser.add_argument_group("prompt lookup (glm6b.inference.lookup; docs/speculative.md)")
-    add_config_arguments(group, GenerationConfig, LOOKUP_FIELDS, flags=LOOKUP_FLAGS)
+    add_config_arguments(group, GenerationConfig, LOOKUP_FIELDS, flags=LOOKUP_FLAGS, metavars=LOOKUP_METAVARS)
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
-    """The GenerationConfig fields of the parsed sampling and prompt-lookup flags, and the model's compile setting."""
+    """The GenerationConfig fields of the parsed sampling and prompt-lookup flags, and the model's compile setting
+    (a --prompt-lookup-corpus that cannot be used fails here, before a model loads)."""
+    check_lookup_corpus(args)
     return {**{name: getattr(args, name) for name in SAMPLING_FIELDS + LOOKUP_FIELDS}, "compile": args.compile}
+
+
+def check_lookup_corpus(args: argparse.Namespace) -> None:
+    """--prompt-lookup-corpus names a file and comes with --prompt-lookup (its lines are checked as it is read)."""
+    path = args.prompt_lookup_corpus
+    if path is None:
+        return
+    if not os.path.isfile(path):
+        raise ValueError(f"--prompt-lookup-corpus {path}: no such file")
+    if args.prompt_lookup_num_tokens in (None, 0):
+        raise ValueError("--prompt-lookup-corpus is a source of prompt lookup's proposals: add --prompt-lookup K "
+                         "(or auto)")
 
 
 def _load(args: argparse.Namespace):
@@ -330,8 +349,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .inference.text import stable_length
     from .tokenizer import check_text
 
-    model, tokenizer = _load(args)
     options = sampling_options(args)
+    model, tokenizer = _load(args)
     history: list[tuple[str, str]] = []
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused by the tokenizer, not fatal
         sys.stdin.reconfigure(errors="surrogateescape")
@@ -416,9 +435,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .inference.pipelines import OUTPUT_KEY, TextGenerationPipeline
     from .io import atomic_path
 
+    options = sampling_options(args)
     model, tokenizer = _load(args)
     pipe = TextGenerationPipeline(model, tokenizer, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                  **sampling_options(args))
+                                  **options)
     if args.prompt is not None:
         print(pipe(args.prompt)[0][OUTPUT_KEY][0])
         return 0
@@ -834,9 +854,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     spec = load_config(args)  # a bad model flag fails here, before the server's imports
+    check_lookup_corpus(args)
     from .serve.app import serve
 
     serve(spec, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("GLM6B_API_KEY") or None,
           max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
-          prompt_lookup=args.prompt_lookup_num_tokens, prompt_lookup_max_ngram=args.prompt_lookup_max_ngram)
+          prompt_lookup=args.prompt_lookup_num_tokens, prompt_lookup_max_ngram=args.prompt_lookup_max_ngram,
+          prompt_lookup_corpus=args.prompt_lookup_corpus)
     return 0

@@ -326,6 +326,11 @@ class GenerationConfig:
             measured case gains where it never loses (docs/speculative.md). Beam search ignores it.
         prompt_lookup_max_ngram: the longest run of a row's last tokens that prompt lookup looks up
             (then shorter ones, down to one token).
+        prompt_lookup_corpus: a file of answers that prompt lookup also proposes from, where the row's own
+            text has nothing (or less) to copy: the most frequent continuation of the row's last tokens in
+            it (glm6b.inference.lookup.CorpusIndex; needs prompt_lookup_num_tokens and the tokenizer). A
+            .json / .jsonl file of ADGEN lines (the "summary" field), or a text file of one answer per line;
+            indexed once per file and tokenizer. In a recipe, "train" is its data.train_data.
     """
 
     max_length: int | None = 20
@@ -348,6 +353,7 @@ class GenerationConfig:
     prefill_chunk_size: int = 512
     prompt_lookup_num_tokens: int | Literal["auto"] | None = None
     prompt_lookup_max_ngram: int = PROMPT_LOOKUP_MAX_NGRAM
+    prompt_lookup_corpus: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError ("generation: ...") naming the first impossible setting."""
@@ -379,6 +385,11 @@ class GenerationConfig:
         need(lookup is None or lookup == "auto" or type(lookup) is int and lookup >= 0,
              f"prompt_lookup_num_tokens must be a number of tokens >= 0, None or 'auto', got {lookup!r}")
         need(self.prompt_lookup_max_ngram >= 1, "prompt_lookup_max_ngram must be >= 1")
+        corpus = self.prompt_lookup_corpus
+        need(corpus is None or isinstance(corpus, str) and corpus != "",
+             f"prompt_lookup_corpus must be a file path or None, got {corpus!r}")
+        # That a corpus comes with prompt_lookup_num_tokens is checked where it is used (generate, the
+        # scheduler), not here: a recipe override checks its one key alone.
 
 
 def make_generation_config(base: GenerationConfig | None = None, **kwargs) -> GenerationConfig:

@@ -1,4 +1,5 @@
-"""Atomic file writes: write to a temporary name in the same folder, then rename over the target.
+"""Atomic file writes: write to a temporary name in the same folder, then rename over the target; and the one
+line-by-line reader of the text files glm6b reads (JSON-lines data, prompt-lookup corpora).
 
 Every file glm6b writes (checkpoints, configs, tokenizer files, logs that replace a previous
 version, data sets) goes through here, so an interrupted write never leaves a truncated file.
@@ -149,3 +150,34 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     commit_folder(tmp, folder)
+
+
+def read_lines(path: str | os.PathLike, error: type[Exception] = ValueError,
+               what: str = "file") -> Iterator[tuple[int, str]]:
+    """(line number, text) of every non-blank line of a UTF-8 text file, read one line at a time, so that a
+    large file is never held whole and a byte that is not UTF-8 is reported with its line.
+
+    Args:
+        path: the file.
+        error: the exception type raised (e.g. glm6b.config.DataError).
+        what: what the file is, for the message when it cannot be opened ("data file").
+
+    Yields:
+        (line number counted from 1, the line with its newline) for each line that is not blank.
+
+    Raises:
+        `error`: the file cannot be opened ("PATH: cannot read the WHAT (reason)"), or a line is not UTF-8
+            ("PATH, line N: not UTF-8 text (reason)").
+    """
+    try:
+        handle = open(path, "rb")  # decoded line by line, so that a bad byte is reported with its own line
+    except OSError as e:
+        raise error(f"{path}: cannot read the {what} ({e.strerror})") from None
+    with handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise error(f"{path}, line {number}: not UTF-8 text ({e.reason})") from None
+            if text.strip():
+                yield number, text

@@ -23,6 +23,7 @@ MODEL_FLAGS = {"--model", "--load-checkpoint", "--preset", "--tokenizer", "--mod
                "--prefix-projection", "--ptuning-checkpoint", "--compile",
                "--bits", "--embeddings"}  # the first releases' spellings of --quantize / --quantize-embeddings
 SAMPLING_FLAGS = {"--do-sample", "--greedy", "--temperature", "--top-k", "--top-p", "--repetition-penalty", "--seed"}
+LOOKUP_FLAGS = {"--prompt-lookup", "--prompt-lookup-num-tokens", "--prompt-lookup-max-ngram", "--prompt-lookup-corpus"}
 
 
 def subcommands() -> dict:
@@ -55,6 +56,12 @@ def test_every_loading_command_takes_the_same_model_flags(command):
 def test_every_generating_command_takes_the_same_sampling_flags(command):
     flags = option_strings(subcommands()[command])
     assert SAMPLING_FLAGS <= flags, f"glm6b {command} lacks {sorted(SAMPLING_FLAGS - flags)}"
+
+
+@pytest.mark.parametrize("command", (*GENERATING_COMMANDS, "serve"))
+def test_every_decoding_command_takes_the_prompt_lookup_flags(command):
+    flags = option_strings(subcommands()[command])
+    assert LOOKUP_FLAGS <= flags, f"glm6b {command} lacks {sorted(LOOKUP_FLAGS - flags)}"
 
 
 def test_flags_parse_to_the_dataclass_values():

@@ -427,31 +427,46 @@ def _exact_first_tokens(model, prompt: list[int], tokens: int) -> dict[tuple[int
     return probabilities
 
 
-def _sampled_first_tokens(model, prompt: list[int], tokens: int, draws: int, k: int) -> tuple[dict, LookupStats]:
+def _sampled_first_tokens(model, prompt: list[int], tokens: int, draws: int, k: int,
+                          **options) -> tuple[dict, LookupStats]:
     counts, stats = {}, LookupStats()
     rows = 500
     for seed in range(draws // rows):
         out = generate(model, torch.tensor([prompt]), max_new_tokens=tokens, num_return_sequences=rows, seed=seed,
-                       prompt_lookup_num_tokens=k, stats=stats, **SAMPLING)
+                       prompt_lookup_num_tokens=k, stats=stats, **SAMPLING, **options)
         for row in out[:, len(prompt):].tolist():
             counts[tuple(row)] = counts.get(tuple(row), 0) + 1
     return counts, stats
 
 
 @pytest.mark.slow
-def test_sampling_with_lookup_draws_the_first_tokens_as_ordinary_sampling_does(monkeypatch):
+@pytest.mark.parametrize("corpus", [False, True], ids=["context", "corpus"])
+def test_sampling_with_lookup_draws_the_first_tokens_as_ordinary_sampling_does(monkeypatch, corpus):
     """The first three tokens of 4,000 seeded draws (temperature, top-k, top-p and the repetition penalty
     all on) against their exact distribution, on a tiny model whose proposals are kept about 60 % of the
     time (so both acceptances and rejections happen); ordinary sampling passes the same test, and a
-    planted mistake in the rule fails it by far."""
+    planted mistake in the rule fails it by far. With a corpus (glm6b.inference.lookup.CorpusIndex) of
+    answers the model samples, which proposes where the context has a shorter match or none."""
+    from glm6b.inference import generation
+    from glm6b.inference.lookup import CorpusIndex
+
     model = _copying_model()
     config = model.config
     prompt = [20, 21, 22, 20, 21, config.gmask_token_id, config.bos_token_id]
+    options = {}
+    if corpus:
+        sampled = generate(model, torch.tensor([prompt]), max_new_tokens=6, num_return_sequences=40, seed=99,
+                           **SAMPLING)[:, len(prompt) - 1:]  # <sop> and 6 sampled tokens
+        index = CorpusIndex(sampled.tolist())
+        monkeypatch.setattr(generation, "corpus_index", lambda path, tokenizer, max_ngram: index)
+        options = {"prompt_lookup_corpus": "sampled answers", "tokenizer": object()}
     exact = _exact_first_tokens(model, prompt, 3)
     assert abs(sum(exact.values()) - 1) < 1e-4
     draws = 4000
-    counts, stats = _sampled_first_tokens(model, prompt, 3, draws, k=2)
+    counts, stats = _sampled_first_tokens(model, prompt, 3, draws, k=2, **options)
     assert 0.3 < stats.acceptance_rate < 0.9 and stats.proposed > 1000
+    if corpus:  # the corpus proposed where the context alone would not have
+        assert stats.proposed > _sampled_first_tokens(model, prompt, 3, draws, k=2)[1].proposed
     assert _chi_square_p_value(counts, exact, draws) > ALPHA
     plain, _ = _sampled_first_tokens(model, prompt, 3, draws, k=0)
     assert _chi_square_p_value(plain, exact, draws) > ALPHA
@@ -467,7 +482,7 @@ def test_sampling_with_lookup_draws_the_first_tokens_as_ordinary_sampling_does(m
         return kept + sampling.choose_tokens(scores[-1:], [settings], [generator]).tolist()
 
     monkeypatch.setattr(sampling, "accept_proposals", keep_proposal_in_residual)  # what accept_verified calls
-    wrong, _ = _sampled_first_tokens(model, prompt, 3, draws, k=2)
+    wrong, _ = _sampled_first_tokens(model, prompt, 3, draws, k=2, **options)
     assert _chi_square_p_value(wrong, exact, draws) < 1e-30
 
 

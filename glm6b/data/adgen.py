@@ -40,6 +40,7 @@ import torch
 
 from ..config import DataConfig, DataError
 from ..inference.chat import build_prompt
+from ..io import read_lines
 from ..model.masks import build_mask_and_positions
 
 Mode = Literal["train", "eval"]
@@ -205,43 +206,28 @@ def iter_examples(path: str | os.PathLike, config: DataConfig, stats: ReadStats 
     path = Path(path)
     stats = stats if stats is not None else ReadStats()
     skip_bad = config.skip_bad if skip_bad is None else skip_bad
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the data file ({e.strerror})") from None
-    with handle:
-        lineno = 0
-        while True:
-            try:
-                text = handle.readline()
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}, line {lineno + 1}: not UTF-8 text ({e.reason})") from None
-            if not text:
-                break
-            lineno += 1
-            if not text.strip():
-                continue
-            stats.lines += 1
-            try:
-                record = json.loads(text)
-                problem = _check_line(record, config)
-            except json.JSONDecodeError as e:
-                problem = f"not valid JSON ({e.msg} at column {e.colno})"
-            if problem is not None:
-                message = f"{path}, line {lineno}: {problem}"
-                if not skip_bad:
-                    raise DataError(message + " (to skip such lines: --skip-bad, or data.skip_bad: true in a recipe)")
-                stats.skipped_bad += 1
-                if len(stats.bad_lines) < 10:
-                    stats.bad_lines.append(message)
-                continue
-            query, answer = record[config.prompt_column], record[config.response_column]
-            if not query or not answer:
-                stats.skipped_empty += 1
-                continue
-            history = record.get(config.history_column) if config.history_column else None
-            stats.rows += 1
-            yield Example(lineno, render_prompt(query, history, config.source_prefix), answer)
+    for lineno, text in read_lines(path, DataError, "data file"):
+        stats.lines += 1
+        try:
+            record = json.loads(text)
+            problem = _check_line(record, config)
+        except json.JSONDecodeError as e:
+            problem = f"not valid JSON ({e.msg} at column {e.colno})"
+        if problem is not None:
+            message = f"{path}, line {lineno}: {problem}"
+            if not skip_bad:
+                raise DataError(message + " (to skip such lines: --skip-bad, or data.skip_bad: true in a recipe)")
+            stats.skipped_bad += 1
+            if len(stats.bad_lines) < 10:
+                stats.bad_lines.append(message)
+            continue
+        query, answer = record[config.prompt_column], record[config.response_column]
+        if not query or not answer:
+            stats.skipped_empty += 1
+            continue
+        history = record.get(config.history_column) if config.history_column else None
+        stats.rows += 1
+        yield Example(lineno, render_prompt(query, history, config.source_prefix), answer)
 
 
 # ----------------------------------------------------------------------------------- datasets

@@ -5,9 +5,9 @@ only the newest token of every row through the engine's (compiled) decode step. 
 the sampler of glm6b.inference.sampling (transformers 4.27.1's order), beams by glm6b.inference.beam.
 
 With prompt lookup (`prompt_lookup_num_tokens`, glm6b.inference.lookup) a step feeds each row its
-newest token and the tokens proposed after it from its own context, and keeps those the sampler
-accepts: the same tokens (greedy) or the same distribution (sampling) in fewer steps. Rows keep
-different numbers of tokens; `generate_steps` still yields one token per row at a time, so stop
+newest token and the tokens proposed after it from its own context (or from `prompt_lookup_corpus`),
+and keeps those the sampler accepts: the same tokens (greedy) or the same distribution (sampling) in
+fewer steps. Rows keep different numbers of tokens; `generate_steps` still yields one token per row at a time, so stop
 strings, <eop>, the length limit and the repetition penalty see exactly the tokens they see without it.
 """
 
@@ -22,7 +22,7 @@ import torch
 from ..config import GenerationConfig, make_generation_config
 from .beam import beam_search
 from .engine import DecodeEngine, lookup_tokens, prompt_inputs
-from .lookup import LookupStats, ProposalLength, propose_from_context
+from .lookup import CorpusIndex, LookupStats, ProposalLength, check_corpus_setting, corpus_index, propose
 from .sampling import accept_verified, choose_tokens, new_token_budget, process_scores, row_generators
 from .text import TextStreamer
 
@@ -83,6 +83,11 @@ def generate_steps(
     new_tokens = new_token_budget(config, prompt_len)
     if config.stop_strings and tokenizer is None:
         raise ValueError("generation: stop_strings need the tokenizer (pass tokenizer=...)")
+    if config.prompt_lookup_corpus:
+        check_corpus_setting(config)
+        if tokenizer is None:
+            raise ValueError("generation: prompt_lookup_corpus needs the tokenizer its answers are encoded with "
+                             "(pass tokenizer=...)")
 
     mask, positions = prompt_inputs(model, input_ids, attention_mask, position_ids)
     n = config.num_return_sequences
@@ -105,8 +110,11 @@ def generate_steps(
         real = ~mask[:, 0, -1, :]  # [B, T] what the last prompt token sees: the prompt without its padding
         contexts = [ids[keep].tolist() for ids, keep in zip(input_ids, real)]
         contexts = [list(contexts[i // n]) for i in range(sequences.shape[0])]
+        corpus = None
+        if config.prompt_lookup_corpus:
+            corpus = corpus_index(config.prompt_lookup_corpus, tokenizer, config.prompt_lookup_max_ngram)
         yield from _steps_with_lookup(engine, logits, sequences, contexts, settings, generators, eos_ids, pad_id,
-                                      new_tokens, config, tokenizer, limit, stats)
+                                      new_tokens, config, tokenizer, limit, stats, corpus)
         return
     eos = torch.tensor(eos_ids, device=device)
     finished = torch.zeros(sequences.shape[0], dtype=torch.bool, device=device)
@@ -140,8 +148,8 @@ def _finished_after(next_tokens: torch.Tensor, finished: torch.Tensor, eos: torc
 
 def _steps_with_lookup(engine: DecodeEngine, logits: torch.Tensor, sequences: torch.Tensor, contexts: list[list[int]],
                        settings: list[GenerationConfig], generators: list, eos_ids: list[int], pad_id: int,
-                       new_tokens: int, config: GenerationConfig, tokenizer, limit: int,
-                       stats: LookupStats) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                       new_tokens: int, config: GenerationConfig, tokenizer, limit: int, stats: LookupStats,
+                       corpus: CorpusIndex | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """generate_steps' loop with prompt lookup (after the prefill, whose `logits` give the first tokens).
 
     Each row has tokens chosen but not yet yielded (`pending`); when a row that is still running has
@@ -175,24 +183,25 @@ def _steps_with_lookup(engine: DecodeEngine, logits: torch.Tensor, sequences: to
         proposals, shadows = {}, {}
         for r in active:
             room = new_tokens - (len(histories[r]) - prompt_len) - 1  # tokens beyond the one every step gives
-            proposals[r] = propose_from_context(contexts[r], min(lengths[r].next(), room), config.prompt_lookup_max_ngram)
+            proposals[r] = propose(contexts[r], min(lengths[r].next(), room), config.prompt_lookup_max_ngram, corpus)
             if lengths[r].waiting:  # would a proposal have been right? (ends the wait; costs no model work)
-                shadows[r] = propose_from_context(contexts[r], 1, config.prompt_lookup_max_ngram)
-        width = 1 + max((len(p) for p in proposals.values()), default=0)
-        feed = torch.full((rows, width), pad_id, dtype=torch.long)
-        counts = torch.zeros(rows, dtype=torch.long)
-        for r in active:
-            feed[r, :1 + len(proposals[r])] = torch.tensor([contexts[r][-1], *proposals[r]])
-            counts[r] = 1 + len(proposals[r])
+                shadows[r] = propose(contexts[r], 1, config.prompt_lookup_max_ngram, corpus)
+        width = 1 + max(map(len, proposals.values()), default=0)
         stats.count_step(width)
-        if width == 1:  # no proposals anywhere: an ordinary step
-            step_logits = engine.decode(feed[:, 0])[:, None]  # [B, 1, V]
+        if width == 1:  # no proposals anywhere: an ordinary step (finished rows feed pad)
+            newest = torch.tensor([contexts[r][-1] if not done[r] else pad_id for r in range(rows)])
+            step_logits = engine.decode(newest)[:, None]  # [B, 1, V]
         else:
-            step_logits = engine.verify(feed, counts)  # [B, T, V]
+            feed = torch.full((rows, width), pad_id, dtype=torch.long)
+            counts = [0] * rows
+            for r in active:
+                counts[r] = 1 + len(proposals[r])
+                feed[r, :counts[r]] = torch.tensor([contexts[r][-1], *proposals[r]])
+            step_logits = engine.verify(feed, torch.tensor(counts))  # [B, T, V]
         accepted = accept_verified(step_logits, active, [proposals[r] for r in active], [settings[r] for r in active],
                                    [generators[r] for r in active], eos_ids[0],
                                    [histories[r] for r in active] if penalised else None)
-        kept = torch.zeros(rows, dtype=torch.long)
+        kept = [0] * rows
         for r, (tokens, row_scores) in zip(active, accepted):
             m = len(proposals[r])
             kept[r] = len(tokens)  # the newest token and the accepted proposals stay in the cache
@@ -204,26 +213,29 @@ def _steps_with_lookup(engine: DecodeEngine, logits: torch.Tensor, sequences: to
                 lengths[r].stepped(bool(shadows[r]) and shadows[r][0] == tokens[0])
             record(r, tokens, row_scores)
         if width > 1:
-            engine.accept(kept)
+            engine.accept(torch.tensor(kept))
 
     first = process_scores(logits, settings, sequences, eos_ids[0])
     for r, token in enumerate(choose_tokens(first, settings, generators).tolist()):
         record(r, [token], first[r:r + 1])
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    ended = [False] * rows  # `finished` as a list: read per row and token, without a tensor access each
     for index in range(new_tokens):
-        while any(not pending[r] and not finished[r] for r in range(rows)):
+        while any(not pending[r] and not ended[r] for r in range(rows)):
             step()
-        column = [pending[r].popleft() if not finished[r] else (pad_id, pad_scores) for r in range(rows)]
+        column = [pending[r].popleft() if not ended[r] else (pad_id, pad_scores) for r in range(rows)]
         next_tokens = torch.tensor([token for token, _ in column], device=device)
         scores = torch.stack([token_scores for _, token_scores in column])
         sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
-        stats.tokens += int((~finished).sum())
+        stats.tokens += rows - sum(ended)
         finished = _finished_after(next_tokens, finished, eos, sequences, prompt_len, config.stop_strings, tokenizer)
-        for r in finished.nonzero().flatten().tolist():
-            done[r] = True
-            pending[r].clear()
+        ended = finished.tolist()
+        for r in range(rows):
+            if ended[r]:
+                done[r] = True
+                pending[r].clear()
         yield next_tokens, scores, finished
-        if bool(finished.all()) or index == new_tokens - 1:
+        if all(ended) or index == new_tokens - 1:
             return
 
 

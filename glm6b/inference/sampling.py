@@ -200,6 +200,12 @@ def accept_verified(logits: torch.Tensor, rows: Sequence[int], proposals: Sequen
         Per listed row: the tokens it keeps (its accepted proposals and one more token) and the scores
         [len(proposal) + 1, V] they were chosen from.
     """
+    if not any(proposals):  # an ordinary step: one token per row, chosen together (the draws in row order)
+        fed = logits[:, 0] if list(rows) == list(range(logits.shape[0])) else logits[list(rows), 0]  # [n, V]
+        penalised = None if histories is None else [torch.tensor(h, device=logits.device) for h in histories]
+        scores = process_scores(fed, settings, penalised, eos_token_id)
+        tokens = choose_tokens(scores, settings, generators).tolist()
+        return [([token], scores[i:i + 1]) for i, token in enumerate(tokens)]
     positions = [(i, j) for i, proposal in enumerate(proposals) for j in range(len(proposal) + 1)]
     fed = logits[[rows[i] for i, _ in positions], [j for _, j in positions]]  # [N, V]
     penalised = None

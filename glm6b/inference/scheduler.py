@@ -6,8 +6,9 @@
 
 Each loop iteration (`Scheduler.step`) does three things:
   1. decode: one `DecodeEngine` step over the rows in use, each feeding its newest token (with prompt
-     lookup, also the tokens proposed after it from its own context, which the step verifies: a row
-     then gets every token it accepted at once, and rows with and without proposals share the step);
+     lookup, also the tokens proposed after it from its own context or the lookup corpus, which the step
+     verifies: a row then gets every token it accepted at once, and rows with and without proposals share
+     the step);
   2. admit: waiting requests (up to `max_batch` rows in all) are prefilled into free rows of the
      engine's static cache (left-padded together when their rows are adjacent) and sample their
      first token from the prefill, so they decode with the others from the next step;
@@ -44,7 +45,7 @@ import torch
 from ..config import GenerationConfig
 from ..model import build_mask_and_positions
 from .engine import DecodeEngine, lookup_tokens
-from .lookup import DEFAULT_MAX_NGRAM, ProposalLength, propose_from_context
+from .lookup import DEFAULT_MAX_NGRAM, ProposalLength, check_corpus_setting, corpus_index, propose
 from .sampling import accept_verified, choose_tokens, process_scores
 from .text import process_response, stable_length
 
@@ -72,8 +73,8 @@ class SamplingParams(GenerationConfig):
         seed: seeds this request's own random generator; None draws a fresh seed.
         stop: strings that end the answer (GenerationConfig.stop_strings); the text is cut before the
             first one found.
-        prompt_lookup_num_tokens, prompt_lookup_max_ngram: not read here: the scheduler's own
-            `prompt_lookup` setting (glm6b serve --prompt-lookup) applies to every row.
+        prompt_lookup_num_tokens, prompt_lookup_max_ngram, prompt_lookup_corpus: not read here: the
+            scheduler's own `prompt_lookup` settings (glm6b serve --prompt-lookup) apply to every row.
     """
 
     max_new_tokens: int | None = None
@@ -233,11 +234,13 @@ class Scheduler:
             up to this many proposed tokens per row and step, 0 or None for none, "auto" for as many as
             verify at about a step's cost for the rows running (glm6b.inference.engine.lookup_tokens).
         prompt_lookup_max_ngram: the longest run of a row's last tokens prompt lookup looks up.
+        prompt_lookup_corpus: a file of answers prompt lookup also proposes from
+            (GenerationConfig.prompt_lookup_corpus), indexed here once.
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, context_length: int | None = None,
                  compile: bool | str = "auto", prompt_lookup: int | str | None = None,
-                 prompt_lookup_max_ngram: int = DEFAULT_MAX_NGRAM):
+                 prompt_lookup_max_ngram: int = DEFAULT_MAX_NGRAM, prompt_lookup_corpus: str | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model = model
@@ -248,10 +251,15 @@ class Scheduler:
         self.eos_id = model.config.eos_token_id
         self.vocab_limit = len(tokenizer)  # the model's extra vocabulary rows have no text
         self.engine = DecodeEngine(model, max_batch, self.context_length, compile=compile)
-        GenerationConfig(prompt_lookup_num_tokens=prompt_lookup, prompt_lookup_max_ngram=prompt_lookup_max_ngram,
-                         max_new_tokens=1).validate()
+        lookup = GenerationConfig(prompt_lookup_num_tokens=prompt_lookup, prompt_lookup_corpus=prompt_lookup_corpus,
+                                  prompt_lookup_max_ngram=prompt_lookup_max_ngram, max_new_tokens=1)
+        lookup.validate()
+        check_corpus_setting(lookup)
         self.prompt_lookup = prompt_lookup
         self.prompt_lookup_max_ngram = prompt_lookup_max_ngram
+        self.corpus = None  # built before serving starts, and only where lookup runs
+        if prompt_lookup_corpus and lookup_tokens(prompt_lookup, model, 1):
+            self.corpus = corpus_index(prompt_lookup_corpus, tokenizer, prompt_lookup_max_ngram)
         self.slots: list[_Row | None] = [None] * max_batch  # the request in each engine row
         self.rows: list[_Row] = []  # the rows in use
         self._waiting: deque[Request] = deque()
@@ -445,7 +453,7 @@ class Scheduler:
         limit = lookup_tokens(self.prompt_lookup, self.model, max(row.slot for row in rows) + 1)
         proposals = {row.slot: self._propose(row, limit) for row in rows} if limit else {}
         # Rows waiting to propose again: would a proposal have been right? (costs no model work)
-        shadows = {row.slot: propose_from_context(row.context(), 1, self.prompt_lookup_max_ngram)
+        shadows = {row.slot: propose(row.context(), 1, self.prompt_lookup_max_ngram, self.corpus)
                    for row in rows if limit and row.lookup.waiting}
         if any(proposals.values()):
             chosen = self._verify(rows, proposals)
@@ -473,7 +481,7 @@ class Scheduler:
     def _propose(self, row: _Row, limit: int) -> list[int]:
         """Prompt lookup's proposal for a row: at most `limit` tokens, its own length, and its room."""
         length = min(row.lookup.next(), limit, row.room())
-        return propose_from_context(row.context(), length, self.prompt_lookup_max_ngram) if length > 0 else []
+        return propose(row.context(), length, self.prompt_lookup_max_ngram, self.corpus) if length > 0 else []
 
     def _verify(self, rows: list[_Row], proposals: dict[int, list[int]]) -> list[list[int]]:
         """One verification step: every row feeds its newest token and its proposals (maybe none); returns

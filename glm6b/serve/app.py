@@ -56,17 +56,20 @@ class Server:
         max_queue: requests waiting for a row before 429.
         max_tokens: most tokens one request may generate (default: the context length).
         compile: the decode step's compilation (True, False or "auto"; see glm6b.inference.engine).
-        prompt_lookup, prompt_lookup_max_ngram: prompt-lookup decoding for every request (see Scheduler).
+        prompt_lookup, prompt_lookup_max_ngram, prompt_lookup_corpus: prompt-lookup decoding for every request
+            (see Scheduler).
     """
 
     def __init__(self, model, tokenizer, model_name: str = "glm6b", api_key: str | None = None, max_batch: int = 8,
                  max_queue: int = 64, max_tokens: int | None = None, compile: bool | str = "auto",
-                 prompt_lookup: int | str | None = None, prompt_lookup_max_ngram: int = DEFAULT_MAX_NGRAM):
+                 prompt_lookup: int | str | None = None, prompt_lookup_max_ngram: int = DEFAULT_MAX_NGRAM,
+                 prompt_lookup_corpus: str | None = None):
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.api_key = api_key or None
         self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue, compile=compile,
-                                   prompt_lookup=prompt_lookup, prompt_lookup_max_ngram=prompt_lookup_max_ngram)
+                                   prompt_lookup=prompt_lookup, prompt_lookup_max_ngram=prompt_lookup_max_ngram,
+                                   prompt_lookup_corpus=prompt_lookup_corpus)
         self.context_length = self.scheduler.context_length
         self.max_tokens = min(max_tokens or self.context_length, self.context_length)
         if self.max_tokens < 1:
@@ -186,7 +189,8 @@ def create_app(server: Server) -> FastAPI:
 
 def serve(model: LoadConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, max_queue: int = 64, max_tokens: int | None = None,
-          prompt_lookup: int | str | None = None, prompt_lookup_max_ngram: int = DEFAULT_MAX_NGRAM) -> None:
+          prompt_lookup: int | str | None = None, prompt_lookup_max_ngram: int = DEFAULT_MAX_NGRAM,
+          prompt_lookup_corpus: str | None = None) -> None:
     """Load a model (glm6b.api.load: a LoRA adapter merged in, quantized after the merge) and serve it until
     interrupted (what `glm6b serve` runs).
 
@@ -194,17 +198,19 @@ def serve(model: LoadConfig, host: str = "127.0.0.1", port: int = 8000, api_key:
         model: what to load.
         host, port: where to listen (127.0.0.1 by default: only this machine can connect).
         api_key: required as a Bearer token on the API routes when set.
-        max_batch, max_queue, max_tokens, prompt_lookup, prompt_lookup_max_ngram: see Server.
+        max_batch, max_queue, max_tokens, prompt_lookup, prompt_lookup_max_ngram, prompt_lookup_corpus: see Server.
     """
     import uvicorn
 
     loaded, tokenizer, name = load(model)
     server = Server(loaded, tokenizer, model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                     max_tokens=max_tokens, compile=model.compile, prompt_lookup=prompt_lookup,
-                    prompt_lookup_max_ngram=prompt_lookup_max_ngram)
+                    prompt_lookup_max_ngram=prompt_lookup_max_ngram, prompt_lookup_corpus=prompt_lookup_corpus)
     compiling = ", compiling the decode step" if server.scheduler.engine.compiled else ""
     lookup = lookup_tokens(prompt_lookup, loaded, 1)
-    lookup = f", prompt lookup of up to {lookup} tokens" if lookup else ", no prompt lookup"
+    corpus = server.scheduler.corpus
+    lookup = (f", prompt lookup of up to {lookup} tokens" + (f" (and from {prompt_lookup_corpus}: {corpus})"
+                                                               if corpus else "")) if lookup else ", no prompt lookup"
     print(f"glm6b serve: warming up {name} ({max_batch} rows of {server.context_length} tokens{compiling}{lookup})",
           file=sys.stderr, flush=True)
     server.scheduler.warm_up()

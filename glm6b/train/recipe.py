@@ -371,6 +371,7 @@ def check_recipe(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -
     if mode == "predict" and not prompts and data.eval_data is None:
         raise RecipeError("predict needs prompts (--prompt TEXT) or data.eval_data (--eval-data FILE)")
     if mode not in ("train", "finetune"):
+        lookup_corpus(recipe)
         return
     if model.quantize is not None and recipe.method == "full":
         raise RecipeError(f"model.quantize = {model.quantize!r} with method full: a quantized base cannot "
@@ -406,6 +407,45 @@ def check_recipe(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -
                               f"data.response_column and the file's contents)")
 
 
+def lookup_corpus(recipe: Recipe) -> str | None:
+    """The file generation.prompt_lookup_corpus names: "train" is the recipe's own data.train_data (ADGEN jsonl:
+    prompt lookup then proposes from the answers the model was fine-tuned on), anything else a path as given.
+
+    Raises:
+        RecipeError: no such file, or "train" where data.train_data is not a jsonl file whose answers are in the
+            corpus reader's field (DataConfig's default response column, "summary").
+    """
+    from ..data.mindrecord import is_mindrecord
+
+    corpus, data = recipe.generation.prompt_lookup_corpus, recipe.data
+    if corpus is None:
+        return None
+    if recipe.generation.prompt_lookup_num_tokens in (None, 0):
+        raise RecipeError("generation.prompt_lookup_corpus is a source of prompt lookup's proposals: it needs "
+                          "generation.prompt_lookup_num_tokens (a number of tokens or auto)")
+    if corpus != "train":
+        if not Path(corpus).is_file():
+            raise RecipeError(f"generation.prompt_lookup_corpus = {corpus}: no such file (\"train\": data.train_data)")
+        return corpus
+    if data.train_data is None:
+        raise RecipeError("generation.prompt_lookup_corpus = train names data.train_data, which is not set "
+                          "(use --train-data FILE)")
+    path = Path(data.train_data)
+    if is_mindrecord(path) or path.is_dir():
+        raise RecipeError(f"generation.prompt_lookup_corpus = train: data.train_data = {path} holds encoded rows, "
+                          f"not answers; set generation.prompt_lookup_corpus to the jsonl file they were made from")
+    if not path.is_file():
+        raise RecipeError(f"generation.prompt_lookup_corpus = train: data.train_data = {path}: no such file")
+    if path.suffix not in (".json", ".jsonl"):
+        raise RecipeError(f"generation.prompt_lookup_corpus = train: data.train_data = {path} is read as JSON lines "
+                          f"only when named .json or .jsonl; rename it or name the file in prompt_lookup_corpus")
+    if data.response_column != DataConfig.response_column:
+        raise RecipeError(f"generation.prompt_lookup_corpus = train reads each line's {DataConfig.response_column!r} "
+                          f"field, but data.response_column = {data.response_column!r}: write the answers to a text "
+                          f"file, one per line, and name it in generation.prompt_lookup_corpus")
+    return str(path)
+
+
 def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[str, Any]:
     """Run a recipe: train, finetune, eval (generation scores, as `glm6b eval`) or predict.
 
@@ -432,6 +472,7 @@ def run(recipe: Recipe, mode: Mode, prompts: list[str] | None = None) -> dict[st
     check_recipe(recipe, mode, prompts)
     if mode in ("train", "finetune"):
         return _train(recipe, mode)
+    recipe.generation.prompt_lookup_corpus = lookup_corpus(recipe)
     if mode == "eval":
         return {"mode": mode, **_evaluate(recipe)}
     return _predict(recipe, prompts)
