@@ -114,6 +114,10 @@ def test_auto_turns_lookup_on_only_where_the_kernels_verify_several_rows_for_one
         monkeypatch.setattr(engine.cpu_kernels, "has_amx", lambda amx=amx: amx)
         assert [lookup_tokens("auto", model, rows) for rows in (1, 2, 3)] == expected, (available, amx, model.dtype)
         assert lookup_tokens(2, model, 3) == 2  # a number of tokens is always taken as it is
+        budget = engine.verify_rows_budget(model)  # what the scheduler keeps and passes each step
+        assert [lookup_tokens("auto", model, rows, budget) for rows in (1, 2, 3)] == expected
+    # A budget passed in is taken as it is (the model's own is 1 here: float32 without AMX).
+    assert [lookup_tokens("auto", fp32, rows, 4) for rows in (1, 2, 3)] == [3, 1, 0]
 
 
 # ----------------------------------------------------------------------------------- the engine's verification

@@ -105,7 +105,7 @@ def verify_rows_budget(model) -> int:
     return 1
 
 
-def lookup_tokens(setting: int | str | None, model, rows: int) -> int:
+def lookup_tokens(setting: int | str | None, model, rows: int, budget: int | None = None) -> int:
     """How many tokens prompt lookup proposes per row (0: off) for the `prompt_lookup_num_tokens` setting.
 
     Args:
@@ -113,12 +113,15 @@ def lookup_tokens(setting: int | str | None, model, rows: int) -> int:
             for `rows` rows, at most AUTO_LOOKUP_TOKENS (0 where verifying costs more than a step).
         model: the model that decodes.
         rows: rows decoded together.
+        budget: `verify_rows_budget(model)` where the caller keeps it (the scheduler asks every step, and
+            the budget walks the model's parameters); None: worked out here.
     """
     if not setting:
         return 0
     if setting != "auto":
         return int(setting)
-    return max(0, min(AUTO_LOOKUP_TOKENS, verify_rows_budget(model) // max(rows, 1) - 1))
+    budget = verify_rows_budget(model) if budget is None else budget
+    return max(0, min(AUTO_LOOKUP_TOKENS, budget // max(rows, 1) - 1))
 
 
 def weight_bytes(model) -> int:

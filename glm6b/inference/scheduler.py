@@ -44,7 +44,7 @@ import torch
 
 from ..config import GenerationConfig
 from ..model import build_mask_and_positions
-from .engine import DecodeEngine, lookup_tokens
+from .engine import DecodeEngine, lookup_tokens, verify_rows_budget
 from .lookup import DEFAULT_MAX_NGRAM, ProposalLength, check_corpus_setting, corpus_index, propose
 from .sampling import accept_verified, choose_tokens, process_scores
 from .text import process_response, stable_length
@@ -257,6 +257,7 @@ class Scheduler:
         check_corpus_setting(lookup)
         self.prompt_lookup = prompt_lookup
         self.prompt_lookup_max_ngram = prompt_lookup_max_ngram
+        self.verify_budget = verify_rows_budget(model)  # what "auto" sizes each step's proposals by
         self.corpus = None  # built before serving starts, and only where lookup runs
         if prompt_lookup_corpus and lookup_tokens(prompt_lookup, model, 1):
             self.corpus = corpus_index(prompt_lookup_corpus, tokenizer, prompt_lookup_max_ngram)
@@ -436,7 +437,7 @@ class Scheduler:
         mask, positions = build_mask_and_positions(ids, config, padding)
         logits = self.engine.prefill(ids, mask, positions, rows=slice(first_row, first_row + len(requests)))
         rows = []
-        limit = lookup_tokens(self.prompt_lookup, self.model, 1)  # a row's most; each step caps it for its rows
+        limit = lookup_tokens(self.prompt_lookup, self.model, 1, self.verify_budget)  # a row's most; each step caps it for its rows
         for i, r in enumerate(requests):
             row = _Row(r, self.tokenizer, first_row + i, limit)
             row.filled = self.engine.cache.prefix_length + len(r.prompt_ids)
@@ -450,7 +451,7 @@ class Scheduler:
         """Feed every row in use its newest token (and its proposals, with prompt lookup) and choose the next
         ones."""
         # A step feeds every slot up to the highest in use (idle ones too): "auto" budgets for those rows.
-        limit = lookup_tokens(self.prompt_lookup, self.model, max(row.slot for row in rows) + 1)
+        limit = lookup_tokens(self.prompt_lookup, self.model, max(row.slot for row in rows) + 1, self.verify_budget)
         proposals = {row.slot: self._propose(row, limit) for row in rows} if limit else {}
         # Rows waiting to propose again: would a proposal have been right? (costs no model work)
         shadows = {row.slot: propose(row.context(), 1, self.prompt_lookup_max_ngram, self.corpus)
