@@ -259,7 +259,7 @@ class Scheduler:
         self.prompt_lookup_max_ngram = prompt_lookup_max_ngram
         self.verify_budget = verify_rows_budget(model)  # what "auto" sizes each step's proposals by
         self.corpus = None  # built before serving starts, and only where lookup runs
-        if prompt_lookup_corpus and lookup_tokens(prompt_lookup, model, 1):
+        if prompt_lookup_corpus and lookup_tokens(prompt_lookup, model, 1, self.verify_budget):
             self.corpus = corpus_index(prompt_lookup_corpus, tokenizer, prompt_lookup_max_ngram)
         self.slots: list[_Row | None] = [None] * max_batch  # the request in each engine row
         self.rows: list[_Row] = []  # the rows in use
