@@ -283,7 +283,8 @@ def teacher_forced(tokenizer, lines: list[dict], k: int, corpus: CorpusIndex | N
     for line in lines:
         context = tokenizer.encode(line["content"])
         answer = tokenizer.encode(line["summary"], add_special_tokens=False) + [eop]
-        length, made = ProposalLength(k), 1  # the first token comes from the prefill
+        length, made = ProposalLength(k), 1  # the first token comes from the prefill (the wait's first check)
+        length.stepped(propose(context, 1, corpus=corpus)[:1] == answer[:1])
         context.append(answer[0])
         while made < len(answer):
             proposal = propose(context, min(length.next(), len(answer) - made - 1), corpus=corpus)
@@ -295,8 +296,7 @@ def teacher_forced(tokenizer, lines: list[dict], k: int, corpus: CorpusIndex | N
                 stats.proposed += len(proposal)
                 stats.accepted += accepted
             elif length.waiting:
-                shadow = propose(context, 1, corpus=corpus)
-                length.stepped(bool(shadow) and shadow[0] == answer[made])
+                length.stepped(propose(context, 1, corpus=corpus)[:1] == [answer[made]])
             stats.count_step(len(proposal) + 1)
             context.extend(answer[made:made + accepted + 1])
             made += accepted + 1

@@ -67,9 +67,13 @@ def test_the_proposer_follows_its_rule_on_random_contexts():
         assert propose_from_context(ids, max_tokens, max_ngram) == by_the_rule(ids, max_tokens, max_ngram), ids
 
 
-def test_a_row_probes_with_one_token_and_waits_until_its_text_copies_again():
+def test_a_row_waits_until_its_text_copies_then_probes_with_one_token():
     length = ProposalLength(4)
-    assert length.next() == 1  # a new row first proposes one token
+    for _ in range(100):  # a new row proposes nothing until a proposal would have matched a chosen token
+        assert length.next() == 0
+        length.stepped(False)
+    length.stepped(True)
+    assert length.next() == 1  # then one token
     length.verified(1, 1)  # kept: the whole length from now on
     assert (length.waiting, length.next()) == (False, 4)
     length.verified(4, 2)  # something kept: propose again at once
@@ -209,7 +213,9 @@ def test_golden_batch_greedy_with_lookup(model, tok, k):
                    prompt_lookup_num_tokens=k, stats=stats)
     assert out.sequences.tolist() == BATCH["sequences"]
     assert_close_rel(torch.stack(out.scores), golden_tensor(BATCH["step_scores"]), what="step scores")
-    assert stats.accepted > 0 and stats.proposed > stats.accepted  # some kept, some rejected
+    # Some kept (a row proposes once its text copies: on these answers every proposal is then right; the
+    # prompts built below are rejected too).
+    assert stats.accepted > 0 and stats.verify_steps > 0
     assert stats.tokens == 3 * BATCH["max_new_tokens"]
 
 
@@ -258,7 +264,8 @@ def _plain_and_lookup(model, ids, k=4, **kwargs):
 
 def test_prompts_built_for_long_accepted_runs_and_for_frequent_rejections(model, tok):
     """Prompts holding the tokens of a repeating answer (long runs kept), and prompts whose n-grams are followed
-    by other tokens than in the answer (proposals found and rejected), single and then all together."""
+    by other tokens than in the answer or copy it only in part (proposals found and rejected), single and then
+    all together."""
     looping = SINGLE["items"][0]["input_ids"][0]  # "你好": the answer ends in 546 1125 546 1125 ...
     item = SINGLE["items"][1]
     answer = item["sequences"][0][len(item["input_ids"][0]):]
@@ -267,7 +274,10 @@ def test_prompts_built_for_long_accepted_runs_and_for_frequent_rejections(model,
                body + [546, 1125] * 3 + tail,
                body + answer + body + tail,
                body + [t for a in answer for t in (a, 5)] + tail,  # every answer token followed by "▁"
-               body + answer[::-1] + tail]
+               body + answer[::-1] + tail,
+               # the answer with every third / fifth token replaced by "▁": copies that break off
+               body + [5 if i % 3 == 2 else a for i, a in enumerate(answer)] + tail,
+               body + [5 if i % 5 == 4 else a for i, a in enumerate(answer)] + tail]
     totals = LookupStats()
     for prompt in prompts:
         plain, looked_up, stats = _plain_and_lookup(model, torch.tensor([prompt]), max_new_tokens=24)
@@ -283,6 +293,37 @@ def test_prompts_built_for_long_accepted_runs_and_for_frequent_rejections(model,
     plain, looked_up, stats = _plain_and_lookup(model, ids, k=6, attention_mask=padding, max_new_tokens=24)
     assert torch.equal(plain, looked_up)
     assert stats.accepted > 0 and stats.proposed > stats.accepted
+
+
+def test_proposals_that_would_always_fail_cost_no_verification(model, tok, monkeypatch):
+    """A proposer whose guesses are always wrong (a token no answer contains): no row ever leaves its wait,
+    so generate and the server's scheduler run ordinary steps only, with the golden tokens."""
+    from glm6b.inference import generation, scheduler
+    from glm6b.inference.scheduler import Scheduler
+
+    seen = {t for row in BATCH["sequences"] for t in row}
+    seen |= {t for item in SINGLE["items"] for t in item["sequences"][0]}
+    wrong = next(t for t in range(10, 1000) if t not in seen)
+
+    def always_wrong(context, max_tokens, *args, **kwargs):
+        return [wrong] * max_tokens
+
+    monkeypatch.setattr(generation, "propose", always_wrong)
+    monkeypatch.setattr(scheduler, "propose", always_wrong)
+    verified = []
+    monkeypatch.setattr(DecodeEngine, "verify", lambda self, *args, **kwargs: verified.append(1))
+
+    batch = tok(BATCH["texts"], padding=True, return_tensors="pt")
+    stats = LookupStats()
+    out = generate(model, **batch, max_new_tokens=BATCH["max_new_tokens"], prompt_lookup_num_tokens=4, stats=stats)
+    assert out.tolist() == BATCH["sequences"]
+    assert (stats.verify_steps, stats.proposed, stats.steps) == (0, 0, BATCH["max_new_tokens"] - 1)
+    served = Scheduler(model, tok, max_batch=2, prompt_lookup=4)
+    jobs = [_request(tok, q, h, max_new_tokens=10, do_sample=False) for q, h in CHATS[:3]]
+    run_scheduler(served, {0: [jobs[0][0], jobs[1][0]], 3: [jobs[2][0]]})
+    for (query, history), (_, events) in zip(CHATS, jobs):
+        assert events[-1].full_text == chat(model, tok, query, history, do_sample=False, max_new_tokens=10)[0]
+    assert not verified
 
 
 def _copying_model():
@@ -446,11 +487,13 @@ def _sampled_first_tokens(model, prompt: list[int], tokens: int, draws: int, k: 
 @pytest.mark.slow
 @pytest.mark.parametrize("corpus", [False, True], ids=["context", "corpus"])
 def test_sampling_with_lookup_draws_the_first_tokens_as_ordinary_sampling_does(monkeypatch, corpus):
-    """The first three tokens of 4,000 seeded draws (temperature, top-k, top-p and the repetition penalty
+    """The first four tokens of 4,000 seeded draws (temperature, top-k, top-p and the repetition penalty
     all on) against their exact distribution, on a tiny model whose proposals are kept about 60 % of the
     time (so both acceptances and rejections happen); ordinary sampling passes the same test, and a
-    planted mistake in the rule fails it by far. With a corpus (glm6b.inference.lookup.CorpusIndex) of
-    answers the model samples, which proposes where the context has a shorter match or none."""
+    planted mistake in the rule fails it by far. Four tokens: a row proposes only once a token it chose
+    matched what it would have proposed (here the second token at the earliest), then one token. With a
+    corpus (glm6b.inference.lookup.CorpusIndex) of answers the model samples, which proposes where the
+    context has a shorter match or none."""
     from glm6b.inference import generation
     from glm6b.inference.lookup import CorpusIndex
 
@@ -464,15 +507,15 @@ def test_sampling_with_lookup_draws_the_first_tokens_as_ordinary_sampling_does(m
         index = CorpusIndex(sampled.tolist())
         monkeypatch.setattr(generation, "corpus_index", lambda path, tokenizer, max_ngram: index)
         options = {"prompt_lookup_corpus": "sampled answers", "tokenizer": object()}
-    exact = _exact_first_tokens(model, prompt, 3)
+    exact = _exact_first_tokens(model, prompt, 4)
     assert abs(sum(exact.values()) - 1) < 1e-4
     draws = 4000
-    counts, stats = _sampled_first_tokens(model, prompt, 3, draws, k=2, **options)
+    counts, stats = _sampled_first_tokens(model, prompt, 4, draws, k=2, **options)
     assert 0.3 < stats.acceptance_rate < 0.9 and stats.proposed > 1000
     if corpus:  # the corpus proposed where the context alone would not have
-        assert stats.proposed > _sampled_first_tokens(model, prompt, 3, draws, k=2)[1].proposed
+        assert stats.proposed > _sampled_first_tokens(model, prompt, 4, draws, k=2)[1].proposed
     assert _chi_square_p_value(counts, exact, draws) > ALPHA
-    plain, _ = _sampled_first_tokens(model, prompt, 3, draws, k=0)
+    plain, _ = _sampled_first_tokens(model, prompt, 4, draws, k=0)
     assert _chi_square_p_value(plain, exact, draws) > ALPHA
 
     from glm6b.inference import sampling
@@ -486,7 +529,7 @@ def test_sampling_with_lookup_draws_the_first_tokens_as_ordinary_sampling_does(m
         return kept + sampling.choose_tokens(scores[-1:], [settings], [generator]).tolist()
 
     monkeypatch.setattr(sampling, "accept_proposals", keep_proposal_in_residual)  # what accept_verified calls
-    wrong, _ = _sampled_first_tokens(model, prompt, 3, draws, k=2, **options)
+    wrong, _ = _sampled_first_tokens(model, prompt, 4, draws, k=2, **options)
     assert _chi_square_p_value(wrong, exact, draws) < 1e-30
 
 

@@ -184,7 +184,7 @@ def _steps_with_lookup(engine: DecodeEngine, logits: torch.Tensor, sequences: to
         for r in active:
             room = new_tokens - (len(histories[r]) - prompt_len) - 1  # tokens beyond the one every step gives
             proposals[r] = propose(contexts[r], min(lengths[r].next(), room), config.prompt_lookup_max_ngram, corpus)
-            if lengths[r].waiting:  # would a proposal have been right? (ends the wait; costs no model work)
+            if lengths[r].waiting:  # would a proposal be right? (checked against the token chosen: no model work)
                 shadows[r] = propose(contexts[r], 1, config.prompt_lookup_max_ngram, corpus)
         width = 1 + max(map(len, proposals.values()), default=0)
         stats.count_step(width)
@@ -217,6 +217,8 @@ def _steps_with_lookup(engine: DecodeEngine, logits: torch.Tensor, sequences: to
 
     first = process_scores(logits, settings, sequences, eos_ids[0])
     for r, token in enumerate(choose_tokens(first, settings, generators).tolist()):
+        # The prefill's token is the first check of the row's wait: would a proposal have been right?
+        lengths[r].stepped(propose(contexts[r], 1, config.prompt_lookup_max_ngram, corpus)[:1] == [token])
         record(r, [token], first[r:r + 1])
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     ended = [False] * rows  # `finished` as a list: read per row and token, without a tensor access each

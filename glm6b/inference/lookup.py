@@ -14,13 +14,15 @@ the answers of the fine-tuning data, whose phrases recur in the answers of a mod
 where the row's own context has nothing to copy. `propose` is the one proposer generate and the
 server's scheduler call: the context's proposal, or the corpus's where it matches a longer suffix.
 
-`ProposalLength` switches a row's proposals off after a verification that kept nothing, until its text
-copies again (a verification of several tokens costs more than a one-token step, a little where the
-kernels take several rows at the price of one, and up to T times where they pay per input row).
+`ProposalLength` keeps a row's proposals off until its text copies (a proposal would have matched the
+token chosen), and off again after a verification that kept nothing (a verification of several tokens
+costs more than a one-token step, a little where the kernels take several rows at the price of one, and
+up to T times where they pay per input row).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -157,6 +159,7 @@ class CorpusIndex:
     # so an even sample keeps the proportions of the continuations): a common 1-gram stays fast.
     SAMPLE = 4096
     FEW = 64  # occurrences counted in plain Python rather than numpy
+    CACHED = 1 << 14  # lookups remembered (by the context's last max_ngram tokens and the tokens asked for)
 
     def __init__(self, documents: Iterable[Sequence[int]], max_ngram: int = DEFAULT_MAX_NGRAM):
         if max_ngram < 1:
@@ -185,6 +188,9 @@ class CorpusIndex:
         self._tokens, self._order = array("i", tokens.tobytes()), array("i", order.tobytes())
         self._tokens_np = np.frombuffer(self._tokens, dtype=np.int32)
         self._order_np = np.frombuffer(self._order, dtype=np.int32)
+        # Answers share their phrases, so the same few-token tails are looked up again and again (every step's
+        # "would it have matched" check too): a search takes tens of microseconds, a remembered one about 2.
+        self._lookup_tail = functools.lru_cache(maxsize=self.CACHED)(self._search)
 
     def __repr__(self) -> str:
         return f"CorpusIndex({self.documents} documents, {self.tokens} tokens, max_ngram={self.max_ngram})"
@@ -208,12 +214,17 @@ class CorpusIndex:
     def lookup(self, context: Sequence[int], max_tokens: int,
                max_ngram: int = DEFAULT_MAX_NGRAM) -> tuple[list[int], int]:
         """(`propose`'s tokens, n: the length of the suffix they follow, 0 when none occurs)."""
-        tail = [int(t) for t in context[max(len(context) - min(max_ngram, self.max_ngram), 0):]]
+        tail = tuple(int(t) for t in context[max(len(context) - min(max_ngram, self.max_ngram), 0):])
+        tokens, n = self._lookup_tail(tail, max_tokens)
+        return list(tokens), n
+
+    def _search(self, tail: tuple[int, ...], max_tokens: int) -> tuple[tuple[int, ...], int]:
+        """`lookup` of a context ending in `tail` (its last max_ngram tokens, all the answer depends on)."""
         for n in range(len(tail), 0, -1):
-            lo, hi = self._run(tail[len(tail) - n:])
+            lo, hi = self._run(list(tail[len(tail) - n:]))
             if lo < hi:
-                return self._continuation(lo, hi, n, max_tokens), n
-        return [], 0
+                return tuple(self._continuation(lo, hi, n, max_tokens)), n
+        return (), 0
 
     def _run(self, ngram: list[int]) -> tuple[int, int]:
         """The run [lo, hi) of the order whose positions start with `ngram` and go on after it in their document."""
@@ -411,28 +422,30 @@ class LookupStats:
 @dataclass
 class ProposalLength:
     """How many tokens one row proposes at its next step: one (a probe), `limit`, or none while it waits
-    for its text to copy again (a switch-off, so that a row whose proposals fail stops paying for them).
+    for its text to copy (a switch-off, so that a row whose proposals fail does not pay for them).
 
-    A row's first proposal is a single token; once one is kept, it proposes `limit` tokens. After a
-    verification that kept none of its proposals it waits: each ordinary step checks, at no model cost,
-    whether a one-token proposal would have matched the token chosen, and the first such match (the text
-    copies again) ends the wait with another one-token probe. So an answer whose proposals never come true
-    pays for one verification of two tokens, plus one per chance match. Verifying 2 tokens costs less than
-    verifying limit + 1 where the kernels pay per row (float32 on a CPU: 2.1 against 3.4 steps for 5
-    tokens), and short answers that do not copy pay that once: the ADGEN references of the quickstart's
-    tokenizer price at 0.94x in float32 with the probe, 0.87x without it (benchmarks/speculative.py,
-    "references" and "expected"; docs/speculative.md). A wait of a fixed 32 steps paid for two
-    verifications per 64 tokens, one that doubled from a step (1, 3, 7, ...) for five. A proposal is not
-    shortened after a partial rejection: on the ADGEN references shortening kept fewer tokens per step.
+    A row starts waiting. Each token chosen without a verification (the prefill's first token, then each
+    ordinary step's) is checked, at no model cost, against what a one-token proposal would have been; the
+    first match (the text copies) ends the wait with a probe of one token, and once a probe's token is
+    kept the row proposes `limit` tokens. After a verification that kept none of its proposals it waits
+    again. So an answer whose proposals never come true takes no verification at all, one that copies by
+    chance one probe per chance match. Starting with a probe instead cost one failed verification per
+    answer that does not copy: 0.94x in float32 on the quickstart's short ADGEN answers priced at glm_6b
+    size (benchmarks/speculative.py, "references" and "expected"; docs/speculative.md). A probe of one
+    token costs less than a verification of limit + 1 where the kernels pay per row (float32 on a CPU:
+    2.1 against 3.4 steps for 5 tokens). A wait of a fixed 32 steps paid for two verifications per 64
+    tokens, one that doubled from a step (1, 3, 7, ...) for five. A proposal is not shortened after a
+    partial rejection: on the ADGEN references shortening kept fewer tokens per step.
 
     Attributes:
         limit: tokens per proposal (the prompt_lookup_num_tokens setting).
-        waiting: no proposals until an ordinary step's token matches what would have been proposed.
-        probing: the next proposal is one token (a new row's, or the first after a wait).
+        waiting: no proposals until a token chosen without a verification matches what would have been
+            proposed.
+        probing: the next proposal is one token (the first after a wait).
     """
 
     limit: int
-    waiting: bool = False
+    waiting: bool = True
     probing: bool = True
 
     def next(self) -> int:
@@ -446,6 +459,7 @@ class ProposalLength:
         self.waiting = self.probing = accepted == 0
 
     def stepped(self, would_have_matched: bool) -> None:
-        """Record an ordinary step taken while waiting: whether a proposal would have matched its token."""
+        """Record a token chosen without a verification (the prefill's, an ordinary step's): whether a
+        one-token proposal would have matched it. Ends a wait if it would."""
         if would_have_matched:
             self.waiting = False

@@ -445,7 +445,10 @@ class Scheduler:
             self.rows.append(row)
             rows.append(row)
             self.prompt_tokens_total += len(r.prompt_ids)
-        self._advance(rows, logits)
+        shadows = self._shadows(rows)  # the first token is the first check of a row's wait
+        chosen = [[token] for token in self._sample(rows, logits)]
+        self._end_waits(rows, shadows, chosen)
+        self._push(rows, chosen)
 
     def _decode(self, rows: list[_Row]) -> None:
         """Feed every row in use its newest token (and its proposals, with prompt lookup) and choose the next
@@ -453,17 +456,25 @@ class Scheduler:
         # A step feeds every slot up to the highest in use (idle ones too): "auto" budgets for those rows.
         limit = lookup_tokens(self.prompt_lookup, self.model, max(row.slot for row in rows) + 1, self.verify_budget)
         proposals = {row.slot: self._propose(row, limit) for row in rows} if limit else {}
-        # Rows waiting to propose again: would a proposal have been right? (costs no model work)
-        shadows = {row.slot: propose(row.context(), 1, self.prompt_lookup_max_ngram, self.corpus)
-                   for row in rows if limit and row.lookup.waiting}
+        shadows = self._shadows(rows) if limit else {}
         if any(proposals.values()):
             chosen = self._verify(rows, proposals)
         else:
             chosen = [[token] for token in self._step(rows)]
+        self._end_waits(rows, shadows, chosen)
+        self._push(rows, chosen)
+
+    def _shadows(self, rows: list[_Row]) -> dict[int, list[int]]:
+        """What a one-token proposal would be now for the rows waiting to propose (checked against the token
+        chosen next, to end the wait: costs no model work)."""
+        return {row.slot: propose(row.context(), 1, self.prompt_lookup_max_ngram, self.corpus)
+                for row in rows if row.lookup is not None and row.lookup.waiting}
+
+    def _end_waits(self, rows: list[_Row], shadows: dict[int, list[int]], chosen: list[list[int]]) -> None:
+        """Tell each waiting row whether its shadow proposal matched the first token it was given."""
         for row, tokens in zip(rows, chosen):
             if row.slot in shadows:
                 row.lookup.stepped(shadows[row.slot][:1] == tokens[:1])
-        self._push(rows, chosen)
 
     def _step(self, rows: list[_Row]) -> list[int]:
         """One ordinary decode step: every row feeds its newest token; returns the next token of each."""
@@ -515,10 +526,6 @@ class Scheduler:
             chosen.append(row_tokens)
         engine.accept(kept, rows=count, slots=slots)
         return chosen
-
-    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Sample one token per row from its logits [n, V], stream the text, retire finished rows."""
-        self._push(rows, [[token] for token in self._sample(rows, logits)])
 
     def _push(self, rows: list[_Row], tokens: list[list[int]]) -> None:
         """Record each row's new tokens (one, or all a verification kept), stream the text they make final in
