@@ -10,8 +10,15 @@ weights (two copies of every shape, taken in turns, so each call reads its weigh
 from the cache), the same kernels with a weight that fits the last-level cache (what unpacking and the
 dot products cost when memory is not the limit), and the memory read rate (the sum of a 1 GiB float32
 tensor). What a whole step takes beyond the sum of these (attention, norms, rotary, the KV cache and
-the Python / compiled-graph code between layers) is the step time of benchmarks/compare_chatglm_cpp.py
-minus that sum.
+the Python / compiled-graph code between layers) is measured by the last part: whole decode steps of
+glm_6b-shape models with a few layers (`--step-layers`, random int4 weights, decoded through DecodeEngine
+as generate() runs it, compiled where "auto" compiles), under torch.profiler with the compiled graphs'
+own kernels recorded, split into the linears, the lm_head, attention, the other compiled kernels, the
+compiled graph's wrapper code, Dynamo's guard checks and the rest (wall time minus all of these: the
+Python between layers, eager ops); two layer counts give each part's cost per layer, which is
+extrapolated to `--layers`. With a cache of `--cache-slots` slots (a chat's max_length, 2048), the same
+steps are also timed covering every slot of the cache, as the engine's steps did before they covered only
+the slots in use (alternating, so that both see the same machine).
 """
 
 from __future__ import annotations
@@ -65,6 +72,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--step-layers", type=int, nargs=2, default=[2, 6], metavar=("FEW", "MORE"),
+                        help="layer counts of the two models whose whole decode steps are profiled (0 0: skip)")
+    parser.add_argument("--only-step", action="store_true", help="profile the whole decode steps only")
+    parser.add_argument("--cache-slots", type=int, default=2048,
+                        help="slots of the cache in the slots-in-use comparison (0: skip it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not cpu_kernels.available():
@@ -73,6 +85,9 @@ def main() -> None:
 
     read = memory_read_rate(torch)
     print(f"kernels: {cpu_kernels.isa()}, {args.threads} threads; memory read {read / 1e9:.1f} GB/s\n")
+    if args.only_step:
+        step_table(args)
+        return
     print("| part of one decode token (batch 1, bfloat16 activations) | ms | GB read | GB/s | % of read rate |")
     print("|---|---:|---:|---:|---:|")
 
@@ -131,6 +146,134 @@ def main() -> None:
             row("lm_head int8 (int8-qe), PyTorch's _weight_int8pack_mm", seconds,
                 w.numel() + 2 * w.shape[0])
         del w, s
+    if min(args.step_layers) > 0:
+        step_table(args)
+
+
+# The parts of a profiled decode step, by the profiler's event names (self time: an event's own time, not its
+# children's). The compiled graph's kernels are named graph_<n>_cpp_fused_<the ops they fuse>.
+STEP_PARTS = [
+    ("linears (glm6b::quantized_matmul)", lambda name: name == "glm6b::quantized_matmul"),
+    ("lm_head (glm6b::bf16_matmul)", lambda name: name == "glm6b::bf16_matmul"),
+    ("attention (compiled kernels with the softmax)", lambda name: "cpp_fused" in name and "softmax" in name),
+    ("other compiled kernels (norms, rotary, GELU, residuals, cache writes)", lambda name: "cpp_fused" in name),
+    ("compiled graph's wrapper code", lambda name: name.startswith("## Call CompiledFxGraph")),
+    ("Dynamo's guard checks", lambda name: name == "TorchDynamo Cache Lookup"),
+]
+
+
+@torch.inference_mode()
+def profile_steps(layers: int, steps: int) -> tuple[float, dict[str, float]]:
+    """(median seconds of an unprofiled decode step, {part: seconds per step}) for a glm_6b-shape int4 model of
+    `layers` layers after a 100-token prompt; "the rest" is the profiled steps' wall time minus their parts."""
+    import torch._inductor.config as inductor_config
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.speculative import build_model
+    from glm6b.inference.engine import DecodeEngine
+    from glm6b.model import build_mask_and_positions
+
+    inductor_config.cpp.enable_kernel_profile = True  # the compiled kernels as profiler events of their own
+    model = build_model("int4", layers)
+    config = model.config
+    ids = torch.randint(6, 20000, (1, 98), generator=torch.Generator().manual_seed(0))
+    ids = torch.cat([ids, torch.tensor([[config.gmask_token_id, config.bos_token_id]])], dim=1)
+    mask, positions = build_mask_and_positions(ids, config, torch.ones_like(ids))
+    engine = DecodeEngine(model, 1, ids.shape[1] + 3 * steps + 8)
+    token = engine.prefill(ids, mask, positions).argmax(-1)
+    for _ in range(3):  # compiles
+        token = engine.decode(token).argmax(-1)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        token = engine.decode(token).argmax(-1)
+        times.append(time.perf_counter() - start)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            token = engine.decode(token).argmax(-1)
+        profiled = (time.perf_counter() - start) / steps
+    parts = dict.fromkeys([name for name, _ in STEP_PARTS], 0.0)
+    for event in prof.key_averages():
+        for name, matches in STEP_PARTS:
+            if matches(event.key):
+                parts[name] += event.self_cpu_time_total / 1e6 / steps
+                break
+    # The rest from the same profiled steps (the machine's memory speed moves within minutes here).
+    parts["the rest (Python between layers, eager ops)"] = profiled - sum(parts.values())
+    parts["whole step, profiled"] = profiled
+    del model, engine
+    torch._dynamo.reset()
+    return sorted(times)[len(times) // 2], parts
+
+
+def step_table(args) -> None:
+    few, more = args.step_layers
+    (step_few, parts_few), (step_more, parts_more) = (profile_steps(n, args.repeats) for n in (few, more))
+    rest = "the rest (Python between layers, eager ops)"
+    print(f"\nA whole int4 decode step (batch 1, 100-token prompt, random weights), profiled with {few} and {more} "
+          f"glm_6b layers. Per layer: the {more}-layer model's time / {more} for the parts that run once per layer "
+          f"(the lm_head runs once per step), the difference / {more - few} for the rest; at {args.layers} layers: "
+          f"those per-layer costs x {args.layers} plus the lm_head and the rest's constant part\n")
+    print(f"| part of a decode step | ms, {few} layers | ms, {more} layers | ms per layer | ms at {args.layers} layers |")
+    print("|---|---:|---:|---:|---:|")
+    total = 0.0
+    for name, _ in STEP_PARTS:
+        a, b = parts_few[name], parts_more[name]
+        if name.startswith("lm_head"):
+            per_layer, at_layers = None, (a + b) / 2
+        else:
+            per_layer = b / more
+            at_layers = per_layer * args.layers
+        total += at_layers
+        per = "" if per_layer is None else f"{1000 * per_layer:.3f}"
+        print(f"| {name} | {1000 * a:.2f} | {1000 * b:.2f} | {per} | {1000 * at_layers:.1f} |")
+    a, b = parts_few[rest], parts_more[rest]
+    per_layer = (b - a) / (more - few)
+    at_layers = a + per_layer * (args.layers - few)
+    total += at_layers
+    print(f"| {rest} | {1000 * a:.2f} | {1000 * b:.2f} | {1000 * per_layer:.3f} | {1000 * at_layers:.1f} |")
+    print(f"| whole step, profiled | {1000 * parts_few['whole step, profiled']:.2f} | "
+          f"{1000 * parts_more['whole step, profiled']:.2f} | | {1000 * total:.1f} |")
+    print(f"| whole step, not profiled (median) | {1000 * step_few:.2f} | {1000 * step_more:.2f} | | |", flush=True)
+    if args.cache_slots:
+        slots_table(args, more)
+
+
+@torch.inference_mode()
+def slots_table(args, layers: int) -> None:
+    """Decode steps after a 100-token prompt in a cache of `args.cache_slots` slots, covering the slots in use
+    (the engine's default on the CPU) or every slot (explicitly), in turns; per layer and at `args.layers`."""
+    from benchmarks.speculative import build_model
+    from glm6b.inference.engine import DecodeEngine
+    from glm6b.model import build_mask_and_positions
+
+    model = build_model("int4", layers)
+    config = model.config
+    ids = torch.randint(6, 20000, (1, 98), generator=torch.Generator().manual_seed(0))
+    ids = torch.cat([ids, torch.tensor([[config.gmask_token_id, config.bos_token_id]])], dim=1)
+    mask, positions = build_mask_and_positions(ids, config, torch.ones_like(ids))
+    engines = {name: DecodeEngine(model, 1, args.cache_slots) for name in ("in use", "all")}
+    covered = {"in use": None, "all": args.cache_slots}
+    tokens = {name: engine.prefill(ids, mask, positions).argmax(-1) for name, engine in engines.items()}
+    times = {name: [] for name in engines}
+    for step in range(3 + 2 * args.repeats):
+        for name, engine in engines.items():
+            start = time.perf_counter()
+            tokens[name] = engine.decode(tokens[name], slots=covered[name]).argmax(-1)
+            if step >= 3:  # the first ones compile
+                times[name].append(time.perf_counter() - start)
+    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    per_layer = (median["all"] - median["in use"]) / layers
+    print(f"\nThe same steps ({layers} layers) in a cache of {args.cache_slots} slots per row, 100-{100 + 3 + 2 * args.repeats} "
+          f"filled, alternating: every slot covered (the engine's steps before) against the slots in use\n")
+    print(f"| steps cover | ms a step, {layers} layers | saved per layer ms | saved at {args.layers} layers ms |")
+    print("|---|---:|---:|---:|")
+    print(f"| all {args.cache_slots} slots | {1000 * median['all']:.1f} | | |")
+    print(f"| the slots in use | {1000 * median['in use']:.1f} | {1000 * per_layer:.3f} | {1000 * per_layer * args.layers:.1f} |",
+          flush=True)
+    del model, engines
+    torch._dynamo.reset()
 
 
 if __name__ == "__main__":

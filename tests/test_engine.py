@@ -107,6 +107,30 @@ def test_a_full_row_stays_in_range(model, tok):
     assert torch.isfinite(logits).all()
 
 
+def test_a_cpu_step_covers_the_slots_in_use_with_the_logits_of_every_slot(model, tok, monkeypatch):
+    """In a cache far longer than the rows fill (a chat's max_length), a CPU step covers the filled slots and
+    its own, rounded up to SLOT_ROUNDING, and gives the logits of a step over every slot."""
+    from glm6b.inference import engine as engine_module
+
+    assert [engine_module.slots_for(n, 300) for n in (1, 64, 65, 290)] == [64, 64, 128, 300]
+    covered = []
+    real_rows = StaticKVCache.rows
+    monkeypatch.setattr(StaticKVCache, "rows", lambda self, rows, slots=None: (covered.append(slots),
+                                                                                real_rows(self, rows, slots))[1])
+    batch = tok(BATCH["texts"], padding=True, return_tensors="pt")
+    engines = [DecodeEngine(model, 3, 300, compile=False) for _ in range(2)]
+    with torch.inference_mode():
+        logits = [e.prefill(batch["input_ids"], batch["attention_mask"], batch["position_ids"]) for e in engines]
+        prompt = batch["input_ids"].shape[1]
+        for step in range(BATCH["max_new_tokens"]):
+            tokens = logits[0].argmax(-1)
+            covered.clear()
+            logits = [engines[0].decode(tokens), engines[1].decode(tokens, slots=300)]
+            assert covered == [engine_module.slots_for(prompt + step + 1, 300), 300]
+            assert_close_rel(logits[0], logits[1], what=f"step {step} over the slots in use")
+    assert prompt + BATCH["max_new_tokens"] < 128 <= 300
+
+
 def test_static_cache_slots_are_per_row(model):
     cache = StaticKVCache(model.config, 3, 16, torch.float32, "cpu")
     cache.lengths.copy_(torch.tensor([2, 5, 16]))

@@ -44,8 +44,15 @@ cache tensors, the attention coefficient) as inputs: a cold compile then costs s
 minutes a whole 28-layer step takes, and the step, a few hundred milliseconds of matrix-vector
 products, does not notice the per-layer calls. Graphs are compiled with automatic dynamic shapes: a
 second batch size or cache length compiles once more, with those sizes symbolic, and later ones reuse
-that graph (compiled per exact shape, a ninth shape would hit torch's recompile limit and fail). So the
-cache has the slots asked for, no more: a step's attention covers them all.
+that graph (compiled per exact shape, a ninth shape would hit torch's recompile limit and fail).
+
+A step's attention reads every slot it covers. On the CPU a step covers, unless told otherwise, the slots
+its rows have filled and the ones it writes, rounded up to SLOT_ROUNDING (`slots_for`), not the whole
+cache: a chat's cache holds max_length (2048) slots per row while its rows fill a few hundred. Masked
+slots weigh exactly 0 in the softmax, so the logits are the same either way. On CUDA the step covers every
+slot (fixed shapes; not measured there). The cache has one slot more than a row may fill, which no step
+covers: every step sees a view of the first slots with the same strides, so a compiled step takes the slot
+count as one symbolic size instead of compiling again when the slots in use reach the end.
 """
 
 from __future__ import annotations
@@ -66,6 +73,14 @@ DEFAULT_PREFILL_CHUNK_SIZE = 512
 COMPILE_ON_CPU_FROM_BYTES = 256 * 2**20
 # The most tokens "auto" prompt lookup proposes per row and step.
 AUTO_LOOKUP_TOKENS = 4
+# A CPU step's slots are rounded up to a multiple of this, so that its shape changes every SLOT_ROUNDING
+# tokens, not every token (the compiled CPU step takes the slot count as a symbolic size).
+SLOT_ROUNDING = 64
+
+
+def slots_for(needed: int, max_length: int) -> int:
+    """`needed` slots rounded up to a multiple of SLOT_ROUNDING, at most max_length."""
+    return min(max_length, -(-needed // SLOT_ROUNDING) * SLOT_ROUNDING)
 
 
 def should_compile(model, compile: bool | str = "auto") -> bool:
@@ -219,7 +234,11 @@ def _layerwise_logits(model, cache: StaticKVCache, tokens: torch.Tensor, positio
     x = transformer.word_embeddings(tokens)  # [B, T, H]
     cos, sin = transformer.rotary(position_ids, x.dtype)
     layer_step = _compiled(GLMBlock.decode)  # the layer is its first argument: one graph for all layers
+    # The slot count moves on every SLOT_ROUNDING tokens: symbolic from the first graph, not after a recompile.
+    torch._dynamo.maybe_mark_dynamic(mask, 3)
     for layer, keys, values, coeff in zip(transformer.layers, cache.layer_keys, cache.layer_values, layer_coeffs):
+        torch._dynamo.maybe_mark_dynamic(keys, 2)
+        torch._dynamo.maybe_mark_dynamic(values, 2)
         x = layer_step(layer, x, cos, sin, mask, keys, values, slots, coeff)
     return model.lm_head(transformer.final_layernorm(x))
 
@@ -260,12 +279,16 @@ class DecodeEngine:
         # All engine state is made and changed in inference mode (so the compiled step always sees
         # the same kind of tensors and never recompiles for that).
         with torch.inference_mode():
-            self.cache = StaticKVCache(config, batch_size, slots, model.dtype, device)
+            # One slot more than a row may fill, never covered by a step: every step covers a view of the
+            # first slots, so a compiled step sees the same (non-contiguous) strides at every slot count.
+            self.cache = StaticKVCache(config, batch_size, slots + 1, model.dtype, device)
+            self._slots = slots
             if prefix:
                 self.cache.fill_prefix(model.transformer.prefix_past(batch_size, model.dtype))
             self.positions = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
             # The compiled CPU step takes each layer's attention scaling as a tensor (layerwise_decode_step).
             self.layer_coeffs = [torch.tensor(float(i + 1), device=device) for i in range(config.num_layers)]
+        self._verified_slots: int | None = None  # the slots the last `verify` covered (what `accept` covers)
         self.prefill_chunk_size = prefill_chunk_size
         if device.type == "cpu" and model.dtype == torch.bfloat16:
             use_bf16_decode_kernels(model)  # one-row bf16 products read memory faster (glm6b.quant.cpu_kernels)
@@ -277,7 +300,7 @@ class DecodeEngine:
     @property
     def max_length(self) -> int:
         """Slots per row (P-tuning prefix included)."""
-        return self.cache.max_length
+        return self._slots
 
     @torch.inference_mode()
     def reset_rows(self, rows: slice | int | torch.Tensor | None = None) -> None:
@@ -303,7 +326,7 @@ class DecodeEngine:
         count, length = input_ids.shape
         rows = slice(0, count) if rows is None else rows
         rows = slice(rows, rows + 1) if isinstance(rows, int) else rows
-        cache = self.cache.rows(rows)
+        cache = self.cache.rows(rows, slots=self.max_length)
         if cache.batch_size != count:
             raise ValueError(f"prefill: {count} prompts for {cache.batch_size} rows {rows}")
         cache.reset_rows()
@@ -332,13 +355,14 @@ class DecodeEngine:
         Args:
             tokens: [B] one per row, or [rows] with `rows`.
             rows, slots: step only rows 0 .. rows-1, attending over their first `slots` slots (a server's
-                rows in use; the other rows are untouched). Default: every row and slot.
+                rows in use; the other rows are untouched). Default: every row; on the CPU the slots in
+                use (see the module docstring), elsewhere every slot.
 
         Returns:
             [B] (or [rows]) x V logits.
         """
         tokens = tokens.to(device=self.positions.device, dtype=torch.long).clone()  # an inference tensor, as always
-        cache, positions = self._rows(rows, slots)
+        cache, positions = self._rows(rows, self._slots_in_use(rows, slots, 1))
         if not self.compiled:
             return decode_step(self.model, cache, tokens, positions)
         if positions.device.type == "cpu":  # one graph for every layer: seconds to compile, not minutes
@@ -368,7 +392,9 @@ class DecodeEngine:
         """
         tokens = tokens.to(device=self.positions.device, dtype=torch.long).clone()
         counts = counts.to(device=self.positions.device, dtype=torch.long).clone()
-        cache, positions = self._rows(rows, slots)
+        # The fed tokens' slots and the last one, which takes the padding's keys; `accept` covers the same.
+        self._verified_slots = self._slots_in_use(rows, slots, tokens.shape[1] + 1)
+        cache, positions = self._rows(rows, self._verified_slots)
         if not self.compiled:
             return verify_step(self.model, cache, tokens, counts, positions)
         if positions.device.type == "cpu":
@@ -381,13 +407,20 @@ class DecodeEngine:
 
         Args:
             kept: [B] (or [rows]) int64, 1 + the proposals accepted for rows that were fed, 0 for idle ones.
-            rows, slots: as given to `verify`.
+            rows, slots: as given to `verify` (slots None: the slots `verify` covered).
         """
-        cache, positions = self._rows(rows, slots)
+        cache, positions = self._rows(rows, self._verified_slots if slots is None else slots)
         accept_step(cache, positions, kept.to(device=self.positions.device, dtype=torch.long))
 
+    def _slots_in_use(self, rows: int | None, slots: int | None, new: int) -> int | None:
+        """`slots` where given; else on the CPU the slots a step writing `new` slots per row needs (the rows'
+        filled ones and those), rounded (`slots_for`); else None (every slot)."""
+        if slots is not None or self.positions.device.type != "cpu":
+            return slots
+        lengths = self.cache.lengths if rows is None else self.cache.lengths[:rows]
+        return slots_for(int(lengths.max()) + new, self.max_length)
+
     def _rows(self, rows: int | None, slots: int | None) -> tuple[StaticKVCache, torch.Tensor]:
-        """The cache and positions of rows 0 .. rows-1 over their first `slots` slots (default: all)."""
-        if rows is None and slots is None:
-            return self.cache, self.positions
+        """The cache and positions of rows 0 .. rows-1 over their first `slots` slots (default: all a row uses)."""
+        slots = self.max_length if slots is None else min(slots, self.max_length)
         return self.cache.rows(slice(0, rows), slots=slots), self.positions[:rows]

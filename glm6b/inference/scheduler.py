@@ -44,7 +44,7 @@ import torch
 
 from ..config import GenerationConfig
 from ..model import build_mask_and_positions
-from .engine import DecodeEngine, lookup_tokens, verify_rows_budget
+from .engine import DecodeEngine, lookup_tokens, slots_for, verify_rows_budget
 from .lookup import DEFAULT_MAX_NGRAM, ProposalLength, check_corpus_setting, corpus_index, propose
 from .sampling import accept_verified, choose_tokens, process_scores
 from .text import process_response, stable_length
@@ -53,9 +53,6 @@ log = logging.getLogger(__name__)
 
 # Tokens decoded again at every step at most (about): older ones are decoded once into a fixed head.
 _DECODE_WINDOW = 32
-# Steps attend over the slots in use rounded up to this (fewer distinct shapes for the kernels).
-SLOT_ROUNDING = 64
-
 
 class QueueFullError(RuntimeError):
     """The waiting queue is full; try again later."""
@@ -480,9 +477,9 @@ class Scheduler:
         """One ordinary decode step: every row feeds its newest token; returns the next token of each."""
         engine = self.engine
         # Rows up to the highest one in use (new requests take the lowest free row), over the slots in use
-        # (rounded up, so that the step's shape changes every SLOT_ROUNDING tokens, not every token).
+        # (rounded up, so that the step's shape changes every SLOT_ROUNDING tokens, not every token: slots_for).
         count = max(row.slot for row in rows) + 1
-        slots = min(engine.max_length, -(-(max(row.filled for row in rows) + 1) // SLOT_ROUNDING) * SLOT_ROUNDING)
+        slots = slots_for(max(row.filled for row in rows) + 1, engine.max_length)
         tokens = torch.full((count,), self.model.config.pad_token_id, dtype=torch.long)  # idle rows feed <pad>
         tokens[[row.slot for row in rows]] = torch.tensor([row.ids[-1] for row in rows])
         logits = engine.decode(tokens, rows=count, slots=slots)
@@ -504,7 +501,7 @@ class Scheduler:
         fed = {row.slot: 1 + len(proposals[row.slot]) for row in rows}
         # As in _decode, plus one slot: the last slot of the step takes the padding's keys (DecodeEngine.verify).
         needed = max(row.filled + fed[row.slot] for row in rows) + 1
-        slots = min(engine.max_length, -(-needed // SLOT_ROUNDING) * SLOT_ROUNDING)
+        slots = slots_for(needed, engine.max_length)
         tokens = torch.full((count, width), pad, dtype=torch.long)
         counts = torch.zeros(count, dtype=torch.long)  # idle rows feed nothing
         for row in rows:
