@@ -162,6 +162,18 @@ STEP_PARTS = [
 ]
 
 
+def int4_model_and_prompt(layers: int):
+    """A glm_6b-shape int4 model of `layers` layers (random weights) and a 100-token prompt's (ids, mask, positions)."""
+    from benchmarks.speculative import build_model
+    from glm6b.model import build_mask_and_positions
+
+    model = build_model("int4", layers)
+    config = model.config
+    ids = torch.randint(6, 20000, (1, 98), generator=torch.Generator().manual_seed(0))
+    ids = torch.cat([ids, torch.tensor([[config.gmask_token_id, config.bos_token_id]])], dim=1)
+    return model, (ids, *build_mask_and_positions(ids, config, torch.ones_like(ids)))
+
+
 @torch.inference_mode()
 def profile_steps(layers: int, steps: int) -> tuple[float, dict[str, float]]:
     """(median seconds of an unprofiled decode step, {part: seconds per step}) for a glm_6b-shape int4 model of
@@ -169,18 +181,12 @@ def profile_steps(layers: int, steps: int) -> tuple[float, dict[str, float]]:
     import torch._inductor.config as inductor_config
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks.speculative import build_model
     from glm6b.inference.engine import DecodeEngine
-    from glm6b.model import build_mask_and_positions
 
     inductor_config.cpp.enable_kernel_profile = True  # the compiled kernels as profiler events of their own
-    model = build_model("int4", layers)
-    config = model.config
-    ids = torch.randint(6, 20000, (1, 98), generator=torch.Generator().manual_seed(0))
-    ids = torch.cat([ids, torch.tensor([[config.gmask_token_id, config.bos_token_id]])], dim=1)
-    mask, positions = build_mask_and_positions(ids, config, torch.ones_like(ids))
-    engine = DecodeEngine(model, 1, ids.shape[1] + 3 * steps + 8)
-    token = engine.prefill(ids, mask, positions).argmax(-1)
+    model, prompt = int4_model_and_prompt(layers)
+    engine = DecodeEngine(model, 1, prompt[0].shape[1] + 3 * steps + 8)
+    token = engine.prefill(*prompt).argmax(-1)
     for _ in range(3):  # compiles
         token = engine.decode(token).argmax(-1)
     times = []
@@ -244,18 +250,12 @@ def step_table(args) -> None:
 def slots_table(args, layers: int) -> None:
     """Decode steps after a 100-token prompt in a cache of `args.cache_slots` slots, covering the slots in use
     (the engine's default on the CPU) or every slot (explicitly), in turns; per layer and at `args.layers`."""
-    from benchmarks.speculative import build_model
     from glm6b.inference.engine import DecodeEngine
-    from glm6b.model import build_mask_and_positions
 
-    model = build_model("int4", layers)
-    config = model.config
-    ids = torch.randint(6, 20000, (1, 98), generator=torch.Generator().manual_seed(0))
-    ids = torch.cat([ids, torch.tensor([[config.gmask_token_id, config.bos_token_id]])], dim=1)
-    mask, positions = build_mask_and_positions(ids, config, torch.ones_like(ids))
+    model, prompt = int4_model_and_prompt(layers)
     engines = {name: DecodeEngine(model, 1, args.cache_slots) for name in ("in use", "all")}
     covered = {"in use": None, "all": args.cache_slots}
-    tokens = {name: engine.prefill(ids, mask, positions).argmax(-1) for name, engine in engines.items()}
+    tokens = {name: engine.prefill(*prompt).argmax(-1) for name, engine in engines.items()}
     times = {name: [] for name in engines}
     for step in range(3 + 2 * args.repeats):
         for name, engine in engines.items():

@@ -288,7 +288,6 @@ class DecodeEngine:
             self.positions = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
             # The compiled CPU step takes each layer's attention scaling as a tensor (layerwise_decode_step).
             self.layer_coeffs = [torch.tensor(float(i + 1), device=device) for i in range(config.num_layers)]
-        self._verified_slots: int | None = None  # the slots the last `verify` covered (what `accept` covers)
         self.prefill_chunk_size = prefill_chunk_size
         if device.type == "cpu" and model.dtype == torch.bfloat16:
             use_bf16_decode_kernels(model)  # one-row bf16 products read memory faster (glm6b.quant.cpu_kernels)
@@ -392,9 +391,8 @@ class DecodeEngine:
         """
         tokens = tokens.to(device=self.positions.device, dtype=torch.long).clone()
         counts = counts.to(device=self.positions.device, dtype=torch.long).clone()
-        # The fed tokens' slots and the last one, which takes the padding's keys; `accept` covers the same.
-        self._verified_slots = self._slots_in_use(rows, slots, tokens.shape[1] + 1)
-        cache, positions = self._rows(rows, self._verified_slots)
+        # The fed tokens' slots and the last one, which takes the padding's keys.
+        cache, positions = self._rows(rows, self._slots_in_use(rows, slots, tokens.shape[1] + 1))
         if not self.compiled:
             return verify_step(self.model, cache, tokens, counts, positions)
         if positions.device.type == "cpu":
@@ -407,18 +405,19 @@ class DecodeEngine:
 
         Args:
             kept: [B] (or [rows]) int64, 1 + the proposals accepted for rows that were fed, 0 for idle ones.
-            rows, slots: as given to `verify` (slots None: the slots `verify` covered).
+            rows, slots: as given to `verify` (slots None: as far as the kept tokens reach).
         """
-        cache, positions = self._rows(rows, self._verified_slots if slots is None else slots)
-        accept_step(cache, positions, kept.to(device=self.positions.device, dtype=torch.long))
+        kept = kept.to(device=self.positions.device, dtype=torch.long)
+        cache, positions = self._rows(rows, self._slots_in_use(rows, slots, kept))
+        accept_step(cache, positions, kept)
 
-    def _slots_in_use(self, rows: int | None, slots: int | None, new: int) -> int | None:
+    def _slots_in_use(self, rows: int | None, slots: int | None, new: int | torch.Tensor) -> int | None:
         """`slots` where given; else on the CPU the slots a step writing `new` slots per row needs (the rows'
-        filled ones and those), rounded (`slots_for`); else None (every slot)."""
+        filled ones and those; a tensor: per row), rounded (`slots_for`); else None (every slot)."""
         if slots is not None or self.positions.device.type != "cpu":
             return slots
         lengths = self.cache.lengths if rows is None else self.cache.lengths[:rows]
-        return slots_for(int(lengths.max()) + new, self.max_length)
+        return slots_for(int((lengths + new).max()), self.max_length)
 
     def _rows(self, rows: int | None, slots: int | None) -> tuple[StaticKVCache, torch.Tensor]:
         """The cache and positions of rows 0 .. rows-1 over their first `slots` slots (default: all a row uses)."""

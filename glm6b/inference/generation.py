@@ -210,7 +210,7 @@ def _steps_with_lookup(engine: DecodeEngine, logits: torch.Tensor, sequences: to
                 stats.proposed += m
                 stats.accepted += len(tokens) - 1
             elif r in shadows:
-                lengths[r].stepped(bool(shadows[r]) and shadows[r][0] == tokens[0])
+                lengths[r].stepped(shadows[r][:1] == tokens[:1])
             record(r, tokens, row_scores)
         if width > 1:
             engine.accept(torch.tensor(kept))
