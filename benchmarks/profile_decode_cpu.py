@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.compare_chatglm_cpp import memory_read_rate  # noqa: E402
 from glm6b.quant import cpu_kernels  # noqa: E402
+from glm6b.quant import linear as quant_linear  # noqa: E402
 
 LAYER_SHAPES = [(12288, 4096), (4096, 4096), (16384, 4096), (4096, 16384)]  # [out, in]
 LM_HEAD = (130528, 4096)
@@ -95,17 +96,19 @@ def main() -> None:
         print(f"| {name} | {1000 * seconds:.1f} | {nbytes / 1e9:.3f} | {nbytes / seconds / 1e9:.1f} | "
               f"{100 * nbytes / seconds / read:.0f} % |", flush=True)
 
-    # glm6b's kernel (what decoding runs without AMX, glm6b.quant.linear.KERNELS), the opt-in
-    # int8-activation one (AVX2 build), which unpacks less, and for int8 on the AVX-512 build PyTorch's
-    # weight-only op, which decoding ran there before glm6b's int8 dot products beat it.
-    kernels = [("", cpu_kernels.quantized_matmul)]
+    # glm6b's kernel (what decoding runs without AMX, glm6b.quant.linear.KERNELS: on the AVX2 build int4 takes
+    # 16-bit activations), there also the float32 products int4 took before them and the opt-in
+    # int8-activation kernel, which unpacks less, and for int8 on the AVX-512 build PyTorch's weight-only op,
+    # which decoding ran there before glm6b's int8 dot products beat it.
+    kernels = [("", decode_kernel)]
     if cpu_kernels.isa() == "avx2":
+        kernels.append((", float32 products (GLM6B_INT16_ACTIVATIONS=0)", cpu_kernels.quantized_matmul))
         kernels.append((", int8 activations (opt-in)", cpu_kernels.quantized_matmul_int8_activations))
     if cpu_kernels.isa() == "avx512bf16":
         kernels.append((", PyTorch's _weight_int8pack_mm", int8pack))
     for bits in (4, 8):
         for label, kernel in kernels:
-            if kernel is int8pack and bits != 8:
+            if (kernel is int8pack and bits != 8) or ("float32 products" in label and bits != 4):
                 continue
             total_s = total_b = 0.0
             for out_f, in_f in LAYER_SHAPES:
@@ -138,7 +141,7 @@ def main() -> None:
     del weight
     for bits in (4, 8):
         w, s = thudm_weight(*LM_HEAD, bits, 3)
-        seconds = median_seconds(lambda w=w, s=s, bits=bits: cpu_kernels.quantized_matmul(x[:, :4096], w, s, bits),
+        seconds = median_seconds(lambda w=w, s=s, bits=bits: decode_kernel(x[:, :4096], w, s, bits),
                                  max(5, args.repeats // 2))
         row(f"lm_head int{bits} (int{bits}-qe)", seconds, w.numel() + 2 * w.shape[0])
         if bits == 8 and cpu_kernels.isa() == "avx512bf16":
@@ -150,10 +153,17 @@ def main() -> None:
         step_table(args)
 
 
+def decode_kernel(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """The product a decode step's quantized linear runs here for bfloat16 rows (glm6b.quant.linear.KERNELS)."""
+    if bits == 4 and cpu_kernels.isa() == "avx2" and quant_linear.int16_activations_allowed():
+        return cpu_kernels.quantized_matmul_int16_activations(x, weight, scale)
+    return cpu_kernels.quantized_matmul(x, weight, scale, bits)
+
+
 # The parts of a profiled decode step, by the profiler's event names (self time: an event's own time, not its
 # children's). The compiled graph's kernels are named graph_<n>_cpp_fused_<the ops they fuse>.
 STEP_PARTS = [
-    ("linears (glm6b::quantized_matmul)", lambda name: name == "glm6b::quantized_matmul"),
+    ("linears (glm6b::quantized_matmul*)", lambda name: name.startswith("glm6b::quantized_matmul")),
     ("lm_head (glm6b::bf16_matmul)", lambda name: name == "glm6b::bf16_matmul"),
     ("attention (compiled kernels with the softmax)", lambda name: "cpp_fused" in name and "softmax" in name),
     ("other compiled kernels (norms, rotary, GELU, residuals, cache writes)", lambda name: "cpp_fused" in name),

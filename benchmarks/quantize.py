@@ -15,7 +15,8 @@ Tables:
    step), where they build (AVX512-BF16 or AVX2), glm6b's own kernels (glm6b.quant.cpu_kernels). On the AVX2
    build, from linear.AVX2_GEMM_MIN_ROWS rows, also the bfloat16 weight multiplied as float32 blocks (what
    BF16DecodeLinear runs in a prefill there) and F.linear in float32 (the float32 GEMM: that CPU's roofline
-   for a prefill), and the module with int8 activations (opt-in). The same module is also timed
+   for a prefill), and the module with int8 activations (opt-in) and, for int4, with the float32 FMA
+   products (GLM6B_INT16_ACTIVATIONS=0; its default there is 16-bit activations). The same module is also timed
    held to PyTorch's ops ("stock ops") and, on a CPU with AMX, to the kernels' path for CPUs without
    it ("glm6b no AMX"). Where the stock ops run, from glm6b.quant.linear.CPU_DEQUANTIZED_MIN_ROWS rows
    on the module multiplies blocks of de-quantized weight; its "row kernel" line is that module held
@@ -24,7 +25,8 @@ Tables:
 2. quality: top-1 agreement with the bfloat16 model and the largest |logit difference| (also
    relative to the largest |logit|), for int8, int4 and each with the word embeddings and lm_head
    quantized (THUDM's int4-qe; "+ emb/lm_head"), and on the AVX2 build each again with int8 activations
-   (GLM6B_INT8_ACTIVATIONS=1), on the golden checkpoint and inputs (tests/golden, cases.json
+   (GLM6B_INT8_ACTIVATIONS=1) and the int4 ones with the float32 FMA products instead of their default
+   16-bit activations (GLM6B_INT16_ACTIVATIONS=0), on the golden checkpoint and inputs (tests/golden, cases.json
    forward_batch and generate_single_greedy prompts, real positions only) and on a random model of
    the glm_6b shape with --layers layers (width, heads and the 130528 vocabulary of the real one).
    The float32 row is the noise floor: bfloat16 against float32.
@@ -71,25 +73,44 @@ SHAPES = [(4096, 4096), (16384, 4096), (4096, 16384)]  # [out, in]: dense, dense
 LM_HEAD = (130528, 4096)
 SCHEMES = [("int8", dict(quantize="int8")), ("int8 + emb/lm_head", dict(quantize="int8", quantize_embeddings=True)),
            ("int4", dict(quantize="int4")), ("int4 + emb/lm_head", dict(quantize="int4", quantize_embeddings=True))]
-# The opt-in int8-activation kernels (AVX2 build, GLM6B_INT8_ACTIVATIONS=1): quality and decode rows.
-INT8_ACTIVATION_SCHEMES = [(f"{name}, int8 activations", kwargs) for name, kwargs in SCHEMES]
+# The AVX2 build's other products, each chosen by an environment variable while a layer's kernel is built:
+# the opt-in int8 activations (all schemes), and the float32 FMA products that int4 layers take with
+# bfloat16 inputs when 16-bit activations are switched off. Quality, kernel and decode rows.
+AVX2_VARIANTS = {"int8 activations": {"GLM6B_INT8_ACTIVATIONS": "1"},
+                 "float32 products": {"GLM6B_INT16_ACTIVATIONS": "0"}}
 
 
-def int8_activations_here() -> bool:
+def avx2_variants_here() -> bool:
     return cpu_kernels.isa() == "avx2"
 
 
-def prepare_with_int8_activations(model, dtype=None) -> dict[str, int]:
-    """prepare_kernels with GLM6B_INT8_ACTIVATIONS=1 while the kernels are built."""
-    saved = os.environ.get("GLM6B_INT8_ACTIVATIONS")
-    os.environ["GLM6B_INT8_ACTIVATIONS"] = "1"
-    try:
-        return prepare_kernels(model, dtype=dtype)
-    finally:
-        if saved is None:
-            os.environ.pop("GLM6B_INT8_ACTIVATIONS")
-        else:
-            os.environ["GLM6B_INT8_ACTIVATIONS"] = saved
+def variant_schemes() -> list[tuple[str, dict]]:
+    """The AVX2 variants' rows (none elsewhere): every scheme with int8 activations, the int4 ones with the
+    float32 products."""
+    if not avx2_variants_here():
+        return []
+    return ([(f"{name}, int8 activations", kwargs) for name, kwargs in SCHEMES]
+            + [(f"{name}, float32 products", kwargs) for name, kwargs in SCHEMES if kwargs["quantize"] == "int4"])
+
+
+def prepare_for(name: str):
+    """prepare_kernels, with the environment of the AVX2 variant `name` ends with (if any) while the kernels
+    are built."""
+    variant = next((env for suffix, env in AVX2_VARIANTS.items() if name.endswith(suffix)), {})
+
+    def prepare(model, dtype=None) -> dict[str, int]:
+        saved = {key: os.environ.get(key) for key in variant}
+        os.environ.update(variant)
+        try:
+            return prepare_kernels(model, dtype=dtype)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key)
+                else:
+                    os.environ[key] = value
+
+    return prepare
 
 
 def interleaved_median_ms(fns, repeats: int) -> list[float]:
@@ -137,11 +158,13 @@ def kernel_table(repeats: int, lm_head: bool, row_counts: list[int]) -> None:
                 variants[f"int{bits}, stock ops"] = prepared_with(module, supports=lambda *a: False)
             if cpu_kernels.has_amx():
                 variants[f"int{bits}, glm6b no AMX"] = prepared_with(module, has_amx=lambda: False)
-            if int8_activations_here():
+            for variant in AVX2_VARIANTS if avx2_variants_here() else ():
+                if variant == "float32 products" and bits != 4:
+                    continue
                 copy = prepared_with(module)
                 copy._kernel = None
-                prepare_with_int8_activations(copy, torch.bfloat16)
-                variants[f"int{bits}, int8 activations"] = copy
+                prepare_for(variant)(copy, torch.bfloat16)
+                variants[f"int{bits}, {variant}"] = copy
         for rows in row_counts:
             many = rows >= quant_linear.CPU_DEQUANTIZED_MIN_ROWS
             x = torch.randn(rows, in_f, generator=gen).to(torch.bfloat16)
@@ -255,12 +278,10 @@ def quality_rows(folder: Path, run, label: str) -> None:
     reference, real = run(load_model(folder, dtype=torch.bfloat16))
     gc.collect()
     rows = [("float32", dict(dtype=torch.float32))] + [(n, dict(dtype=torch.bfloat16, **kw)) for n, kw in SCHEMES]
-    if int8_activations_here():
-        rows += [(n, dict(dtype=torch.bfloat16, **kw)) for n, kw in INT8_ACTIVATION_SCHEMES]
+    rows += [(n, dict(dtype=torch.bfloat16, **kw)) for n, kw in variant_schemes()]
     for name, kwargs in rows:
         model = load_model(folder, **kwargs)
-        prepare = prepare_with_int8_activations if "int8 activations" in name else prepare_kernels
-        kernels = prepare(model, dtype=torch.bfloat16) if "quantize" in kwargs else {}
+        kernels = prepare_for(name)(model, dtype=torch.bfloat16) if "quantize" in kwargs else {}
         logits, _ = run(model)
         del model
         gc.collect()
@@ -352,11 +373,10 @@ def decode_table(folder: Path, layers: int, steps: int, rounds: int = 5) -> None
     print("| precision | ms per decode step | vs bf16 | kernels |")
     print("|-----------|--------------------|---------|---------|")
     models = {}
-    schemes = [("bf16", {})] + SCHEMES + (INT8_ACTIVATION_SCHEMES if int8_activations_here() else [])
+    schemes = [("bf16", {})] + SCHEMES + variant_schemes()
     for name, kwargs in schemes:
         model = load_model(folder, dtype=torch.bfloat16, **kwargs)
-        prepare = prepare_with_int8_activations if "int8 activations" in name else prepare_kernels
-        models[name] = (model, prepare(model) if kwargs else {})
+        models[name] = (model, prepare_for(name)(model) if kwargs else {})
     c = next(iter(models.values()))[0].config
     prompt = torch.cat([torch.randint(6, c.mask_token_id, (1, 30), generator=torch.Generator().manual_seed(2)),
                         torch.tensor([[c.gmask_token_id, c.bos_token_id]])], dim=1)

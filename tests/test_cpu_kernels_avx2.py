@@ -21,6 +21,7 @@ import torch
 from glm6b.quant import cpu_kernels, linear
 from glm6b.quant.linear import QuantizedLinear, kernel_for
 from glm6b.quant.thudm import quantize_to_thudm, unpacked_weight
+from helpers import GOLDEN, golden_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(
@@ -105,6 +106,68 @@ def test_int8_activations_equal_their_integer_definition(bits, dtype, out_featur
         assert (got.double() - full).abs().max() <= 0.03 * full.abs().max()
 
 
+EXACT_BINADES = {torch.bfloat16: 7, torch.float16: 4}
+
+
+def int16_activations(x: torch.Tensor) -> torch.Tensor:
+    """The 16-bit activations written out (float64): each block of 64 columns rounded to nearest (even) in
+    steps of 2^(e - 15), where the block's largest magnitude is f * 2^e with f in [0.5, 1)."""
+    blocks = x.double().reshape(x.shape[0], -1, 64)
+    largest = blocks.abs().amax(dim=2, keepdim=True)
+    step = torch.where(largest > 0, torch.ldexp(torch.ones_like(largest), torch.frexp(largest).exponent - 15),
+                       torch.ones_like(largest))
+    return (torch.round(blocks / step) * step).reshape(x.shape)
+
+
+def activation_blocks(rows: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
+    """Activations with what the 16-bit blocks must handle: an outlier 300x the rest in one block, a block of
+    zeros, a block 2^-40 the size of the rest, values of every binade in between."""
+    x = torch.randn(rows, in_features, generator=generator) * torch.exp2(torch.randint(-6, 3, (rows, in_features),
+                                                                                      generator=generator).float())
+    x[:, 3] = 300.0
+    if in_features >= 192:
+        x[:, 64:128] = 0.0
+        x[:, 128:192] *= 2.0**-40
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("out_features, in_features", SHAPES)
+def test_int16_activations_equal_their_definition(dtype, out_features, in_features):
+    """int4 x 16-bit activations: the blocks' products are exact integers, so the result is the written-out
+    16-bit activations times the weight within float32 summation and the output's rounding; and it is
+    x @ W.T within the activations' rounding (2^-15 of each block's largest) -- bfloat16 values within 2^7 of
+    their block's largest convert exactly (float16 ones within 2^4)."""
+    q, scale, exact = thudm_weight(4, out_features, in_features)
+    generator = torch.Generator().manual_seed(6)
+    for rows in ROWS:
+        x = activation_blocks(rows, in_features, generator).to(dtype)
+        got = cpu_kernels.quantized_matmul_int16_activations(x, q, scale)
+        assert got.dtype == dtype and got.shape == (rows, out_features)
+        xq = int16_activations(x)
+        want = xq @ exact.T
+        bound = ROUNDING[dtype] * want.abs() + 2.0**-20 * (xq.abs() @ exact.abs().T) + 1e-30
+        assert ((got.double() - want).abs() <= bound).all(), rows
+        # 15 bits of magnitude hold the 8 significant bits of a bfloat16 over 7 binades, a float16's 11 over 4
+        blocks_largest = x.double().abs().reshape(rows, -1, 64).amax(2).repeat_interleave(64, 1)
+        within = x.double().abs() * 2.0**EXACT_BINADES[dtype] >= blocks_largest
+        assert within.sum() >= rows and torch.equal(xq[within], x.double()[within])
+        assert ((xq - x.double()).abs() <= blocks_largest * 2.0**-15).all()
+
+
+def test_int16_activations_refuse_float32_and_carry_inf_and_nan():
+    q, scale, exact = thudm_weight(4, 64, 256)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        cpu_kernels.quantized_matmul_int16_activations(torch.randn(2, 256), q, scale)
+    x = torch.randn(3, 256).bfloat16()
+    x[1, 7] = float("inf")
+    x[2, 9] = float("nan")
+    got = cpu_kernels.quantized_matmul_int16_activations(x, q, scale)
+    float32_products = cpu_kernels.quantized_matmul(x, q, scale, 4)  # what every row then takes
+    assert torch.equal(got.nan_to_num(), float32_products.nan_to_num())
+    assert torch.isnan(got[2]).all() and not torch.isfinite(got[1]).all()
+
+
 def random_layer(bits: int, out_features: int, in_features: int) -> QuantizedLinear:
     linear_layer = torch.nn.Linear(in_features, out_features)
     with torch.no_grad():
@@ -121,22 +184,28 @@ def test_layers_take_the_avx2_table_rows_on_thudms_bytes(bits, dtype, monkeypatc
     monkeypatch.setattr(linear, "AVX2_DEQUANTIZED_BLOCK_BYTES", 64 * 256 * 4)
     layer = random_layer(bits, 320, 256)
     thudm = layer.weight.detach().clone()
-    assert layer.prepare("cpu", dtype) == "glm6b_avx2"
+    # int4 with bfloat16 / float16 inputs: 16-bit integer activations; otherwise the float32 FMA products
+    int16 = bits == 4 and dtype != torch.float32
+    path, dot = ("glm6b_avx2_int16_activations", "_avx2_int16_activations") if int16 else ("glm6b_avx2", "_avx2_dot")
+    assert layer.prepare("cpu", dtype) == path
     exact = unpacked_weight(layer.weight, bits).double() * layer.weight_scale.double()[:, None]
     blocks = []
     dequantize_rows = cpu_kernels.dequantize_rows
     monkeypatch.setattr(cpu_kernels, "dequantize_rows", lambda w, *a: blocks.append(w.shape[0]) or dequantize_rows(w, *a))
-    for rows, kernel in ((1, "_avx2_dot"), (5, "_avx2_dot"), (linear.AVX2_GEMM_MIN_ROWS - 1, "_avx2_dot"),
+    for rows, kernel in ((1, dot), (5, dot), (linear.AVX2_GEMM_MIN_ROWS - 1, dot),
                          (linear.AVX2_GEMM_MIN_ROWS, "_avx2_float32_blocks"), (130, "_avx2_float32_blocks")):
-        assert kernel_for("cpu", "glm6b_avx2", bits, rows).__name__ == kernel
+        assert kernel_for("cpu", path, bits, rows).__name__ == kernel
         blocks.clear()
         x = torch.randn(1, rows, 256).to(dtype)
         got = layer(x)
         product = x.double() @ exact.T
         want = product + layer.bias.double()
-        # rounded: the product, the bias in x's dtype, their sum
+        # rounded: the product, the bias in x's dtype, their sum (and the 16-bit activations: 2^-15 of a block's
+        # largest value each)
+        largest = x.double().abs().reshape(1, rows, -1, 64).amax(3).repeat_interleave(64, 2)
+        activations = 2.0**-15 * largest @ exact.abs().T if kernel == dot and int16 else 0.0
         bound = (ROUNDING[dtype] * (product.abs() + layer.bias.double().abs() + want.abs())
-                 + 2.0**-20 * (x.double().abs() @ exact.abs().T))
+                 + 2.0**-20 * (x.double().abs() @ exact.abs().T) + activations)
         assert got.dtype == dtype and ((got.double() - want).abs() <= 1.01 * bound).all(), rows
         assert blocks == ([64] * 5 if kernel == "_avx2_float32_blocks" else [])
     assert torch.equal(layer.state_dict()["weight"], thudm) and not layer._in_place
@@ -158,6 +227,50 @@ def test_int8_activations_are_opt_in(bits, monkeypatch):
     want = int8_activation_reference(x, layer.weight, layer.weight_scale, bits) + layer.bias
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     assert not torch.equal(got, exact_result)  # it changes results: hence opt-in
+
+
+def test_int16_activations_switch_off_to_the_float32_products(monkeypatch):
+    layer = random_layer(4, 128, 256)
+    x = torch.randn(2, 256).bfloat16()
+    assert layer.prepare("cpu", torch.bfloat16) == "glm6b_avx2_int16_activations"
+    monkeypatch.setenv("GLM6B_INT16_ACTIVATIONS", "0")
+    layer._kernel = None
+    assert layer.prepare("cpu", torch.bfloat16) == "glm6b_avx2"
+    want = cpu_kernels.quantized_matmul(x, layer.weight, layer.weight_scale, 4) + layer.bias.to(x.dtype)
+    assert torch.equal(layer(x), want)
+
+
+@pytest.mark.parametrize("embeddings", [False, True], ids=["int4", "int4-qe"])
+def test_int16_activations_follow_the_float32_model_as_far_as_the_float32_products_do(embeddings, monkeypatch):
+    """The golden checkpoint quantized to int4, decoded in bfloat16 with 16-bit activations and with the float32
+    products, against the same int4 weights in float32 (exact arithmetic but for float32 sums): the greedy answers
+    to the golden prompts agree with the float32 model's at least as far with 16-bit activations (this tiny
+    random model's logits are near ties, so bfloat16 activations alone move some answers), and the logits'
+    largest difference from it stays within 10 % of the float32 products'."""
+    from glm6b import generate, load_model
+
+    cases = golden_cases()
+    case, batch = cases["generate_single_greedy"], torch.tensor(cases["forward_batch"]["input_ids"])
+
+    def logits_and_answers(model):
+        with torch.no_grad():
+            return model(batch).logits.float(), [
+                generate(model, torch.tensor(item["input_ids"]).view(1, -1), do_sample=False,
+                         max_new_tokens=case["max_new_tokens"])[0].tolist() for item in case["items"]]
+
+    reference_logits, reference = logits_and_answers(
+        load_model(GOLDEN, dtype=torch.float32, quantize="int4", quantize_embeddings=embeddings))
+    results = {}
+    for allowed, path in (("1", "glm6b_avx2_int16_activations"), ("0", "glm6b_avx2")):
+        monkeypatch.setenv("GLM6B_INT16_ACTIVATIONS", allowed)
+        model = load_model(GOLDEN, dtype=torch.bfloat16, quantize="int4", quantize_embeddings=embeddings)
+        logits, answers = logits_and_answers(model)
+        assert {m._kernel[0] for m in model.modules() if isinstance(m, QuantizedLinear)} == {path}
+        agreeing = [next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
+                    for ours, theirs in zip(answers, reference)]
+        results[allowed] = (logits - reference_logits).abs().max().item(), agreeing
+    assert all(int16 >= float32 for int16, float32 in zip(results["1"][1], results["0"][1])), results
+    assert results["1"][0] <= 1.1 * results["0"][0], results
 
 
 def test_switches_pick_the_stock_ops_or_the_avx2_kernels():

@@ -18,7 +18,10 @@ they are and unpack each weight block once for all rows. Two builds, chosen by w
   (decoding): each weight group is unpacked to float32 in registers once for all rows. Many rows (a
   prefill): `dequantize_rows` writes float32 blocks of q * scale for PyTorch's float32 GEMM (a CPU
   without bfloat16 units has no faster product). ``glm6b::bf16_matmul`` reads a bfloat16 weight the
-  same way (the bfloat16 lm_head of int4 / int8). ``glm6b::quantized_matmul_int8_activations``
+  same way (the bfloat16 lm_head of int4 / int8). ``glm6b::quantized_matmul_int16_activations``: int4
+  weights times bfloat16 / float16 rows converted to 16-bit integers per 64 columns (exact integer
+  products, about half the instructions of the float32 ones; what int4 layers decode with there).
+  ``glm6b::quantized_matmul_int8_activations``
   quantizes the activations per row to int8 and multiplies in integers (vpmaddubsw): opt-in, as it
   changes results (glm6b.quant.linear, ``GLM6B_INT8_ACTIVATIONS=1``).
 
@@ -32,7 +35,8 @@ where the CPU has its instructions. Where there is no compiler, neither instruct
 kernels on a CPU that has both (to compare, and to test the AVX2 path there).
 
 The entry points are PyTorch custom ops (``glm6b::quantized_matmul``, ``glm6b::bf16_matmul``,
-``glm6b::dequantize_rows``, ``glm6b::quantized_matmul_int8_activations``), so a compiled decode step
+``glm6b::dequantize_rows``, ``glm6b::quantized_matmul_int16_activations``,
+``glm6b::quantized_matmul_int8_activations``), so a compiled decode step
 keeps them as single calls instead of breaking its graph.
 """
 
@@ -135,6 +139,8 @@ def _library() -> ctypes.CDLL | None:
         getattr(library, name).restype = i32
     library.glm6b_avx2_dequantize.argtypes = [i32, ptr, ptr, i64, i64, ptr, i32]
     library.glm6b_avx2_dequantize.restype = i32
+    library.glm6b_avx2_matmul_x16.argtypes = [i32, ptr, i64, i64, ptr, ptr, i64, ptr, i32]
+    library.glm6b_avx2_matmul_x16.restype = i32
     return library
 
 
@@ -338,6 +344,40 @@ def _(x, weight, weight_scale, bits):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+# Activation dtypes `quantized_matmul_int16_activations` takes: their values convert to 16-bit integers
+# exactly within a factor of 2^7 of a row's largest (float32 ones would lose bits everywhere).
+INT16_ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@torch.library.custom_op("glm6b::quantized_matmul_int16_activations", mutates_args=())
+def quantized_matmul_int16_activations(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """`quantized_matmul` for an int4 weight (AVX2 build) with each row of x converted to 16-bit integers
+    at a power-of-two scale that puts its largest magnitude in [2^14, 2^15), and integer products (exact;
+    see csrc/cpu_kernels_avx2.cpp). Every bfloat16 value within a factor of 2^7 of its row's largest
+    converts exactly, the smaller ones move by at most 2^-15 of it. x: bfloat16 / float16 [rows, in] on
+    the CPU; the result in x's dtype. A row holding inf or NaN takes the float32 products."""
+    library = _loaded_library()
+    if isa() != "avx2":
+        raise RuntimeError("16-bit activations are a kernel of the AVX2 build only (GLM6B_AVX512=0 picks it)")
+    if x.dtype not in INT16_ACTIVATION_DTYPES:
+        raise ValueError(f"x must be bfloat16 or float16 for 16-bit activations, got {x.dtype}")
+    x, out = _checked_output(x, weight, weight_scale, 4)
+    in_features = x.shape[1]
+    if x.shape[0] == 0:
+        return out
+    status = library.glm6b_avx2_matmul_x16(_AVX2_DTYPE_CODES[x.dtype], x.data_ptr(), x.shape[0], in_features,
+                                           weight.data_ptr(), weight_scale.data_ptr(), weight.shape[0],
+                                           out.data_ptr(), torch.get_num_threads())
+    _check_status(status, "glm6b_avx2_matmul_x16", f"x {list(x.shape)}, weight {list(weight.shape)}")
+    return out
+
+
+@quantized_matmul_int16_activations.register_fake
+def _(x, weight, weight_scale):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 __all__ = ["available", "isa", "has_amx", "supports", "AMX_MIN_ROWS", "BF16_MAX_ROWS", "AVX2_BF16_MAX_ROWS",
            "ACTIVATION_DTYPES", "bf16_max_rows", "bf16_matmul", "quantized_matmul", "dequantize_rows",
-           "quantized_matmul_int8_activations", "cache_dir", "K_MULTIPLE"]
+           "quantized_matmul_int8_activations", "quantized_matmul_int16_activations", "INT16_ACTIVATION_DTYPES",
+           "cache_dir", "K_MULTIPLE"]

@@ -23,6 +23,10 @@ for an input device and dtype, see `QuantizedLinear`), by `kernel_path`; the row
     (AMD Zen 2 / Zen 3, ...): float32 FMA dot products up to `AVX2_GEMM_MIN_ROWS` rows, then float32
     blocks de-quantized by the kernels and PyTorch's float32 GEMM (such a CPU has no faster product; its
     bfloat16 GEMM is several times slower). PyTorch's weight-only ops are 10-30x slower there.
+  - ``glm6b_avx2_int16_activations``: int4 with bfloat16 / float16 inputs on that CPU: each input row
+    converted to 16-bit integers per 64 columns (exact within 2^7 of a block's largest bfloat16 value)
+    and exact integer products, 1.24-1.38x the float32 FMA products' speed; ``GLM6B_INT16_ACTIVATIONS=0``
+    keeps those.
   - ``glm6b_avx2_int8_activations``: each input row quantized to int8 for integer products
     (vpmaddubsw), for any number of rows. Faster from two rows on, but it changes results, so it is opt-in: ``GLM6B_INT8_ACTIVATIONS=1`` when the layer's kernel is built (its quality
     is in benchmarks/quantize.py's quality table).
@@ -358,6 +362,10 @@ def _avx2_int8_activations(layer, x2d, kernel):  # AVX2, int8 activations x THUD
     return cpu_kernels.quantized_matmul_int8_activations(x2d, layer.weight, layer.weight_scale, layer.bits)
 
 
+def _avx2_int16_activations(layer, x2d, kernel):  # AVX2, int4: bfloat16 / float16 rows as 16-bit integers
+    return cpu_kernels.quantized_matmul_int16_activations(x2d, layer.weight, layer.weight_scale)
+
+
 def _avx2_float32_blocks(layer, x2d, kernel):  # float32 blocks de-quantized by the AVX2 kernel, float32 GEMM
     return _float32_dequantized_mm(x2d, layer.weight, layer.weight_scale, layer.bits)
 
@@ -393,6 +401,7 @@ def _dequantize(layer, x2d, kernel):  # THUDM's de-quantized weight in x's dtype
 #   glm6b_amx       AVX512-BF16 + AMX, bfloat16 inputs (Intel Xeon 4th generation on)
 #   glm6b_avx512    AVX512-BF16 without AMX, bfloat16 inputs (AMD Zen 4; GLM6B_AMX=0)
 #   glm6b_avx2      AVX2 + FMA, no AVX512-BF16: float32 / bfloat16 / float16 inputs (AMD Zen 3; GLM6B_AVX512=0)
+#   glm6b_avx2_int16_activations  the same for int4 and bfloat16 / float16 inputs: 16-bit integer activations
 #   glm6b_avx2_int8_activations   the same with GLM6B_INT8_ACTIVATIONS=1 (opt-in: changes results)
 #   int8pack / int4pack_cpu       PyTorch's weight-only ops (no glm6b kernels for this CPU or dtype)
 #   int4pack_cuda / int8pack on CUDA, and dequantize (anything else)
@@ -403,6 +412,7 @@ KERNELS = {
     ("cpu", "glm6b_avx512", 8): ((1, _avx512_dot), (CPU_DEQUANTIZED_MIN_ROWS, _avx512_bf16_blocks)),
     ("cpu", "glm6b_avx2", 4): ((1, _avx2_dot), (AVX2_GEMM_MIN_ROWS, _avx2_float32_blocks)),
     ("cpu", "glm6b_avx2", 8): ((1, _avx2_dot), (AVX2_GEMM_MIN_ROWS, _avx2_float32_blocks)),
+    ("cpu", "glm6b_avx2_int16_activations", 4): ((1, _avx2_int16_activations), (AVX2_GEMM_MIN_ROWS, _avx2_float32_blocks)),
     ("cpu", "glm6b_avx2_int8_activations", 4): ((1, _avx2_int8_activations),),
     ("cpu", "glm6b_avx2_int8_activations", 8): ((1, _avx2_int8_activations),),
     ("cpu", "int4pack_cpu", 4): ((1, _int4pack), (CPU_DEQUANTIZED_MIN_ROWS, _int4pack_blocks)),
@@ -431,16 +441,28 @@ def int8_activations_requested() -> bool:
     return os.environ.get("GLM6B_INT8_ACTIVATIONS", "0") == "1"
 
 
+def int16_activations_allowed() -> bool:
+    """Whether int4 layers on the AVX2 build take 16-bit integer activations for bfloat16 / float16 inputs
+    (the default; ``GLM6B_INT16_ACTIVATIONS=0`` keeps the float32 FMA products, read when a layer's kernel
+    is built)."""
+    return os.environ.get("GLM6B_INT16_ACTIVATIONS", "1") != "0"
+
+
 def kernel_path(device: torch.device, dtype: torch.dtype, bits: int, in_features: int) -> str:
     """The path of `KERNELS` a layer takes for inputs of `dtype` on `device` (before any stock-op layout check).
 
     Returns:
-        "glm6b_amx", "glm6b_avx512", "glm6b_avx2", "glm6b_avx2_int8_activations" (glm6b's CPU kernels),
+        "glm6b_amx", "glm6b_avx512", "glm6b_avx2", "glm6b_avx2_int16_activations",
+        "glm6b_avx2_int8_activations" (glm6b's CPU kernels),
         "int8pack" / "int4pack_cpu" (PyTorch's ops, CPU or CUDA), or "dequantize".
     """
     if device.type == "cpu" and cpu_kernels.supports(bits, in_features, dtype):
         if cpu_kernels.isa() == "avx2":
-            return "glm6b_avx2_int8_activations" if int8_activations_requested() else "glm6b_avx2"
+            if int8_activations_requested():
+                return "glm6b_avx2_int8_activations"
+            if bits == 4 and dtype in cpu_kernels.INT16_ACTIVATION_DTYPES and int16_activations_allowed():
+                return "glm6b_avx2_int16_activations"
+            return "glm6b_avx2"
         return "glm6b_amx" if cpu_kernels.has_amx() else "glm6b_avx512"
     if device.type == "cpu" and dtype in _CPU_DTYPES:
         return "int8pack" if bits == 8 else "int4pack_cpu"

@@ -391,6 +391,133 @@ int q8_matmul(const void* x, int dtype, int64_t M, int64_t K, const int8_t* w, c
     return 0;
 }
 
+// ------------------------------------------------------------------------- 16-bit activations (int4)
+// bfloat16 / float16 activations as 16-bit integers, 64 columns a block: each block is scaled by a power
+// of two 2^-E that puts its largest magnitude in [2^14, 2^15), and rounded to nearest. A bfloat16 value
+// has 8 significant bits (float16: 11), so every value of at least 2^(E+7) -- all within a factor of 2^7
+// of its block's largest -- is an integer multiple of 2^E and converts exactly; smaller ones move by at
+// most 2^(E-1), 2^-15 of the block's largest. A block's products are then exact integers: vpmaddwd
+// multiplies 16 x 16 bits and adds pairs into 32 bits, a lane holds at most 8 x 8 x 32768 < 2^24 (exact
+// as a float32), and the blocks are summed in float32 scaled by their power of two, as the float32 FMAs
+// sum columns -- with half their instructions, which spend most of theirs converting weights to floats.
+// The weights are THUDM's nibbles: a 32-byte load holds 64 columns, 4 to a 16-bit lane j: bits 0-3
+// column 4j + 1, 4-7 column 4j, 8-11 column 4j + 3, 12-15 column 4j + 2 (column 2c in the high nibble of
+// byte c); two shifts each (one for the top nibble) sign-extend them into four vectors of 16 weights, and
+// the activations are stored in that order.
+
+constexpr int PLANE_COLUMN[4] = {1, 0, 3, 2};  // column 4j + PLANE_COLUMN[p] sits in bits 4p..4p+3 of lane j
+constexpr int64_t BLOCK = 64;
+
+struct Int16Rows {
+    int16_t* q;     // [M, K], each 64-column block in the order of the weights' nibbles
+    float* block;   // [M, K / 64]: the block's 2^E relative to the row's (0 for a block of zeros)
+    double* scale;  // [M]: the row's 2^E (that of its largest magnitude)
+};
+
+void free_rows(Int16Rows& r) {
+    free(r.q);
+    free(r.block);
+    free(r.scale);
+}
+
+// 2^(exponent - 15) for a largest magnitude amax > 0: amax = f * 2^exponent with f in [0.5, 1).
+inline int block_exponent(float amax) {
+    int exponent = 0;
+    frexpf(amax, &exponent);
+    return exponent - 15;
+}
+
+// r.q == nullptr without memory; *finite false where a row holds an inf or NaN (the caller then uses the
+// float32 products, which carry them through).
+Int16Rows int16_rows(const void* x, int dtype, int64_t M, int64_t K, bool* finite) {
+    Int16Rows r;
+    r.q = (int16_t*)aligned_alloc(32, (size_t)(M * K * 2 + 31) / 32 * 32);
+    r.block = (float*)malloc(M * (K / BLOCK) * sizeof(float));
+    r.scale = (double*)malloc(M * sizeof(double));
+    *finite = true;
+    if (!r.q || !r.block || !r.scale) {
+        free_rows(r);
+        r.q = nullptr;
+        return r;
+    }
+    for (int64_t m = 0; m < M; ++m) {
+        float amax = 0.0f;
+        for (int64_t k = 0; k < K; ++k) amax = fmaxf(amax, fabsf(load_x(x, dtype, m * K + k)));
+        if (!isfinite(amax)) {
+            *finite = false;
+            return r;
+        }
+        const int row_exponent = amax > 0.0f ? block_exponent(amax) : 0;
+        r.scale[m] = ldexp(1.0, row_exponent);
+        for (int64_t g = 0; g < K; g += BLOCK) {
+            float bmax = 0.0f;
+            for (int64_t k = g; k < g + BLOCK; ++k) bmax = fmaxf(bmax, fabsf(load_x(x, dtype, m * K + k)));
+            // A block below 2^-126 of the row's largest counts as zeros (its float32 scale would underflow).
+            const int relative = bmax > 0.0f ? block_exponent(bmax) - row_exponent : -1000;
+            r.block[m * (K / BLOCK) + g / BLOCK] = relative >= -126 ? ldexpf(1.0f, relative) : 0.0f;
+            const double inverse = relative >= -126 ? ldexp(1.0, -(relative + row_exponent)) : 0.0;
+            for (int i = 0; i < BLOCK; ++i) {
+                const int64_t column = g + 4 * (i % 16) + PLANE_COLUMN[i / 16];
+                r.q[m * K + g + i] = (int16_t)nearbyint((double)load_x(x, dtype, m * K + column) * inverse);
+            }
+        }
+    }
+    return r;
+}
+
+template <int MB, int NT>
+inline void x16_tile(const int16_t* xq, const float* block, int64_t K, const int8_t* w, int64_t row_bytes,
+                     float* sums) {
+    __m256 acc[MB][NT];
+    for (int m = 0; m < MB; ++m)
+        for (int t = 0; t < NT; ++t) acc[m][t] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += BLOCK)
+        for (int t = 0; t < NT; ++t) {
+            const int8_t* p = w + t * row_bytes + k / 2;
+            // The next tile's rows, which this thread reads next (as the float32 products do).
+            if (k % 128 == 0) _mm_prefetch((const char*)(p + NT * row_bytes), _MM_HINT_T0);
+            const __m256i v = _mm256_loadu_si256((const __m256i*)p);
+            const __m256i w0 = _mm256_srai_epi16(_mm256_slli_epi16(v, 12), 12);
+            const __m256i w1 = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 12);
+            const __m256i w2 = _mm256_srai_epi16(_mm256_slli_epi16(v, 4), 12);
+            const __m256i w3 = _mm256_srai_epi16(v, 12);
+            for (int m = 0; m < MB; ++m) {
+                const __m256i* xm = (const __m256i*)(xq + m * K + k);
+                const __m256i s = _mm256_add_epi32(
+                    _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_load_si256(xm)),
+                                     _mm256_madd_epi16(w1, _mm256_load_si256(xm + 1))),
+                    _mm256_add_epi32(_mm256_madd_epi16(w2, _mm256_load_si256(xm + 2)),
+                                     _mm256_madd_epi16(w3, _mm256_load_si256(xm + 3))));
+                acc[m][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_broadcast_ss(block + m * (K / BLOCK) + k / BLOCK),
+                                            acc[m][t]);
+            }
+        }
+    for (int m = 0; m < MB; ++m)
+        for (int t = 0; t < NT; ++t) sums[m * NT + t] = hsum(acc[m][t]);
+}
+
+// The products of 16-bit activations: the blocks' float32 sum times the row's 2^E.
+struct Int16Products {
+    using Sum = float;
+    Int16Rows x;
+    template <int MB, int NT>
+    void tile(int64_t m0, int64_t K, const int8_t* w, int64_t row_bytes, Sum* sums) const {
+        x16_tile<MB, NT>(x.q + m0 * K, x.block + m0 * (K / BLOCK), K, w, row_bytes, sums);
+    }
+    float value(int64_t m, Sum sum) const { return (float)((double)sum * x.scale[m]); }
+};
+
+// Returns 0, or -1 without memory for the converted activations.
+int x16_matmul(const void* x, int dtype, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale, int64_t N,
+               void* y, int threads) {
+    bool finite = true;
+    Int16Rows xq = int16_rows(x, dtype, M, K, &finite);
+    if (!xq.q) return -1;
+    if (finite) all_tiles(Int16Products{xq}, M, K, w, K / 2, scale, N, y, dtype, threads);
+    free_rows(xq);
+    return finite ? 0 : matmul<INT4>(x, dtype, M, K, w, scale, N, y, threads);
+}
+
 bool valid(int dtype, int64_t M, int64_t K, int64_t N, int threads) {
     return dtype >= X_F32 && dtype <= X_F16 && K % K_MULTIPLE == 0 && M >= 1 && N >= 1 && threads >= 1;
 }
@@ -438,6 +565,15 @@ int glm6b_avx2_matmul_q8(int bits, int x_dtype, const void* x, int64_t M, int64_
     return status == 0 ? 0 : -2;
 }
 
+// As glm6b_avx2_matmul for int4 weights and bfloat16 / float16 x (x_dtype 1, 2), with x converted to
+// 16-bit integers per row (see above): integer products.
+int glm6b_avx2_matmul_x16(int x_dtype, const void* x, int64_t M, int64_t K, const void* w, const void* scale,
+                          int64_t N, void* y, int threads) {
+    if (!valid(x_dtype, M, K, N, threads) || x_dtype == X_F32) return -1;
+    const int status = x16_matmul(x, x_dtype, M, K, (const int8_t*)w, (const uint16_t*)scale, N, y, threads);
+    return status == 0 ? 0 : -2;
+}
+
 }  // extern "C"
 
 #else  // no AVX2 + FMA + F16C: PyTorch's own ops are used instead
@@ -447,6 +583,7 @@ int glm6b_avx2_available(void) { return 0; }
 int glm6b_avx2_matmul(int, int, const void*, int64_t, int64_t, const void*, const void*, int64_t, void*, int) { return -1; }
 int glm6b_avx2_dequantize(int, const void*, const void*, int64_t, int64_t, float*, int) { return -1; }
 int glm6b_avx2_matmul_q8(int, int, const void*, int64_t, int64_t, const void*, const void*, int64_t, void*, int) { return -1; }
+int glm6b_avx2_matmul_x16(int, const void*, int64_t, int64_t, const void*, const void*, int64_t, void*, int) { return -1; }
 }
 
 #endif
