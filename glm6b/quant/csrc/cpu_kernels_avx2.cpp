@@ -441,8 +441,16 @@ Int16Rows int16_rows(const void* x, int dtype, int64_t M, int64_t K, bool* finit
         return r;
     }
     for (int64_t m = 0; m < M; ++m) {
+        // Each block's largest magnitude (kept in r.block until it is replaced by the block's scale); the
+        // row's largest is theirs.
+        float* largest = r.block + m * (K / BLOCK);
         float amax = 0.0f;
-        for (int64_t k = 0; k < K; ++k) amax = fmaxf(amax, fabsf(load_x(x, dtype, m * K + k)));
+        for (int64_t g = 0; g < K; g += BLOCK) {
+            float bmax = 0.0f;
+            for (int64_t k = g; k < g + BLOCK; ++k) bmax = fmaxf(bmax, fabsf(load_x(x, dtype, m * K + k)));
+            largest[g / BLOCK] = bmax;
+            amax = fmaxf(amax, bmax);
+        }
         if (!isfinite(amax)) {
             *finite = false;
             return r;
@@ -450,8 +458,7 @@ Int16Rows int16_rows(const void* x, int dtype, int64_t M, int64_t K, bool* finit
         const int row_exponent = amax > 0.0f ? block_exponent(amax) : 0;
         r.scale[m] = ldexp(1.0, row_exponent);
         for (int64_t g = 0; g < K; g += BLOCK) {
-            float bmax = 0.0f;
-            for (int64_t k = g; k < g + BLOCK; ++k) bmax = fmaxf(bmax, fabsf(load_x(x, dtype, m * K + k)));
+            const float bmax = largest[g / BLOCK];
             // A block below 2^-126 of the row's largest counts as zeros (its float32 scale would underflow).
             const int relative = bmax > 0.0f ? block_exponent(bmax) - row_exponent : -1000;
             r.block[m * (K / BLOCK) + g / BLOCK] = relative >= -126 ? ldexpf(1.0f, relative) : 0.0f;
