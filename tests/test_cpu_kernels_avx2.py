@@ -155,17 +155,26 @@ def test_int16_activations_equal_their_definition(dtype, out_features, in_featur
         assert ((xq - x.double()).abs() <= blocks_largest * 2.0**-15).all()
 
 
-def test_int16_activations_refuse_float32_and_carry_inf_and_nan():
+def test_int16_activations_refuse_float32():
     q, scale, exact = thudm_weight(4, 64, 256)
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         cpu_kernels.quantized_matmul_int16_activations(torch.randn(2, 256), q, scale)
+
+
+@pytest.mark.parametrize("planted", [["inf"], ["nan"], ["-inf", "nan"]], ids=["inf", "nan", "inf-and-nan"])
+def test_int16_activations_carry_inf_and_nan(planted):
+    """A row holding inf or NaN (each on its own too: NaN is no larger than any number) sends the call to the
+    float32 products, which carry them as x @ w.T does."""
+    q, scale, exact = thudm_weight(4, 64, 256)
     x = torch.randn(3, 256).bfloat16()
-    x[1, 7] = float("inf")
-    x[2, 9] = float("nan")
+    for row, value in enumerate(planted, start=1):
+        x[row, 7 + 64 * row] = float(value)
     got = cpu_kernels.quantized_matmul_int16_activations(x, q, scale)
     float32_products = cpu_kernels.quantized_matmul(x, q, scale, 4)  # what every row then takes
     assert torch.equal(got.nan_to_num(), float32_products.nan_to_num())
-    assert torch.isnan(got[2]).all() and not torch.isfinite(got[1]).all()
+    for row, value in enumerate(planted, start=1):
+        assert torch.isnan(got[row]).all() if value == "nan" else not torch.isfinite(got[row]).all()
+    assert torch.isfinite(got[0]).all()
 
 
 def random_layer(bits: int, out_features: int, in_features: int) -> QuantizedLinear:

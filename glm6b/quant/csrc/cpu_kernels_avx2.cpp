@@ -445,13 +445,18 @@ Int16Rows int16_rows(const void* x, int dtype, int64_t M, int64_t K, bool* finit
         // row's largest is theirs.
         float* largest = r.block + m * (K / BLOCK);
         float amax = 0.0f;
+        bool nan = false;  // fmaxf skips NaN, so a NaN is looked for on its own
         for (int64_t g = 0; g < K; g += BLOCK) {
             float bmax = 0.0f;
-            for (int64_t k = g; k < g + BLOCK; ++k) bmax = fmaxf(bmax, fabsf(load_x(x, dtype, m * K + k)));
+            for (int64_t k = g; k < g + BLOCK; ++k) {
+                const float magnitude = fabsf(load_x(x, dtype, m * K + k));
+                nan |= magnitude != magnitude;
+                bmax = fmaxf(bmax, magnitude);
+            }
             largest[g / BLOCK] = bmax;
             amax = fmaxf(amax, bmax);
         }
-        if (!isfinite(amax)) {
+        if (nan || !isfinite(amax)) {
             *finite = false;
             return r;
         }
