@@ -250,7 +250,8 @@ def test_glm6b_cpu_dequantize_rounds_q_times_scale_once(bits):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_bfloat16_layers_use_glm6b_kernels_on_thudms_bytes(bits, amx, monkeypatch):
     """bfloat16 inputs run on THUDM's bytes as they are (nothing converted, the state dict untouched) for
-    one row, a few (decoding) and a prefill, which without AMX multiplies de-quantized blocks."""
+    one row, a few (decoding) and a prefill, which without AMX multiplies de-quantized blocks (int8 from
+    CPU_DEQUANTIZED_MIN_ROWS rows, int4 from AVX512_INT4_BLOCKS_MIN_ROWS: below, its dot products)."""
     from glm6b.quant import linear
 
     if amx and not cpu_kernels.has_amx():
@@ -263,7 +264,11 @@ def test_bfloat16_layers_use_glm6b_kernels_on_thudms_bytes(bits, amx, monkeypatc
     layer.prepare("cpu", torch.float32)  # the stock int4 op may rewrite the bytes in place ...
     assert layer.prepare("cpu", torch.bfloat16) == ("glm6b_amx" if amx else "glm6b_avx512")
     assert torch.equal(layer.weight.detach(), thudm) and not layer._in_place  # ... which are given back
-    for rows in (1, 5, linear.CPU_DEQUANTIZED_MIN_ROWS + 6):
+    blocks_from = linear.AVX512_INT4_BLOCKS_MIN_ROWS if bits == 4 else linear.CPU_DEQUANTIZED_MIN_ROWS
+    for rows in (1, 5, linear.CPU_DEQUANTIZED_MIN_ROWS + 6, linear.AVX512_INT4_BLOCKS_MIN_ROWS + 6):
+        if not amx:
+            kernel = linear.kernel_for("cpu", "glm6b_avx512", bits, 2 * rows).__name__
+            assert kernel == ("_avx512_bf16_blocks" if 2 * rows >= blocks_from else "_avx512_dot"), rows
         x = torch.randn(2, rows, 256, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
         want = exact_reference(layer, x)
         got = layer(x)

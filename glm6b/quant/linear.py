@@ -17,8 +17,9 @@ for an input device and dtype, see `QuantizedLinear`), by `kernel_path`; the row
     (with AMX a prefill's too: as fast as a bfloat16 weight's GEMM or faster). Exceptions, measured with
     benchmarks/quantize.py: with AMX, int8 below `cpu_kernels.AMX_MIN_ROWS` rows keeps the stock op, as
     fast for one row there (without AMX glm6b's int8 dot products beat it at 1-8 rows on weights in huge
-    pages: 1.1-1.9x on a Zen 4); without AMX a prefill (`CPU_DEQUANTIZED_MIN_ROWS` rows or more)
-    multiplies blocks de-quantized by the kernels with the bfloat16 GEMM.
+    pages: 1.1-1.9x on a Zen 4); without AMX a long prefill (int8: `CPU_DEQUANTIZED_MIN_ROWS` rows or
+    more, int4: `AVX512_INT4_BLOCKS_MIN_ROWS`) multiplies blocks de-quantized by the kernels with the bfloat16
+    GEMM; int4 below that stays on the dot products, which run at that GEMM's rate.
   - ``glm6b_avx2``: float32 / bfloat16 / float16 inputs on a CPU with AVX2 + FMA but no AVX512-BF16
     (AMD Zen 2 / Zen 3, ...): float32 FMA dot products up to `AVX2_GEMM_MIN_ROWS` rows, then float32
     blocks de-quantized by the kernels and PyTorch's float32 GEMM (such a CPU has no faster product; its
@@ -80,6 +81,10 @@ CPU_INT4_GROUP = 256
 # of the stock weight-only ops (which work a row at a time; measured: no gain at 32 rows, 1.5-3x at 100).
 CPU_DEQUANTIZED_MIN_ROWS = 64
 CPU_DEQUANTIZED_BLOCK_ROWS = 1024  # output rows de-quantized at a time (8 MiB of bfloat16 for 4096 columns)
+# AVX-512 build without AMX, int4: the dot products (four input rows a pass against four weight rows) ran at
+# the bfloat16 GEMM's rate from 8 to about 200 rows and 10-19 % faster than the de-quantized blocks at 64-128
+# (a 100-token prefill; AMD Zen 4, 2 threads); from 256 rows on the blocks were as fast or faster.
+AVX512_INT4_BLOCKS_MIN_ROWS = 256
 # AVX2 build: input rows from which the float32 GEMM on de-quantized blocks beats the float32 dot products
 # (benchmarks/quantize.py, kernels table: on a Zen 3 the dot products ran at the GEMM's rate up to about
 # 64 rows), and the bytes of float32 weight de-quantized at a time (a block that stays in the shared cache
@@ -408,7 +413,7 @@ def _dequantize(layer, x2d, kernel):  # THUDM's de-quantized weight in x's dtype
 KERNELS = {
     ("cpu", "glm6b_amx", 4): ((1, _avx512_dot), (cpu_kernels.AMX_MIN_ROWS, _amx_tiles)),
     ("cpu", "glm6b_amx", 8): ((1, _int8pack), (cpu_kernels.AMX_MIN_ROWS, _amx_tiles)),
-    ("cpu", "glm6b_avx512", 4): ((1, _avx512_dot), (CPU_DEQUANTIZED_MIN_ROWS, _avx512_bf16_blocks)),
+    ("cpu", "glm6b_avx512", 4): ((1, _avx512_dot), (AVX512_INT4_BLOCKS_MIN_ROWS, _avx512_bf16_blocks)),
     ("cpu", "glm6b_avx512", 8): ((1, _avx512_dot), (CPU_DEQUANTIZED_MIN_ROWS, _avx512_bf16_blocks)),
     ("cpu", "glm6b_avx2", 4): ((1, _avx2_dot), (AVX2_GEMM_MIN_ROWS, _avx2_float32_blocks)),
     ("cpu", "glm6b_avx2", 8): ((1, _avx2_dot), (AVX2_GEMM_MIN_ROWS, _avx2_float32_blocks)),
