@@ -73,6 +73,8 @@ DEFAULT_PREFILL_CHUNK_SIZE = 512
 COMPILE_ON_CPU_FROM_BYTES = 256 * 2**20
 # The most tokens "auto" prompt lookup proposes per row and step.
 AUTO_LOOKUP_TOKENS = 4
+# Token rows a verification step may feed with AMX (see verify_rows_budget; measured with 4, docs/speculative.md).
+AMX_VERIFY_ROWS = 4
 # A CPU step's slots are rounded up to a multiple of this, so that its shape changes every SLOT_ROUNDING
 # tokens, not every token (the compiled CPU step takes the slot count as a symbolic size).
 SLOT_ROUNDING = 64
@@ -101,9 +103,9 @@ def verify_rows_budget(model) -> int:
 
     What "auto" prompt lookup goes by (docs/speculative.md has the measurements behind it):
 
-    * CPU, bfloat16 activations on glm6b's own CPU kernels with AMX: cpu_kernels.BF16_MAX_ROWS (4). The
+    * CPU, bfloat16 activations on glm6b's own CPU kernels with AMX: AMX_VERIFY_ROWS (4). The
       int4/int8 layers' tile products take 8 rows for about 1.2x one row's time (README, kernel table),
-      and the bfloat16 layers and lm_head run glm6b's memory-bound dot products up to 4 rows.
+      and the bfloat16 layers and lm_head run glm6b's dot products, memory-bound up to 4 rows.
     * CPU otherwise: 1. PyTorch's weight-only int8/int4 ops unpack the weight again for every row; glm6b's
       kernels without AMX are bound by their dot products from a few rows on (on an AMD Zen 4 a
       verification of 2-4 int8 / int4 tokens cost 1.0-1.4 steps at 28 layers, docs/speculative.md); and
@@ -116,7 +118,7 @@ def verify_rows_budget(model) -> int:
     if model.device.type != "cpu" or weight_bytes(model) < COMPILE_ON_CPU_FROM_BYTES:
         return 1
     if model.dtype == torch.bfloat16 and cpu_kernels.available() and cpu_kernels.has_amx():
-        return cpu_kernels.BF16_MAX_ROWS
+        return AMX_VERIFY_ROWS
     return 1
 
 

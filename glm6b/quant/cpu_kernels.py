@@ -257,9 +257,10 @@ def _(x, weight, weight_scale, bits, amx=True):
 
 
 # Input rows up to which `bf16_matmul` beats F.linear on a bfloat16 weight (memory-bound dot products;
-# `benchmarks/quantize.py --only kernels --rows 3 4`: 1.3-1.9x F.linear's speed). By 8 rows the dot
-# products are bound by arithmetic and F.linear's GEMM was faster (AVX-512 build).
-BF16_MAX_ROWS = 4
+# `benchmarks/quantize.py --only kernels --rows 3 4`: 1.3-1.9x F.linear's speed). Taken four input rows at a
+# time against four weight rows they still took 0.8-0.9x F.linear's time at 5-8 rows, about its time at 16
+# (a glm_6b layer's linears and the lm_head, AMD Zen 4; AVX-512 build).
+BF16_MAX_ROWS = 8
 # The same for the AVX2 build, where PyTorch's bfloat16 F.linear has no bfloat16 units to run on and was
 # slower than the float32 dot products up to this many rows (benchmarks/quantize.py, kernels table).
 AVX2_BF16_MAX_ROWS = 8

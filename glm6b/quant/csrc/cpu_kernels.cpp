@@ -524,11 +524,11 @@ int matmul(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const uint1
     }
     const __m512i table = int4_to_bf16_table();
     // Four weight rows per tile against up to four input rows at a time, so the sums stay in registers. For
-    // more rows int4 goes on four at a time (the tile's weights, read again from the level-1 / level-2 cache
-    // and unpacked again, cost less than the products: with 8-100 rows it runs at the bfloat16 GEMM's rate),
-    // int8 and bfloat16 weights take two weight rows against up to eight input rows (an int8 line costs more
-    // to unpack than the products it saves: taken four rows at a time it was 5-10 % slower).
-    const int64_t nt = M <= 4 || BITS == 4 ? 4 : 2;
+    // more rows int4 and bfloat16 go on four at a time (the tile's weights, read again from the level-1 /
+    // level-2 cache and unpacked again, cost less than the products: int4 with 8-100 rows runs at the
+    // bfloat16 GEMM's rate), int8 takes two weight rows against up to eight input rows (an int8 line costs
+    // more to unpack than the products it saves: taken four rows at a time it was 5-10 % slower).
+    const int64_t nt = M <= 4 || BITS != 8 ? 4 : 2;
     const int64_t tiles = (N - first_row) / nt;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < tiles; ++i) {
