@@ -173,7 +173,7 @@ def test_many_rows_multiply_dequantized_blocks(bits, dtype, rel, monkeypatch):
     from glm6b.quant import cpu_kernels, linear
 
     monkeypatch.setattr(cpu_kernels, "supports", lambda *args: False)  # PyTorch's ops (glm6b's own: below)
-    monkeypatch.setattr(linear, "CPU_DEQUANTIZED_BLOCK_ROWS", 128)  # 320 rows: blocks of 128, 128, 64
+    monkeypatch.setattr(linear, "CPU_DEQUANTIZED_BLOCK_BYTES", 128 * 256 * dtype.itemsize)  # 320 rows: 128, 128, 64
     layer = random_layer(bits, 320, 256)
     kernel = layer.prepare("cpu", dtype)
     if bits == 4 and layer._kernel[4] is None:
@@ -258,7 +258,7 @@ def test_bfloat16_layers_use_glm6b_kernels_on_thudms_bytes(bits, amx, monkeypatc
         pytest.skip("this CPU (or OS) has no AMX tiles")
     if not amx:
         monkeypatch.setattr(cpu_kernels, "has_amx", lambda: False)
-    monkeypatch.setattr(linear, "CPU_DEQUANTIZED_BLOCK_ROWS", 128)  # 320 rows: blocks of 128, 128, 64
+    monkeypatch.setattr(linear, "CPU_DEQUANTIZED_BLOCK_BYTES", 128 * 256 * 2)  # 320 rows: blocks of 128, 128, 64
     layer = random_layer(bits, 320, 256)
     thudm = layer.weight.detach().clone()
     layer.prepare("cpu", torch.float32)  # the stock int4 op may rewrite the bytes in place ...

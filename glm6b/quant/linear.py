@@ -43,7 +43,7 @@ Otherwise (float32 / float16 input on an AVX-512 CPU, no kernels, ``GLM6B_CPU_KE
   dict converts it back; elsewhere the op makes a separate copy.
 * CPU, many rows at once (a prompt's prefill, `CPU_DEQUANTIZED_MIN_ROWS` or more): the stock ops above
   work row by row, so there the weight is de-quantized into the input dtype a block of
-  `CPU_DEQUANTIZED_BLOCK_ROWS` output rows at a time (a small scratch buffer that stays in cache) and
+  `CPU_DEQUANTIZED_BLOCK_BYTES` of weight at a time (a scratch buffer that stays in the shared cache) and
   multiplied with the float GEMM: 1.5-3x faster than the stock ops for 100 rows (benchmarks/quantize.py,
   kernels table), though still 1.5-4x slower than a bfloat16 weight.
 * CUDA: ``aten._weight_int8pack_mm`` (8 bits) and ``aten._weight_int4pack_mm`` (4 bits, bfloat16
@@ -80,7 +80,9 @@ CPU_INT4_GROUP = 256
 # Rows of input from which the CPU int8/int4 layers multiply with blocks of de-quantized weight instead
 # of the stock weight-only ops (which work a row at a time; measured: no gain at 32 rows, 1.5-3x at 100).
 CPU_DEQUANTIZED_MIN_ROWS = 64
-CPU_DEQUANTIZED_BLOCK_ROWS = 1024  # output rows de-quantized at a time (8 MiB of bfloat16 for 4096 columns)
+# Weight de-quantized at a time for the GEMM (1024 rows of 4096 bfloat16 columns, 256 of 16384). 1024 rows of
+# 16384 columns (32 MiB) ran the 4h_to_h GEMM at 83 % of the bfloat16 weight's rate, 256 at 88-94 % (Zen 4).
+CPU_DEQUANTIZED_BLOCK_BYTES = 8 * 2**20
 # AVX-512 build without AMX, int4: the dot products (four input rows a pass against four weight rows) ran at
 # the bfloat16 GEMM's rate from 8 to about 200 rows and 10-19 % faster than the de-quantized blocks at 64-128
 # (a 100-token prefill; AMD Zen 4, 2 threads); from 256 rows on the blocks were as fast or faster.
@@ -259,13 +261,20 @@ def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
     return buffer[:numel]
 
 
+def _block_rows(in_features: int, dtype: torch.dtype) -> int:
+    """Output rows per de-quantized block: about `CPU_DEQUANTIZED_BLOCK_BYTES` of weight in `dtype`, a
+    multiple of 64 (the CPU int4 layout's blocks)."""
+    return max(64, CPU_DEQUANTIZED_BLOCK_BYTES // (dtype.itemsize * in_features) // 64 * 64)
+
+
 def _dequantized_blocks_mm(x2d: torch.Tensor, out_features: int, fill_block) -> torch.Tensor:
-    """x2d @ W.T, with W de-quantized `CPU_DEQUANTIZED_BLOCK_ROWS` output rows at a time into a reused
-    buffer by ``fill_block(start, end, block)`` (block: [end - start, in] in the input dtype)."""
+    """x2d @ W.T, with W de-quantized `_block_rows` output rows at a time into a reused buffer by
+    ``fill_block(start, end, block)`` (block: [end - start, in] in the input dtype)."""
     in_features = x2d.shape[1]
     out = torch.empty(x2d.shape[0], out_features, dtype=x2d.dtype)
-    for start in range(0, out_features, CPU_DEQUANTIZED_BLOCK_ROWS):
-        end = min(start + CPU_DEQUANTIZED_BLOCK_ROWS, out_features)
+    per_block = _block_rows(in_features, x2d.dtype)
+    for start in range(0, out_features, per_block):
+        end = min(start + per_block, out_features)
         block = _scratch((end - start) * in_features, x2d.dtype).view(end - start, in_features)
         fill_block(start, end, block)
         out[:, start:end] = F.linear(x2d, block)
@@ -287,7 +296,7 @@ def _int4_blocked_dequantized_mm(x2d: torch.Tensor, packed: torch.Tensor, scale:
     in_features = x2d.shape[1]
     out_features = packed.numel() * 2 // in_features
     blocks = packed.view(-1, in_features, _CPU_INT4_BLOCK // 2)
-    per_step = max(1, CPU_DEQUANTIZED_BLOCK_ROWS // _CPU_INT4_BLOCK)
+    per_step = _block_rows(in_features, x2d.dtype) // _CPU_INT4_BLOCK
     out = torch.empty(x2d.shape[0], out_features, dtype=x2d.dtype)
     half = _CPU_INT4_BLOCK // 2
     for first in range(0, blocks.shape[0], per_step):
