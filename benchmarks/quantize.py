@@ -20,7 +20,8 @@ Tables:
    held to PyTorch's ops ("stock ops") and, on a CPU with AMX, to the kernels' path for CPUs without
    it ("glm6b no AMX"). Where the stock ops run, from glm6b.quant.linear.CPU_DEQUANTIZED_MIN_ROWS rows
    on the module multiplies blocks of de-quantized weight; its "row kernel" line is that module held
-   to the stock op. Median of --repeats calls after warm-up, the kernels of a row taking turns call
+   to the stock op; on the AVX-512 build without AMX the int4 module's "bf16 blocks" line is the
+   product it takes from linear.AVX512_INT4_BLOCKS_MIN_ROWS rows on. Median of --repeats calls after warm-up, the kernels of a row taking turns call
    by call; "GB/s" counts the bytes of the weight (and scales) read once per call.
 2. quality: top-1 agreement with the bfloat16 model and the largest |logit difference| (also
    relative to the largest |logit|), for int8, int4 and each with the word embeddings and lm_head
@@ -191,6 +192,12 @@ def kernel_table(repeats: int, lm_head: bool, row_counts: list[int]) -> None:
                               bytes_read(module)))
                 if many and not module._kernel[0].startswith("glm6b_"):
                     cases.append((f"QuantizedLinear int{bits}, row kernel", lambda m=module: row_kernel_only(m, x),
+                                  bytes_read(module)))
+                if many and module._kernel[0] == "glm6b_avx512" and bits == 4:
+                    # where the dot products run a prompt (below AVX512_INT4_BLOCKS_MIN_ROWS), the other way:
+                    # de-quantized blocks + the bfloat16 GEMM
+                    cases.append(("QuantizedLinear int4, bf16 blocks",
+                                  lambda m=module: quant_linear._avx512_bf16_blocks(m, x, m._kernel),
                                   bytes_read(module)))
             for name, module in variants.items():
                 cases.append((f"QuantizedLinear {name}", lambda m=module: m(x), bytes_read(module)))

@@ -5,16 +5,17 @@
 // scale per output row. glm6b/quant/cpu_kernels.py compiles this file for the CPU it runs on and calls
 // it through ctypes; without AVX512-BF16 it builds nothing but glm6b_cpu_kernels_available() == 0.
 //
-// glm6b_matmul: y[M, N] = x[M, K] @ (q * scale)^T, for a few rows (decoding) and, with AMX, for many (a
-// prefill, see amx_group_many). Each block of weight rows is unpacked once into bfloat16 registers and
-// multiplied with every input row (vdpbf16ps, float32 sums), so eight rows cost far less than eight
-// times one row: PyTorch's CPU int4 op unpacks per row. One row of int4 (a decode step) has a kernel of
-// its own that unpacks with bit operations instead of table lookups (int4_one_row).
+// glm6b_matmul: y[M, N] = x[M, K] @ (q * scale)^T, for a few rows (decoding), for an int4 prompt without
+// AMX, and with AMX for many rows (a prefill, see amx_group_many). Each block of weight rows is unpacked
+// into bfloat16 registers once for four input rows (int8: eight) and multiplied with them (vdpbf16ps,
+// float32 sums), so eight rows cost far less than eight times one row: PyTorch's CPU int4 op unpacks per
+// row. One row of int4 (a decode step) has a kernel of its own that unpacks with bit operations instead
+// of table lookups (int4_one_row).
 // The row scale is applied to the float32 sum, and y rounded to bfloat16 once.
 // The same dot products on a bfloat16 weight (bits 16) read it at about 1.3-1.9x the bandwidth of
 // PyTorch's F.linear for one to four rows (benchmarks/quantize.py, kernels table): decoding in bfloat16.
-// glm6b_dequantize: rows [N, K] of bfloat16(q * scale), for a prompt's prefill without AMX (the float
-// GEMM then does the multiply).
+// glm6b_dequantize: rows [N, K] of bfloat16(q * scale), for a prompt's prefill without AMX (int8; int4
+// from 256 rows): the bfloat16 GEMM then does the multiply.
 
 #include <stdint.h>
 #include <stdlib.h>
