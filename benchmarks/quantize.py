@@ -21,8 +21,9 @@ Tables:
    it ("glm6b no AMX"). Where the stock ops run, from glm6b.quant.linear.CPU_DEQUANTIZED_MIN_ROWS rows
    on the module multiplies blocks of de-quantized weight; its "row kernel" line is that module held
    to the stock op; on the AVX-512 build without AMX the int4 module's "bf16 blocks" line is the
-   product it takes from linear.AVX512_INT4_BLOCKS_MIN_ROWS rows on. Median of --repeats calls after warm-up, the kernels of a row taking turns call
-   by call; "GB/s" counts the bytes of the weight (and scales) read once per call.
+   product it takes from linear.AVX512_INT4_BLOCKS_MIN_ROWS rows on. Median of --repeats calls after
+   warm-up, the kernels of a row taking turns call by call; "GB/s" counts the bytes of the weight (and
+   scales) read once per call.
 2. quality: top-1 agreement with the bfloat16 model and the largest |logit difference| (also
    relative to the largest |logit|), for int8, int4 and each with the word embeddings and lm_head
    quantized (THUDM's int4-qe; "+ emb/lm_head"), and on the AVX2 build each again with int8 activations
