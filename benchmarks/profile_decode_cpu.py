@@ -155,7 +155,7 @@ def main() -> None:
 
 def decode_kernel(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """The product a decode step's quantized linear runs here for bfloat16 rows (glm6b.quant.linear.KERNELS)."""
-    if bits == 4 and cpu_kernels.isa() == "avx2" and quant_linear.int16_activations_allowed():
+    if quant_linear.kernel_path(x.device, x.dtype, bits, x.shape[1]) == "glm6b_avx2_int16_activations":
         return cpu_kernels.quantized_matmul_int16_activations(x, weight, scale)
     return cpu_kernels.quantized_matmul(x, weight, scale, bits)
 

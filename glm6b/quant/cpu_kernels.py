@@ -352,10 +352,10 @@ INT16_ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
 
 @torch.library.custom_op("glm6b::quantized_matmul_int16_activations", mutates_args=())
 def quantized_matmul_int16_activations(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """`quantized_matmul` for an int4 weight (AVX2 build) with each row of x converted to 16-bit integers
-    at a power-of-two scale that puts its largest magnitude in [2^14, 2^15), and integer products (exact;
-    see csrc/cpu_kernels_avx2.cpp). Every bfloat16 value within a factor of 2^7 of its row's largest
-    converts exactly, the smaller ones move by at most 2^-15 of it. x: bfloat16 / float16 [rows, in] on
+    """`quantized_matmul` for an int4 weight (AVX2 build) with each row of x converted to 16-bit integers,
+    64 columns a block, each block at the power-of-two scale that puts its largest magnitude in [2^14, 2^15),
+    and integer products (exact; see csrc/cpu_kernels_avx2.cpp). Every bfloat16 value within a factor of 2^7
+    of its block's largest converts exactly, the smaller ones move by at most 2^-15 of it. x: bfloat16 / float16 [rows, in] on
     the CPU; the result in x's dtype. A row holding inf or NaN takes the float32 products."""
     library = _loaded_library()
     if isa() != "avx2":

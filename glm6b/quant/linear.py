@@ -261,18 +261,18 @@ def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
     return buffer[:numel]
 
 
-def _block_rows(in_features: int, dtype: torch.dtype) -> int:
-    """Output rows per de-quantized block: about `CPU_DEQUANTIZED_BLOCK_BYTES` of weight in `dtype`, a
-    multiple of 64 (the CPU int4 layout's blocks)."""
-    return max(64, CPU_DEQUANTIZED_BLOCK_BYTES // (dtype.itemsize * in_features) // 64 * 64)
+def _block_rows(block_bytes: int, in_features: int, dtype: torch.dtype) -> int:
+    """Output rows per de-quantized block: about `block_bytes` of weight in `dtype`, a multiple of 64 (the
+    CPU int4 layout's blocks)."""
+    return max(64, block_bytes // (dtype.itemsize * in_features) // 64 * 64)
 
 
 def _dequantized_blocks_mm(x2d: torch.Tensor, out_features: int, fill_block) -> torch.Tensor:
-    """x2d @ W.T, with W de-quantized `_block_rows` output rows at a time into a reused buffer by
+    """x2d @ W.T, with W de-quantized about `CPU_DEQUANTIZED_BLOCK_BYTES` at a time into a reused buffer by
     ``fill_block(start, end, block)`` (block: [end - start, in] in the input dtype)."""
     in_features = x2d.shape[1]
     out = torch.empty(x2d.shape[0], out_features, dtype=x2d.dtype)
-    per_block = _block_rows(in_features, x2d.dtype)
+    per_block = _block_rows(CPU_DEQUANTIZED_BLOCK_BYTES, in_features, x2d.dtype)
     for start in range(0, out_features, per_block):
         end = min(start + per_block, out_features)
         block = _scratch((end - start) * in_features, x2d.dtype).view(end - start, in_features)
@@ -296,7 +296,7 @@ def _int4_blocked_dequantized_mm(x2d: torch.Tensor, packed: torch.Tensor, scale:
     in_features = x2d.shape[1]
     out_features = packed.numel() * 2 // in_features
     blocks = packed.view(-1, in_features, _CPU_INT4_BLOCK // 2)
-    per_step = _block_rows(in_features, x2d.dtype) // _CPU_INT4_BLOCK
+    per_step = _block_rows(CPU_DEQUANTIZED_BLOCK_BYTES, in_features, x2d.dtype) // _CPU_INT4_BLOCK
     out = torch.empty(x2d.shape[0], out_features, dtype=x2d.dtype)
     half = _CPU_INT4_BLOCK // 2
     for first in range(0, blocks.shape[0], per_step):
@@ -320,7 +320,7 @@ def _float32_blocks_mm(x2d: torch.Tensor, out_features: int, fill_block) -> torc
     slice, and transposed back once at the end."""
     x = x2d.float()
     in_features = x.shape[1]
-    per_block = max(64, AVX2_DEQUANTIZED_BLOCK_BYTES // (4 * in_features) // 64 * 64)
+    per_block = _block_rows(AVX2_DEQUANTIZED_BLOCK_BYTES, in_features, torch.float32)
     out_t = torch.empty(out_features, x.shape[0])
     for start in range(0, out_features, per_block):
         end = min(start + per_block, out_features)
