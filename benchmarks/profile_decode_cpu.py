@@ -135,6 +135,22 @@ def main() -> None:
             row(f"int{bits}{label}: same kernel, 16 MiB weight in cache (no memory wait)", seconds,
                 w.numel() + 2 * w.shape[0])
 
+    # A bfloat16 model's linears (glm6b.quant.linear.BF16DecodeLinear decodes them with glm6b's bf16 dot products).
+    total_s = total_b = 0.0
+    for out_f, in_f in LAYER_SHAPES:
+        copies = [torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+                  for seed in (0, 1)]
+        turn = [0]
+
+        def call(copies=copies, turn=turn, in_f=in_f):
+            turn[0] += 1
+            cpu_kernels.bf16_matmul(x[:, :in_f], copies[turn[0] % 2])
+
+        total_s += median_seconds(call, args.repeats)
+        total_b += copies[0].numel() * 2
+        del copies
+    row(f"bfloat16 (bf16 models), glm6b bf16 dot products: the 4 linears x {args.layers} layers", total_s * args.layers,
+        total_b * args.layers)
     weight = torch.randn(*LM_HEAD).to(torch.bfloat16)
     seconds = median_seconds(lambda weight=weight: cpu_kernels.bf16_matmul(x[:, :4096], weight), max(5, args.repeats // 2))
     row("lm_head bfloat16 (int4 / int8), glm6b bf16 dot products", seconds, weight.numel() * 2)

@@ -278,7 +278,7 @@ def test_bfloat16_layers_use_glm6b_kernels_on_thudms_bytes(bits, amx, monkeypatc
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("out_features, in_features", [(256, 256), (198, 128)])
+@pytest.mark.parametrize("out_features, in_features", [(256, 256), (198, 128), (70, 4096), (75, 8192)])
 def test_glm6b_bf16_matmul_equals_x_times_weight(out_features, in_features):
     generator = torch.Generator().manual_seed(6)
     weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)

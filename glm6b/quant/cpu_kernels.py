@@ -11,8 +11,9 @@ they are and unpack each weight block once for all rows. Two builds, chosen by w
   about what one row does. For more rows (a prefill) a slice of 256 weight rows is unpacked once into a
   buffer that stays in cache and multiplied with every input row from there: 100 to 1024 rows run about
   as fast as PyTorch's GEMM on a bfloat16 weight, or faster. The same dot products also multiply a
-  bfloat16 weight by one to four rows (``glm6b::bf16_matmul``): about 1.3-1.9x the memory bandwidth of
-  F.linear there, which is what a bfloat16 decode step is bound by (glm6b.quant.linear.BF16DecodeLinear).
+  bfloat16 weight by a few rows (``glm6b::bf16_matmul``; one row reads the weight in memory order):
+  about 1.3-1.9x the memory bandwidth of F.linear there, which is what a bfloat16 decode step is bound
+  by (glm6b.quant.linear.BF16DecodeLinear).
 * ``"avx2"`` (cpu_kernels_avx2.cpp; AVX2 + FMA + F16C without AVX512-BF16: AMD Zen 2 / Zen 3, Intel
   before Cooper Lake): float32, bfloat16 or float16 activations, float32 FMA arithmetic. A few rows
   (decoding): each weight group is unpacked to float32 in registers once for all rows. Many rows (a
