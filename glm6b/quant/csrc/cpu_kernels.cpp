@@ -266,9 +266,9 @@ inline void bf16_rows(const uint16_t* x, int64_t K, const uint16_t* w, uint16_t*
 // int4 / int8). Each thread walks its weight rows in memory order with no software prefetches: one row at
 // a time where the activations stay in the level-1 cache (K <= 4096: one stream for the hardware
 // prefetchers), 8 rows side by side for longer rows, as int4_one_row does. Against the four-row tiles of
-// rows_tile, with their software prefetches, on a Zen 4 (2 threads, paired interleaved calls): 1.16-1.52x
-// as fast on glm_6b's 4096-column linears, 1.2-1.6x on the lm_head, 1.05-1.25x on the 16384-column
-// dense_4h_to_h.
+// rows_tile, with their software prefetches, on a Zen 4 (2 threads, paired interleaved calls): 1.2-1.47x
+// as fast on glm_6b's 4096-column linears, 1.21-1.51x on the lm_head, 1.07-1.14x on the 16384-column
+// dense_4h_to_h (docs/cpu-kernels.md).
 void bf16_one_row(const uint16_t* x, int64_t K, const uint16_t* w, int64_t N, uint16_t* y, int threads) {
     const int64_t nt = K <= 4096 ? 1 : 8;
     const int64_t tiles = N / nt;
