@@ -149,8 +149,8 @@ def main() -> None:
         total_s += median_seconds(call, args.repeats)
         total_b += copies[0].numel() * 2
         del copies
-    row(f"bfloat16 (bf16 models), glm6b bf16 dot products: the 4 linears x {args.layers} layers", total_s * args.layers,
-        total_b * args.layers)
+    row(f"bfloat16 (bf16 models), glm6b bf16 dot products: the 4 linears x {args.layers} layers",
+        total_s * args.layers, total_b * args.layers)
     weight = torch.randn(*LM_HEAD).to(torch.bfloat16)
     seconds = median_seconds(lambda weight=weight: cpu_kernels.bf16_matmul(x[:, :4096], weight), max(5, args.repeats // 2))
     row("lm_head bfloat16 (int4 / int8), glm6b bf16 dot products", seconds, weight.numel() * 2)
