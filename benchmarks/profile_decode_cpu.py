@@ -68,6 +68,25 @@ def thudm_weight(out_f: int, in_f: int, bits: int, seed: int) -> tuple[torch.Ten
     return weight, (torch.rand(out_f, generator=g) * 0.01 + 0.001).half()
 
 
+def layer_linears(make_weight, multiply, weight_bytes, x: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """(seconds, bytes read) of one layer's four linears (LAYER_SHAPES) at one row: each shape timed with two
+    copies of its weight, `make_weight(out, in, seed)`, taken in turns so that every call reads its weight from
+    memory and not from the cache; `multiply(x[:, :in], weight)` runs the product."""
+    total_s = total_b = 0.0
+    for out_f, in_f in LAYER_SHAPES:
+        copies = [make_weight(out_f, in_f, seed) for seed in (0, 1)]
+        turn = [0]
+
+        def call(copies=copies, turn=turn, in_f=in_f):
+            turn[0] += 1
+            multiply(x[:, :in_f], copies[turn[0] % 2])
+
+        total_s += median_seconds(call, repeats)
+        total_b += weight_bytes(copies[0])
+        del copies
+    return total_s, total_b
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -110,21 +129,10 @@ def main() -> None:
         for label, kernel in kernels:
             if (kernel is int8pack and bits != 8) or ("float32 products" in label and bits != 4):
                 continue
-            total_s = total_b = 0.0
-            for out_f, in_f in LAYER_SHAPES:
-                copies = [thudm_weight(out_f, in_f, bits, seed) for seed in (0, 1)]
-                turn = [0]
-
-                def call(copies=copies, turn=turn, in_f=in_f, bits=bits, kernel=kernel):
-                    w, s = copies[turn[0] % 2]
-                    turn[0] += 1
-                    kernel(x[:, :in_f], w, s, bits)
-
-                seconds = median_seconds(call, args.repeats)
-                nbytes = copies[0][0].numel() + 2 * out_f
-                total_s += seconds
-                total_b += nbytes
-                del copies
+            total_s, total_b = layer_linears(
+                lambda out_f, in_f, seed, bits=bits: thudm_weight(out_f, in_f, bits, seed),
+                lambda xs, weight, bits=bits, kernel=kernel: kernel(xs, *weight, bits),
+                lambda weight: weight[0].numel() + 2 * weight[0].shape[0], x, args.repeats)
             row(f"int{bits}{label}: the 4 linears x {args.layers} layers", total_s * args.layers,
                 total_b * args.layers)
             # The same kernel with a 16 MiB weight, which stays in the last-level cache (32 MiB on a Zen 3 / Zen 4):
@@ -136,19 +144,11 @@ def main() -> None:
                 w.numel() + 2 * w.shape[0])
 
     # A bfloat16 model's linears (glm6b.quant.linear.BF16DecodeLinear decodes them with glm6b's bf16 dot products).
-    total_s = total_b = 0.0
-    for out_f, in_f in LAYER_SHAPES:
-        copies = [torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
-                  for seed in (0, 1)]
-        turn = [0]
+    def bf16_weight(out_f: int, in_f: int, seed: int) -> torch.Tensor:
+        return torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
 
-        def call(copies=copies, turn=turn, in_f=in_f):
-            turn[0] += 1
-            cpu_kernels.bf16_matmul(x[:, :in_f], copies[turn[0] % 2])
-
-        total_s += median_seconds(call, args.repeats)
-        total_b += copies[0].numel() * 2
-        del copies
+    total_s, total_b = layer_linears(bf16_weight, cpu_kernels.bf16_matmul, lambda weight: weight.numel() * 2, x,
+                                     args.repeats)
     row(f"bfloat16 (bf16 models), glm6b bf16 dot products: the 4 linears x {args.layers} layers",
         total_s * args.layers, total_b * args.layers)
     weight = torch.randn(*LM_HEAD).to(torch.bfloat16)

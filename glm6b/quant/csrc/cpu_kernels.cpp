@@ -150,12 +150,15 @@ void permute_activations(const uint16_t* x, int64_t M, int64_t K, uint16_t* xp) 
 // its value + 8, so (n ^ 8) | 0x4300 is exactly 136 + q. The offsets (136 times the activations) are taken
 // off per line: each line's sum starts from minus its offsets, so the float32 sums never grow beyond a
 // line's products. The weight rows are walked in memory order where the activations stay in the level-1
-// cache (K <= 4096: one row at a time, so the hardware prefetchers see one stream); for longer rows 8
+// cache (K <= ONE_ROW_MAX_K: one row at a time, so the hardware prefetchers see one stream); for longer rows 8
 // rows side by side share each load of the activations. Against the tiles of rows_tile, the 28 layers'
 // int4 linears of a glm_6b decode step took 0.75-0.85x the time on a Zen 4 (2 threads). int8 stays on
 // rows_tile: split into two nibbles it needs twice the dot products and was slower.
 
 constexpr int64_t LINE = 64;  // bytes of a weight row per step: 128 int4 weights
+// The longest rows the one-row kernels walk one at a time: their activations (8 KiB of bfloat16) stay in
+// the level-1 cache beside the weight stream. Longer rows go 8 side by side, sharing each activation load.
+constexpr int64_t ONE_ROW_MAX_K = 4096;
 
 // The four bfloat16 vectors (136 + q) of one int4 weight line. Word j of the line holds, from its low
 // bits up, columns 4j + 1, 4j, 4j + 3, 4j + 2 (byte c: column 2c high, 2c + 1 low); prepare_row lays the
@@ -232,7 +235,7 @@ int int4_one_row(const uint16_t* x, int64_t K, const int8_t* w, const uint16_t* 
     if (!xs) return -1;
     float* offsets = (float*)(xs + lines * 128);
     prepare_row(x, K, lines, xs, offsets);
-    const int64_t nt = K <= 4096 ? 1 : 8;
+    const int64_t nt = K <= ONE_ROW_MAX_K ? 1 : 8;
     const int64_t tiles = N / nt;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < tiles; ++i) {
@@ -264,13 +267,13 @@ inline void bf16_rows(const uint16_t* x, int64_t K, const uint16_t* w, uint16_t*
 
 // y[N] = x[K] @ w^T for one row and a bfloat16 weight (decoding a bfloat16 model, the bfloat16 lm_head of
 // int4 / int8). Each thread walks its weight rows in memory order with no software prefetches: one row at
-// a time where the activations stay in the level-1 cache (K <= 4096: one stream for the hardware
-// prefetchers), 8 rows side by side for longer rows, as int4_one_row does. Against the four-row tiles of
+// a time where the activations stay in the level-1 cache (K <= ONE_ROW_MAX_K: one stream for the
+// hardware prefetchers), 8 rows side by side for longer rows, as int4_one_row does. Against the four-row tiles of
 // rows_tile, with their software prefetches, on a Zen 4 (2 threads, paired interleaved calls): 1.2-1.47x
 // as fast on glm_6b's 4096-column linears, 1.21-1.51x on the lm_head, 1.07-1.14x on the 16384-column
 // dense_4h_to_h (docs/cpu-kernels.md).
 void bf16_one_row(const uint16_t* x, int64_t K, const uint16_t* w, int64_t N, uint16_t* y, int threads) {
-    const int64_t nt = K <= 4096 ? 1 : 8;
+    const int64_t nt = K <= ONE_ROW_MAX_K ? 1 : 8;
     const int64_t tiles = N / nt;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < tiles; ++i) {
